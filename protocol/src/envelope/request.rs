@@ -1,0 +1,682 @@
+//! Client requests of SPEC §4: one map per message with `op`, an optional `id` and the op's
+//! fields; decoded into [`Request`] (server) and encoded from it (clients, tests, load generator).
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
+
+use super::{DecodeError, DecodeLimits, Format, RoomId, Value, ValueSeed, deserialize_seed};
+use crate::ErrorCode;
+
+/// Largest `id` (2^53 − 1, the largest integer a JavaScript number holds exactly).
+pub const MAX_ID: u64 = (1 << 53) - 1;
+/// Largest `history` `limit`.
+pub const MAX_HISTORY_LIMIT: u64 = 100;
+/// Longest `session` id accepted in `resume`.
+pub const MAX_SESSION_LEN: usize = 128;
+/// Longest `epoch` accepted in `resume`.
+pub const MAX_EPOCH_LEN: usize = 64;
+/// Longest access token accepted in `refresh`.
+pub const MAX_TOKEN_LEN: usize = 8192;
+
+/// A decoded client request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The client-chosen correlation id (0..=2^53−1).
+    pub id: Option<u64>,
+    /// What is asked.
+    pub op: Op,
+}
+
+/// The operations of SPEC §4.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Join a room.
+    Join {
+        /// The room.
+        room: RoomId,
+    },
+    /// Leave a room.
+    Leave {
+        /// The room.
+        room: RoomId,
+    },
+    /// Publish `data` to a joined room.
+    Publish {
+        /// The room.
+        room: RoomId,
+        /// Any JSON value, C0-stripped.
+        data: Value,
+    },
+    /// Ask for a room's presence.
+    Presence {
+        /// The room.
+        room: RoomId,
+    },
+    /// Ask for messages with `seq > since`, oldest first, at most `limit` (≤ 100).
+    History {
+        /// The room.
+        room: RoomId,
+        /// Exclusive lower bound.
+        since: u64,
+        /// Most messages returned.
+        limit: u64,
+    },
+    /// Resume a dropped connection's rooms.
+    Resume {
+        /// The old connection's `session`.
+        session: String,
+        /// Per room, the last position seen.
+        rooms: Vec<(RoomId, ResumePoint)>,
+    },
+    /// Replace the connection's access token.
+    Refresh {
+        /// A fresh access token.
+        token: String,
+    },
+    /// Liveness check.
+    Ping,
+}
+
+impl Op {
+    /// The wire name.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Op::Join { .. } => "join",
+            Op::Leave { .. } => "leave",
+            Op::Publish { .. } => "publish",
+            Op::Presence { .. } => "presence",
+            Op::History { .. } => "history",
+            Op::Resume { .. } => "resume",
+            Op::Refresh { .. } => "refresh",
+            Op::Ping => "ping",
+        }
+    }
+}
+
+/// The last position a client saw in a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// Last `seq` received.
+    pub seq: u64,
+    /// The room's `epoch` when it was received.
+    pub epoch: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpKind {
+    Join,
+    Leave,
+    Publish,
+    Presence,
+    History,
+    Resume,
+    Refresh,
+    Ping,
+    Unknown,
+}
+
+#[derive(Clone, Copy)]
+enum Field {
+    Op,
+    Id,
+    Room,
+    Data,
+    Since,
+    Limit,
+    Session,
+    Rooms,
+    Token,
+    Other,
+}
+
+/// Identifier visitors that match the string without allocating.
+struct Ident<T>(fn(&str) -> T);
+
+impl<'de, T> DeserializeSeed<'de> for Ident<T> {
+    type Value = T;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<T> Visitor<'_> for Ident<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        Ok((self.0)(v))
+    }
+}
+
+fn field(name: &str) -> Field {
+    match name {
+        "op" => Field::Op,
+        "id" => Field::Id,
+        "room" => Field::Room,
+        "data" => Field::Data,
+        "since" => Field::Since,
+        "limit" => Field::Limit,
+        "session" => Field::Session,
+        "rooms" => Field::Rooms,
+        "token" => Field::Token,
+        _ => Field::Other,
+    }
+}
+
+fn op_kind(name: &str) -> OpKind {
+    match name {
+        "join" => OpKind::Join,
+        "leave" => OpKind::Leave,
+        "publish" => OpKind::Publish,
+        "presence" => OpKind::Presence,
+        "history" => OpKind::History,
+        "resume" => OpKind::Resume,
+        "refresh" => OpKind::Refresh,
+        "ping" => OpKind::Ping,
+        _ => OpKind::Unknown,
+    }
+}
+
+/// The envelope's fields as read, before the op decides which are required.
+#[derive(Default)]
+struct RawEnvelope {
+    op: Option<OpKind>,
+    id: Option<Value>,
+    room: Option<Value>,
+    data: Option<Value>,
+    since: Option<Value>,
+    limit: Option<Value>,
+    session: Option<Value>,
+    rooms: Option<Value>,
+    token: Option<Value>,
+}
+
+#[derive(Clone, Copy)]
+struct EnvelopeSeed {
+    max_depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for EnvelopeSeed {
+    type Value = RawEnvelope;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<RawEnvelope, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EnvelopeSeed {
+    type Value = RawEnvelope;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map with an \"op\" key")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEnvelope, A::Error> {
+        let mut raw = RawEnvelope::default();
+        let field_seed = ValueSeed {
+            level: 2,
+            max_depth: self.max_depth,
+        };
+        while let Some(key) = map.next_key_seed(Ident(field))? {
+            let slot = match key {
+                Field::Op => {
+                    if raw.op.is_some() {
+                        return Err(de::Error::custom("duplicate key \"op\""));
+                    }
+                    raw.op = Some(map.next_value_seed(Ident(op_kind))?);
+                    continue;
+                }
+                Field::Other => {
+                    map.next_value_seed(field_seed)?;
+                    continue;
+                }
+                Field::Id => &mut raw.id,
+                Field::Room => &mut raw.room,
+                Field::Data => &mut raw.data,
+                Field::Since => &mut raw.since,
+                Field::Limit => &mut raw.limit,
+                Field::Session => &mut raw.session,
+                Field::Rooms => &mut raw.rooms,
+                Field::Token => &mut raw.token,
+            };
+            if slot.is_some() {
+                return Err(de::Error::custom("duplicate key"));
+            }
+            *slot = Some(map.next_value_seed(field_seed)?);
+        }
+        Ok(raw)
+    }
+}
+
+/// Decodes one client message.
+///
+/// Errors: `too_large` past `max_message_bytes`; `unknown_op` for a well-formed envelope with an
+/// `op` we do not know; `invalid_message` for everything else (not a map, bad types, missing
+/// fields, depth, bad room id, `limit` > 100, binary or extension values, NaN, trailing bytes).
+pub fn decode_request(
+    bytes: &[u8],
+    format: Format,
+    limits: &DecodeLimits,
+) -> Result<Request, DecodeError> {
+    if bytes.len() > limits.max_message_bytes {
+        return Err(DecodeError {
+            code: ErrorCode::TooLarge,
+            id: None,
+            reason: "message too large".into(),
+        });
+    }
+    let raw = deserialize_seed(
+        bytes,
+        format,
+        EnvelopeSeed {
+            max_depth: limits.max_depth,
+        },
+    )
+    .map_err(|e| DecodeError::invalid(None, e))?;
+    let id = match &raw.id {
+        None | Some(Value::Null) => None,
+        Some(Value::UInt(n)) if *n <= MAX_ID => Some(*n),
+        Some(_) => {
+            return Err(DecodeError::invalid(
+                None,
+                "id must be an integer in 0..2^53-1",
+            ));
+        }
+    };
+    let invalid = |reason: &str| DecodeError::invalid(id, reason);
+    let room = || -> Result<RoomId, DecodeError> {
+        let text = raw
+            .room
+            .as_ref()
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid("room must be a string"))?;
+        RoomId::parse(text).map_err(|e| invalid(&format!("room: {e}")))
+    };
+    let op = match raw.op {
+        None => return Err(invalid("missing op")),
+        Some(OpKind::Unknown) => {
+            return Err(DecodeError {
+                code: ErrorCode::UnknownOp,
+                id,
+                reason: "unknown op".into(),
+            });
+        }
+        Some(OpKind::Join) => Op::Join { room: room()? },
+        Some(OpKind::Leave) => Op::Leave { room: room()? },
+        Some(OpKind::Presence) => Op::Presence { room: room()? },
+        Some(OpKind::Publish) => {
+            let room = room()?;
+            let data = raw.data.clone().ok_or_else(|| invalid("missing data"))?;
+            Op::Publish { room, data }
+        }
+        Some(OpKind::History) => {
+            let room = room()?;
+            let since = optional_u64(raw.since.as_ref())
+                .ok_or_else(|| invalid("since must be an integer"))?;
+            let limit = optional_u64(raw.limit.as_ref())
+                .ok_or_else(|| invalid("limit must be an integer"))?;
+            let limit = limit.unwrap_or(MAX_HISTORY_LIMIT);
+            if limit > MAX_HISTORY_LIMIT {
+                return Err(invalid("limit must be at most 100"));
+            }
+            Op::History {
+                room,
+                since: since.unwrap_or(0),
+                limit,
+            }
+        }
+        Some(OpKind::Resume) => {
+            let session = bounded_str(raw.session.as_ref(), MAX_SESSION_LEN)
+                .ok_or_else(|| invalid("session must be a string of at most 128 bytes"))?;
+            let rooms = resume_rooms(raw.rooms.as_ref(), limits.max_resume_rooms)
+                .map_err(|e| invalid(e))?;
+            Op::Resume { session, rooms }
+        }
+        Some(OpKind::Refresh) => {
+            let token = bounded_str(raw.token.as_ref(), MAX_TOKEN_LEN)
+                .ok_or_else(|| invalid("token must be a string of at most 8192 bytes"))?;
+            Op::Refresh { token }
+        }
+        Some(OpKind::Ping) => Op::Ping,
+    };
+    Ok(Request { id, op })
+}
+
+/// `Some(None)` when absent or null, `Some(Some(n))` for a non-negative integer, `None` otherwise.
+fn optional_u64(value: Option<&Value>) -> Option<Option<u64>> {
+    match value {
+        None | Some(Value::Null) => Some(None),
+        Some(Value::UInt(n)) => Some(Some(*n)),
+        Some(_) => None,
+    }
+}
+
+fn bounded_str(value: Option<&Value>, max: usize) -> Option<String> {
+    value
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty() && s.len() <= max)
+        .map(str::to_owned)
+}
+
+fn resume_rooms(
+    value: Option<&Value>,
+    max_rooms: usize,
+) -> Result<Vec<(RoomId, ResumePoint)>, &'static str> {
+    let Some(Value::Map(entries)) = value else {
+        return Err("rooms must be a map of room to {seq, epoch}");
+    };
+    if entries.len() > max_rooms {
+        return Err("rooms names more rooms than a connection may join");
+    }
+    let mut rooms = Vec::with_capacity(entries.len());
+    for (name, point) in entries {
+        let room = RoomId::parse(name).map_err(|_| "rooms has an invalid room id")?;
+        if rooms
+            .iter()
+            .any(|(r, _): &(RoomId, ResumePoint)| *r == room)
+        {
+            return Err("rooms names a room twice");
+        }
+        let seq = point
+            .get("seq")
+            .and_then(Value::as_u64)
+            .ok_or("rooms.*.seq must be an integer")?;
+        let epoch = match point.get("epoch") {
+            Some(Value::Str(s)) if s.len() <= MAX_EPOCH_LEN => s.clone(),
+            _ => return Err("rooms.*.epoch must be a string of at most 64 bytes"),
+        };
+        rooms.push((room, ResumePoint { seq, epoch }));
+    }
+    Ok(rooms)
+}
+
+impl Serialize for Request {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("op", self.op.name())?;
+        if let Some(id) = self.id {
+            map.serialize_entry("id", &id)?;
+        }
+        match &self.op {
+            Op::Join { room } | Op::Leave { room } | Op::Presence { room } => {
+                map.serialize_entry("room", room.as_str())?;
+            }
+            Op::Publish { room, data } => {
+                map.serialize_entry("room", room.as_str())?;
+                map.serialize_entry("data", data)?;
+            }
+            Op::History { room, since, limit } => {
+                map.serialize_entry("room", room.as_str())?;
+                map.serialize_entry("since", since)?;
+                map.serialize_entry("limit", limit)?;
+            }
+            Op::Resume { session, rooms } => {
+                map.serialize_entry("session", session)?;
+                map.serialize_entry("rooms", &ResumeRooms(rooms))?;
+            }
+            Op::Refresh { token } => map.serialize_entry("token", token)?,
+            Op::Ping => {}
+        }
+        map.end()
+    }
+}
+
+struct ResumeRooms<'a>(&'a [(RoomId, ResumePoint)]);
+
+impl Serialize for ResumeRooms<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Point<'a> {
+            seq: u64,
+            epoch: &'a str,
+        }
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (room, point) in self.0 {
+            map.serialize_entry(
+                room.as_str(),
+                &Point {
+                    seq: point.seq,
+                    epoch: &point.epoch,
+                },
+            )?;
+        }
+        map.end()
+    }
+}
+
+/// Encodes a request as a client sends it.
+pub fn encode_request(request: &Request, format: Format) -> Vec<u8> {
+    match format {
+        // Serializing our own types to a Vec cannot fail: keys are strings, floats are finite.
+        Format::Json => sonic_rs::to_vec(request).unwrap_or_default(),
+        Format::MsgPack => rmp_serde::to_vec_named(request).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(s: &str) -> Result<Request, DecodeError> {
+        decode_request(s.as_bytes(), Format::Json, &DecodeLimits::default())
+    }
+
+    fn code(r: Result<Request, DecodeError>) -> (ErrorCode, Option<u64>) {
+        let e = r.unwrap_err();
+        (e.code, e.id)
+    }
+
+    #[test]
+    fn decodes_every_op() {
+        let room = RoomId::parse("lobby").unwrap();
+        assert_eq!(
+            json(r#"{"op":"join","room":"lobby"}"#).unwrap().op,
+            Op::Join { room: room.clone() }
+        );
+        assert_eq!(
+            json(r#"{"op":"leave","room":"lobby","id":1}"#).unwrap().id,
+            Some(1)
+        );
+        assert_eq!(
+            json(r#"{"op":"publish","room":"lobby","data":{"t":"hi\u0007"}}"#)
+                .unwrap()
+                .op,
+            Op::Publish {
+                room: room.clone(),
+                data: Value::map([("t", Value::str("hi"))])
+            }
+        );
+        assert_eq!(
+            json(r#"{"op":"history","room":"lobby","since":5}"#)
+                .unwrap()
+                .op,
+            Op::History {
+                room: room.clone(),
+                since: 5,
+                limit: 100
+            }
+        );
+        assert_eq!(
+            json(r#"{"op":"resume","session":"c_1","rooms":{"lobby":{"seq":3,"epoch":"e1"}}}"#)
+                .unwrap()
+                .op,
+            Op::Resume {
+                session: "c_1".into(),
+                rooms: vec![(
+                    room.clone(),
+                    ResumePoint {
+                        seq: 3,
+                        epoch: "e1".into()
+                    }
+                )]
+            }
+        );
+        assert_eq!(
+            json(r#"{"op":"refresh","token":"t"}"#).unwrap().op,
+            Op::Refresh { token: "t".into() }
+        );
+        assert_eq!(
+            json(r#"{"op":"ping","id":9007199254740991}"#).unwrap().id,
+            Some(MAX_ID)
+        );
+        assert_eq!(
+            json(r#"{"op":"presence","room":"lobby","extra":[1,2]}"#)
+                .unwrap()
+                .op,
+            Op::Presence { room }
+        );
+    }
+
+    #[test]
+    fn unknown_op_is_not_invalid_message() {
+        assert_eq!(
+            code(json(r#"{"op":"dance","id":4}"#)),
+            (ErrorCode::UnknownOp, Some(4))
+        );
+        assert_eq!(
+            code(json(r#"{"id":4}"#)),
+            (ErrorCode::InvalidMessage, Some(4))
+        );
+        assert_eq!(code(json(r#"{"op":5}"#)).0, ErrorCode::InvalidMessage);
+        assert_eq!(code(json(r#"[1]"#)).0, ErrorCode::InvalidMessage);
+        assert_eq!(
+            code(json(r#"{"op":"ping"} x"#)).0,
+            ErrorCode::InvalidMessage
+        );
+    }
+
+    #[test]
+    fn field_errors_are_invalid_message_with_the_id() {
+        let cases = [
+            r#"{"op":"join","id":3}"#,
+            r#"{"op":"join","id":3,"room":"-bad"}"#,
+            r#"{"op":"join","id":3,"room":7}"#,
+            r#"{"op":"publish","id":3,"room":"a"}"#,
+            r#"{"op":"history","id":3,"room":"a","limit":101}"#,
+            r#"{"op":"history","id":3,"room":"a","since":-1}"#,
+            r#"{"op":"resume","id":3,"session":"s","rooms":{"a":{"seq":1}}}"#,
+            r#"{"op":"refresh","id":3,"token":""}"#,
+        ];
+        for case in cases {
+            assert_eq!(
+                code(json(case)),
+                (ErrorCode::InvalidMessage, Some(3)),
+                "{case}"
+            );
+        }
+        assert_eq!(
+            code(json(r#"{"op":"ping","id":9007199254740992}"#)),
+            (ErrorCode::InvalidMessage, None)
+        );
+        assert_eq!(
+            code(json(r#"{"op":"ping","id":-1}"#)),
+            (ErrorCode::InvalidMessage, None)
+        );
+        assert_eq!(
+            code(json(r#"{"op":"ping","op":"ping"}"#)).0,
+            ErrorCode::InvalidMessage
+        );
+    }
+
+    #[test]
+    fn depth_counts_the_envelope_as_one() {
+        let limits = DecodeLimits {
+            max_depth: 3,
+            ..DecodeLimits::default()
+        };
+        let ok = br#"{"op":"publish","room":"a","data":{"b":[1]}}"#;
+        assert!(decode_request(ok, Format::Json, &limits).is_ok());
+        let deep = br#"{"op":"publish","room":"a","data":{"b":[[1]]}}"#;
+        assert_eq!(
+            decode_request(deep, Format::Json, &limits)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidMessage
+        );
+        // Unknown fields are bounded too.
+        let deep_other = br#"{"op":"ping","x":{"b":[[1]]}}"#;
+        assert!(decode_request(deep_other, Format::Json, &limits).is_err());
+        // 10k levels do not overflow the stack.
+        let bomb = format!(
+            r#"{{"op":"publish","room":"a","data":{}}}"#,
+            "[".repeat(10_000)
+        );
+        assert!(json(&bomb).is_err());
+    }
+
+    #[test]
+    fn size_bound_is_inclusive() {
+        let msg = br#"{"op":"ping"}"#;
+        let limits = DecodeLimits {
+            max_message_bytes: msg.len(),
+            ..DecodeLimits::default()
+        };
+        assert!(decode_request(msg, Format::Json, &limits).is_ok());
+        let limits = DecodeLimits {
+            max_message_bytes: msg.len() - 1,
+            ..DecodeLimits::default()
+        };
+        assert_eq!(
+            decode_request(msg, Format::Json, &limits).unwrap_err().code,
+            ErrorCode::TooLarge
+        );
+    }
+
+    #[test]
+    fn msgpack_refuses_bin_ext_nan_and_integer_keys() {
+        let limits = DecodeLimits::default();
+        let publish = |data: &[u8]| {
+            let mut out = Vec::new();
+            rmp::encode::write_map_len(&mut out, 3).unwrap();
+            rmp::encode::write_str(&mut out, "op").unwrap();
+            rmp::encode::write_str(&mut out, "publish").unwrap();
+            rmp::encode::write_str(&mut out, "room").unwrap();
+            rmp::encode::write_str(&mut out, "a").unwrap();
+            rmp::encode::write_str(&mut out, "data").unwrap();
+            out.extend_from_slice(data);
+            decode_request(&out, Format::MsgPack, &limits)
+        };
+        assert!(publish(&[0xc0]).is_ok());
+        let mut bin = Vec::new();
+        rmp::encode::write_bin(&mut bin, b"xy").unwrap();
+        let mut ext = Vec::new();
+        rmp::encode::write_ext_meta(&mut ext, 1, 5).unwrap();
+        ext.push(0);
+        let mut nan = Vec::new();
+        rmp::encode::write_f64(&mut nan, f64::NAN).unwrap();
+        let mut int_key = Vec::new();
+        rmp::encode::write_map_len(&mut int_key, 1).unwrap();
+        rmp::encode::write_uint(&mut int_key, 1).unwrap();
+        rmp::encode::write_nil(&mut int_key).unwrap();
+        // An array header claiming 2^32-1 elements must not reserve them.
+        let huge_array = [0xdd, 0xff, 0xff, 0xff, 0xff];
+        for bad in [&bin[..], &ext, &nan, &int_key, &huge_array] {
+            assert_eq!(
+                publish(bad).unwrap_err().code,
+                ErrorCode::InvalidMessage,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn encode_then_decode_is_identity_in_both_formats() {
+        let req = Request {
+            id: Some(42),
+            op: Op::Publish {
+                room: RoomId::parse("r").unwrap(),
+                data: Value::map([("n", Value::Int(-3))]),
+            },
+        };
+        for format in Format::ALL {
+            let bytes = encode_request(&req, format);
+            assert_eq!(
+                decode_request(&bytes, format, &DecodeLimits::default()).unwrap(),
+                req
+            );
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Room ids (SPEC §5): `^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$`, and the personal room `user:<id>`.
+
+use std::fmt;
+
+/// A validated room id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomId(String);
+
+/// Why a string is not a room id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RoomIdError {
+    /// Empty, or longer than 128 bytes.
+    #[error("room id must be 1 to 128 characters")]
+    Length,
+    /// A character outside the allowed set, or a first character that is not alphanumeric.
+    #[error("room id must match ^[A-Za-z0-9][A-Za-z0-9_.:@-]{{0,127}}$")]
+    Character,
+}
+
+impl RoomId {
+    /// Longest id in bytes.
+    pub const MAX_LEN: usize = 128;
+    /// Prefix of personal rooms.
+    pub const PERSONAL_PREFIX: &'static str = "user:";
+
+    /// Validates `id`.
+    pub fn parse(id: &str) -> Result<Self, RoomIdError> {
+        Self::check(id)?;
+        Ok(Self(id.to_owned()))
+    }
+
+    /// Validates without allocating.
+    pub fn check(id: &str) -> Result<(), RoomIdError> {
+        let bytes = id.as_bytes();
+        if bytes.is_empty() || bytes.len() > Self::MAX_LEN {
+            return Err(RoomIdError::Length);
+        }
+        if !bytes[0].is_ascii_alphanumeric() {
+            return Err(RoomIdError::Character);
+        }
+        let allowed =
+            |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-');
+        if bytes[1..].iter().all(|&b| allowed(b)) {
+            Ok(())
+        } else {
+            Err(RoomIdError::Character)
+        }
+    }
+
+    /// The personal room of a user.
+    pub fn personal(user_id: &str) -> Result<Self, RoomIdError> {
+        Self::parse(&format!("{}{user_id}", Self::PERSONAL_PREFIX))
+    }
+
+    /// Whether this is a personal room (`user:` prefix), never created implicitly.
+    pub fn is_personal(&self) -> bool {
+        self.0.starts_with(Self::PERSONAL_PREFIX)
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RoomId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for RoomId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_spec_alphabet() {
+        for ok in [
+            "a",
+            "lobby",
+            "Z9",
+            "user:0b6e-42",
+            "team.chat@2026:x_y-z",
+            &"a".repeat(128),
+        ] {
+            assert_eq!(RoomId::check(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn refuses_everything_else() {
+        assert_eq!(RoomId::check(""), Err(RoomIdError::Length));
+        assert_eq!(RoomId::check(&"a".repeat(129)), Err(RoomIdError::Length));
+        for bad in ["-a", "_a", ":a", "a b", "a/b", "é", "a\u{0}", "a#", "room!"] {
+            assert_eq!(RoomId::check(bad), Err(RoomIdError::Character), "{bad}");
+        }
+        assert!(RoomId::personal("abc").unwrap().is_personal());
+    }
+}
