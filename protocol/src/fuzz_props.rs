@@ -114,25 +114,27 @@ pub fn socketio(data: &[u8]) {
         max_depth: 8,
         max_resume_rooms: 16,
     };
-    if let Ok(socketio::EnginePacket::Message(inner)) = socketio::parse_engine_packet(text) {
-        if let Ok(packet) = socketio::parse_socket_packet(inner) {
-            if packet.kind == socketio::PacketType::Event {
-                if let Ok(request) = socketio::decode_event(&packet, &limits) {
-                    assert_eq!(request.id, packet.ack_id);
-                }
-            }
-            if let Some(id) = packet.ack_id {
-                let ack = socketio::encode_ack(id, &socketio::AckPayload::Ok);
-                let parsed = socketio::parse_engine_packet(&ack).ok();
-                let Some(socketio::EnginePacket::Message(body)) = parsed else {
-                    panic!("ack not a message")
-                };
-                assert_eq!(
-                    socketio::parse_socket_packet(body).map(|p| p.ack_id),
-                    Ok(Some(id))
-                );
-            }
-            let _ = socketio::connect_token(&packet, &limits);
-        }
+    let Ok(socketio::EnginePacket::Message(inner)) = socketio::parse_engine_packet(text) else {
+        return;
+    };
+    let Ok(packet) = socketio::parse_socket_packet(inner) else {
+        return;
+    };
+    if packet.kind == socketio::PacketType::Event
+        && let Ok(request) = socketio::decode_event(&packet, &limits)
+    {
+        assert_eq!(request.id, packet.ack_id);
     }
+    if let Some(id) = packet.ack_id {
+        let ack = socketio::encode_ack(id, &socketio::AckPayload::Ok);
+        let parsed = socketio::parse_engine_packet(&ack).ok();
+        let Some(socketio::EnginePacket::Message(body)) = parsed else {
+            panic!("ack not a message")
+        };
+        assert_eq!(
+            socketio::parse_socket_packet(body).map(|p| p.ack_id),
+            Ok(Some(id))
+        );
+    }
+    let _ = socketio::connect_token(&packet, &limits);
 }

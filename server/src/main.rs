@@ -1,1 +1,28 @@
-fn main() {}
+//! The `ringhub` executable: mimalloc as the global allocator, then the command line.
+
+use std::io::Write;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match server::cli::parse_args(&args) {
+        Ok(invocation) => {
+            let env: Vec<(String, String)> = std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .collect();
+            let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+            server::cli::run(&invocation, env, &mut stdout.lock(), &mut stderr.lock())
+        }
+        Err(message) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "ringhub: {message}\n\n{}",
+                server::cli::USAGE
+            );
+            server::cli::EXIT_USAGE
+        }
+    };
+    std::process::exit(code);
+}

@@ -331,8 +331,8 @@ pub fn decode_request(
         Some(OpKind::Resume) => {
             let session = bounded_str(raw.session.as_ref(), MAX_SESSION_LEN)
                 .ok_or_else(|| invalid("session must be a string of at most 128 bytes"))?;
-            let rooms = resume_rooms(raw.rooms.as_ref(), limits.max_resume_rooms)
-                .map_err(|e| invalid(e))?;
+            let rooms =
+                resume_rooms(raw.rooms.as_ref(), limits.max_resume_rooms).map_err(&invalid)?;
             Op::Resume { session, rooms }
         }
         Some(OpKind::Refresh) => {

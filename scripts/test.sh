@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: formatting, clippy (-D warnings), the build of the real
+# binary, every test of the workspace (unit, property, fuzz-corpus replay, black-box), and a
+# compile check of the fuzz targets. Installs what it needs when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+jobs="${CARGO_BUILD_JOBS:-2}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-0}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is required (https://rustup.rs); this machine has none" >&2
+  exit 1
+fi
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    step "installing the $component component"
+    rustup component add "$component"
+  fi
+done
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (workspace, all targets, -D warnings)"
+cargo clippy --workspace --all-targets -j "$jobs" -- -D warnings
+
+step "cargo build -p ringhub (the binary the black-box tests run)"
+cargo build -p ringhub -j "$jobs"
+
+step "fuzz targets compile (stable; coverage flags only in fuzz/run.sh)"
+cargo build --manifest-path fuzz/Cargo.toml -j "$jobs"
+
+step "cargo test --workspace"
+cargo test --workspace -j "$jobs" -- --test-threads="${TEST_THREADS:-4}"

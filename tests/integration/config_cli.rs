@@ -1,0 +1,290 @@
+//! `ringhub check-config` and the configuration layers (SPEC §1), through the real binary.
+
+use ringhub_tests::{ringhub, scratch_dir};
+
+fn value_of<'a>(stdout: &'a str, key: &str) -> Option<&'a str> {
+    stdout
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{key} = ")))
+}
+
+#[test]
+fn check_config_prints_every_default() {
+    let dir = scratch_dir("defaults");
+    let run = ringhub(&["check-config"], &[], &dir);
+    assert_eq!(run.code, 0, "{run:?}");
+    let out = &run.stdout;
+    for (key, value) in [
+        ("listen", r#""127.0.0.1:8080""#),
+        ("mode", r#""development""#),
+        ("data_dir", r#""./ringhub-data""#),
+        ("access_ttl", r#""15m""#),
+        ("refresh_ttl", r#""24h""#),
+        ("session_max_age", r#""30d""#),
+        ("token_binding", r#""ip_and_user_agent""#),
+        ("bcrypt_cost", "12"),
+        ("hash_queue", "64"),
+        ("max_message_bytes", "65536"),
+        ("max_json_depth", "32"),
+        ("compression_threshold", "1024"),
+        ("default_rooms", r#"["lobby"]"#),
+        ("max_room_members", "10000"),
+        ("max_connections_per_user", "10"),
+        ("session_conflict", r#""close_oldest""#),
+        ("max_connections_per_ip", "1000"),
+        ("max_rooms_per_connection", "128"),
+        ("max_queued_bytes", "1048576"),
+        ("refresh_reuse_interval", r#""10s""#),
+        ("history_size", "100"),
+        ("history_ttl", r#""5m""#),
+        ("resume_ttl", r#""5m""#),
+        ("heartbeat", r#""25s""#),
+        ("presence_batch", r#""100ms""#),
+        ("login_per_ip", r#""30/1m""#),
+        ("failed_logins_per_account", r#""5/15m""#),
+        ("connect_burst", "100"),
+        ("publish_per_room", r#""1000/1s""#),
+        ("join_burst", "50"),
+    ] {
+        assert_eq!(value_of(out, key), Some(value), "{key} in\n{out}");
+    }
+    // check-config never writes secrets; it says where they will come from.
+    assert!(
+        out.contains("# jwt_secret = *** (will be generated into"),
+        "{out}"
+    );
+    assert!(!dir.join("ringhub-data").exists());
+}
+
+#[test]
+fn file_then_env_then_flags_later_wins() {
+    let dir = scratch_dir("layers");
+    std::fs::write(
+        dir.join("ringhub.toml"),
+        "listen = \"127.0.0.1:7000\"\nbcrypt_cost = 10\nheartbeat = \"30s\"\n[rate_limits]\njoin_burst = 5\n",
+    )
+    .unwrap();
+    let run = ringhub(
+        &[
+            "check-config",
+            "--config",
+            "ringhub.toml",
+            "--heartbeat",
+            "40s",
+        ],
+        &[
+            ("RINGHUB_BCRYPT_COST", "8"),
+            ("RINGHUB_HEARTBEAT", "35s"),
+            ("RINGHUB_RATE_LIMITS__JOIN_BURST", "6"),
+        ],
+        &dir,
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(value_of(&run.stdout, "listen"), Some(r#""127.0.0.1:7000""#));
+    assert_eq!(value_of(&run.stdout, "bcrypt_cost"), Some("8"));
+    assert_eq!(value_of(&run.stdout, "heartbeat"), Some(r#""40s""#));
+    assert_eq!(value_of(&run.stdout, "join_burst"), Some("6"));
+    // RINGHUB_CONFIG names the file too.
+    let run = ringhub(
+        &["check-config"],
+        &[("RINGHUB_CONFIG", "ringhub.toml")],
+        &dir,
+    );
+    assert_eq!(value_of(&run.stdout, "bcrypt_cost"), Some("10"), "{run:?}");
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_name_and_source() {
+    let dir = scratch_dir("unknown");
+    std::fs::write(
+        dir.join("bad.toml"),
+        "listen = \"127.0.0.1:1\"\n[rate_limits]\nlogin_per_hour = \"1/1h\"\n",
+    )
+    .unwrap();
+    let run = ringhub(&["check-config", "--config", "bad.toml"], &[], &dir);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("unknown configuration key `rate_limits.login_per_hour`"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("bad.toml"), "{}", run.stderr);
+
+    let run = ringhub(
+        &["check-config"],
+        &[("RINGHUB_MAX_MESAGE_BYTES", "1")],
+        &dir,
+    );
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("`max_mesage_bytes`")
+            && run.stderr.contains("RINGHUB_MAX_MESAGE_BYTES"),
+        "{}",
+        run.stderr
+    );
+
+    let run = ringhub(&["check-config", "--colour", "blue"], &[], &dir);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("`colour`") && run.stderr.contains("--colour"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn out_of_range_values_are_rejected_with_key_value_and_bound() {
+    let dir = scratch_dir("range");
+    /// (flags, environment, what the error must mention)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case<'_>; 5] = [
+        (
+            &["--bcrypt-cost", "3"],
+            &[],
+            &["`bcrypt_cost`", "3 is out of range 4..=16", "--bcrypt-cost"],
+        ),
+        (
+            &[],
+            &[("RINGHUB_MAX_JSON_DEPTH", "1000")],
+            &["`max_json_depth`", "1000", "RINGHUB_MAX_JSON_DEPTH"],
+        ),
+        (
+            &["--expiry-grace", "6m"],
+            &[],
+            &["`expiry_grace`", "out of range", "5m"],
+        ),
+        (
+            &["--rate-limits.login-per-ip", "lots"],
+            &[],
+            &["`rate_limits.login_per_ip`", "COUNT/DURATION"],
+        ),
+        (&["--listen", "localhost"], &[], &["`listen`", "IP:port"]),
+    ];
+    for (flags, env, needles) in cases {
+        let mut args = vec!["check-config"];
+        args.extend_from_slice(flags);
+        let run = ringhub(&args, env, &dir);
+        assert_eq!(run.code, 2, "{flags:?} {env:?}: {run:?}");
+        for needle in needles {
+            assert!(
+                run.stderr.contains(needle),
+                "{needle} not in {}",
+                run.stderr
+            );
+        }
+    }
+}
+
+#[test]
+fn secrets_are_masked_and_production_demands_strong_ones() {
+    let dir = scratch_dir("secrets");
+    let secret = "s3cr3t-value-that-is-long-enough-0123456789";
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="; // base64 of bytes 0..32
+    let env = [
+        ("RINGHUB_JWT_SECRET", secret),
+        ("RINGHUB_BLIND_INDEX_KEY", secret),
+        ("RINGHUB_ENCRYPTION_KEY", key),
+        (
+            "RINGHUB_DATABASE_URL",
+            "postgres://app:dbpass@127.0.0.1:5432/test",
+        ),
+    ];
+    let run = ringhub(&["check-config"], &env, &dir);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        !run.stdout.contains(secret) && !run.stdout.contains(key) && !run.stdout.contains("dbpass"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(value_of(&run.stdout, "jwt_secret"), Some(r#""***""#));
+    assert_eq!(
+        value_of(&run.stdout, "database_url"),
+        Some(r#""postgres://app:***@127.0.0.1:5432/test""#)
+    );
+
+    let prod = [
+        ("RINGHUB_MODE", "production"),
+        ("RINGHUB_BEHIND_PROXY", "true"),
+    ];
+    let run = ringhub(&["check-config"], &prod, &dir);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("production mode requires `jwt_secret`"),
+        "{}",
+        run.stderr
+    );
+    let weak = [
+        prod[0],
+        prod[1],
+        ("RINGHUB_JWT_SECRET", "short"),
+        ("RINGHUB_BLIND_INDEX_KEY", secret),
+        ("RINGHUB_ENCRYPTION_KEY", key),
+    ];
+    let run = ringhub(&["check-config"], &weak, &dir);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("shorter than 32 bytes"),
+        "{}",
+        run.stderr
+    );
+    let run = ringhub(&["check-config"], &[("RINGHUB_MODE", "production")], &dir);
+    assert!(run.stderr.contains("plaintext"), "{}", run.stderr);
+    let bad_key = [("RINGHUB_ENCRYPTION_KEY", "bm90IDMyIGJ5dGVz")];
+    let run = ringhub(&["check-config"], &bad_key, &dir);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("exactly 32 bytes"), "{}", run.stderr);
+}
+
+#[test]
+fn development_secrets_are_generated_once_with_mode_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch_dir("devsecrets");
+    // `serve` prepares data_dir (the gateway itself arrives with the engine issue).
+    let first = ringhub(&["serve", "--data-dir", "data"], &[], &dir);
+    let path = dir.join("data/secrets.toml");
+    let meta = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{e}: {first:?}"));
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let content = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        content.contains("jwt_secret")
+            && content.contains("encryption_key")
+            && content.contains("blind_index_key")
+    );
+    ringhub(&["serve", "--data-dir", "data"], &[], &dir);
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        content,
+        "secrets must be generated only once"
+    );
+    let run = ringhub(&["check-config", "--data-dir", "data"], &[], &dir);
+    assert!(
+        run.stdout.contains("# jwt_secret = *** (from"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        !run.stdout.contains(
+            content
+                .lines()
+                .nth(1)
+                .unwrap_or("x")
+                .split('"')
+                .nth(1)
+                .unwrap_or("x")
+        )
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = scratch_dir("usage");
+    let run = ringhub(&["frobnicate"], &[], &dir);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("unknown command `frobnicate`"));
+    let run = ringhub(&["--version"], &[], &dir);
+    assert_eq!(
+        (run.code, run.stdout.trim()),
+        (0, concat!("ringhub ", env!("CARGO_PKG_VERSION")))
+    );
+}
