@@ -1,1 +1,326 @@
-//! placeholder
+//! ringhub's engine: a thread-per-core WebSocket gateway on monoio (io_uring, or epoll where
+//! io_uring is refused). Each shard owns its listener (`SO_REUSEPORT` on one port), its
+//! connections and the rooms homed on it; shards exchange messages through lock-free mailboxes.
+//!
+//! The engine serves `/ws` (the native protocol of SPEC §4) and `/socket.io/` (SPEC §8) itself and
+//! hands every other HTTP request to the [`HttpRoutes`] the server provides. It verifies tokens
+//! through the [`Authenticator`] the server provides and never sees a key. It must not block a
+//! shard: anything slow (password hashing, databases) belongs to the server's blocking pools.
+//!
+//! Main types: [`start`] → [`Engine`]; [`EngineConfig`]; [`Metrics`].
+#![deny(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+mod conn;
+mod frames;
+mod home;
+mod http;
+mod limits;
+mod mailbox;
+pub mod metrics;
+mod shard;
+mod sio;
+mod sys;
+mod ws;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+
+pub use auth::{AuthFailure, Authenticator, ClientInfo, Identity};
+pub use config::{ConflictPolicy, EngineConfig, RateSpec};
+pub use metrics::Metrics;
+use protocol::http::RequestHead;
+use shard::{Shard, ShardMsg, Shared};
+
+/// An HTTP request the engine does not handle itself.
+#[derive(Debug)]
+pub struct HttpRequest<'a> {
+    /// The parsed head.
+    pub head: &'a RequestHead,
+    /// The body (`Content-Length` bytes, at most 64 KiB).
+    pub body: &'a [u8],
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The request id echoed in `X-Request-Id` (the caller's if sane, else generated).
+    pub request_id: &'a str,
+}
+
+/// The answer to an [`HttpRequest`]. `Content-Length`, `Connection` and `X-Request-Id` are added
+/// by the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// The server's route table. Called on a shard: must answer without blocking.
+pub trait HttpRoutes: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(&self, request: &HttpRequest<'_>) -> HttpResponse;
+}
+
+/// Wall-clock milliseconds since the Unix epoch (the protocol's time unit).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Yields once to the shard's other tasks.
+pub(crate) fn yield_now() -> impl Future<Output = ()> {
+    struct YieldNow(bool);
+    impl Future for YieldNow {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            if self.0 {
+                return Poll::Ready(());
+            }
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+    YieldNow(false)
+}
+
+/// A running engine.
+pub struct Engine {
+    local_addr: SocketAddr,
+    driver: &'static str,
+    threads: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("local_addr", &self.local_addr)
+            .field("driver", &self.driver)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Binds every shard's listener and starts the shards. Returns once each shard's runtime is up.
+pub fn start(
+    config: EngineConfig,
+    auth: Arc<dyn Authenticator>,
+    routes: Arc<dyn HttpRoutes>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<Engine> {
+    let shards = config.shards.max(1);
+    let first = bind(config.listen)?;
+    let local_addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..shards {
+        listeners.push(bind(local_addr)?);
+    }
+    let shared = Arc::new(Shared::new(config, auth, routes, metrics));
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<&'static str>>();
+    let mut threads = Vec::with_capacity(shards);
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        let ready = ready_tx.clone();
+        let core = if cores.is_empty() {
+            None
+        } else {
+            Some(cores[id % cores.len()])
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("ringhub-shard-{id}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                run_shard(id, shared, listener, &ready);
+            })?;
+        threads.push(thread);
+    }
+    drop(ready_tx);
+    let mut driver = "io_uring";
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(d)) => driver = d,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(std::io::Error::other("a shard died while starting")),
+        }
+    }
+    Ok(Engine {
+        local_addr,
+        driver,
+        threads,
+        shared,
+    })
+}
+
+fn run_shard(
+    id: usize,
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    ready: &std::sync::mpsc::Sender<std::io::Result<&'static str>>,
+) {
+    let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .with_entries(4096)
+        .attach_thread_pool(Box::new(monoio::blocking::DefaultThreadPool::new(1)))
+        .build();
+    let mut runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let driver = match &runtime {
+        monoio::FusionRuntime::Uring(_) => "io_uring",
+        monoio::FusionRuntime::Legacy(_) => "epoll",
+    };
+    runtime.block_on(async move {
+        let shard = match Shard::new(id, shared) {
+            Ok(s) => Rc::new(s),
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let listener = match monoio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(driver));
+        shard_main(shard, listener).await;
+    });
+}
+
+async fn shard_main(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
+    monoio::spawn(shard::dispatcher(shard.clone()));
+    monoio::spawn(shard::ticker(shard.clone()));
+    loop {
+        let stopped = StopSignal(shard.clone());
+        monoio::select! {
+            accepted = listener.accept() => {
+                match accepted {
+                    Ok((stream, peer)) => {
+                        monoio::spawn(http::serve(shard.clone(), stream, peer));
+                    }
+                    Err(e) => {
+                        log::warn!("shard {}: accept failed: {e}", shard.id);
+                        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            () = stopped => break,
+        }
+    }
+    drop(listener);
+    // Close every WebSocket with 1001 and wait (bounded) for them to drain.
+    let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
+    for conn in conns {
+        conn.close(&shard, protocol::CloseCode::GOING_AWAY);
+    }
+    let deadline =
+        now_ms() + u64::try_from(shard.shared.config.shutdown_grace.as_millis()).unwrap_or(5000);
+    while !shard.conns.borrow().is_empty() && now_ms() < deadline {
+        monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
+    for conn in conns {
+        conn.abort();
+    }
+    monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+}
+
+/// Resolves when the shard is told to stop.
+struct StopSignal(Rc<Shard>);
+
+impl Future for StopSignal {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.stopping.get() {
+            return Poll::Ready(());
+        }
+        *self.0.stop_waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Engine {
+    /// The bound address (the real port when `listen` had port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `io_uring` or `epoll`.
+    pub fn driver(&self) -> &'static str {
+        self.driver
+    }
+
+    /// Starts a graceful shutdown: stop accepting, close WebSockets with 1001, drain.
+    pub fn shutdown(&self) {
+        if self.shared.shutting_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for shard in 0..self.shared.mailboxes.len() {
+            self.shared.send(shard, ShardMsg::Shutdown);
+        }
+    }
+
+    /// A handle that can start the shutdown from another thread (a signal handler).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shared.clone())
+    }
+
+    /// Waits for every shard to finish.
+    pub fn wait(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Starts a graceful shutdown from any thread.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<Shared>);
+
+impl std::fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShutdownHandle")
+    }
+}
+
+impl ShutdownHandle {
+    /// See [`Engine::shutdown`].
+    pub fn shutdown(&self) {
+        if self.0.shutting_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for shard in 0..self.0.mailboxes.len() {
+            self.0.send(shard, ShardMsg::Shutdown);
+        }
+    }
+}

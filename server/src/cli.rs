@@ -187,49 +187,71 @@ pub fn run(
     } else {
         secrets::Generate::Allowed
     };
-    let notes = match secrets::resolve(&config, generate) {
-        Ok((_, notes)) => notes,
+    let (secrets, notes) = match secrets::resolve(&config, generate) {
+        Ok(resolved) => resolved,
         Err(e) => {
             let _ = writeln!(err, "ringhub: configuration error: {e}");
             return EXIT_USAGE;
         }
     };
+    if inv.command == Command::CheckConfig {
+        let _ = writeln!(
+            out,
+            "# ringhub {version}: configuration is valid (mode = {:?})",
+            config.mode
+        );
+        let _ = write!(out, "{}", config.to_masked_toml(&notes));
+        return 0;
+    }
+    let Some(secrets) = secrets else {
+        let _ = writeln!(err, "ringhub: secrets are missing");
+        return EXIT_USAGE;
+    };
     match &inv.command {
-        Command::CheckConfig => {
-            let _ = writeln!(
-                out,
-                "# ringhub {version}: configuration is valid (mode = {:?})",
-                config.mode
-            );
-            let _ = write!(out, "{}", config.to_masked_toml(&notes));
-            0
+        Command::Serve => match crate::serve::serve(&config, &secrets) {
+            Ok(()) => 0,
+            Err(e) => {
+                let _ = writeln!(err, "ringhub: {e}");
+                EXIT_FAILURE
+            }
+        },
+        Command::Token { user, ttl } => {
+            let ttl = match ttl.as_deref().map(config::parse_duration).transpose() {
+                Ok(ttl) => ttl.unwrap_or(config.access_ttl),
+                Err(e) => {
+                    let _ = writeln!(err, "ringhub: --ttl: {e}");
+                    return EXIT_USAGE;
+                }
+            };
+            let tokens = match crate::serve::token_service(&config, &secrets) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = writeln!(err, "ringhub: {e}");
+                    return EXIT_FAILURE;
+                }
+            };
+            // Until accounts exist, the argument is the user id, and the part before `@` the name.
+            let name = user.split('@').next().unwrap_or(user);
+            match tokens.mint(user, name, "", ttl.as_secs().max(1)) {
+                Ok((token, _)) => {
+                    let _ = writeln!(out, "{token}");
+                    0
+                }
+                Err(e) => {
+                    let _ = writeln!(err, "ringhub: cannot mint token: {e}");
+                    EXIT_FAILURE
+                }
+            }
         }
-        Command::Serve => {
+        Command::Migrate | Command::UserSetRole { .. } => {
             let _ = writeln!(
                 err,
-                "ringhub {version}: configuration is valid (listen {}, {} shards, {} storage).\n\
-                 The gateway is not built yet (issue: the engine), so nothing listens: this build \
-                 only validates configuration and prepares data_dir.\n\
-                 Planned: serve (HTTP + WebSocket), token, migrate, user set-role.",
-                config.listen,
-                config.shards,
-                if config.database_url.is_some() {
-                    "PostgreSQL"
-                } else {
-                    "embedded SQLite"
-                },
-            );
-            EXIT_FAILURE
-        }
-        Command::Token { .. } | Command::Migrate | Command::UserSetRole { .. } => {
-            let _ = writeln!(
-                err,
-                "ringhub {version}: `{}` is not built yet",
+                "ringhub {version}: `{}` is not built yet (accounts issue)",
                 command_name(&inv.command)
             );
             EXIT_FAILURE
         }
-        Command::Help | Command::Version => 0,
+        Command::CheckConfig | Command::Help | Command::Version => 0,
     }
 }
 

@@ -240,8 +240,9 @@ fn secrets_are_masked_and_production_demands_strong_ones() {
 fn development_secrets_are_generated_once_with_mode_0600() {
     use std::os::unix::fs::PermissionsExt;
     let dir = scratch_dir("devsecrets");
-    // `serve` prepares data_dir (the gateway itself arrives with the engine issue).
-    let first = ringhub(&["serve", "--data-dir", "data"], &[], &dir);
+    // Every command that needs secrets (here `token`) generates the missing ones; check-config never does.
+    let first = ringhub(&["token", "--user", "u1", "--data-dir", "data"], &[], &dir);
+    assert_eq!(first.code, 0, "{first:?}");
     let path = dir.join("data/secrets.toml");
     let meta = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{e}: {first:?}"));
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);

@@ -1,0 +1,253 @@
+//! One live WebSocket connection's state on its shard: identity, joined rooms, rate buckets, and
+//! the bounded outbound queue with its writer. Frames are shared `Bytes`; a flush writes everything
+//! queued in one submission. Nothing here decodes client input (see `ws` and `sio`).
+
+use std::cell::{Cell, RefCell, UnsafeCell};
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use monoio::io::{AsyncWriteRentExt, OwnedWriteHalf};
+use monoio::net::TcpStream;
+use protocol::CloseCode;
+use protocol::envelope::RoomId;
+use protocol::ws;
+
+use crate::auth::Identity;
+use crate::frames::FrameKey;
+use crate::limits::Bucket;
+use crate::shard::Shard;
+use crate::sys::{self, Shutdown};
+
+/// A connection id: the shard in the top 16 bits, a per-shard counter below. Never reused.
+pub(crate) type ConnId = u64;
+
+pub(crate) fn shard_of(id: ConnId) -> usize {
+    (id >> 48) as usize
+}
+
+/// Membership state of one room on one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Membership {
+    /// The home shard has not answered yet.
+    Pending,
+    /// In the room: receives its messages.
+    Joined,
+}
+
+pub(crate) struct Conn {
+    pub(crate) id: ConnId,
+    pub(crate) key: FrameKey,
+    stream: Rc<UnsafeCell<TcpStream>>,
+    writer: RefCell<Option<OwnedWriteHalf<TcpStream>>>,
+    out: RefCell<VecDeque<Bytes>>,
+    queued: Cell<usize>,
+    writing: Cell<bool>,
+    /// Set once a close has been decided; the code sent.
+    pub(crate) closing: Cell<Option<CloseCode>>,
+    /// Whether the peer went away without a close handshake (drives presence's 5 s delay later).
+    pub(crate) abnormal: Cell<bool>,
+    /// The first frame (welcome / Socket.IO CONNECT) has been queued: writes may start.
+    pub(crate) ready: Cell<bool>,
+    pub(crate) identity: RefCell<Identity>,
+    pub(crate) ip: IpAddr,
+    pub(crate) session: Box<str>,
+    pub(crate) rooms: RefCell<Vec<(RoomId, Membership)>>,
+    pub(crate) last_seen_ms: Cell<u64>,
+    pub(crate) last_ping_ms: Cell<u64>,
+    pub(crate) refresh_warned: Cell<bool>,
+    pub(crate) publish_bucket: Cell<Bucket>,
+    pub(crate) join_bucket: Cell<Bucket>,
+    pub(crate) query_bucket: Cell<Bucket>,
+    /// Initial joins (default rooms, personal room) still unanswered.
+    pub(crate) pending_initial: Cell<u32>,
+    pub(crate) initial_rooms: RefCell<Vec<RoomId>>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a new connection is made of.
+pub(crate) struct ConnParts {
+    pub(crate) id: ConnId,
+    pub(crate) key: FrameKey,
+    pub(crate) stream: Rc<UnsafeCell<TcpStream>>,
+    pub(crate) writer: OwnedWriteHalf<TcpStream>,
+    pub(crate) identity: Identity,
+    pub(crate) ip: IpAddr,
+    pub(crate) session: Box<str>,
+}
+
+impl Conn {
+    pub(crate) fn new(shard: &Shard, parts: ConnParts) -> Self {
+        let now = crate::now_ms();
+        let cfg = &shard.shared.config;
+        Self {
+            id: parts.id,
+            key: parts.key,
+            stream: parts.stream,
+            writer: RefCell::new(Some(parts.writer)),
+            out: RefCell::new(VecDeque::new()),
+            queued: Cell::new(0),
+            writing: Cell::new(false),
+            closing: Cell::new(None),
+            abnormal: Cell::new(false),
+            ready: Cell::new(false),
+            identity: RefCell::new(parts.identity),
+            ip: parts.ip,
+            session: parts.session,
+            rooms: RefCell::new(Vec::new()),
+            last_seen_ms: Cell::new(now),
+            last_ping_ms: Cell::new(now),
+            refresh_warned: Cell::new(false),
+            publish_bucket: Cell::new(Bucket::new(&cfg.publish_per_connection, now)),
+            join_bucket: Cell::new(Bucket::new(&cfg.join_per_connection, now)),
+            query_bucket: Cell::new(Bucket::new(&cfg.query_per_connection, now)),
+            pending_initial: Cell::new(0),
+            initial_rooms: RefCell::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn stream(&self) -> &Rc<UnsafeCell<TcpStream>> {
+        &self.stream
+    }
+
+    pub(crate) fn user_id(&self) -> std::sync::Arc<str> {
+        self.identity.borrow().user_id.clone()
+    }
+
+    pub(crate) fn username(&self) -> std::sync::Arc<str> {
+        self.identity.borrow().username.clone()
+    }
+
+    pub(crate) fn membership(&self, room: &RoomId) -> Option<Membership> {
+        self.rooms
+            .borrow()
+            .iter()
+            .find(|(r, _)| r == room)
+            .map(|(_, m)| *m)
+    }
+
+    /// Queues a frame; starts the writer when the connection is ready. Past `max_queued_bytes`
+    /// the connection is a slow consumer and is closed with 4011.
+    pub(crate) fn enqueue(self: &Rc<Self>, shard: &Rc<Shard>, frame: Bytes) {
+        if self.closing.get().is_some() {
+            return;
+        }
+        let queued = self.queued.get() + frame.len();
+        if queued > shard.shared.config.max_queued_bytes {
+            self.close(shard, CloseCode::SLOW_CONSUMER);
+            return;
+        }
+        self.queued.set(queued);
+        self.out.borrow_mut().push_back(frame);
+        self.kick_writer(shard);
+    }
+
+    /// Queues a frame ahead of everything else (the welcome).
+    pub(crate) fn enqueue_first(self: &Rc<Self>, shard: &Rc<Shard>, frame: Bytes) {
+        self.queued.set(self.queued.get() + frame.len());
+        self.out.borrow_mut().push_front(frame);
+        self.kick_writer(shard);
+    }
+
+    /// Marks the connection ready (first frame queued) and starts writing.
+    pub(crate) fn set_ready(self: &Rc<Self>, shard: &Rc<Shard>) {
+        self.ready.set(true);
+        self.kick_writer(shard);
+    }
+
+    fn kick_writer(self: &Rc<Self>, shard: &Rc<Shard>) {
+        if self.ready.get() && !self.writing.get() && !self.out.borrow().is_empty() {
+            self.writing.set(true);
+            monoio::spawn(write_loop(shard.clone(), self.clone()));
+        }
+    }
+
+    /// Starts the close handshake with `code`: queued frames are dropped for a slow consumer and
+    /// kept otherwise, the close frame goes last, then the socket's write side is shut. A peer that
+    /// does not finish the handshake within 2 s is cut off.
+    pub(crate) fn close(self: &Rc<Self>, shard: &Rc<Shard>, code: CloseCode) {
+        if self.closing.get().is_some() {
+            return;
+        }
+        self.closing.set(Some(code));
+        if code == CloseCode::SLOW_CONSUMER {
+            self.out.borrow_mut().clear();
+            self.queued.set(0);
+        }
+        let mut frame = Vec::with_capacity(32);
+        if self.key == FrameKey::SocketIo && code != CloseCode::SLOW_CONSUMER {
+            // Engine.IO close packet first, so that Socket.IO clients see a server disconnect.
+            ws::encode_frame(&mut frame, ws::frame::TEXT, b"1");
+        }
+        ws::encode_close(&mut frame, code);
+        self.out.borrow_mut().push_back(Bytes::from(frame));
+        self.ready.set(true);
+        self.kick_writer(shard);
+        let conn = self.clone();
+        monoio::spawn(async move {
+            monoio::time::sleep(Duration::from_secs(2)).await;
+            sys::shutdown(&conn.stream, Shutdown::Both);
+        });
+    }
+
+    /// Cuts the socket at once (the reader sees EOF and cleans up).
+    pub(crate) fn abort(&self) {
+        sys::shutdown(&self.stream, Shutdown::Both);
+    }
+}
+
+async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>) {
+    let taken = conn.writer.borrow_mut().take();
+    let Some(mut writer) = taken else {
+        conn.writing.set(false);
+        return;
+    };
+    let mut buf = shard.take_buffer();
+    let mut failed = false;
+    loop {
+        buf.clear();
+        {
+            let mut out = conn.out.borrow_mut();
+            while let Some(frame) = out.pop_front() {
+                buf.extend_from_slice(&frame);
+            }
+        }
+        conn.queued.set(0);
+        if buf.is_empty() {
+            break;
+        }
+        let len = buf.len() as u64;
+        let (result, returned) = writer.write_all(buf).await;
+        buf = returned;
+        if result.is_err() {
+            failed = true;
+            conn.out.borrow_mut().clear();
+            break;
+        }
+        shard
+            .shared
+            .metrics
+            .bytes_out
+            .fetch_add(len, Ordering::Relaxed);
+    }
+    shard.put_buffer(buf);
+    conn.writer.replace(Some(writer));
+    conn.writing.set(false);
+    if failed {
+        conn.abnormal.set(true);
+        conn.abort();
+    } else if conn.closing.get().is_some() {
+        sys::shutdown(&conn.stream, Shutdown::Write);
+    }
+}

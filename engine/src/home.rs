@@ -1,0 +1,430 @@
+//! Rooms on their home shard: the one place where a room's `seq` is assigned, its history kept,
+//! its member count checked against `max_members` and its presence aggregated. Every join, leave
+//! and publish of a room passes here in mailbox order, which is what gives every member the same
+//! order without a lock.
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use protocol::ErrorCode;
+use protocol::envelope::{MessageRecord, PresenceEntry, PresenceUser, Push, RoomId, Value};
+use protocol::socketio;
+
+use crate::conn::{ConnId, shard_of};
+use crate::frames::{FRAME_KEYS, FrameKey, Frames};
+use crate::limits::{Bucket, Verdict};
+use crate::now_ms;
+use crate::shard::{Delivery, Reply, Shard, ShardMsg};
+
+/// A room as its home shard knows it.
+pub(crate) struct HomeRoom {
+    seq: u64,
+    epoch: Arc<str>,
+    history: VecDeque<Arc<MessageRecord>>,
+    members: u32,
+    max_members: u32,
+    /// Members per shard: where to deliver.
+    shard_members: Vec<u32>,
+    /// Members per wire format: what to encode.
+    key_counts: [u32; FRAME_KEYS],
+    presence: HashMap<Arc<str>, (Arc<str>, u32)>,
+    /// Net presence changes since the last flush: user → (name, joined?).
+    pending_diff: HashMap<Arc<str>, (Arc<str>, bool)>,
+    /// Ephemeral rooms vanish with their last member.
+    ephemeral: bool,
+    publish_bucket: Bucket,
+}
+
+impl HomeRoom {
+    fn new(shard: &Shard, ephemeral: bool) -> Self {
+        let cfg = &shard.shared.config;
+        Self {
+            seq: 0,
+            epoch: shard.shared.new_epoch(),
+            history: VecDeque::new(),
+            members: 0,
+            max_members: cfg.max_room_members,
+            shard_members: vec![0; cfg.shards],
+            key_counts: [0; FRAME_KEYS],
+            presence: HashMap::new(),
+            pending_diff: HashMap::new(),
+            ephemeral,
+            publish_bucket: Bucket::new(&cfg.publish_per_room, now_ms()),
+        }
+    }
+
+    fn presence_list(&self) -> Vec<PresenceEntry> {
+        let mut list: Vec<PresenceEntry> = self
+            .presence
+            .iter()
+            .map(|(user, (name, conns))| PresenceEntry {
+                user: user.to_string(),
+                name: name.to_string(),
+                conns: *conns,
+            })
+            .collect();
+        list.sort_by(|a, b| a.user.cmp(&b.user));
+        list
+    }
+
+    fn note_presence(&mut self, user: &Arc<str>, name: &Arc<str>, joined: bool) {
+        match self.pending_diff.get(user) {
+            // A join and a leave within one window cancel out.
+            Some((_, was_joined)) if *was_joined != joined => {
+                self.pending_diff.remove(user);
+            }
+            _ => {
+                self.pending_diff
+                    .insert(user.clone(), (name.clone(), joined));
+            }
+        }
+    }
+
+    fn prune_history(&mut self, now: u64, ttl_ms: u64, size: usize) {
+        while self.history.len() > size {
+            self.history.pop_front();
+        }
+        while self
+            .history
+            .front()
+            .is_some_and(|m| now.saturating_sub(m.ts) > ttl_ms)
+        {
+            self.history.pop_front();
+        }
+    }
+}
+
+fn ttl_ms(shard: &Shard) -> u64 {
+    u64::try_from(shard.shared.config.history_ttl.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn to_conn(shard: &Rc<Shard>, conn: ConnId, msg: ShardMsg) {
+    let target = shard_of(conn);
+    if target == shard.id {
+        shard.handle(msg);
+    } else {
+        shard.shared.send(target, msg);
+    }
+}
+
+/// The parts of a join that are not the room and the user.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct JoinRequest {
+    pub(crate) conn: ConnId,
+    pub(crate) key: FrameKey,
+    pub(crate) id: Option<u64>,
+    pub(crate) initial: bool,
+    pub(crate) already: bool,
+}
+
+pub(crate) fn join(
+    shard: &Rc<Shard>,
+    room: &RoomId,
+    user: &Arc<str>,
+    name: &Arc<str>,
+    request: JoinRequest,
+) {
+    let JoinRequest {
+        conn,
+        key,
+        id,
+        initial,
+        already,
+    } = request;
+    let cfg = &shard.shared.config;
+    let fail = |code: ErrorCode, message: &'static str| ShardMsg::JoinFailed {
+        room: room.clone(),
+        conn,
+        id,
+        initial,
+        code,
+        message,
+    };
+    let mut rooms = shard.home.borrow_mut();
+    if !rooms.contains_key(room) {
+        let personal_own = room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX) == Some(&**user);
+        if !(personal_own || (cfg.implicit_rooms && !room.is_personal())) {
+            drop(rooms);
+            to_conn(shard, conn, fail(ErrorCode::NotFound, "no such room"));
+            return;
+        }
+        rooms.insert(room.clone(), HomeRoom::new(shard, true));
+    }
+    let Some(home) = rooms.get_mut(room) else {
+        return;
+    };
+    if !already {
+        if home.members >= home.max_members {
+            shard
+                .shared
+                .metrics
+                .room_full
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let empty = home.members == 0;
+            if empty && home.ephemeral {
+                rooms.remove(room);
+            }
+            drop(rooms);
+            to_conn(shard, conn, fail(ErrorCode::RoomFull, "room is full"));
+            return;
+        }
+        home.members += 1;
+        home.shard_members[shard_of(conn)] += 1;
+        home.key_counts[key.index()] += 1;
+        let entry = home
+            .presence
+            .entry(user.clone())
+            .or_insert_with(|| (name.clone(), 0));
+        entry.1 += 1;
+        if entry.1 == 1 {
+            home.note_presence(user, name, true);
+            shard.presence_dirty.borrow_mut().push(room.clone());
+        }
+    }
+    let reply = ShardMsg::Joined {
+        room: room.clone(),
+        conn,
+        id,
+        initial,
+        seq: home.seq,
+        epoch: home.epoch.clone(),
+        presence: if id.is_some() {
+            home.presence_list()
+        } else {
+            Vec::new()
+        },
+    };
+    drop(rooms);
+    to_conn(shard, conn, reply);
+}
+
+pub(crate) fn leave(
+    shard: &Rc<Shard>,
+    room: &RoomId,
+    conn: ConnId,
+    user: &Arc<str>,
+    name: &Arc<str>,
+    key: FrameKey,
+) {
+    let mut rooms = shard.home.borrow_mut();
+    let Some(home) = rooms.get_mut(room) else {
+        return;
+    };
+    home.members = home.members.saturating_sub(1);
+    let s = &mut home.shard_members[shard_of(conn)];
+    *s = s.saturating_sub(1);
+    let k = &mut home.key_counts[key.index()];
+    *k = k.saturating_sub(1);
+    if let Some(entry) = home.presence.get_mut(user) {
+        entry.1 = entry.1.saturating_sub(1);
+        if entry.1 == 0 {
+            home.presence.remove(user);
+            home.note_presence(user, name, false);
+            shard.presence_dirty.borrow_mut().push(room.clone());
+        }
+    }
+    if home.members == 0 && home.ephemeral {
+        rooms.remove(room);
+    }
+}
+
+pub(crate) fn publish(
+    shard: &Rc<Shard>,
+    room: RoomId,
+    conn: ConnId,
+    user: &Arc<str>,
+    name: &Arc<str>,
+    data: Value,
+    id: Option<u64>,
+) {
+    let cfg = &shard.shared.config;
+    let now = now_ms();
+    let mut rooms = shard.home.borrow_mut();
+    let Some(home) = rooms.get_mut(&room) else {
+        drop(rooms);
+        shard.reply(
+            conn,
+            Reply::Error {
+                id,
+                code: ErrorCode::NotJoined,
+                message: "not joined to this room",
+            },
+        );
+        return;
+    };
+    if home.publish_bucket.attempt(&cfg.publish_per_room, now) != Verdict::Allow {
+        drop(rooms);
+        shard.shared.metrics.rate_limited("publish_per_room");
+        shard.reply(
+            conn,
+            Reply::Error {
+                id,
+                code: ErrorCode::RateLimited,
+                message: "room publish rate exceeded",
+            },
+        );
+        return;
+    }
+    home.seq += 1;
+    let record = Arc::new(MessageRecord {
+        room: room.clone(),
+        seq: home.seq,
+        from: Some(user.to_string()),
+        name: name.to_string(),
+        ts: now,
+        data,
+    });
+    let frames = Frames::message(
+        &record,
+        &home.key_counts,
+        cfg.compression_threshold,
+        &mut shard.compressor.borrow_mut(),
+    );
+    if cfg.history_size > 0 {
+        home.history.push_back(record);
+        home.prune_history(now, ttl_ms(shard), cfg.history_size);
+    }
+    let seq = home.seq;
+    let targets: Vec<usize> = home
+        .shard_members
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(s, _)| s)
+        .collect();
+    drop(rooms);
+    let delivery = Arc::new(Delivery { room, frames });
+    for target in targets {
+        if target == shard.id {
+            shard.handle(ShardMsg::Deliver(delivery.clone()));
+        } else {
+            shard
+                .shared
+                .send(target, ShardMsg::Deliver(delivery.clone()));
+        }
+    }
+    if id.is_some() {
+        shard.reply(conn, Reply::Published { id, seq });
+    }
+}
+
+pub(crate) fn presence_query(shard: &Rc<Shard>, room: &RoomId, conn: ConnId, id: Option<u64>) {
+    let reply = match shard.home.borrow().get(room) {
+        Some(home) => Reply::Presence {
+            id,
+            presence: home.presence_list(),
+        },
+        None => Reply::Presence {
+            id,
+            presence: Vec::new(),
+        },
+    };
+    shard.reply(conn, reply);
+}
+
+pub(crate) fn history_query(
+    shard: &Rc<Shard>,
+    room: &RoomId,
+    conn: ConnId,
+    id: Option<u64>,
+    since: u64,
+    limit: u64,
+) {
+    let cfg = &shard.shared.config;
+    let now = now_ms();
+    let reply = match shard.home.borrow_mut().get_mut(room) {
+        Some(home) => {
+            home.prune_history(now, ttl_ms(shard), cfg.history_size);
+            let messages = home
+                .history
+                .iter()
+                .filter(|m| m.seq > since)
+                .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                .map(|m| (**m).clone())
+                .collect();
+            Reply::History {
+                id,
+                messages,
+                epoch: home.epoch.clone(),
+            }
+        }
+        None => Reply::History {
+            id,
+            messages: Vec::new(),
+            epoch: shard.shared.new_epoch(),
+        },
+    };
+    shard.reply(conn, reply);
+}
+
+/// Sends the coalesced presence diffs of rooms homed here.
+pub(crate) fn flush_presence(shard: &Rc<Shard>) {
+    let dirty: Vec<RoomId> = std::mem::take(&mut *shard.presence_dirty.borrow_mut());
+    if dirty.is_empty() {
+        return;
+    }
+    let cfg = &shard.shared.config;
+    let mut sent: Vec<&RoomId> = Vec::new();
+    for room in &dirty {
+        if sent.contains(&room) {
+            continue;
+        }
+        sent.push(room);
+        let mut rooms = shard.home.borrow_mut();
+        let Some(home) = rooms.get_mut(room) else {
+            continue;
+        };
+        if home.pending_diff.is_empty() {
+            continue;
+        }
+        let mut joined = Vec::new();
+        let mut left = Vec::new();
+        for (user, (name, is_join)) in home.pending_diff.drain() {
+            let entry = PresenceUser {
+                user: user.to_string(),
+                name: name.to_string(),
+            };
+            if is_join {
+                joined.push(entry);
+            } else {
+                left.push(entry);
+            }
+        }
+        joined.sort_by(|a, b| a.user.cmp(&b.user));
+        left.sort_by(|a, b| a.user.cmp(&b.user));
+        let push = Push::Presence {
+            room: room.as_str(),
+            joined: &joined,
+            left: &left,
+        };
+        let frames = Frames::push(
+            &push,
+            || socketio::encode_presence_event(room.as_str(), &joined, &left),
+            &home.key_counts,
+            cfg.compression_threshold,
+            &mut shard.compressor.borrow_mut(),
+        );
+        let targets: Vec<usize> = home
+            .shard_members
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(s, _)| s)
+            .collect();
+        drop(rooms);
+        let delivery = Arc::new(Delivery {
+            room: room.clone(),
+            frames,
+        });
+        for target in targets {
+            if target == shard.id {
+                shard.handle(ShardMsg::Deliver(delivery.clone()));
+            } else {
+                shard
+                    .shared
+                    .send(target, ShardMsg::Deliver(delivery.clone()));
+            }
+        }
+    }
+}

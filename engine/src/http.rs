@@ -1,0 +1,418 @@
+//! HTTP/1.1 on a shard: keep-alive request loop with bounded heads and bodies, the WebSocket
+//! upgrades of `/ws` and `/socket.io/` (policy checks in SPEC §4 order), and every other path
+//! handed to the server's route table.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use protocol::ErrorCode;
+use protocol::http::{
+    HttpError, HttpLimits, RequestHead, parse_request_head, write_error, write_response,
+};
+use protocol::ws::{check_upgrade, select_subprotocol, write_accept};
+
+use crate::auth::{AuthFailure, ClientInfo};
+use crate::shard::{CapRefusal, Shard};
+use crate::ws::Dialect;
+use crate::{HttpRequest, HttpResponse};
+
+/// How long a keep-alive connection may sit between requests, and a request take to arrive.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Refusal {
+    status: u16,
+    code: ErrorCode,
+    message: &'static str,
+    metric: &'static str,
+}
+
+fn refusal(status: u16, code: ErrorCode, message: &'static str, metric: &'static str) -> Refusal {
+    Refusal {
+        status,
+        code,
+        message,
+        metric,
+    }
+}
+
+/// Serves one accepted TCP connection until it closes or upgrades.
+pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let limits = HttpLimits::default();
+    let mut data: Vec<u8> = Vec::new();
+    loop {
+        let head = loop {
+            match parse_request_head(&data, &limits) {
+                Ok(Some(head)) => break head,
+                Ok(None) => {
+                    if !read_more(&shard, &mut stream, &mut data).await {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let status = e.status();
+                    let code = match e {
+                        HttpError::BodyTooLarge(_)
+                        | HttpError::HeadTooLarge(_)
+                        | HttpError::TooManyHeaders(_) => ErrorCode::TooLarge,
+                        HttpError::TransferEncodingUnsupported => ErrorCode::Unsupported,
+                        _ => ErrorCode::BadRequest,
+                    };
+                    let mut out = Vec::new();
+                    write_error(&mut out, status, code, &e.to_string(), &[], false);
+                    let _ = stream.write_all(out).await;
+                    return;
+                }
+            }
+        };
+        let total = head.head_len + head.content_length;
+        while data.len() < total {
+            if !read_more(&shard, &mut stream, &mut data).await {
+                return;
+            }
+        }
+        let request_id = request_id(&shard, &head);
+        match head.path() {
+            "/ws" => {
+                let leftover = data[total..].to_vec();
+                upgrade(shard, stream, peer, head, leftover, request_id, false).await;
+                return;
+            }
+            "/socket.io/" | "/socket.io" => {
+                let leftover = data[total..].to_vec();
+                upgrade(shard, stream, peer, head, leftover, request_id, true).await;
+                return;
+            }
+            _ => {}
+        }
+        let keep_alive = head.keep_alive() && !shard.stopping.get();
+        let response = shard.shared.routes.handle(&HttpRequest {
+            head: &head,
+            body: &data[head.head_len..total],
+            peer,
+            request_id: &request_id,
+        });
+        let mut out = Vec::with_capacity(256 + response.body.len());
+        let mut headers: Vec<(&str, &str)> = response
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        headers.push(("X-Request-Id", &request_id));
+        write_response(
+            &mut out,
+            response.status,
+            &headers,
+            &response.body,
+            keep_alive,
+        );
+        let (result, _) = stream.write_all(out).await;
+        if result.is_err() || !keep_alive {
+            return;
+        }
+        data.drain(..total);
+    }
+}
+
+async fn read_more(shard: &Shard, stream: &mut TcpStream, data: &mut Vec<u8>) -> bool {
+    let buf = shard.take_buffer();
+    let Ok((result, buf)) = monoio::time::timeout(IDLE_TIMEOUT, stream.read(buf)).await else {
+        return false;
+    };
+    let ok = match result {
+        Ok(n) if n > 0 => {
+            data.extend_from_slice(&buf[..n]);
+            true
+        }
+        _ => false,
+    };
+    shard.put_buffer(buf);
+    ok
+}
+
+fn request_id(shard: &Shard, head: &RequestHead) -> String {
+    match head.header_str("x-request-id") {
+        Some(id)
+            if !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
+        {
+            id.to_owned()
+        }
+        _ => format!(
+            "{:x}-{:x}",
+            shard.id,
+            shard.next_conn_id() & 0xFFFF_FFFF_FFFF
+        ),
+    }
+}
+
+fn bearer(head: &RequestHead) -> Option<String> {
+    if let Some(value) = head.header_str("authorization") {
+        let mut parts = value.trim().splitn(2, ' ');
+        if parts
+            .next()
+            .is_some_and(|s| s.eq_ignore_ascii_case("bearer"))
+        {
+            return parts
+                .next()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty());
+        }
+    }
+    head.query_param("token")
+        .map(|t| t.into_owned())
+        .filter(|t| !t.is_empty())
+}
+
+fn origin_allowed(shard: &Shard, head: &RequestHead) -> bool {
+    let cfg = &shard.shared.config;
+    match head.header_str("origin") {
+        None => cfg.allow_missing_origin,
+        Some(origin) => {
+            cfg.allowed_origins.is_empty() || cfg.allowed_origins.iter().any(|o| o == origin)
+        }
+    }
+}
+
+async fn respond_refusal(
+    mut stream: TcpStream,
+    r: &Refusal,
+    request_id: &str,
+    extra: &[(&str, &str)],
+) {
+    let mut headers = vec![("X-Request-Id", request_id)];
+    headers.extend_from_slice(extra);
+    let mut out = Vec::new();
+    write_error(&mut out, r.status, r.code, r.message, &headers, false);
+    let _ = stream.write_all(out).await;
+}
+
+async fn upgrade(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    head: RequestHead,
+    leftover: Vec<u8>,
+    request_id: String,
+    socketio: bool,
+) {
+    let metrics = &shard.shared.metrics;
+    // Protocol validity first (it is not a policy decision), then SPEC §4's order.
+    let upgrade = match check_upgrade(&head) {
+        Ok(u) => u,
+        Err(e) => {
+            let status = e.status();
+            let r = refusal(
+                status,
+                ErrorCode::BadRequest,
+                "not a valid WebSocket upgrade",
+                "bad_request",
+            );
+            metrics.connect(r.metric);
+            let extra: &[(&str, &str)] = if status == 426 {
+                &[("Sec-WebSocket-Version", "13")]
+            } else {
+                &[]
+            };
+            respond_refusal(stream, &r, &request_id, extra).await;
+            return;
+        }
+    };
+    if socketio
+        && (head.query_param("EIO").as_deref() != Some("4")
+            || head.query_param("transport").as_deref() != Some("websocket"))
+    {
+        let r = refusal(
+            400,
+            ErrorCode::Unsupported,
+            "only EIO=4 over transport=websocket is supported",
+            "bad_request",
+        );
+        metrics.connect(r.metric);
+        respond_refusal(stream, &r, &request_id, &[]).await;
+        return;
+    }
+    let dialect = if socketio {
+        Dialect::SocketIo
+    } else {
+        match select_subprotocol(&upgrade.offered) {
+            Ok((p, _)) => Dialect::Native(p),
+            Err(_) => {
+                let r = refusal(
+                    400,
+                    ErrorCode::Unsupported,
+                    "no supported subprotocol offered",
+                    "bad_request",
+                );
+                metrics.connect(r.metric);
+                respond_refusal(stream, &r, &request_id, &[]).await;
+                return;
+            }
+        }
+    };
+    let ip = peer.ip();
+    if !shard.shared.check_connect_rate(ip) {
+        metrics.rate_limited("connect_per_ip");
+        let r = refusal(
+            429,
+            ErrorCode::RateLimited,
+            "too many connection attempts",
+            "rate_limited",
+        );
+        metrics.connect(r.metric);
+        respond_refusal(stream, &r, &request_id, &[("Retry-After", "1")]).await;
+        return;
+    }
+    if !origin_allowed(&shard, &head) {
+        let r = refusal(
+            403,
+            ErrorCode::Forbidden,
+            "origin not allowed",
+            "origin_forbidden",
+        );
+        metrics.connect(r.metric);
+        respond_refusal(stream, &r, &request_id, &[]).await;
+        return;
+    }
+    let user_agent = head.header_str("user-agent").map(str::to_owned);
+    let client = ClientInfo {
+        ip,
+        user_agent: user_agent.as_deref(),
+    };
+    let token = bearer(&head);
+    let identity = if socketio {
+        None
+    } else {
+        let verified = match &token {
+            Some(t) => shard.shared.auth.verify_access(t, &client),
+            None => Err(AuthFailure::Missing),
+        };
+        match verified {
+            Ok(identity) => Some(identity),
+            Err(reason) => {
+                metrics.auth_failure(reason);
+                let r = refusal(
+                    401,
+                    ErrorCode::InvalidToken,
+                    "invalid token",
+                    "unauthorized",
+                );
+                metrics.connect(r.metric);
+                respond_refusal(stream, &r, &request_id, &[]).await;
+                return;
+            }
+        }
+    };
+    let conn_id = shard.next_conn_id();
+    let replaced = match &identity {
+        Some(identity) => match shard.shared.admit(ip, &identity.user_id, conn_id) {
+            Ok(replaced) => replaced,
+            Err(refused) => {
+                let r = cap_refusal(refused);
+                metrics.connect(r.metric);
+                respond_refusal(stream, &r, &request_id, &[]).await;
+                return;
+            }
+        },
+        None => None,
+    };
+    let mut accept = Vec::with_capacity(256);
+    let protocol = match dialect {
+        Dialect::Native(p) if !upgrade.offered.is_empty() => Some(p),
+        _ => None,
+    };
+    write_accept(&mut accept, &upgrade.key, protocol);
+    let (result, _) = stream.write_all(accept).await;
+    if result.is_err() {
+        if let Some(identity) = &identity {
+            shard.shared.release(ip, &identity.user_id, conn_id);
+        }
+        return;
+    }
+    match identity {
+        Some(identity) => {
+            crate::ws::run(
+                shard,
+                crate::ws::Accepted {
+                    stream,
+                    leftover,
+                    identity,
+                    dialect,
+                    ip,
+                    replaced,
+                    id: conn_id,
+                },
+            )
+            .await;
+        }
+        None => {
+            let query_token = token;
+            let Some(connected) = crate::sio::handshake(&shard, stream, query_token, client).await
+            else {
+                return;
+            };
+            let mut stream = connected.stream;
+            match shard.shared.admit(ip, &connected.identity.user_id, conn_id) {
+                Ok(replaced) => {
+                    crate::ws::run(
+                        shard,
+                        crate::ws::Accepted {
+                            stream,
+                            leftover: connected.leftover,
+                            identity: connected.identity,
+                            dialect,
+                            ip,
+                            replaced,
+                            id: conn_id,
+                        },
+                    )
+                    .await;
+                }
+                Err(refused) => {
+                    metrics.connect(cap_refusal(refused).metric);
+                    crate::sio::refuse(&mut stream, cap_refusal(refused).message).await;
+                }
+            }
+        }
+    }
+}
+
+fn cap_refusal(refused: CapRefusal) -> Refusal {
+    match refused {
+        CapRefusal::TooManyForIp => refusal(
+            429,
+            ErrorCode::RateLimited,
+            "too many connections from this address",
+            "capacity",
+        ),
+        CapRefusal::TooManyForUser => refusal(
+            409,
+            ErrorCode::Conflict,
+            "too many connections for this user",
+            "conflict",
+        ),
+    }
+}
+
+/// Builds a JSON response.
+impl HttpResponse {
+    /// `status` with a JSON body.
+    pub fn json(status: u16, body: Vec<u8>) -> Self {
+        Self {
+            status,
+            headers: vec![("Content-Type", "application/json".to_owned())],
+            body,
+        }
+    }
+
+    /// The SPEC §2 error shape.
+    pub fn error(status: u16, code: ErrorCode, message: &str) -> Self {
+        Self::json(status, protocol::http::error_body(code, message, None))
+    }
+}

@@ -1,0 +1,199 @@
+//! Engine counters (SPEC §11), plain atomics incremented with relaxed ordering and rendered in
+//! Prometheus text format. Cheap enough for the hot path: no labels are built per event.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::auth::AuthFailure;
+
+/// Outcome labels of `ringhub_connects_total{result}`.
+pub const CONNECT_RESULTS: [&str; 7] = [
+    "ok",
+    "unauthorized",
+    "origin_forbidden",
+    "rate_limited",
+    "capacity",
+    "conflict",
+    "bad_request",
+];
+/// Close codes counted by `ringhub_disconnects_total{code}`.
+pub const CLOSE_CODES: [u16; 16] = [
+    1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 4001, 4008, 4010, 4011, 4509, 4510,
+];
+/// Ops counted by `ringhub_messages_in_total{op}` (`invalid` for undecodable messages).
+pub const OPS: [&str; 9] = [
+    "join", "leave", "publish", "presence", "history", "resume", "refresh", "ping", "invalid",
+];
+/// Limits counted by `ringhub_rate_limited_total{limit}`.
+pub const LIMITS: [&str; 5] = [
+    "connect_per_ip",
+    "publish_per_connection",
+    "publish_per_room",
+    "query_per_connection",
+    "join_per_connection",
+];
+
+/// The engine's counters.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Live WebSocket connections.
+    pub connections: AtomicI64,
+    connects: [AtomicU64; CONNECT_RESULTS.len()],
+    disconnects: [AtomicU64; CLOSE_CODES.len()],
+    messages_in: [AtomicU64; OPS.len()],
+    /// Messages queued to connections.
+    pub deliveries: AtomicU64,
+    /// Bytes read from WebSockets.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to WebSockets.
+    pub bytes_out: AtomicU64,
+    rate_limited: [AtomicU64; LIMITS.len()],
+    auth_failures: [AtomicU64; AuthFailure::ALL.len()],
+    /// Joins refused with `room_full`.
+    pub room_full: AtomicU64,
+    shard_queue_depth: Vec<AtomicI64>,
+}
+
+fn zeros<const N: usize>() -> [AtomicU64; N] {
+    std::array::from_fn(|_| AtomicU64::new(0))
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// Counters for `shards` shards.
+    pub fn new(shards: usize) -> Self {
+        Self {
+            connections: AtomicI64::new(0),
+            connects: zeros(),
+            disconnects: zeros(),
+            messages_in: zeros(),
+            deliveries: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            rate_limited: zeros(),
+            auth_failures: zeros(),
+            room_full: AtomicU64::new(0),
+            shard_queue_depth: (0..shards).map(|_| AtomicI64::new(0)).collect(),
+        }
+    }
+
+    /// Counts a connect attempt's outcome (a label of [`CONNECT_RESULTS`]).
+    pub fn connect(&self, result: &str) {
+        if let Some(i) = CONNECT_RESULTS.iter().position(|r| *r == result) {
+            bump(&self.connects[i]);
+        }
+    }
+
+    /// Counts a close code.
+    pub fn disconnect(&self, code: u16) {
+        if let Some(i) = CLOSE_CODES.iter().position(|c| *c == code) {
+            bump(&self.disconnects[i]);
+        }
+    }
+
+    /// Counts an incoming message by op (a label of [`OPS`]).
+    pub fn message_in(&self, op: &str) {
+        if let Some(i) = OPS.iter().position(|o| *o == op) {
+            bump(&self.messages_in[i]);
+        }
+    }
+
+    /// Counts a rate-limited event (a label of [`LIMITS`]).
+    pub fn rate_limited(&self, limit: &str) {
+        if let Some(i) = LIMITS.iter().position(|l| *l == limit) {
+            bump(&self.rate_limited[i]);
+        }
+    }
+
+    /// Counts an authentication failure.
+    pub fn auth_failure(&self, reason: AuthFailure) {
+        if let Some(i) = AuthFailure::ALL.iter().position(|r| *r == reason) {
+            bump(&self.auth_failures[i]);
+        }
+    }
+
+    /// Adjusts a shard's cross-shard queue depth gauge.
+    pub fn queue_depth(&self, shard: usize, delta: i64) {
+        if let Some(g) = self.shard_queue_depth.get(shard) {
+            g.fetch_add(delta, Ordering::Relaxed);
+        }
+    }
+
+    /// Appends the Prometheus text of every engine metric.
+    pub fn render(&self, out: &mut String) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# TYPE ringhub_connections gauge\nringhub_connections {}",
+            self.connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE ringhub_connects_total counter");
+        for (label, c) in CONNECT_RESULTS.iter().zip(&self.connects) {
+            let _ = writeln!(
+                out,
+                "ringhub_connects_total{{result=\"{label}\"}} {}",
+                load(c)
+            );
+        }
+        let _ = writeln!(out, "# TYPE ringhub_disconnects_total counter");
+        for (code, c) in CLOSE_CODES.iter().zip(&self.disconnects) {
+            let _ = writeln!(
+                out,
+                "ringhub_disconnects_total{{code=\"{code}\"}} {}",
+                load(c)
+            );
+        }
+        let _ = writeln!(out, "# TYPE ringhub_messages_in_total counter");
+        for (op, c) in OPS.iter().zip(&self.messages_in) {
+            let _ = writeln!(out, "ringhub_messages_in_total{{op=\"{op}\"}} {}", load(c));
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE ringhub_deliveries_total counter\nringhub_deliveries_total {}",
+            load(&self.deliveries)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE ringhub_bytes_in_total counter\nringhub_bytes_in_total {}",
+            load(&self.bytes_in)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE ringhub_bytes_out_total counter\nringhub_bytes_out_total {}",
+            load(&self.bytes_out)
+        );
+        let _ = writeln!(out, "# TYPE ringhub_rate_limited_total counter");
+        for (limit, c) in LIMITS.iter().zip(&self.rate_limited) {
+            let _ = writeln!(
+                out,
+                "ringhub_rate_limited_total{{limit=\"{limit}\"}} {}",
+                load(c)
+            );
+        }
+        let _ = writeln!(out, "# TYPE ringhub_auth_failures_total counter");
+        for (reason, c) in AuthFailure::ALL.iter().zip(&self.auth_failures) {
+            let _ = writeln!(
+                out,
+                "ringhub_auth_failures_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                load(c)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE ringhub_room_full_total counter\nringhub_room_full_total {}",
+            load(&self.room_full)
+        );
+        let _ = writeln!(out, "# TYPE ringhub_shard_queue_depth gauge");
+        for (shard, g) in self.shard_queue_depth.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringhub_shard_queue_depth{{shard=\"{shard}\"}} {}",
+                g.load(Ordering::Relaxed)
+            );
+        }
+    }
+}

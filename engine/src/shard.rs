@@ -1,0 +1,575 @@
+//! A shard: one thread, one monoio runtime, its own listener on the shared port, and everything
+//! it owns (connections, its part of each room's members, the rooms homed on it). Shards talk only
+//! through their mailboxes; state shared by all of them is connect-time bookkeeping in `Shared`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::compression::{Compressor, DEFAULT_LEVEL, Decompressor};
+use protocol::envelope::{MessageRecord, PresenceEntry, RoomId, Value};
+use protocol::{CloseCode, ErrorCode};
+
+use crate::auth::Authenticator;
+use crate::config::EngineConfig;
+use crate::conn::{Conn, ConnId, shard_of};
+use crate::frames::{FrameKey, Frames};
+use crate::home::HomeRoom;
+use crate::limits::Bucket;
+use crate::mailbox::Mailbox;
+use crate::metrics::Metrics;
+use crate::{HttpRoutes, now_ms};
+
+/// A message between shards.
+pub(crate) enum ShardMsg {
+    /// To a room's home: count a connection in.
+    Join {
+        room: RoomId,
+        conn: ConnId,
+        user: Arc<str>,
+        name: Arc<str>,
+        key: FrameKey,
+        id: Option<u64>,
+        initial: bool,
+        already: bool,
+    },
+    /// To a room's home: count a connection out.
+    Leave {
+        room: RoomId,
+        conn: ConnId,
+        user: Arc<str>,
+        name: Arc<str>,
+        key: FrameKey,
+    },
+    /// To a room's home: sequence and fan out.
+    Publish {
+        room: RoomId,
+        conn: ConnId,
+        user: Arc<str>,
+        name: Arc<str>,
+        data: Value,
+        id: Option<u64>,
+    },
+    /// To a room's home.
+    PresenceQuery {
+        room: RoomId,
+        conn: ConnId,
+        id: Option<u64>,
+    },
+    /// To a room's home.
+    HistoryQuery {
+        room: RoomId,
+        conn: ConnId,
+        id: Option<u64>,
+        since: u64,
+        limit: u64,
+    },
+    /// To a connection's shard: the join was counted.
+    Joined {
+        room: RoomId,
+        conn: ConnId,
+        id: Option<u64>,
+        initial: bool,
+        seq: u64,
+        epoch: Arc<str>,
+        presence: Vec<PresenceEntry>,
+    },
+    /// To a connection's shard: the join was refused.
+    JoinFailed {
+        room: RoomId,
+        conn: ConnId,
+        id: Option<u64>,
+        initial: bool,
+        code: ErrorCode,
+        message: &'static str,
+    },
+    /// To every shard with members: a message or presence diff for a room.
+    Deliver(Arc<Delivery>),
+    /// To a connection's shard: an answer to one request.
+    Reply { conn: ConnId, reply: Reply },
+    /// To a connection's shard: close it.
+    Close { conn: ConnId, code: CloseCode },
+    /// Stop accepting, close every connection with 1001, exit.
+    Shutdown,
+}
+
+/// A room's frames for every wire format in use.
+pub(crate) struct Delivery {
+    pub(crate) room: RoomId,
+    pub(crate) frames: Frames,
+}
+
+/// An answer computed on a room's home, encoded on the connection's shard in its format.
+pub(crate) enum Reply {
+    Published {
+        id: Option<u64>,
+        seq: u64,
+    },
+    Presence {
+        id: Option<u64>,
+        presence: Vec<PresenceEntry>,
+    },
+    History {
+        id: Option<u64>,
+        messages: Vec<MessageRecord>,
+        epoch: Arc<str>,
+    },
+    Error {
+        id: Option<u64>,
+        code: ErrorCode,
+        message: &'static str,
+    },
+}
+
+/// Connect-time bookkeeping of one IP.
+#[derive(Debug)]
+struct IpState {
+    conns: u32,
+    bucket: Bucket,
+}
+
+const STRIPES: usize = 16;
+
+/// State every shard reads: configuration, services, mailboxes, and the connect-time maps
+/// (per-user and per-IP connection counts). The maps are striped mutexes touched only at connect
+/// and disconnect, never per message.
+pub(crate) struct Shared {
+    pub(crate) config: EngineConfig,
+    pub(crate) auth: Arc<dyn Authenticator>,
+    pub(crate) routes: Arc<dyn HttpRoutes>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) mailboxes: Vec<Mailbox<ShardMsg>>,
+    users: Vec<Mutex<HashMap<Arc<str>, Vec<ConnId>>>>,
+    ips: Vec<Mutex<HashMap<IpAddr, IpState>>>,
+    pub(crate) shutting_down: AtomicBool,
+    /// Distinguishes room epochs across restarts of this process.
+    pub(crate) instance: String,
+    pub(crate) epoch_counter: AtomicU64,
+    pub(crate) session_counter: AtomicU64,
+}
+
+/// Why a connect was refused by the caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CapRefusal {
+    TooManyForIp,
+    TooManyForUser,
+}
+
+/// A hash that is the same on every shard and every run (SipHash with fixed keys).
+fn hash<T: std::hash::Hash + ?Sized>(key: &T) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+    // The high half is well mixed and fits `usize` everywhere.
+    usize::try_from(h >> 32).unwrap_or_default()
+}
+
+fn stripe<T: std::hash::Hash + ?Sized>(key: &T) -> usize {
+    hash(key) % STRIPES
+}
+
+impl Shared {
+    pub(crate) fn new(
+        config: EngineConfig,
+        auth: Arc<dyn Authenticator>,
+        routes: Arc<dyn HttpRoutes>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let shards = config.shards;
+        let time = now_ms().to_le_bytes();
+        let pid = std::process::id().to_le_bytes();
+        let nonce: [u8; 6] = std::array::from_fn(|i| time[i] ^ pid[i % 4]);
+        Self {
+            config,
+            auth,
+            routes,
+            metrics,
+            mailboxes: (0..shards).map(|_| Mailbox::new()).collect(),
+            users: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            ips: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            shutting_down: AtomicBool::new(false),
+            instance: nonce.iter().map(|b| format!("{b:02x}")).collect(),
+            epoch_counter: AtomicU64::new(0),
+            session_counter: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn send(&self, shard: usize, msg: ShardMsg) {
+        if let Some(mailbox) = self.mailboxes.get(shard) {
+            self.metrics.queue_depth(shard, 1);
+            mailbox.push(msg);
+        }
+    }
+
+    /// The shard that sequences `room` (its "home"): a fixed hash of the id.
+    pub(crate) fn home_of(&self, room: &RoomId) -> usize {
+        hash(room.as_str()) % self.config.shards
+    }
+
+    /// The connect-rate check of SPEC §9 (before anything else at upgrade).
+    pub(crate) fn check_connect_rate(&self, ip: IpAddr) -> bool {
+        let now = now_ms();
+        let spec = &self.config.connect_per_ip;
+        let mut ips = self.ips[stripe(&ip)]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = ips.entry(ip).or_insert_with(|| IpState {
+            conns: 0,
+            bucket: Bucket::new(spec, now),
+        });
+        state.bucket.attempt(spec, now) == crate::limits::Verdict::Allow
+    }
+
+    /// Counts a new connection against the per-IP and per-user caps. Returns the connection to
+    /// replace (close with 4509) under `close_oldest`.
+    pub(crate) fn admit(
+        &self,
+        ip: IpAddr,
+        user: &Arc<str>,
+        conn: ConnId,
+    ) -> Result<Option<ConnId>, CapRefusal> {
+        {
+            let mut ips = self.ips[stripe(&ip)]
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = now_ms();
+            let spec = &self.config.connect_per_ip;
+            let state = ips.entry(ip).or_insert_with(|| IpState {
+                conns: 0,
+                bucket: Bucket::new(spec, now),
+            });
+            if state.conns >= self.config.max_connections_per_ip {
+                return Err(CapRefusal::TooManyForIp);
+            }
+            state.conns += 1;
+        }
+        let mut users = self.users[stripe(&**user)]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = users.entry(user.clone()).or_default();
+        let mut replaced = None;
+        if list.len() >= self.config.max_connections_per_user as usize {
+            match self.config.session_conflict {
+                crate::config::ConflictPolicy::RejectNew => {
+                    drop(users);
+                    self.release_ip(ip);
+                    return Err(CapRefusal::TooManyForUser);
+                }
+                crate::config::ConflictPolicy::CloseOldest => replaced = Some(list.remove(0)),
+            }
+        }
+        list.push(conn);
+        Ok(replaced)
+    }
+
+    fn release_ip(&self, ip: IpAddr) {
+        let mut ips = self.ips[stripe(&ip)]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(state) = ips.get_mut(&ip) {
+            state.conns = state.conns.saturating_sub(1);
+            if state.conns == 0 && state.bucket_is_full(&self.config.connect_per_ip) {
+                ips.remove(&ip);
+            }
+        }
+    }
+
+    /// Undoes [`Shared::admit`] when a connection ends.
+    pub(crate) fn release(&self, ip: IpAddr, user: &Arc<str>, conn: ConnId) {
+        self.release_ip(ip);
+        let mut users = self.users[stripe(&**user)]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(list) = users.get_mut(user) {
+            list.retain(|c| *c != conn);
+            if list.is_empty() {
+                users.remove(user);
+            }
+        }
+    }
+
+    pub(crate) fn new_epoch(&self) -> Arc<str> {
+        let n = self.epoch_counter.fetch_add(1, Ordering::Relaxed);
+        Arc::from(format!("{}{n:x}", self.instance))
+    }
+}
+
+impl IpState {
+    fn bucket_is_full(&self, spec: &crate::config::RateSpec) -> bool {
+        let mut probe = self.bucket;
+        // A bucket that would allow a full burst right now carries no information worth keeping.
+        let now = now_ms();
+        (0..spec.burst.max(spec.count))
+            .all(|_| probe.attempt(spec, now) == crate::limits::Verdict::Allow)
+    }
+}
+
+/// One shard's own state.
+pub(crate) struct Shard {
+    pub(crate) id: usize,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
+    pub(crate) local_rooms: RefCell<HashMap<RoomId, Vec<Rc<Conn>>>>,
+    pub(crate) home: RefCell<HashMap<RoomId, HomeRoom>>,
+    pub(crate) presence_dirty: RefCell<Vec<RoomId>>,
+    next_conn: Cell<u64>,
+    pub(crate) compressor: RefCell<Compressor>,
+    pub(crate) decompressor: RefCell<Decompressor>,
+    buffers: RefCell<Vec<Vec<u8>>>,
+    pub(crate) stopping: Cell<bool>,
+    pub(crate) stop_waker: RefCell<Option<std::task::Waker>>,
+}
+
+/// Size of the buffers a shard lends for reads and writes.
+pub(crate) const BUFFER_SIZE: usize = 16 * 1024;
+/// Buffers kept for reuse per shard.
+const POOLED_BUFFERS: usize = 256;
+
+impl Shard {
+    pub(crate) fn new(id: usize, shared: Arc<Shared>) -> std::io::Result<Self> {
+        let zstd = |e: protocol::compression::ZstdError| std::io::Error::other(e.to_string());
+        Ok(Self {
+            id,
+            shared,
+            conns: RefCell::new(HashMap::new()),
+            local_rooms: RefCell::new(HashMap::new()),
+            home: RefCell::new(HashMap::new()),
+            presence_dirty: RefCell::new(Vec::new()),
+            next_conn: Cell::new(1),
+            compressor: RefCell::new(Compressor::new(DEFAULT_LEVEL).map_err(zstd)?),
+            decompressor: RefCell::new(Decompressor::new().map_err(zstd)?),
+            buffers: RefCell::new(Vec::new()),
+            stopping: Cell::new(false),
+            stop_waker: RefCell::new(None),
+        })
+    }
+
+    pub(crate) fn next_conn_id(&self) -> ConnId {
+        let n = self.next_conn.get();
+        self.next_conn.set(n + 1);
+        ((self.id as u64) << 48) | (n & 0xFFFF_FFFF_FFFF)
+    }
+
+    pub(crate) fn take_buffer(&self) -> Vec<u8> {
+        self.buffers
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE))
+    }
+
+    pub(crate) fn put_buffer(&self, mut buf: Vec<u8>) {
+        let mut pool = self.buffers.borrow_mut();
+        // Oversized buffers (a large write batch) are not kept.
+        if pool.len() < POOLED_BUFFERS && buf.capacity() <= 4 * BUFFER_SIZE {
+            buf.clear();
+            pool.push(buf);
+        }
+    }
+
+    pub(crate) fn conn(&self, id: ConnId) -> Option<Rc<Conn>> {
+        self.conns.borrow().get(&id).cloned()
+    }
+
+    /// Handles one message from a mailbox.
+    pub(crate) fn handle(self: &Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Join {
+                room,
+                conn,
+                user,
+                name,
+                key,
+                id,
+                initial,
+                already,
+            } => {
+                let request = crate::home::JoinRequest {
+                    conn,
+                    key,
+                    id,
+                    initial,
+                    already,
+                };
+                crate::home::join(self, &room, &user, &name, request);
+            }
+            ShardMsg::Leave {
+                room,
+                conn,
+                user,
+                name,
+                key,
+            } => crate::home::leave(self, &room, conn, &user, &name, key),
+            ShardMsg::Publish {
+                room,
+                conn,
+                user,
+                name,
+                data,
+                id,
+            } => crate::home::publish(self, room, conn, &user, &name, data, id),
+            ShardMsg::PresenceQuery { room, conn, id } => {
+                crate::home::presence_query(self, &room, conn, id);
+            }
+            ShardMsg::HistoryQuery {
+                room,
+                conn,
+                id,
+                since,
+                limit,
+            } => crate::home::history_query(self, &room, conn, id, since, limit),
+            ShardMsg::Joined {
+                room,
+                conn,
+                id,
+                initial,
+                seq,
+                epoch,
+                presence,
+            } => {
+                crate::ws::on_joined(self, room, conn, id, initial, seq, &epoch, &presence);
+            }
+            ShardMsg::JoinFailed {
+                room,
+                conn,
+                id,
+                initial,
+                code,
+                message,
+            } => {
+                crate::ws::on_join_failed(self, &room, conn, id, initial, code, message);
+            }
+            ShardMsg::Deliver(delivery) => self.deliver(&delivery),
+            ShardMsg::Reply { conn, reply } => crate::ws::on_reply(self, conn, reply),
+            ShardMsg::Close { conn, code } => {
+                if let Some(c) = self.conn(conn) {
+                    c.close(self, code);
+                }
+            }
+            ShardMsg::Shutdown => {
+                self.stopping.set(true);
+                if let Some(w) = self.stop_waker.borrow_mut().take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    fn deliver(self: &Rc<Self>, delivery: &Delivery) {
+        let members: Vec<Rc<Conn>> = match self.local_rooms.borrow().get(&delivery.room) {
+            Some(members) => members.clone(),
+            None => return,
+        };
+        let mut count = 0u64;
+        for conn in &members {
+            if let Some(frame) = delivery.frames.get(conn.key) {
+                conn.enqueue(self, frame.clone());
+                count += 1;
+            }
+        }
+        self.shared
+            .metrics
+            .deliveries
+            .fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Removes a connection from local room tables (membership only; the home is told apart).
+    pub(crate) fn drop_local_member(&self, room: &RoomId, conn: ConnId) {
+        let mut rooms = self.local_rooms.borrow_mut();
+        if let Some(members) = rooms.get_mut(room) {
+            members.retain(|c| c.id != conn);
+            if members.is_empty() {
+                rooms.remove(room);
+            }
+        }
+    }
+
+    /// Sends a reply to a connection, wherever it lives.
+    pub(crate) fn reply(self: &Rc<Self>, conn: ConnId, reply: Reply) {
+        if shard_of(conn) == self.id {
+            crate::ws::on_reply(self, conn, reply);
+        } else {
+            self.shared
+                .send(shard_of(conn), ShardMsg::Reply { conn, reply });
+        }
+    }
+}
+
+/// The periodic duties of a shard: heartbeats, idle and expiry closes, refresh warnings,
+/// revocation checks, presence flushes.
+pub(crate) async fn ticker(shard: Rc<Shard>) {
+    let cfg = &shard.shared.config;
+    let tick = cfg
+        .presence_batch
+        .clamp(Duration::from_millis(20), Duration::from_millis(500));
+    let mut last_scan = 0u64;
+    loop {
+        monoio::time::sleep(tick).await;
+        if shard.stopping.get() && shard.conns.borrow().is_empty() {
+            return;
+        }
+        crate::home::flush_presence(&shard);
+        let now = now_ms();
+        if now.saturating_sub(last_scan) < 250 {
+            continue;
+        }
+        last_scan = now;
+        let heartbeat = u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX);
+        let idle_limit = heartbeat.saturating_mul(2).saturating_add(10_000);
+        let grace = u64::try_from(cfg.expiry_grace.as_millis()).unwrap_or(0);
+        let conns: Vec<Rc<Conn>> = shard.conns.borrow().values().cloned().collect();
+        for conn in conns {
+            if conn.closing.get().is_some() || !conn.ready.get() {
+                continue;
+            }
+            if now.saturating_sub(conn.last_seen_ms.get()) > idle_limit {
+                conn.close(&shard, CloseCode::IDLE_TIMEOUT);
+                continue;
+            }
+            let (expires, revoked) = {
+                let identity = conn.identity.borrow();
+                (
+                    identity.expires_at_ms,
+                    shard.shared.auth.is_revoked(&identity),
+                )
+            };
+            if revoked || now >= expires.saturating_add(grace) {
+                conn.close(&shard, CloseCode::UNAUTHORIZED);
+                continue;
+            }
+            if !conn.refresh_warned.get() && now + 60_000 >= expires {
+                conn.refresh_warned.set(true);
+                crate::ws::send_refresh_required(&shard, &conn, expires);
+            }
+            if now.saturating_sub(conn.last_ping_ms.get()) >= heartbeat {
+                conn.last_ping_ms.set(now);
+                crate::ws::send_ping(&shard, &conn);
+            }
+        }
+    }
+}
+
+/// Drains the shard's mailbox forever.
+pub(crate) async fn dispatcher(shard: Rc<Shard>) {
+    let mailbox = &shard.shared.mailboxes[shard.id];
+    loop {
+        mailbox.ready().await;
+        let mut handled = 0i64;
+        while let Some(msg) = mailbox.pop() {
+            handled += 1;
+            shard.handle(msg);
+            // Let connections and writers run between long bursts.
+            if handled % 256 == 0 {
+                shard.shared.metrics.queue_depth(shard.id, -256);
+                handled = 0;
+                crate::yield_now().await;
+            }
+        }
+        shard.shared.metrics.queue_depth(shard.id, -handled);
+        if shard.stopping.get() && shard.conns.borrow().is_empty() && mailbox.len() == 0 {
+            return;
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The engine's only `unsafe`: socket shutdown by descriptor and readiness on a split stream.
+//! Each function states why it is sound.
+#![allow(unsafe_code)]
+
+use std::cell::UnsafeCell;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+
+use monoio::net::TcpStream;
+
+/// How much of a socket to shut down.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Shutdown {
+    /// Send FIN after what is queued (the peer sees end of stream).
+    Write,
+    /// Both directions: wakes a pending read or write on this socket with an error or EOF.
+    Both,
+}
+
+/// Shuts down the socket `fd`.
+///
+/// The caller must keep the descriptor open for the duration of the call: the engine holds the
+/// stream's `Rc` in its connection state (`Conn::stream`) for the connection's whole life, so the
+/// number cannot have been closed and reused by another socket.
+pub(crate) fn shutdown(stream: &Rc<UnsafeCell<TcpStream>>, how: Shutdown) {
+    let how = match how {
+        Shutdown::Write => libc::SHUT_WR,
+        Shutdown::Both => libc::SHUT_RDWR,
+    };
+    let fd: RawFd = std::os::fd::AsRawFd::as_raw_fd(stream_ref(stream));
+    // SAFETY: `shutdown(2)` takes a plain descriptor and touches no memory of ours; the `Rc`
+    // borrowed here keeps the descriptor open, so it still names this connection's socket. Errors
+    // (e.g. ENOTCONN after the peer left) are expected and ignored.
+    let _ = unsafe { libc::shutdown(fd, how) };
+}
+
+/// Waits until the stream is readable, without holding a read buffer while waiting (io_uring
+/// `PollAdd`, or epoll readiness on the legacy driver).
+pub(crate) async fn readable(stream: &Rc<UnsafeCell<TcpStream>>) -> std::io::Result<()> {
+    stream_ref(stream).readable(false).await
+}
+
+fn stream_ref(stream: &Rc<UnsafeCell<TcpStream>>) -> &TcpStream {
+    // SAFETY: this is the aliasing monoio's own split halves rely on: a read half and a write half
+    // each reach the one `TcpStream` through this `UnsafeCell` and run their operations
+    // concurrently on one thread. The methods we call through this shared reference (`readable`,
+    // `as_raw_fd`) only clone or read the stream's descriptor handle; they never observe state that
+    // the write half mutates, and the shard is a single thread, so no data race exists.
+    unsafe { &*stream.get() }
+}

@@ -1,0 +1,813 @@
+//! The native protocol on a live connection (SPEC §4): reading and decoding frames, dispatching
+//! requests to room homes, and encoding the answers and pushes in the connection's format.
+
+use std::cell::UnsafeCell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use monoio::io::{AsyncReadRent, OwnedReadHalf, Splitable};
+use monoio::net::TcpStream;
+use protocol::compression::{ZstdError, compressed_bound, is_zstd};
+use protocol::envelope::{
+    DecodeLimits, Format, MessageRecord, Op, PresenceEntry, Push, Request, RoomId, WelcomeLimits,
+    decode_request,
+};
+use protocol::socketio::{self, AckPayload};
+use protocol::ws::{self, Message, MessageDecoder, Subprotocol};
+use protocol::{CloseCode, ErrorCode};
+
+use crate::auth::{ClientInfo, Identity};
+use crate::conn::{Conn, ConnId, ConnParts, Membership};
+use crate::frames::{FrameKey, encode_native, socketio_frame};
+use crate::limits::Verdict;
+use crate::now_ms;
+use crate::shard::{Reply, Shard, ShardMsg};
+use crate::sys;
+
+/// How a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Native(Subprotocol),
+    SocketIo,
+}
+
+impl Dialect {
+    pub(crate) fn key(self) -> FrameKey {
+        match self {
+            Dialect::Native(p) => FrameKey::of(p),
+            Dialect::SocketIo => FrameKey::SocketIo,
+        }
+    }
+}
+
+/// An upgraded, authenticated, admitted connection.
+pub(crate) struct Accepted {
+    pub(crate) stream: TcpStream,
+    /// Bytes the client sent right after the upgrade request.
+    pub(crate) leftover: Vec<u8>,
+    pub(crate) identity: Identity,
+    pub(crate) dialect: Dialect,
+    pub(crate) ip: std::net::IpAddr,
+    /// The connection it replaces under `close_oldest`.
+    pub(crate) replaced: Option<ConnId>,
+    pub(crate) id: ConnId,
+}
+
+/// Registers an upgraded connection and runs it until it closes.
+pub(crate) async fn run(shard: Rc<Shard>, accepted: Accepted) {
+    let Accepted {
+        stream,
+        leftover,
+        identity,
+        dialect,
+        ip,
+        replaced,
+        id,
+    } = accepted;
+    let (reader, writer) = stream.into_split();
+    let raw: Rc<UnsafeCell<TcpStream>> = reader.0.clone();
+    let counter = shard.shared.session_counter.fetch_add(1, Ordering::Relaxed);
+    let session: Box<str> = format!("c_{}{counter:x}", shard.shared.instance).into_boxed_str();
+    let conn = Rc::new(Conn::new(
+        &shard,
+        ConnParts {
+            id,
+            key: dialect.key(),
+            stream: raw,
+            writer,
+            identity,
+            ip,
+            session,
+        },
+    ));
+    shard.conns.borrow_mut().insert(id, conn.clone());
+    shard
+        .shared
+        .metrics
+        .connections
+        .fetch_add(1, Ordering::Relaxed);
+    shard.shared.metrics.connect("ok");
+    if let Some(old) = replaced {
+        shard.shared.send(
+            crate::conn::shard_of(old),
+            ShardMsg::Close {
+                conn: old,
+                code: CloseCode::SESSION_REPLACED,
+            },
+        );
+    }
+    if dialect == Dialect::SocketIo {
+        crate::sio::on_connected(&shard, &conn);
+    }
+    join_initial_rooms(&shard, &conn);
+    read_loop(&shard, &conn, reader, leftover, dialect).await;
+    cleanup(&shard, &conn);
+}
+
+fn join_initial_rooms(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    let cfg = &shard.shared.config;
+    let mut rooms: Vec<RoomId> = cfg.default_rooms.clone();
+    if let Ok(personal) = RoomId::personal(&conn.user_id()) {
+        rooms.push(personal);
+    }
+    conn.pending_initial
+        .set(u32::try_from(rooms.len()).unwrap_or(u32::MAX));
+    if rooms.is_empty() {
+        send_welcome(shard, conn);
+        return;
+    }
+    for room in rooms {
+        request_join(shard, conn, room, None, true);
+    }
+}
+
+fn request_join(shard: &Rc<Shard>, conn: &Rc<Conn>, room: RoomId, id: Option<u64>, initial: bool) {
+    let already = conn.membership(&room).is_some();
+    if !already {
+        conn.rooms
+            .borrow_mut()
+            .push((room.clone(), Membership::Pending));
+    }
+    let home = shard.shared.home_of(&room);
+    let msg = ShardMsg::Join {
+        room,
+        conn: conn.id,
+        user: conn.user_id(),
+        name: conn.username(),
+        key: conn.key,
+        id,
+        initial,
+        already,
+    };
+    if home == shard.id {
+        shard.handle(msg);
+    } else {
+        shard.shared.send(home, msg);
+    }
+}
+
+fn send_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    if conn.key == FrameKey::SocketIo {
+        conn.set_ready(shard);
+        return;
+    }
+    let cfg = &shard.shared.config;
+    let rooms = conn.initial_rooms.borrow().clone();
+    let identity = conn.identity.borrow().clone();
+    let push = Push::Welcome {
+        session: &conn.session,
+        user_id: &identity.user_id,
+        username: &identity.username,
+        rooms: &rooms,
+        heartbeat: cfg.heartbeat.as_secs(),
+        resume_ttl: cfg.resume_ttl.as_secs(),
+        limits: WelcomeLimits {
+            max_message_bytes: cfg.max_message_bytes as u64,
+            publish_per_sec: per_second(&cfg.publish_per_connection),
+        },
+    };
+    if let Some(frame) = encode(shard, conn, &push) {
+        conn.enqueue_first(shard, frame);
+    }
+    conn.set_ready(shard);
+}
+
+fn per_second(spec: &crate::config::RateSpec) -> u64 {
+    let secs = spec.per.as_secs_f64();
+    if spec.count == 0 || secs <= 0.0 {
+        0
+    } else {
+        {
+            // At most 2^32 per second: fits u64 exactly.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let per_sec = (f64::from(spec.count) / secs).round() as u64;
+            per_sec
+        }
+    }
+}
+
+/// Encodes a push for this connection's native format.
+pub(crate) fn encode(shard: &Rc<Shard>, conn: &Conn, push: &Push<'_>) -> Option<Bytes> {
+    encode_native(
+        push,
+        conn.key,
+        shard.shared.config.compression_threshold,
+        &mut shard.compressor.borrow_mut(),
+    )
+}
+
+fn send(shard: &Rc<Shard>, conn: &Rc<Conn>, push: &Push<'_>) {
+    if conn.key == FrameKey::SocketIo {
+        crate::sio::send_push(shard, conn, push);
+        return;
+    }
+    if let Some(frame) = encode(shard, conn, push) {
+        conn.enqueue(shard, frame);
+    }
+}
+
+pub(crate) fn send_error(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    id: Option<u64>,
+    code: ErrorCode,
+    message: &str,
+) {
+    send(shard, conn, &Push::Error { id, code, message });
+}
+
+pub(crate) fn send_ping(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    let frame = if conn.key == FrameKey::SocketIo {
+        socketio_frame(socketio::ENGINE_PING)
+    } else {
+        ws::frame_bytes(ws::frame::PING, b"")
+    };
+    conn.enqueue(shard, frame);
+}
+
+pub(crate) fn send_refresh_required(shard: &Rc<Shard>, conn: &Rc<Conn>, expires_at: u64) {
+    if conn.key != FrameKey::SocketIo {
+        send(shard, conn, &Push::RefreshRequired { expires_at });
+    }
+}
+
+async fn read_loop(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    mut reader: OwnedReadHalf<TcpStream>,
+    leftover: Vec<u8>,
+    dialect: Dialect,
+) {
+    let cfg = &shard.shared.config;
+    let max = cfg.max_message_bytes;
+    let frame_limit = match dialect {
+        Dialect::Native(p) if p.zstd() => compressed_bound(max),
+        _ => max,
+    };
+    let mut decoder = MessageDecoder::new();
+    let mut pending: Vec<u8> = leftover;
+    if !pending.is_empty() {
+        let consumed = process(
+            shard,
+            conn,
+            &mut decoder,
+            &mut pending,
+            frame_limit,
+            dialect,
+        );
+        pending.drain(..consumed);
+    }
+    loop {
+        if sys::readable(conn.stream()).await.is_err() {
+            conn.abnormal.set(true);
+            return;
+        }
+        let buf = shard.take_buffer();
+        let (result, mut buf) = reader.read(buf).await;
+        let n = match result {
+            Ok(0) | Err(_) => {
+                shard.put_buffer(buf);
+                if conn.closing.get().is_none() {
+                    conn.abnormal.set(true);
+                }
+                return;
+            }
+            Ok(n) => n,
+        };
+        shard
+            .shared
+            .metrics
+            .bytes_in
+            .fetch_add(n as u64, Ordering::Relaxed);
+        conn.last_seen_ms.set(now_ms());
+        if pending.is_empty() {
+            let consumed = process(
+                shard,
+                conn,
+                &mut decoder,
+                &mut buf[..n],
+                frame_limit,
+                dialect,
+            );
+            if consumed < n {
+                pending.extend_from_slice(&buf[consumed..n]);
+            }
+        } else {
+            pending.extend_from_slice(&buf[..n]);
+            let consumed = process(
+                shard,
+                conn,
+                &mut decoder,
+                &mut pending,
+                frame_limit,
+                dialect,
+            );
+            pending.drain(..consumed);
+            if pending.is_empty() {
+                pending = Vec::new();
+            }
+        }
+        shard.put_buffer(buf);
+        if conn.closing.get().is_some() && conn.abnormal.get() {
+            return;
+        }
+    }
+}
+
+/// Decodes and handles every complete frame at the start of `data`; returns the bytes consumed.
+fn process(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    decoder: &mut MessageDecoder,
+    data: &mut [u8],
+    frame_limit: usize,
+    dialect: Dialect,
+) -> usize {
+    let mut offset = 0;
+    while offset < data.len() {
+        let decoded = match decoder.decode(&mut data[offset..], frame_limit) {
+            Ok(d) => d,
+            Err(e) => {
+                conn.close(shard, e.close_code());
+                return data.len();
+            }
+        };
+        if decoded.consumed == 0 {
+            break;
+        }
+        offset += decoded.consumed;
+        let Some(message) = decoded.message else {
+            continue;
+        };
+        match message {
+            Message::Ping(payload) => {
+                conn.enqueue(shard, ws::frame_bytes(ws::frame::PONG, payload));
+            }
+            Message::Pong(_) => {}
+            Message::Close(code, _) => {
+                let reply = if code == CloseCode::NO_STATUS {
+                    CloseCode::NORMAL
+                } else {
+                    code
+                };
+                shard.shared.metrics.disconnect(code.0);
+                conn.close(shard, reply);
+                return data.len();
+            }
+            Message::Text(payload) | Message::Binary(payload) if conn.closing.get().is_some() => {
+                drop(payload);
+            }
+            Message::Text(payload) => match dialect {
+                Dialect::SocketIo => crate::sio::on_text(shard, conn, payload.as_bytes()),
+                Dialect::Native(p) if p.format() == Format::Json => {
+                    on_message(shard, conn, payload.as_bytes(), Format::Json);
+                }
+                Dialect::Native(_) => conn.close(shard, CloseCode::UNSUPPORTED_DATA),
+            },
+            Message::Binary(payload) => match dialect {
+                Dialect::Native(p) if p.zstd() && is_zstd(payload.as_bytes()) => {
+                    let max = shard.shared.config.max_message_bytes;
+                    let result = shard
+                        .decompressor
+                        .borrow_mut()
+                        .decompress(payload.as_bytes(), max);
+                    match result {
+                        Ok(plain) => on_message(shard, conn, &plain, p.format()),
+                        Err(ZstdError::TooLarge(_)) => conn.close(shard, CloseCode::TOO_BIG),
+                        Err(_) => {
+                            shard.shared.metrics.message_in("invalid");
+                            send_error(
+                                shard,
+                                conn,
+                                None,
+                                ErrorCode::InvalidMessage,
+                                "corrupt zstd frame",
+                            );
+                        }
+                    }
+                }
+                Dialect::Native(p) if p.format() == Format::MsgPack => {
+                    on_message(shard, conn, payload.as_bytes(), Format::MsgPack);
+                }
+                _ => conn.close(shard, CloseCode::UNSUPPORTED_DATA),
+            },
+        }
+        if conn.closing.get().is_some() {
+            return data.len();
+        }
+    }
+    offset
+}
+
+fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, bytes: &[u8], format: Format) {
+    let cfg = &shard.shared.config;
+    let limits = DecodeLimits {
+        max_message_bytes: cfg.max_message_bytes,
+        max_depth: cfg.max_json_depth,
+        max_resume_rooms: cfg.max_rooms_per_connection as usize,
+    };
+    match decode_request(bytes, format, &limits) {
+        Ok(request) => handle_request(shard, conn, request),
+        Err(e) => {
+            shard.shared.metrics.message_in("invalid");
+            if e.code == ErrorCode::TooLarge {
+                conn.close(shard, CloseCode::TOO_BIG);
+            } else {
+                send_error(shard, conn, e.id, e.code, &e.reason);
+            }
+        }
+    }
+}
+
+/// Checks the token before a sensitive operation; closes with 4001 when it no longer holds.
+fn token_still_valid(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
+    let (expires, revoked) = {
+        let identity = conn.identity.borrow();
+        (
+            identity.expires_at_ms,
+            shard.shared.auth.is_revoked(&identity),
+        )
+    };
+    let grace = u64::try_from(shard.shared.config.expiry_grace.as_millis()).unwrap_or(0);
+    if revoked || now_ms() >= expires.saturating_add(grace) {
+        conn.close(shard, CloseCode::UNAUTHORIZED);
+        return false;
+    }
+    true
+}
+
+fn rate(shard: &Rc<Shard>, conn: &Rc<Conn>, which: &'static str, id: Option<u64>) -> bool {
+    let cfg = &shard.shared.config;
+    let now = now_ms();
+    let (cell, spec) = match which {
+        "publish_per_connection" => (&conn.publish_bucket, &cfg.publish_per_connection),
+        "join_per_connection" => (&conn.join_bucket, &cfg.join_per_connection),
+        _ => (&conn.query_bucket, &cfg.query_per_connection),
+    };
+    let mut bucket = cell.get();
+    let verdict = bucket.attempt(spec, now);
+    cell.set(bucket);
+    match verdict {
+        Verdict::Allow => true,
+        Verdict::Limited => {
+            shard.shared.metrics.rate_limited(which);
+            send_error(
+                shard,
+                conn,
+                id,
+                ErrorCode::RateLimited,
+                "rate limit exceeded",
+            );
+            false
+        }
+        Verdict::Abusive => {
+            shard.shared.metrics.rate_limited(which);
+            conn.close(shard, CloseCode::RATE_LIMITED);
+            false
+        }
+    }
+}
+
+/// Dispatches one decoded request (native or mapped from Socket.IO).
+pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Request) {
+    let metrics = &shard.shared.metrics;
+    metrics.message_in(request.op.name());
+    let id = request.id;
+    match request.op {
+        Op::Ping => send(shard, conn, &Push::Pong { id }),
+        Op::Join { room } => {
+            if !token_still_valid(shard, conn) || !rate(shard, conn, "join_per_connection", id) {
+                return;
+            }
+            if let Some(owner) = room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX)
+                && owner != &*conn.user_id()
+            {
+                send_error(
+                    shard,
+                    conn,
+                    id,
+                    ErrorCode::Forbidden,
+                    "personal rooms are owner-only",
+                );
+                return;
+            }
+            let already = conn.membership(&room).is_some();
+            let max = shard.shared.config.max_rooms_per_connection as usize;
+            if !already && conn.rooms.borrow().len() >= max {
+                send_error(
+                    shard,
+                    conn,
+                    id,
+                    ErrorCode::Forbidden,
+                    "max_rooms_per_connection reached",
+                );
+                return;
+            }
+            request_join(shard, conn, room, id, false);
+        }
+        Op::Leave { room } => {
+            if room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX) == Some(&*conn.user_id()) {
+                send_error(
+                    shard,
+                    conn,
+                    id,
+                    ErrorCode::Forbidden,
+                    "the personal room cannot be left",
+                );
+                return;
+            }
+            if !leave_room(shard, conn, &room) {
+                send_error(
+                    shard,
+                    conn,
+                    id,
+                    ErrorCode::NotJoined,
+                    "not joined to this room",
+                );
+                return;
+            }
+            send_ack(shard, conn, id);
+        }
+        Op::Publish { room, data } => {
+            if !token_still_valid(shard, conn) || !rate(shard, conn, "publish_per_connection", id) {
+                return;
+            }
+            if conn.membership(&room).is_none() {
+                send_error(
+                    shard,
+                    conn,
+                    id,
+                    ErrorCode::NotJoined,
+                    "join the room before publishing",
+                );
+                return;
+            }
+            let home = shard.shared.home_of(&room);
+            let msg = ShardMsg::Publish {
+                room,
+                conn: conn.id,
+                user: conn.user_id(),
+                name: conn.username(),
+                data,
+                id,
+            };
+            if home == shard.id {
+                shard.handle(msg);
+            } else {
+                shard.shared.send(home, msg);
+            }
+        }
+        Op::Presence { room } => {
+            if !rate(shard, conn, "query_per_connection", id) {
+                return;
+            }
+            let home = shard.shared.home_of(&room);
+            let msg = ShardMsg::PresenceQuery {
+                room,
+                conn: conn.id,
+                id,
+            };
+            if home == shard.id {
+                shard.handle(msg);
+            } else {
+                shard.shared.send(home, msg);
+            }
+        }
+        Op::History { room, since, limit } => {
+            if !token_still_valid(shard, conn) || !rate(shard, conn, "query_per_connection", id) {
+                return;
+            }
+            if let Some(owner) = room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX)
+                && owner != &*conn.user_id()
+            {
+                send_error(
+                    shard,
+                    conn,
+                    id,
+                    ErrorCode::Forbidden,
+                    "personal rooms are owner-only",
+                );
+                return;
+            }
+            let home = shard.shared.home_of(&room);
+            let msg = ShardMsg::HistoryQuery {
+                room,
+                conn: conn.id,
+                id,
+                since,
+                limit,
+            };
+            if home == shard.id {
+                shard.handle(msg);
+            } else {
+                shard.shared.send(home, msg);
+            }
+        }
+        Op::Resume { .. } => {
+            if !token_still_valid(shard, conn) {
+                return;
+            }
+            send_error(
+                shard,
+                conn,
+                id,
+                ErrorCode::Unsupported,
+                "resume is not implemented yet",
+            );
+        }
+        Op::Refresh { token } => {
+            let user_agent: Option<&str> = None;
+            let client = ClientInfo {
+                ip: conn.ip,
+                user_agent,
+            };
+            match shard.shared.auth.verify_access(&token, &client) {
+                Ok(identity) if identity.user_id == conn.user_id() => {
+                    let expires_at = identity.expires_at_ms;
+                    *conn.identity.borrow_mut() = identity;
+                    conn.refresh_warned.set(false);
+                    send(shard, conn, &Push::RefreshReply { id, expires_at });
+                }
+                Ok(_) => {
+                    metrics.auth_failure(crate::auth::AuthFailure::Malformed);
+                    send_error(shard, conn, id, ErrorCode::InvalidToken, "invalid token");
+                }
+                Err(reason) => {
+                    metrics.auth_failure(reason);
+                    send_error(shard, conn, id, ErrorCode::InvalidToken, "invalid token");
+                }
+            }
+        }
+    }
+}
+
+fn send_ack(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<u64>) {
+    if id.is_some() || conn.key == FrameKey::SocketIo {
+        send(shard, conn, &Push::Ack { id });
+    }
+}
+
+/// Removes `room` from the connection and tells the home. False when it was not a member.
+fn leave_room(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) -> bool {
+    let membership = {
+        let mut rooms = conn.rooms.borrow_mut();
+        let Some(pos) = rooms.iter().position(|(r, _)| r == room) else {
+            return false;
+        };
+        rooms.remove(pos).1
+    };
+    if membership == Membership::Joined {
+        shard.drop_local_member(room, conn.id);
+    }
+    let home = shard.shared.home_of(room);
+    let msg = ShardMsg::Leave {
+        room: room.clone(),
+        conn: conn.id,
+        user: conn.user_id(),
+        name: conn.username(),
+        key: conn.key,
+    };
+    if home == shard.id {
+        shard.handle(msg);
+    } else {
+        shard.shared.send(home, msg);
+    }
+    true
+}
+
+fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    let rooms: Vec<RoomId> = conn.rooms.borrow().iter().map(|(r, _)| r.clone()).collect();
+    for room in &rooms {
+        leave_room(shard, conn, room);
+    }
+    shard.conns.borrow_mut().remove(&conn.id);
+    shard.shared.release(conn.ip, &conn.user_id(), conn.id);
+    let metrics = &shard.shared.metrics;
+    metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    match conn.closing.get() {
+        Some(code) => metrics.disconnect(code.0),
+        None => metrics.disconnect(1006),
+    }
+    conn.abort();
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn on_joined(
+    shard: &Rc<Shard>,
+    room: RoomId,
+    conn: ConnId,
+    id: Option<u64>,
+    initial: bool,
+    seq: u64,
+    epoch: &str,
+    presence: &[PresenceEntry],
+) {
+    let Some(conn) = shard.conn(conn) else { return };
+    let newly_joined = {
+        let mut rooms = conn.rooms.borrow_mut();
+        match rooms.iter_mut().find(|(r, _)| *r == room) {
+            Some((_, m)) if *m == Membership::Pending => {
+                *m = Membership::Joined;
+                true
+            }
+            Some(_) => false,
+            // Left (or closed) while the join was in flight: its Leave follows this in order.
+            None => return,
+        }
+    };
+    if newly_joined {
+        shard
+            .local_rooms
+            .borrow_mut()
+            .entry(room.clone())
+            .or_default()
+            .push(conn.clone());
+    }
+    if initial {
+        conn.initial_rooms.borrow_mut().push(room);
+        initial_done(shard, &conn);
+        return;
+    }
+    if conn.key == FrameKey::SocketIo {
+        crate::sio::send_ack(shard, &conn, id, &AckPayload::Ok);
+    } else if id.is_some() {
+        send(
+            shard,
+            &conn,
+            &Push::JoinReply {
+                id,
+                room: room.as_str(),
+                seq,
+                epoch,
+                presence,
+            },
+        );
+    }
+}
+
+pub(crate) fn on_join_failed(
+    shard: &Rc<Shard>,
+    room: &RoomId,
+    conn: ConnId,
+    id: Option<u64>,
+    initial: bool,
+    code: ErrorCode,
+    message: &str,
+) {
+    let Some(conn) = shard.conn(conn) else { return };
+    {
+        let mut rooms = conn.rooms.borrow_mut();
+        if let Some(pos) = rooms
+            .iter()
+            .position(|(r, m)| r == room && *m == Membership::Pending)
+        {
+            rooms.remove(pos);
+        }
+    }
+    if initial {
+        initial_done(shard, &conn);
+        return;
+    }
+    send_error(shard, &conn, id, code, message);
+}
+
+fn initial_done(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    let left = conn.pending_initial.get().saturating_sub(1);
+    conn.pending_initial.set(left);
+    if left == 0 {
+        send_welcome(shard, conn);
+    }
+}
+
+pub(crate) fn on_reply(shard: &Rc<Shard>, conn: ConnId, reply: Reply) {
+    let Some(conn) = shard.conn(conn) else { return };
+    match reply {
+        Reply::Published { id, seq } => send(shard, &conn, &Push::PublishReply { id, seq }),
+        Reply::Presence { id, presence } => send(
+            shard,
+            &conn,
+            &Push::PresenceReply {
+                id,
+                presence: &presence,
+            },
+        ),
+        Reply::History {
+            id,
+            messages,
+            epoch,
+        } => {
+            let messages: Vec<MessageRecord> = messages;
+            send(
+                shard,
+                &conn,
+                &Push::HistoryReply {
+                    id,
+                    messages: &messages,
+                    epoch: &epoch,
+                },
+            );
+        }
+        Reply::Error { id, code, message } => send_error(shard, &conn, id, code, message),
+    }
+}
