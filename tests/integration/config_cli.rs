@@ -252,7 +252,8 @@ fn development_secrets_are_generated_once_with_mode_0600() {
             && content.contains("encryption_key")
             && content.contains("blind_index_key")
     );
-    ringhub(&["serve", "--data-dir", "data"], &[], &dir);
+    let second = ringhub(&["token", "--user", "u1", "--data-dir", "data"], &[], &dir);
+    assert_eq!(second.code, 0, "{second:?}");
     assert_eq!(
         std::fs::read_to_string(&path).unwrap(),
         content,
