@@ -66,3 +66,381 @@ pub fn ringhub(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Run {
     }
     cmd.output().expect("run ringhub").into()
 }
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use protocol::compression::{Compressor, Decompressor, is_zstd};
+use protocol::envelope::{DecodeLimits, Format, Value, decode_value, encode_value};
+use tungstenite::Message;
+use tungstenite::client::IntoClientRequest;
+
+/// A running `ringhub serve` on a free loopback port, killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    /// The bound port.
+    pub port: u16,
+    /// Its data directory.
+    pub dir: PathBuf,
+    /// The flags it was started with (reused by [`Server::token`]).
+    flags: Vec<String>,
+}
+
+impl Server {
+    /// Starts the server with `flags` (besides `--listen 127.0.0.1:0` and `--data-dir`) and
+    /// waits for its `listening` line.
+    pub fn start(name: &str, flags: &[&str]) -> Server {
+        let dir = scratch_dir(name);
+        let mut all: Vec<String> =
+            vec!["--data-dir".into(), dir.join("data").display().to_string()];
+        all.extend(flags.iter().map(|f| (*f).to_owned()));
+        let mut cmd = Command::new(ringhub_bin());
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(&all)
+            .current_dir(&dir)
+            .env_clear();
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn ringhub serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !sent && line.contains("\"msg\":\"listening\"") {
+                    let _ = tx.send(line.clone());
+                    sent = true;
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("server did not report listening within 20 s");
+        let addr = line
+            .split("\"addr\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("addr");
+        let port = addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        Server {
+            child,
+            port,
+            dir,
+            flags: all,
+        }
+    }
+
+    /// Mints an access token for `user` with the server's key.
+    pub fn token(&self, user: &str) -> String {
+        self.token_ttl(user, "15m")
+    }
+
+    /// Mints an access token valid for `ttl`.
+    pub fn token_ttl(&self, user: &str, ttl: &str) -> String {
+        let mut args = vec!["token", "--user", user, "--ttl", ttl];
+        args.extend(self.flags.iter().map(String::as_str));
+        let run = ringhub(&args, &[], &self.dir);
+        assert_eq!(run.code, 0, "token: {run:?}");
+        run.stdout.trim().to_owned()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// One raw HTTP/1.1 request; returns (status, headers+body text).
+    pub fn http(&self, raw: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream.write_all(raw.as_bytes()).expect("write");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Read until the peer closes or the response is complete by Content-Length.
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            let text = String::from_utf8_lossy(&out);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if head.starts_with("HTTP/1.1 101") || len.is_some_and(|n| body.len() >= n) {
+                    break;
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, text)
+    }
+
+    /// A `GET` with the WebSocket upgrade headers plus `extra` header lines.
+    pub fn upgrade_raw(&self, path: &str, extra: &str) -> (u16, String) {
+        self.http(&format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        ))
+    }
+
+    /// Connects a native client with `subprotocol` (None offers nothing).
+    pub fn connect(&self, token: &str, subprotocol: Option<&str>) -> Client {
+        self.try_connect(token, subprotocol, &[])
+            .unwrap_or_else(|e| panic!("connect failed: {e}"))
+    }
+
+    /// Connects, or returns the refusal.
+    pub fn try_connect(
+        &self,
+        token: &str,
+        subprotocol: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, String> {
+        let url = format!("ws://127.0.0.1:{}/ws", self.port);
+        let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+        request.headers_mut().insert(
+            "Authorization",
+            format!("Bearer {token}").parse().map_err(|_| "header")?,
+        );
+        if let Some(p) = subprotocol {
+            request
+                .headers_mut()
+                .insert("Sec-WebSocket-Protocol", p.parse().map_err(|_| "header")?);
+        }
+        for (k, v) in headers {
+            let name =
+                tungstenite::http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| "header")?;
+            request
+                .headers_mut()
+                .insert(name, v.parse().map_err(|_| "header")?);
+        }
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let (socket, response) =
+            tungstenite::client::client(request, stream).map_err(|e| match e {
+                tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => {
+                    format!(
+                        "HTTP {} {}",
+                        resp.status().as_u16(),
+                        String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default())
+                    )
+                }
+                other => other.to_string(),
+            })?;
+        let chosen = response
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("ringhub.v1.json");
+        let format = if chosen.contains("msgpack") {
+            Format::MsgPack
+        } else {
+            Format::Json
+        };
+        Ok(Client {
+            socket,
+            format,
+            zstd: chosen.ends_with("+zstd"),
+            next_id: 1,
+            backlog: Vec::new(),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A native protocol client (blocking, tungstenite).
+#[derive(Debug)]
+pub struct Client {
+    /// The WebSocket.
+    pub socket: tungstenite::WebSocket<TcpStream>,
+    /// The negotiated encoding.
+    pub format: Format,
+    /// Whether zstd was negotiated.
+    pub zstd: bool,
+    next_id: u64,
+    backlog: Vec<Value>,
+}
+
+/// How a connection ended, as a client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// A close frame with this code.
+    Closed(u16),
+    /// The TCP connection ended without a close frame.
+    Dropped,
+    /// Nothing within the timeout.
+    Timeout,
+}
+
+const LIMITS: DecodeLimits = DecodeLimits {
+    max_message_bytes: 1 << 24,
+    max_depth: 128,
+    max_resume_rooms: 1024,
+};
+
+/// Builds a JSON-like map value.
+pub fn obj(pairs: &[(&str, Value)]) -> Value {
+    Value::Map(
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect(),
+    )
+}
+
+/// A string value.
+pub fn s(text: &str) -> Value {
+    Value::Str(text.to_owned())
+}
+
+/// An unsigned integer value.
+pub fn n(v: u64) -> Value {
+    Value::UInt(v)
+}
+
+impl Client {
+    /// Sends a request map as this connection's encoding (compressed when `zstd` and asked).
+    pub fn send_value(&mut self, value: &Value, compress: bool) {
+        let bytes = encode_value(value, self.format).expect("encode");
+        let message = if compress {
+            Message::Binary(
+                Compressor::new(3)
+                    .expect("zstd")
+                    .compress(&bytes)
+                    .expect("compress")
+                    .into(),
+            )
+        } else if self.format == Format::Json {
+            Message::Text(String::from_utf8(bytes).expect("utf8").into())
+        } else {
+            Message::Binary(bytes.into())
+        };
+        self.socket.send(message).expect("send");
+    }
+
+    /// Sends `{op, id, ...fields}` and returns the id.
+    pub fn request(&mut self, op: &str, fields: &[(&str, Value)]) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut pairs = vec![("op", s(op)), ("id", n(id))];
+        pairs.extend(fields.iter().cloned());
+        self.send_value(&obj(&pairs), false);
+        id
+    }
+
+    /// The next decoded message (or how the connection ended).
+    pub fn recv(&mut self) -> Result<Value, Ended> {
+        if !self.backlog.is_empty() {
+            return Ok(self.backlog.remove(0));
+        }
+        loop {
+            match self.socket.read() {
+                Ok(Message::Text(t)) => {
+                    return Ok(
+                        decode_value(t.as_bytes(), Format::Json, &LIMITS).expect("decode text")
+                    );
+                }
+                Ok(Message::Binary(b)) => {
+                    let plain = if is_zstd(&b) {
+                        Decompressor::new()
+                            .expect("zstd")
+                            .decompress(&b, 1 << 24)
+                            .expect("inflate")
+                    } else {
+                        b.to_vec()
+                    };
+                    return Ok(decode_value(&plain, self.format, &LIMITS).expect("decode binary"));
+                }
+                Ok(Message::Close(frame)) => {
+                    return Err(Ended::Closed(frame.map_or(1005, |f| u16::from(f.code))));
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(Ended::Timeout);
+                }
+                Err(_) => return Err(Ended::Dropped),
+            }
+        }
+    }
+
+    /// Reads until a message with `op` (and `id`, when given) arrives; others are kept for later.
+    pub fn expect(&mut self, op: &str, id: Option<u64>) -> Value {
+        let mut skipped = Vec::new();
+        let found = loop {
+            match self.recv() {
+                Ok(v) => {
+                    let op_matches = v.get("op").and_then(Value::as_str) == Some(op);
+                    let id_matches = id.is_none() || v.get("id").and_then(Value::as_u64) == id;
+                    if op_matches && id_matches {
+                        break v;
+                    }
+                    skipped.push(v);
+                }
+                Err(e) => panic!("waiting for {op} {id:?}: {e:?}; skipped {skipped:?}"),
+            }
+        };
+        skipped.append(&mut self.backlog);
+        self.backlog = skipped;
+        found
+    }
+
+    /// Reads until the connection ends; returns how.
+    pub fn ended(&mut self) -> Ended {
+        self.backlog.clear();
+        loop {
+            match self.recv() {
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+    }
+
+    /// Drops queued messages already received.
+    pub fn clear(&mut self) {
+        self.backlog.clear();
+    }
+
+    /// Sets the read timeout.
+    pub fn set_timeout(&mut self, d: Duration) {
+        self.socket
+            .get_ref()
+            .set_read_timeout(Some(d))
+            .expect("timeout");
+    }
+}

@@ -153,7 +153,17 @@ fn send_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         return;
     }
     let cfg = &shard.shared.config;
-    let rooms = conn.initial_rooms.borrow().clone();
+    // In configured order (default rooms, then the personal room), whatever order the homes
+    // answered in; rooms that refused the join (full) are left out.
+    let joined = conn.initial_rooms.borrow();
+    let mut rooms: Vec<RoomId> = cfg
+        .default_rooms
+        .iter()
+        .filter(|r| joined.contains(r))
+        .cloned()
+        .collect();
+    rooms.extend(joined.iter().filter(|r| r.is_personal()).cloned());
+    drop(joined);
     let identity = conn.identity.borrow().clone();
     let push = Push::Welcome {
         session: &conn.session,

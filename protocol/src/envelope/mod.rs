@@ -71,11 +71,24 @@ pub struct DecodeError {
 }
 
 impl DecodeError {
+    /// An `invalid_message` whose reason is the first line of `reason`, at most 200 bytes: parser
+    /// messages may quote the input, which is not echoed back at length.
     pub(crate) fn invalid(id: Option<u64>, reason: impl Into<String>) -> Self {
+        let mut reason: String = reason.into();
+        if let Some(line_end) = reason.find('\n') {
+            reason.truncate(line_end);
+        }
+        if reason.len() > 200 {
+            let mut cut = 200;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
         Self {
             code: ErrorCode::InvalidMessage,
             id,
-            reason: reason.into(),
+            reason,
         }
     }
 }

@@ -195,19 +195,22 @@ struct RawEnvelope {
     token: Option<Value>,
 }
 
+/// Reads the envelope map; records a valid `id` in `seen_id` as soon as it is read, so that an
+/// error later in the message can still carry it.
 #[derive(Clone, Copy)]
-struct EnvelopeSeed {
+struct EnvelopeSeed<'a> {
     max_depth: usize,
+    seen_id: &'a std::cell::Cell<Option<u64>>,
 }
 
-impl<'de> DeserializeSeed<'de> for EnvelopeSeed {
+impl<'de> DeserializeSeed<'de> for EnvelopeSeed<'_> {
     type Value = RawEnvelope;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<RawEnvelope, D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> Visitor<'de> for EnvelopeSeed {
+impl<'de> Visitor<'de> for EnvelopeSeed<'_> {
     type Value = RawEnvelope;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -245,7 +248,13 @@ impl<'de> Visitor<'de> for EnvelopeSeed {
             if slot.is_some() {
                 return Err(de::Error::custom("duplicate key"));
             }
-            *slot = Some(map.next_value_seed(field_seed)?);
+            let value = map.next_value_seed(field_seed)?;
+            if let (Field::Id, Value::UInt(id)) = (key, &value)
+                && *id <= MAX_ID
+            {
+                self.seen_id.set(Some(*id));
+            }
+            *slot = Some(value);
         }
         Ok(raw)
     }
@@ -268,14 +277,13 @@ pub fn decode_request(
             reason: "message too large".into(),
         });
     }
-    let raw = deserialize_seed(
-        bytes,
-        format,
-        EnvelopeSeed {
-            max_depth: limits.max_depth,
-        },
-    )
-    .map_err(|e| DecodeError::invalid(None, e))?;
+    let seen_id = std::cell::Cell::new(None);
+    let seed = EnvelopeSeed {
+        max_depth: limits.max_depth,
+        seen_id: &seen_id,
+    };
+    let raw = deserialize_seed(bytes, format, seed)
+        .map_err(|e| DecodeError::invalid(seen_id.get(), e))?;
     let id = match &raw.id {
         None | Some(Value::Null) => None,
         Some(Value::UInt(n)) if *n <= MAX_ID => Some(*n),

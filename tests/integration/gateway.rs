@@ -1,0 +1,406 @@
+//! The native WebSocket protocol (SPEC §4–§7) through the real binary: every op and push, both
+//! encodings with and without zstd, per-room order across shards, presence, history, errors.
+
+use std::time::Duration;
+
+use protocol::envelope::Value;
+use ringhub_tests::{Client, Ended, Server, n, obj, s};
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("{key} missing in {v:?}"))
+}
+
+fn u64_of(v: &Value, key: &str) -> u64 {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("{key} missing in {v:?}"))
+}
+
+fn welcome(client: &mut Client) -> Value {
+    let w = client.expect("welcome", None);
+    assert!(str_of(&w, "session").starts_with("c_"));
+    w
+}
+
+#[test]
+fn welcome_join_publish_leave_ping_in_json() {
+    let server = Server::start("json", &["--shards", "2"]);
+    let mut alice = server.connect(&server.token("alice"), None);
+    let w = welcome(&mut alice);
+    assert_eq!(str_of(w.get("user").unwrap(), "id"), "alice");
+    let rooms: Vec<&str> = w
+        .get("rooms")
+        .and_then(Value::as_array)
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(rooms, ["lobby", "user:alice"]);
+    assert_eq!(u64_of(&w, "heartbeat"), 25);
+    assert_eq!(u64_of(&w, "resume_ttl"), 300);
+    assert_eq!(u64_of(w.get("limits").unwrap(), "max_message_bytes"), 65536);
+    assert_eq!(u64_of(w.get("limits").unwrap(), "publish_per_sec"), 20);
+
+    let id = alice.request("ping", &[]);
+    alice.expect("pong", Some(id));
+
+    let id = alice.request("join", &[("room", s("chat.1"))]);
+    let reply = alice.expect("reply", Some(id));
+    assert_eq!(str_of(&reply, "room"), "chat.1");
+    assert_eq!(u64_of(&reply, "seq"), 0);
+    assert!(!str_of(&reply, "epoch").is_empty());
+    let presence = reply.get("presence").and_then(Value::as_array).unwrap();
+    assert_eq!(presence.len(), 1);
+    assert_eq!(str_of(&presence[0], "user"), "alice");
+    assert_eq!(u64_of(&presence[0], "conns"), 1);
+
+    // Joining again is idempotent.
+    let id = alice.request("join", &[("room", s("chat.1"))]);
+    assert_eq!(u64_of(&alice.expect("reply", Some(id)), "seq"), 0);
+
+    let data = obj(&[
+        ("text", s("hello <b>world</b>\u{7}")),
+        ("n", Value::Int(-3)),
+    ]);
+    let id = alice.request("publish", &[("room", s("chat.1")), ("data", data)]);
+    assert_eq!(u64_of(&alice.expect("reply", Some(id)), "seq"), 1);
+    let msg = alice.expect("message", None);
+    assert_eq!(str_of(&msg, "room"), "chat.1");
+    assert_eq!(u64_of(&msg, "seq"), 1);
+    assert_eq!(str_of(&msg, "from"), "alice");
+    assert_eq!(str_of(&msg, "name"), "alice");
+    assert!(u64_of(&msg, "ts") > 1_700_000_000_000);
+    // C0 stripped, nothing HTML-escaped.
+    assert_eq!(
+        msg.get("data"),
+        Some(&obj(&[
+            ("text", s("hello <b>world</b>")),
+            ("n", Value::Int(-3))
+        ]))
+    );
+
+    let id = alice.request("leave", &[("room", s("chat.1"))]);
+    alice.expect("reply", Some(id));
+    let id = alice.request("publish", &[("room", s("chat.1")), ("data", s("x"))]);
+    let err = alice.expect("error", Some(id));
+    assert_eq!(str_of(&err, "code"), "not_joined");
+    // A request without id: success is silent, errors still come.
+    alice.send_value(&obj(&[("op", s("leave")), ("room", s("chat.1"))]), false);
+    let err = alice.expect("error", None);
+    assert_eq!(str_of(&err, "code"), "not_joined");
+    assert!(err.get("id").is_none());
+}
+
+#[test]
+fn json_and_msgpack_and_zstd_clients_share_a_room() {
+    let server = Server::start(
+        "formats",
+        &["--shards", "2", "--compression-threshold", "64"],
+    );
+    let protocols = [
+        "ringhub.v1.json",
+        "ringhub.v1.msgpack",
+        "ringhub.v1.json+zstd",
+        "ringhub.v1.msgpack+zstd",
+    ];
+    let mut clients: Vec<Client> = protocols
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut c = server.connect(
+                &server.token(&format!("user{i}")),
+                Some(&format!("chat, {p}")),
+            );
+            welcome(&mut c);
+            let id = c.request("join", &[("room", s("mixed"))]);
+            c.expect("reply", Some(id));
+            c
+        })
+        .collect();
+    assert!(clients[1].format == protocol::envelope::Format::MsgPack && clients[3].zstd);
+    let big = "lorem ipsum dolor sit amet ".repeat(20);
+    for (i, client) in clients.iter_mut().enumerate() {
+        let data = obj(&[("from", n(i as u64)), ("text", s(&big))]);
+        // zstd clients send compressed frames too.
+        let compress = client.zstd;
+        client.send_value(
+            &obj(&[
+                ("op", s("publish")),
+                ("id", n(100)),
+                ("room", s("mixed")),
+                ("data", data),
+            ]),
+            compress,
+        );
+        client.expect("reply", Some(100));
+    }
+    for client in &mut clients {
+        let mut seqs = Vec::new();
+        for _ in 0..4 {
+            let m = client.expect("message", None);
+            assert_eq!(str_of(m.get("data").unwrap(), "text"), big);
+            seqs.push(u64_of(&m, "seq"));
+        }
+        assert_eq!(seqs, [1, 2, 3, 4]);
+    }
+}
+
+#[test]
+fn per_room_order_is_the_same_for_every_member_across_shards() {
+    let server = Server::start(
+        "order",
+        &[
+            "--shards",
+            "2",
+            "--rate-limits.publish-per-connection",
+            "0/1s",
+        ],
+    );
+    let mut members: Vec<Client> = (0..6)
+        .map(|i| {
+            let mut c = server.connect(&server.token(&format!("m{i}")), Some("ringhub.v1.msgpack"));
+            welcome(&mut c);
+            let id = c.request("join", &[("room", s("ordered"))]);
+            c.expect("reply", Some(id));
+            c
+        })
+        .collect();
+    // Three publishers (on whichever shards the kernel put them) interleave 40 messages each.
+    for round in 0..40u64 {
+        for (p, member) in members.iter_mut().take(3).enumerate() {
+            let data = obj(&[("p", n(p as u64)), ("k", n(round))]);
+            member.send_value(
+                &obj(&[("op", s("publish")), ("room", s("ordered")), ("data", data)]),
+                false,
+            );
+        }
+    }
+    let mut orders = Vec::new();
+    for member in &mut members {
+        let mut seen = Vec::new();
+        for _ in 0..120 {
+            let m = member.expect("message", None);
+            let d = m.get("data").unwrap();
+            seen.push((u64_of(&m, "seq"), u64_of(d, "p"), u64_of(d, "k")));
+        }
+        let seqs: Vec<u64> = seen.iter().map(|x| x.0).collect();
+        assert_eq!(seqs, (1..=120).collect::<Vec<_>>(), "gap or reorder");
+        // Each publisher's own messages keep their order.
+        for p in 0..3 {
+            let ks: Vec<u64> = seen.iter().filter(|x| x.1 == p).map(|x| x.2).collect();
+            assert_eq!(ks, (0..40).collect::<Vec<_>>());
+        }
+        orders.push(seen);
+    }
+    assert!(
+        orders.windows(2).all(|w| w[0] == w[1]),
+        "members saw different orders"
+    );
+}
+
+#[test]
+fn presence_diffs_and_queries() {
+    let server = Server::start("presence", &["--shards", "2", "--presence-batch", "50ms"]);
+    let mut alice = server.connect(&server.token("alice"), None);
+    welcome(&mut alice);
+    let id = alice.request("join", &[("room", s("p"))]);
+    alice.expect("reply", Some(id));
+    let mut bob = server.connect(&server.token("bob"), None);
+    welcome(&mut bob);
+    let id = bob.request("join", &[("room", s("p"))]);
+    bob.expect("reply", Some(id));
+    // A second connection of bob is not a new presence entry.
+    let mut bob2 = server.connect(&server.token("bob"), None);
+    welcome(&mut bob2);
+    let id = bob2.request("join", &[("room", s("p"))]);
+    bob2.expect("reply", Some(id));
+    loop {
+        let diff = alice.expect("presence", None);
+        if str_of(&diff, "room") == "p" {
+            let joined = diff.get("joined").and_then(Value::as_array).unwrap();
+            if joined.iter().any(|j| str_of(j, "user") == "bob") {
+                // bob's two connections are one entry (alice may share the batch).
+                assert_eq!(
+                    joined.iter().filter(|j| str_of(j, "user") == "bob").count(),
+                    1
+                );
+                break;
+            }
+        }
+    }
+    let id = alice.request("presence", &[("room", s("p"))]);
+    let reply = alice.expect("reply", Some(id));
+    let list = reply.get("presence").and_then(Value::as_array).unwrap();
+    let entries: Vec<(String, u64)> = list
+        .iter()
+        .map(|e| (str_of(e, "user").to_owned(), u64_of(e, "conns")))
+        .collect();
+    assert_eq!(entries, [("alice".to_owned(), 1), ("bob".to_owned(), 2)]);
+    // bob's first connection leaving changes nothing; the last one is a `left`.
+    let id = bob.request("leave", &[("room", s("p"))]);
+    bob.expect("reply", Some(id));
+    drop(bob2);
+    loop {
+        let diff = alice.expect("presence", None);
+        let left = diff.get("left").and_then(Value::as_array).unwrap();
+        if str_of(&diff, "room") == "p" && !left.is_empty() {
+            assert_eq!(str_of(&left[0], "user"), "bob");
+            break;
+        }
+    }
+}
+
+#[test]
+fn history_returns_messages_after_since_oldest_first() {
+    let server = Server::start("history", &["--history-size", "5"]);
+    let mut alice = server.connect(&server.token("alice"), None);
+    welcome(&mut alice);
+    let id = alice.request("join", &[("room", s("h"))]);
+    alice.expect("reply", Some(id));
+    for i in 0..7u64 {
+        let id = alice.request("publish", &[("room", s("h")), ("data", n(i))]);
+        alice.expect("reply", Some(id));
+    }
+    let id = alice.request("history", &[("room", s("h")), ("since", n(4))]);
+    let reply = alice.expect("reply", Some(id));
+    let seqs: Vec<u64> = reply
+        .get("messages")
+        .and_then(Value::as_array)
+        .unwrap()
+        .iter()
+        .map(|m| u64_of(m, "seq"))
+        .collect();
+    assert_eq!(seqs, [5, 6, 7]);
+    // Only the last history_size (5) are kept; `limit` caps the answer.
+    let id = alice.request(
+        "history",
+        &[("room", s("h")), ("since", n(0)), ("limit", n(2))],
+    );
+    let reply = alice.expect("reply", Some(id));
+    let seqs: Vec<u64> = reply
+        .get("messages")
+        .and_then(Value::as_array)
+        .unwrap()
+        .iter()
+        .map(|m| u64_of(m, "seq"))
+        .collect();
+    assert_eq!(seqs, [3, 4]);
+    let id = alice.request("history", &[("room", s("h")), ("limit", n(101))]);
+    assert_eq!(
+        str_of(&alice.expect("error", Some(id)), "code"),
+        "invalid_message"
+    );
+}
+
+#[test]
+fn bad_input_gets_exact_errors_and_the_connection_keeps_serving() {
+    let server = Server::start("badinput", &[]);
+    let mut alice = server.connect(&server.token("alice"), None);
+    welcome(&mut alice);
+    let id = alice.request("dance", &[]);
+    assert_eq!(
+        str_of(&alice.expect("error", Some(id)), "code"),
+        "unknown_op"
+    );
+    let id = alice.request("join", &[("room", s("-bad"))]);
+    assert_eq!(
+        str_of(&alice.expect("error", Some(id)), "code"),
+        "invalid_message"
+    );
+    let id = alice.request("join", &[("room", s("user:bob"))]);
+    assert_eq!(
+        str_of(&alice.expect("error", Some(id)), "code"),
+        "forbidden"
+    );
+    let id = alice.request("leave", &[("room", s("user:alice"))]);
+    assert_eq!(
+        str_of(&alice.expect("error", Some(id)), "code"),
+        "forbidden"
+    );
+    alice
+        .socket
+        .send(tungstenite::Message::Text("{not json".into()))
+        .unwrap();
+    assert_eq!(
+        str_of(&alice.expect("error", None), "code"),
+        "invalid_message"
+    );
+    let deep = format!(
+        r#"{{"op":"publish","id":9,"room":"lobby","data":{}{}}}"#,
+        "[".repeat(40),
+        "]".repeat(40)
+    );
+    alice
+        .socket
+        .send(tungstenite::Message::Text(deep.into()))
+        .unwrap();
+    let err = alice.expect("error", Some(9));
+    assert_eq!(str_of(&err, "code"), "invalid_message");
+    // Still serving, and nothing was published to the lobby by the refused message.
+    let id = alice.request("history", &[("room", s("lobby"))]);
+    let reply = alice.expect("reply", Some(id));
+    assert_eq!(
+        reply
+            .get("messages")
+            .and_then(Value::as_array)
+            .map(<[Value]>::len),
+        Some(0)
+    );
+    let id = alice.request("ping", &[]);
+    alice.expect("pong", Some(id));
+}
+
+#[test]
+fn refresh_replaces_the_token_on_a_live_connection() {
+    let server = Server::start("refresh", &[]);
+    let mut alice = server.connect(&server.token_ttl("alice", "62s"), None);
+    welcome(&mut alice);
+    // Expiring within 60 s: the server asks for a refresh.
+    let warning = alice.expect("refresh_required", None);
+    assert!(u64_of(&warning, "expires_at") > 0);
+    let fresh = server.token_ttl("alice", "1h");
+    let id = alice.request("refresh", &[("token", s(&fresh))]);
+    let reply = alice.expect("reply", Some(id));
+    assert!(u64_of(&reply, "expires_at") > u64_of(&warning, "expires_at"));
+    // Another user's token is refused and the connection stays.
+    let id = alice.request("refresh", &[("token", s(&server.token("mallory")))]);
+    assert_eq!(
+        str_of(&alice.expect("error", Some(id)), "code"),
+        "invalid_token"
+    );
+    let id = alice.request("refresh", &[("token", s("garbage"))]);
+    assert_eq!(
+        str_of(&alice.expect("error", Some(id)), "code"),
+        "invalid_token"
+    );
+    let id = alice.request("ping", &[]);
+    alice.expect("pong", Some(id));
+}
+
+#[test]
+fn expired_token_closes_with_4001() {
+    let server = Server::start("expiry", &[]);
+    let mut alice = server.connect(&server.token_ttl("alice", "2s"), None);
+    welcome(&mut alice);
+    alice.set_timeout(Duration::from_secs(8));
+    alice.expect("refresh_required", None);
+    assert_eq!(alice.ended(), Ended::Closed(4001));
+}
+
+#[test]
+fn graceful_shutdown_closes_with_1001_and_exits() {
+    let mut server = Server::start("shutdown", &["--shards", "2"]);
+    let mut clients: Vec<Client> = (0..4)
+        .map(|i| {
+            let mut c = server.connect(&server.token(&format!("u{i}")), None);
+            welcome(&mut c);
+            c
+        })
+        .collect();
+    assert_eq!(server.terminate(), Some(0));
+    for c in &mut clients {
+        assert_eq!(c.ended(), Ended::Closed(1001));
+    }
+}

@@ -1,0 +1,508 @@
+//! Refusals and close codes of the gateway (SPEC §4, §9) through the real binary: each asserts
+//! the exact status or code, then shows that the server still serves.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use protocol::envelope::Value;
+use protocol::ws;
+use ringhub_tests::{Client, Ended, Server, n, obj, s};
+
+fn welcome(client: &mut Client) {
+    client.expect("welcome", None);
+}
+
+fn still_serves(server: &Server) {
+    let mut c = server.connect(&server.token("probe"), None);
+    welcome(&mut c);
+    let id = c.request("ping", &[]);
+    c.expect("pong", Some(id));
+}
+
+#[test]
+fn upgrade_refusals_have_the_spec_statuses() {
+    let server = Server::start(
+        "refusals",
+        &[
+            "--allowed-origins",
+            "https://app.example",
+            "--allow-missing-origin",
+            "true",
+        ],
+    );
+    let token = server.token("alice");
+    let (status, text) = server.upgrade_raw("/ws", "Authorization: Bearer nope\r\n");
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains(r#""code":"invalid_token""#), "{text}");
+    let (status, _) = server.upgrade_raw("/ws", "");
+    assert_eq!(status, 401);
+    let (status, text) = server.upgrade_raw(
+        "/ws",
+        &format!("Authorization: Bearer {token}\r\nOrigin: https://evil.example\r\n"),
+    );
+    assert_eq!(status, 403, "{text}");
+    let (status, _) = server.upgrade_raw(
+        &format!("/ws?token={token}"),
+        "Origin: https://app.example\r\n",
+    );
+    assert_eq!(status, 101);
+    let (status, text) = server.upgrade_raw(
+        "/ws",
+        &format!("Authorization: Bearer {token}\r\nSec-WebSocket-Protocol: chat\r\n"),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("unsupported"), "{text}");
+    let (status, text) = server.http("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n");
+    assert_eq!(status, 426, "{text}");
+    assert!(text.contains("Sec-WebSocket-Version: 13"));
+    let (status, text) = server.http("GET /socket.io/?EIO=3&transport=polling HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("unsupported"));
+    let (status, text) = server.http("GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 404, "{text}");
+    assert!(text.contains("X-Request-Id: "));
+    let (status, text) =
+        server.http("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: trace-42\r\n\r\n");
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("X-Request-Id: trace-42") && text.contains(r#"{"status":"ok"}"#),
+        "{text}"
+    );
+    let (_, metrics) = server.http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        metrics.contains("ringhub_connects_total{result=\"unauthorized\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ringhub_connects_total{result=\"origin_forbidden\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ringhub_auth_failures_total{reason=\"missing\"} 1"),
+        "{metrics}"
+    );
+    still_serves(&server);
+}
+
+#[test]
+fn connect_rate_per_ip_answers_429() {
+    let server = Server::start(
+        "connrate",
+        &[
+            "--rate-limits.connect-per-ip",
+            "2/1m",
+            "--rate-limits.connect-burst",
+            "2",
+        ],
+    );
+    let token = server.token("alice");
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let mut c = server.connect(&token, None);
+        welcome(&mut c);
+        kept.push(c);
+    }
+    let (status, text) = server.upgrade_raw("/ws", &format!("Authorization: Bearer {token}\r\n"));
+    assert_eq!(status, 429, "{text}");
+    assert!(
+        text.contains(r#""code":"rate_limited""#) && text.contains("Retry-After"),
+        "{text}"
+    );
+    // Plain HTTP is not a connect: health still answers.
+    assert_eq!(
+        server.http("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").0,
+        200
+    );
+}
+
+#[test]
+fn connection_caps_close_oldest_or_reject_new() {
+    let server = Server::start("capsold", &["--max-connections-per-user", "1"]);
+    let mut first = server.connect(&server.token("alice"), None);
+    welcome(&mut first);
+    let mut second = server.connect(&server.token("alice"), None);
+    welcome(&mut second);
+    assert_eq!(first.ended(), Ended::Closed(4509));
+    let id = second.request("ping", &[]);
+    second.expect("pong", Some(id));
+
+    let server = Server::start(
+        "capsnew",
+        &[
+            "--max-connections-per-user",
+            "1",
+            "--session-conflict",
+            "reject_new",
+        ],
+    );
+    let mut first = server.connect(&server.token("alice"), None);
+    welcome(&mut first);
+    let refused = server
+        .try_connect(&server.token("alice"), None, &[])
+        .unwrap_err();
+    assert!(
+        refused.starts_with("HTTP 409") && refused.contains("conflict"),
+        "{refused}"
+    );
+    let id = first.request("ping", &[]);
+    first.expect("pong", Some(id));
+}
+
+#[test]
+fn publish_rate_limit_answers_then_closes_past_three_times() {
+    let server = Server::start(
+        "ratelimit",
+        &[
+            "--rate-limits.publish-per-connection",
+            "5/1m",
+            "--rate-limits.publish-burst",
+            "5",
+        ],
+    );
+    let mut alice = server.connect(&server.token("alice"), None);
+    welcome(&mut alice);
+    let mut codes = Vec::new();
+    for i in 0..16u64 {
+        alice.send_value(
+            &obj(&[
+                ("op", s("publish")),
+                ("id", n(i)),
+                ("room", s("lobby")),
+                ("data", n(i)),
+            ]),
+            false,
+        );
+    }
+    let ended = loop {
+        match alice.recv() {
+            Ok(v) if v.get("op").and_then(Value::as_str) == Some("error") => {
+                codes.push(v.get("code").and_then(Value::as_str).unwrap().to_owned());
+            }
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    // 5 allowed, attempts 6..=15 limited (10 errors), the 16th (> 3 × 5) closes.
+    assert_eq!(codes, vec!["rate_limited"; 10]);
+    assert_eq!(ended, Ended::Closed(4008));
+    still_serves(&server);
+}
+
+#[test]
+fn oversized_messages_and_zstd_bombs_close_with_1009() {
+    let server = Server::start("toobig", &["--max-message-bytes", "1024"]);
+    let mut alice = server.connect(&server.token("alice"), None);
+    welcome(&mut alice);
+    let big = format!(
+        r#"{{"op":"publish","room":"lobby","data":"{}"}}"#,
+        "x".repeat(1100)
+    );
+    let _ = alice.socket.send(tungstenite::Message::Text(big.into()));
+    assert_eq!(alice.ended(), Ended::Closed(1009));
+
+    let mut bob = server.connect(&server.token("bob"), Some("ringhub.v1.json+zstd"));
+    welcome(&mut bob);
+    // 1 MiB of spaces inside a JSON string, compressed to a few hundred bytes.
+    let inflated = format!(
+        r#"{{"op":"publish","room":"lobby","data":"{}"}}"#,
+        " ".repeat(1 << 20)
+    );
+    let bomb = protocol::compression::Compressor::new(19)
+        .unwrap()
+        .compress(inflated.as_bytes())
+        .unwrap();
+    assert!(bomb.len() < 1024);
+    let _ = bob.socket.send(tungstenite::Message::Binary(bomb.into()));
+    assert_eq!(bob.ended(), Ended::Closed(1009));
+    still_serves(&server);
+}
+
+fn raw_ws(server: &Server) -> TcpStream {
+    let token = server.token("raw");
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    stream
+}
+
+/// Reads the raw stream until a close frame; returns its code.
+fn close_code(stream: &mut TcpStream) -> Option<u16> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        data.extend_from_slice(&buf[..n]);
+    }
+    let start = data.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let mut i = start;
+    while i + 2 <= data.len() {
+        let opcode = data[i] & 0x0F;
+        let mut len = usize::from(data[i + 1] & 0x7F);
+        let mut header = 2;
+        if len == 126 {
+            len = usize::from(u16::from_be_bytes([data[i + 2], data[i + 3]]));
+            header = 4;
+        }
+        if opcode == 8 {
+            return Some(u16::from_be_bytes([data[i + header], data[i + header + 1]]));
+        }
+        i += header + len;
+    }
+    None
+}
+
+#[test]
+fn protocol_violations_close_with_1002_and_bad_utf8_with_1007() {
+    let server = Server::start("violations", &[]);
+    let mut stream = raw_ws(&server);
+    // An unmasked client frame.
+    let mut frame = Vec::new();
+    ws::encode_frame(&mut frame, ws::frame::TEXT, br#"{"op":"ping"}"#);
+    stream.write_all(&frame).unwrap();
+    assert_eq!(close_code(&mut stream), Some(1002));
+
+    let mut stream = raw_ws(&server);
+    let mut frame = Vec::new();
+    ws::encode_masked_frame(
+        &mut frame,
+        ws::frame::TEXT,
+        true,
+        &[b'{', 0xFF, b'}'],
+        [1, 2, 3, 4],
+    );
+    stream.write_all(&frame).unwrap();
+    assert_eq!(close_code(&mut stream), Some(1007));
+
+    // A binary frame on a JSON connection is unsupported data.
+    let mut stream = raw_ws(&server);
+    let mut frame = Vec::new();
+    ws::encode_masked_frame(
+        &mut frame,
+        ws::frame::BINARY,
+        true,
+        b"\x81\xa2op\xa4ping",
+        [1, 2, 3, 4],
+    );
+    stream.write_all(&frame).unwrap();
+    assert_eq!(close_code(&mut stream), Some(1003));
+    still_serves(&server);
+}
+
+#[test]
+fn slow_consumer_is_closed_with_4011_and_others_keep_receiving() {
+    let server = Server::start(
+        "slow",
+        &[
+            "--max-queued-bytes",
+            "65536",
+            "--rate-limits.publish-per-connection",
+            "0/1s",
+            "--rate-limits.publish-per-room",
+            "0/1s",
+        ],
+    );
+    // The slow reader: shrink its receive buffer and never read.
+    let mut slow = server.connect(&server.token("slow"), None);
+    welcome(&mut slow);
+    let id = slow.request("join", &[("room", s("firehose"))]);
+    slow.expect("reply", Some(id));
+    let mut fast = server.connect(&server.token("fast"), None);
+    welcome(&mut fast);
+    let id = fast.request("join", &[("room", s("firehose"))]);
+    fast.expect("reply", Some(id));
+    let chunk = "y".repeat(16 * 1024);
+    // Enough to fill the kernel buffers (a few MiB) and then the 64 KiB queue.
+    for i in 0..1000u64 {
+        fast.send_value(
+            &obj(&[
+                ("op", s("publish")),
+                ("room", s("firehose")),
+                ("data", obj(&[("i", n(i)), ("t", s(&chunk))])),
+            ]),
+            false,
+        );
+        // Keep reading our own copies so that `fast` is not the slow one.
+        let m = fast.expect("message", None);
+        assert_eq!(
+            m.get("data")
+                .and_then(|d| d.get("i"))
+                .and_then(Value::as_u64),
+            Some(i)
+        );
+    }
+    slow.set_timeout(Duration::from_secs(10));
+    let mut last = None;
+    let ended = loop {
+        match slow.recv() {
+            Ok(v) => last = v.get("seq").and_then(Value::as_u64),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(ended, Ended::Closed(4011), "after seq {last:?}");
+    assert!(last.unwrap_or(0) < 1000);
+    let id = fast.request("ping", &[]);
+    fast.expect("pong", Some(id));
+}
+
+#[test]
+fn silent_connections_close_with_4010() {
+    let server = Server::start("idle", &["--heartbeat", "1s"]);
+    let token = server.token("sleepy");
+    // A raw client that never answers pings nor sends anything: closed after 2 × 1 s + 10 s.
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(stream, "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(close_code(&mut stream), Some(4010));
+    assert!(
+        started.elapsed() >= Duration::from_secs(11),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn room_size_limit_answers_room_full() {
+    let server = Server::start(
+        "roomfull",
+        &["--max-room-members", "2", "--default-rooms", ""],
+    );
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let mut c = server.connect(&server.token(&format!("u{i}")), None);
+        welcome(&mut c);
+        let id = c.request("join", &[("room", s("small"))]);
+        let v = loop {
+            let v = c.recv().unwrap();
+            if v.get("id").and_then(Value::as_u64) == Some(id) {
+                break v;
+            }
+        };
+        let op = v.get("op").and_then(Value::as_str).unwrap().to_owned();
+        clients.push((c, op, v));
+    }
+    assert_eq!(clients[0].1, "reply");
+    assert_eq!(clients[1].1, "reply");
+    assert_eq!(clients[2].1, "error");
+    assert_eq!(
+        clients[2].2.get("code").and_then(Value::as_str),
+        Some("room_full")
+    );
+    let (_, metrics) = server.http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(metrics.contains("ringhub_room_full_total 1"), "{metrics}");
+}
+
+#[test]
+fn socketio_client_shares_rooms_with_native_clients() {
+    let server = Server::start("sio", &["--shards", "2"]);
+    let token = server.token("sio-user");
+    let url = format!(
+        "ws://127.0.0.1:{}/socket.io/?EIO=4&transport=websocket",
+        server.port
+    );
+    let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let (mut sio, _) = tungstenite::client::client(url.as_str(), stream).unwrap();
+    let read_text = |sio: &mut tungstenite::WebSocket<TcpStream>| loop {
+        match sio.read().unwrap() {
+            tungstenite::Message::Text(t) if t.as_str() != "2" => return t.as_str().to_owned(),
+            tungstenite::Message::Text(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let open = read_text(&mut sio);
+    assert!(
+        open.starts_with(r#"0{"sid":""#)
+            && open.contains(r#""pingInterval":25000,"pingTimeout":35000"#),
+        "{open}"
+    );
+    sio.send(tungstenite::Message::Text(
+        format!(r#"40{{"token":"{token}"}}"#).into(),
+    ))
+    .unwrap();
+    let connected = read_text(&mut sio);
+    assert!(connected.starts_with(r#"40{"sid":"#), "{connected}");
+    sio.send(tungstenite::Message::Text(
+        r#"421["join",{"room_id":"mixed"}]"#.into(),
+    ))
+    .unwrap();
+    assert_eq!(read_text(&mut sio), r#"431[{"ok":true}]"#);
+
+    let mut native = server.connect(&server.token("native"), None);
+    welcome(&mut native);
+    let id = native.request("join", &[("room", s("mixed"))]);
+    native.expect("reply", Some(id));
+
+    sio.send(tungstenite::Message::Text(
+        r#"422["message",{"room_id":"mixed","message":{"text":"from sio"}}]"#.into(),
+    ))
+    .unwrap();
+    let mut got_ack = false;
+    let mut got_event = false;
+    while !(got_ack && got_event) {
+        let text = read_text(&mut sio);
+        if text == r#"432[{"ok":true,"seq":1}]"# {
+            got_ack = true;
+        } else if text.starts_with(r#"42["message""#) {
+            assert_eq!(
+                text,
+                r#"42["message",{"room_id":"mixed","user_id":"sio-user","username":"sio-user","message":{"text":"from sio"},"seq":1}]"#
+            );
+            got_event = true;
+        }
+    }
+    let m = native.expect("message", None);
+    assert_eq!(m.get("from").and_then(Value::as_str), Some("sio-user"));
+    assert_eq!(m.get("data"), Some(&obj(&[("text", s("from sio"))])));
+    let id = native.request(
+        "publish",
+        &[("room", s("mixed")), ("data", s("from native"))],
+    );
+    native.expect("reply", Some(id));
+    loop {
+        let text = read_text(&mut sio);
+        if text.starts_with(r#"42["message""#) {
+            assert!(
+                text.contains(r#""message":"from native","seq":2"#),
+                "{text}"
+            );
+            break;
+        }
+    }
+    // A failed event with an ack gets {ok:false}; without an ack, an `error` event.
+    sio.send(tungstenite::Message::Text(r#"423["dance",{}]"#.into()))
+        .unwrap();
+    assert_eq!(
+        read_text(&mut sio),
+        r#"433[{"ok":false,"error":{"code":"unknown_op","message":"unknown event"}}]"#
+    );
+    sio.send(tungstenite::Message::Text(
+        r#"42["leave",{"room_id":"never"}]"#.into(),
+    ))
+    .unwrap();
+    assert_eq!(
+        read_text(&mut sio),
+        r#"42["error",{"code":"not_joined","message":"not joined to this room"}]"#
+    );
+
+    // A bad token is a CONNECT_ERROR.
+    let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let (mut bad, _) = tungstenite::client::client(url.as_str(), stream).unwrap();
+    let _open = read_text(&mut bad);
+    bad.send(tungstenite::Message::Text(r#"40{"token":"nope"}"#.into()))
+        .unwrap();
+    assert_eq!(read_text(&mut bad), r#"44{"message":"unauthorized"}"#);
+}
