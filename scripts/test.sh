@@ -35,4 +35,14 @@ step "fuzz targets compile (stable; coverage flags only in fuzz/run.sh)"
 cargo build --manifest-path fuzz/Cargo.toml -j "$jobs"
 
 step "cargo test --workspace"
-cargo test --workspace -j "$jobs" -- --test-threads="${TEST_THREADS:-4}"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace -j "$jobs" -- --test-threads="${TEST_THREADS:-4}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary (cargo prints one per binary, the last often a doc-test
+# run with 0 tests).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "\n%d passed, %d failed\n", p, f }' "$log"
+exit "$status"

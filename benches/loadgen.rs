@@ -1,0 +1,767 @@
+//! The end-to-end load generator: starts a real `ringhub serve` (or a trivial raw-socket writer
+//! for the `ceiling` scenario), opens authenticated WebSocket connections spread over loopback
+//! source addresses 127.0.0.2..=127.0.0.17 (to stay clear of port exhaustion), and prints one JSON
+//! line of results per scenario. Every loop is bounded in count and time.
+//!
+//! ```text
+//! loadgen idle    [--conns 15000]
+//! loadgen connect [--conns 10000] [--concurrency 64]
+//! loadgen fanout  [--rooms 10] [--room-size 100] [--publishers 1] [--payload 64] [--duration 10]
+//! loadgen ceiling [--rooms 10] [--room-size 100] [--payload 64] [--duration 10]
+//! common: [--server target/release/ringhub] [--shards 2] [--threads 2] [--format json|msgpack] [--zstd]
+//! ```
+//! This machine caps a process at 20,000 open files: keep --conns (and rooms × room-size) under
+//! about 18,000, since the load generator holds one descriptor per connection.
+// A measuring tool: it panics on any failure (that is its error report) and casts counts freely.
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    missing_docs
+)]
+
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use protocol::ws;
+
+#[derive(Debug, Clone)]
+struct Opts {
+    scenario: String,
+    server: String,
+    shards: usize,
+    threads: usize,
+    conns: usize,
+    concurrency: usize,
+    rooms: usize,
+    room_size: usize,
+    publishers: usize,
+    payload: usize,
+    duration: u64,
+    msgpack: bool,
+    zstd: bool,
+}
+
+fn parse_opts() -> Opts {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut o = Opts {
+        scenario: args.first().cloned().unwrap_or_else(|| "idle".into()),
+        server: "target/release/ringhub".into(),
+        shards: 2,
+        threads: 2,
+        conns: 15000,
+        concurrency: 64,
+        rooms: 10,
+        room_size: 100,
+        publishers: 1,
+        payload: 64,
+        duration: 10,
+        msgpack: false,
+        zstd: false,
+    };
+    let mut i = 1;
+    while i < args.len() {
+        let value = args.get(i + 1).cloned().unwrap_or_default();
+        let num = || {
+            value
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("{} needs a number", args[i]))
+        };
+        match args[i].as_str() {
+            "--server" => o.server = value.clone(),
+            "--shards" => o.shards = num() as usize,
+            "--threads" => o.threads = num() as usize,
+            "--conns" => o.conns = num() as usize,
+            "--concurrency" => o.concurrency = num() as usize,
+            "--rooms" => o.rooms = num() as usize,
+            "--room-size" => o.room_size = num() as usize,
+            "--publishers" => o.publishers = num() as usize,
+            "--payload" => o.payload = num() as usize,
+            "--duration" => o.duration = num().min(120),
+            "--format" => o.msgpack = value == "msgpack",
+            "--zstd" => {
+                o.zstd = true;
+                i += 1;
+                continue;
+            }
+            other => panic!("unknown option {other}"),
+        }
+        i += 2;
+    }
+    assert!(
+        o.conns <= 18_000 && o.rooms * o.room_size <= 18_000,
+        "stay under the 20,000 open files limit"
+    );
+    o
+}
+
+struct ServerProc {
+    child: Child,
+    addr: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_server(o: &Opts) -> ServerProc {
+    let dir = std::env::temp_dir().join(format!("ringhub-loadgen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let shards = o.shards.to_string();
+    let data = dir.join("data").display().to_string();
+    let mut child = Command::new(&o.server)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            &shards,
+            "--data-dir",
+            &data,
+            "--default-rooms",
+            "",
+            "--log-level",
+            "warn",
+        ])
+        .args([
+            "--rate-limits.connect-per-ip",
+            "0/1s",
+            "--max-connections-per-ip",
+            "10000000",
+            "--max-connections-per-user",
+            "100000",
+        ])
+        .args([
+            "--rate-limits.publish-per-connection",
+            "0/1s",
+            "--rate-limits.publish-per-room",
+            "0/1s",
+            "--rate-limits.join-per-connection",
+            "0/1s",
+        ])
+        .args([
+            "--max-room-members",
+            "10000000",
+            "--max-queued-bytes",
+            "16MiB",
+            "--compression-threshold",
+            "256",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (build it with `cargo build --release -p ringhub`)",
+                o.server
+            )
+        });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server exited").unwrap();
+        if let Some(rest) = line.split("\"addr\":\"").nth(1) {
+            break rest.split('"').next().unwrap().parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    ServerProc { child, addr, dir }
+}
+
+fn tokens(server: &ServerProc, count: usize) -> Vec<String> {
+    let data = server.dir.join("data").display().to_string();
+    let flags = vec![("--data-dir".to_owned(), data)];
+    let (raw, layers) = server::config::load(None, Vec::new(), &flags).unwrap();
+    let config = server::config::Config::validate(raw, &layers).unwrap();
+    let (secrets, _) =
+        server::config::secrets::resolve(&config, server::config::secrets::Generate::Forbidden)
+            .unwrap();
+    let secrets = secrets.expect("secrets");
+    let svc = server::tokens::TokenService::hs256(&secrets.jwt_secret, &[]);
+    (0..count)
+        .map(|i| {
+            svc.mint(&format!("lg{i}"), &format!("lg{i}"), "", 3600)
+                .unwrap()
+                .0
+        })
+        .collect()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A blocking connect from a chosen loopback source address, handed to monoio.
+fn connect_from(addr: SocketAddr, n: usize) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let src = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2 + (n % 16) as u8), 0);
+    socket.bind(&src.into())?;
+    socket.connect(&addr.into())?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    TcpStream::from_std(socket.into())
+}
+
+/// Splits server frames out of a byte stream.
+#[derive(Default)]
+struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Calls `f(opcode, payload)` for every complete frame; keeps the rest.
+    fn drain(&mut self, mut f: impl FnMut(u8, &[u8])) {
+        let mut i = 0;
+        loop {
+            let b = &self.buf[i..];
+            if b.len() < 2 {
+                break;
+            }
+            let (len, header) = match b[1] & 0x7F {
+                126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
+                127 if b.len() >= 10 => (
+                    u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                126 | 127 => break,
+                l => (usize::from(l), 2),
+            };
+            if b.len() < header + len {
+                break;
+            }
+            f(b[0] & 0x0F, &b[header..header + len]);
+            i += header + len;
+        }
+        self.buf.drain(..i);
+    }
+}
+
+async fn read_into(
+    stream: &mut TcpStream,
+    reader: &mut FrameReader,
+    scratch: Vec<u8>,
+) -> (bool, Vec<u8>) {
+    let (res, scratch) = stream.read(scratch).await;
+    match res {
+        Ok(n) if n > 0 => {
+            reader.buf.extend_from_slice(&scratch[..n]);
+            (true, scratch)
+        }
+        Ok(_) => (false, scratch),
+        Err(e) => {
+            eprintln!("read: {e}");
+            (false, scratch)
+        }
+    }
+}
+
+/// Opens a connection and waits for the welcome.
+async fn open(
+    addr: SocketAddr,
+    n: usize,
+    token: &str,
+    protocol: &str,
+) -> std::io::Result<(TcpStream, FrameReader)> {
+    let mut stream = connect_from(addr, n)?;
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocol}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    let (res, _) = stream.write_all(req.into_bytes()).await;
+    res?;
+    let mut reader = FrameReader::default();
+    let mut scratch = Vec::with_capacity(8192);
+    let mut head_done = false;
+    let mut welcomed = false;
+    while !welcomed {
+        let (ok, s) = read_into(&mut stream, &mut reader, scratch).await;
+        scratch = s;
+        if !ok {
+            return Err(std::io::Error::other(format!(
+                "closed during handshake after {:?}",
+                String::from_utf8_lossy(&reader.buf)
+            )));
+        }
+        if !head_done {
+            let Some(pos) = reader.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            if !reader.buf.starts_with(b"HTTP/1.1 101") {
+                return Err(std::io::Error::other(
+                    String::from_utf8_lossy(&reader.buf).into_owned(),
+                ));
+            }
+            reader.buf.drain(..pos + 4);
+            head_done = true;
+        }
+        reader.drain(|_, _| welcomed = true);
+    }
+    Ok((stream, reader))
+}
+
+fn masked(opcode: ws::OpCode, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    ws::encode_masked_frame(&mut out, opcode, true, payload, [0x11, 0x22, 0x33, 0x44]);
+    out
+}
+
+fn protocol_name(o: &Opts) -> &'static str {
+    match (o.msgpack, o.zstd) {
+        (false, false) => "ringhub.v1.json",
+        (false, true) => "ringhub.v1.json+zstd",
+        (true, false) => "ringhub.v1.msgpack",
+        (true, true) => "ringhub.v1.msgpack+zstd",
+    }
+}
+
+fn encode(o: &Opts, json: &str) -> Vec<u8> {
+    let v = protocol::envelope::decode_value(
+        json.as_bytes(),
+        protocol::envelope::Format::Json,
+        &protocol::envelope::DecodeLimits::default(),
+    )
+    .unwrap();
+    if o.msgpack {
+        masked(
+            ws::frame::BINARY,
+            &protocol::envelope::encode_value(&v, protocol::envelope::Format::MsgPack).unwrap(),
+        )
+    } else {
+        masked(ws::frame::TEXT, json.as_bytes())
+    }
+}
+
+fn runtime() -> monoio::FusionRuntime<
+    monoio::time::TimeDriver<monoio::IoUringDriver>,
+    monoio::time::TimeDriver<monoio::LegacyDriver>,
+> {
+    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .with_entries(4096)
+        .build()
+        .unwrap()
+}
+
+fn scenario_idle(o: &Opts) {
+    let server = start_server(o);
+    let pid = server.child.id();
+    let tokens = Arc::new(tokens(&server, o.conns));
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss_kib(pid);
+    let opened = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..o.threads)
+        .map(|t| {
+            let (tokens, opened, done, o, addr) = (
+                tokens.clone(),
+                opened.clone(),
+                done.clone(),
+                o.clone(),
+                server.addr,
+            );
+            std::thread::spawn(move || {
+                runtime().block_on(async move {
+                    let mut held = Vec::new();
+                    for i in (t..o.conns).step_by(o.threads) {
+                        match open(addr, i, &tokens[i], protocol_name(&o)).await {
+                            Ok(c) => held.push(c),
+                            Err(e) => panic!("connection {i}: {e}"),
+                        }
+                        opened.fetch_add(1, Ordering::Relaxed);
+                    }
+                    while !done.load(Ordering::Relaxed) {
+                        monoio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    drop(held);
+                });
+            })
+        })
+        .collect();
+    while opened.load(Ordering::Relaxed) < o.conns as u64
+        && started.elapsed() < Duration::from_secs(120)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let open_secs = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss_kib(pid);
+    done.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    let n = opened.load(Ordering::Relaxed);
+    println!(
+        "{{\"scenario\":\"idle\",\"conns\":{n},\"shards\":{},\"format\":\"{}\",\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"bytes_per_conn\":{:.0},\"open_secs\":{open_secs:.2}}}",
+        o.shards,
+        protocol_name(o),
+        (after.saturating_sub(before) * 1024) as f64 / n.max(1) as f64
+    );
+}
+
+fn scenario_connect(o: &Opts) {
+    let server = start_server(o);
+    let tokens = Arc::new(tokens(&server, o.conns));
+    let next = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..o.threads)
+        .map(|_| {
+            let (tokens, next, failed, o, addr) = (
+                tokens.clone(),
+                next.clone(),
+                failed.clone(),
+                o.clone(),
+                server.addr,
+            );
+            std::thread::spawn(move || {
+                runtime().block_on(async move {
+                    let tasks: Vec<_> = (0..o.concurrency / o.threads.max(1))
+                        .map(|_| {
+                            let (tokens, next, failed, o) =
+                                (tokens.clone(), next.clone(), failed.clone(), o.clone());
+                            monoio::spawn(async move {
+                                loop {
+                                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                                    if i >= o.conns {
+                                        break;
+                                    }
+                                    if open(addr, i, &tokens[i], protocol_name(&o)).await.is_err() {
+                                        failed.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await;
+                    }
+                });
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let failed = failed.load(Ordering::Relaxed);
+    println!(
+        "{{\"scenario\":\"connect\",\"handshakes\":{},\"failed\":{failed},\"shards\":{},\"concurrency\":{},\"secs\":{secs:.3},\"handshakes_per_sec\":{:.0}}}",
+        o.conns,
+        o.shards,
+        o.concurrency,
+        (o.conns as u64 - failed) as f64 / secs
+    );
+}
+
+/// Counts delivered messages and samples latency from the `T<micros>|` prefix of `data`.
+#[derive(Default)]
+struct Tally {
+    delivered: u64,
+    latencies_us: Vec<u32>,
+}
+
+fn note_message(payload: &[u8], measuring: bool, tally: &RefCell<Tally>) {
+    let mut t = tally.borrow_mut();
+    if !measuring {
+        return;
+    }
+    t.delivered += 1;
+    if t.delivered.is_multiple_of(8)
+        && let Some(pos) = payload.windows(2).position(|w| w == b"|T")
+    {
+        let digits: u64 = payload[pos + 2..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .fold(0, |acc, b| acc * 10 + u64::from(b - b'0'));
+        let lat = now_us().saturating_sub(digits);
+        if t.latencies_us.len() < 2_000_000 {
+            t.latencies_us.push(u32::try_from(lat).unwrap_or(u32::MAX));
+        }
+    }
+}
+
+fn report_fanout(name: &str, o: &Opts, secs: f64, tallies: Vec<Tally>, extra: &str) {
+    let delivered: u64 = tallies.iter().map(|t| t.delivered).sum();
+    let mut lat: Vec<u32> = tallies.into_iter().flat_map(|t| t.latencies_us).collect();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "{{\"scenario\":\"{name}\",\"shards\":{},\"rooms\":{},\"room_size\":{},\"publishers_per_room\":{},\"payload\":{},\"format\":\"{}\",\"secs\":{secs:.2},\"deliveries\":{delivered},\"deliveries_per_sec\":{:.0},\"latency_us_p50\":{},\"latency_us_p99\":{},\"latency_us_max\":{}{extra}}}",
+        o.shards,
+        o.rooms,
+        o.room_size,
+        o.publishers,
+        o.payload,
+        protocol_name(o),
+        delivered as f64 / secs,
+        pct(0.5),
+        pct(0.99),
+        lat.last().copied().unwrap_or(0)
+    );
+}
+
+fn scenario_fanout(o: &Opts) {
+    let server = start_server(o);
+    let total = o.rooms * o.room_size;
+    let tokens = Arc::new(tokens(&server, total));
+    let ready = Arc::new(AtomicU64::new(0));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles: Vec<_> = (0..o.threads)
+        .map(|t| {
+            let (tokens, ready, measuring, stop, o, addr) = (tokens.clone(), ready.clone(), measuring.clone(), stop.clone(), o.clone(), server.addr);
+            std::thread::spawn(move || {
+                let tally = Rc::new(RefCell::new(Tally::default()));
+                let tally2 = tally.clone();
+                runtime().block_on(async move {
+                    let mut tasks = Vec::new();
+                    for i in (t..o.rooms * o.room_size).step_by(o.threads) {
+                        let (room, member) = (i / o.room_size, i % o.room_size);
+                        let (mut stream, mut reader) = open(addr, i, &tokens[i], protocol_name(&o)).await.unwrap();
+                        let join = encode(&o, &format!(r#"{{"op":"join","id":1,"room":"r{room}"}}"#));
+                        let (res, _) = stream.write_all(join).await;
+                        res.unwrap();
+                        let mut scratch = Vec::with_capacity(64 * 1024);
+                        let mut joined = false;
+                        while !joined {
+                            let (ok, s) = read_into(&mut stream, &mut reader, scratch).await;
+                            scratch = s;
+                            assert!(ok, "closed while joining");
+                            reader.drain(|_, _| joined = true);
+                        }
+                        ready.fetch_add(1, Ordering::Relaxed);
+                        let publisher = member < o.publishers;
+                        let (tally, measuring, stop, o) = (tally.clone(), measuring.clone(), stop.clone(), o.clone());
+                        tasks.push(monoio::spawn(async move {
+                            let (mut rd, mut wr) = monoio::io::Splitable::into_split(stream);
+                            if publisher {
+                                let stop2 = stop.clone();
+                                let pad = "x".repeat(o.payload.saturating_sub(24));
+                                monoio::spawn(async move {
+                                    // Wait for every connection, then publish with a bounded pace:
+                                    // batches of 8 and a yield, so the writer never runs unbounded ahead.
+                                    while !stop2.load(Ordering::Relaxed) {
+                                        let mut batch = Vec::new();
+                                        for _ in 0..8 {
+                                            let msg = format!(r#"{{"op":"publish","room":"r{room}","data":"{pad}|T{}"}}"#, now_us());
+                                            batch.extend_from_slice(&encode(&o, &msg));
+                                        }
+                                        let (res, _) = wr.write_all(batch).await;
+                                        if res.is_err() {
+                                            break;
+                                        }
+                                        monoio::time::sleep(Duration::from_micros(200)).await;
+                                    }
+                                });
+                            }
+                            let mut reader = reader;
+                            let mut scratch = Vec::with_capacity(64 * 1024);
+                            while !stop.load(Ordering::Relaxed) {
+                                let (ok, s) = read_into_half(&mut rd, &mut reader, scratch).await;
+                                scratch = s;
+                                if !ok {
+                                    break;
+                                }
+                                let m = measuring.load(Ordering::Relaxed);
+                                reader.drain(|op, payload| {
+                                    if op == 1 || op == 2 {
+                                        note_message(payload, m, &tally);
+                                    }
+                                });
+                            }
+                        }));
+                    }
+                    while !stop.load(Ordering::Relaxed) {
+                        monoio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    drop(tasks);
+                });
+                Rc::try_unwrap(tally2).map(RefCell::into_inner).unwrap_or_default()
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    while ready.load(Ordering::Relaxed) < total as u64
+        && started.elapsed() < Duration::from_secs(120)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Publishers start when their connection is up; measure a steady window after a warm-up.
+    std::thread::sleep(Duration::from_secs(1));
+    measuring.store(true, Ordering::Relaxed);
+    let window = Instant::now();
+    std::thread::sleep(Duration::from_secs(o.duration));
+    measuring.store(false, Ordering::Relaxed);
+    let secs = window.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    drop(server);
+    let tallies: Vec<Tally> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_default())
+        .collect();
+    report_fanout("fanout", o, secs, tallies, "");
+}
+
+async fn read_into_half(
+    rd: &mut monoio::io::OwnedReadHalf<TcpStream>,
+    reader: &mut FrameReader,
+    scratch: Vec<u8>,
+) -> (bool, Vec<u8>) {
+    let (res, scratch) = rd.read(scratch).await;
+    match res {
+        Ok(n) if n > 0 => {
+            reader.buf.extend_from_slice(&scratch[..n]);
+            (true, scratch)
+        }
+        _ => (false, scratch),
+    }
+}
+
+/// The raw ceiling: `shards` writer threads each own an equal share of R × S loopback sockets and
+/// write the same message frame to every socket in turn, as a broadcast would; the receivers are
+/// the same code as in `fanout`.
+fn scenario_ceiling(o: &Opts) {
+    let total = o.rooms * o.room_size;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Receivers connect (blocking) from the same source spread.
+    let mut accepted = Vec::with_capacity(total);
+    let receivers: Vec<_> = (0..o.threads)
+        .map(|t| {
+            let (measuring, stop, o) = (measuring.clone(), stop.clone(), o.clone());
+            let streams: Vec<std::net::TcpStream> = (t..total)
+                .step_by(o.threads)
+                .map(|i| {
+                    use socket2::{Domain, Socket, Type};
+                    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                    s.bind(
+                        &SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2 + (i % 16) as u8), 0).into(),
+                    )
+                    .unwrap();
+                    s.connect(&addr.into()).unwrap();
+                    s.into()
+                })
+                .collect();
+            for _ in 0..streams.len() {
+                accepted.push(listener.accept().unwrap().0);
+            }
+            std::thread::spawn(move || {
+                let tally = Rc::new(RefCell::new(Tally::default()));
+                let tally2 = tally.clone();
+                runtime().block_on(async move {
+                    let tasks: Vec<_> = streams
+                        .into_iter()
+                        .map(|s| {
+                            s.set_nonblocking(true).unwrap();
+                            let mut stream = TcpStream::from_std(s).unwrap();
+                            let (tally, measuring, stop) =
+                                (tally.clone(), measuring.clone(), stop.clone());
+                            monoio::spawn(async move {
+                                let mut reader = FrameReader::default();
+                                let mut scratch = Vec::with_capacity(64 * 1024);
+                                while !stop.load(Ordering::Relaxed) {
+                                    let (ok, s) =
+                                        read_into(&mut stream, &mut reader, scratch).await;
+                                    scratch = s;
+                                    if !ok {
+                                        break;
+                                    }
+                                    let m = measuring.load(Ordering::Relaxed);
+                                    reader.drain(|_, payload| note_message(payload, m, &tally));
+                                }
+                            })
+                        })
+                        .collect();
+                    while !stop.load(Ordering::Relaxed) {
+                        monoio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    drop(tasks);
+                });
+                Rc::try_unwrap(tally2)
+                    .map(RefCell::into_inner)
+                    .unwrap_or_default()
+            })
+        })
+        .collect();
+    let per_writer = accepted.len().div_ceil(o.shards.max(1));
+    let pad = "x".repeat(o.payload.saturating_sub(24));
+    let writers: Vec<_> = accepted
+        .chunks(per_writer)
+        .map(|chunk| {
+            let socks: Vec<std::net::TcpStream> = chunk.iter().map(|s| s.try_clone().unwrap()).collect();
+            let (stop, pad) = (stop.clone(), pad.clone());
+            let rooms = o.rooms;
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut socks = socks;
+                while !stop.load(Ordering::Relaxed) {
+                    // One "message" per room, written to that room's members in this writer's share.
+                    let json = format!(r#"{{"op":"message","room":"r0","seq":1,"from":"u","name":"u","ts":0,"data":"{pad}|T{}"}}"#, now_us());
+                    let frame = ws::frame_bytes(ws::frame::TEXT, json.as_bytes());
+                    for s in &mut socks {
+                        let _ = s.write_all(&frame);
+                    }
+                    let _ = rooms;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    measuring.store(true, Ordering::Relaxed);
+    let window = Instant::now();
+    std::thread::sleep(Duration::from_secs(o.duration));
+    measuring.store(false, Ordering::Relaxed);
+    let secs = window.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    drop(accepted);
+    for w in writers {
+        let _ = w.join();
+    }
+    let tallies: Vec<Tally> = receivers
+        .into_iter()
+        .map(|h| h.join().unwrap_or_default())
+        .collect();
+    report_fanout("ceiling", o, secs, tallies, "");
+}
+
+fn main() {
+    let o = parse_opts();
+    match o.scenario.as_str() {
+        "idle" => scenario_idle(&o),
+        "connect" => scenario_connect(&o),
+        "fanout" => scenario_fanout(&o),
+        "ceiling" => scenario_ceiling(&o),
+        other => panic!("unknown scenario {other}: idle, connect, fanout, ceiling"),
+    }
+}
