@@ -380,7 +380,8 @@ pub(crate) fn flush_presence(shard: &Rc<Shard>) {
         }
         let mut joined = Vec::new();
         let mut left = Vec::new();
-        for (user, (name, is_join)) in home.pending_diff.drain() {
+        // `take` rather than `drain`: an idle room keeps no table capacity.
+        for (user, (name, is_join)) in std::mem::take(&mut home.pending_diff) {
             let entry = PresenceUser {
                 user: user.to_string(),
                 name: name.to_string(),

@@ -337,19 +337,18 @@ async fn upgrade(
     }
     match identity {
         Some(identity) => {
-            crate::ws::run(
-                shard,
-                crate::ws::Accepted {
-                    stream,
-                    leftover,
-                    identity,
-                    dialect,
-                    ip,
-                    replaced,
-                    id: conn_id,
-                },
-            )
-            .await;
+            // A task of its own: the HTTP phase (request head, buffers, token) is freed when this
+            // function returns, so an idle connection keeps only its session state.
+            let accepted = crate::ws::Accepted {
+                stream,
+                leftover,
+                identity,
+                dialect,
+                ip,
+                replaced,
+                id: conn_id,
+            };
+            monoio::spawn(crate::ws::run(shard, accepted));
         }
         None => {
             let query_token = token;
@@ -360,19 +359,16 @@ async fn upgrade(
             let mut stream = connected.stream;
             match shard.shared.admit(ip, &connected.identity.user_id, conn_id) {
                 Ok(replaced) => {
-                    crate::ws::run(
-                        shard,
-                        crate::ws::Accepted {
-                            stream,
-                            leftover: connected.leftover,
-                            identity: connected.identity,
-                            dialect,
-                            ip,
-                            replaced,
-                            id: conn_id,
-                        },
-                    )
-                    .await;
+                    let accepted = crate::ws::Accepted {
+                        stream,
+                        leftover: connected.leftover,
+                        identity: connected.identity,
+                        dialect,
+                        ip,
+                        replaced,
+                        id: conn_id,
+                    };
+                    monoio::spawn(crate::ws::run(shard, accepted));
                 }
                 Err(refused) => {
                     metrics.connect(cap_refusal(refused).metric);

@@ -326,7 +326,7 @@ pub(crate) struct Shard {
 /// Size of the buffers a shard lends for reads and writes.
 pub(crate) const BUFFER_SIZE: usize = 16 * 1024;
 /// Buffers kept for reuse per shard.
-const POOLED_BUFFERS: usize = 256;
+const POOLED_BUFFERS: usize = 32;
 
 impl Shard {
     pub(crate) fn new(id: usize, shared: Arc<Shared>) -> std::io::Result<Self> {

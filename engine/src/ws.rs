@@ -155,7 +155,7 @@ fn send_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     let cfg = &shard.shared.config;
     // In configured order (default rooms, then the personal room), whatever order the homes
     // answered in; rooms that refused the join (full) are left out.
-    let joined = conn.initial_rooms.borrow();
+    let joined = std::mem::take(&mut *conn.initial_rooms.borrow_mut());
     let mut rooms: Vec<RoomId> = cfg
         .default_rooms
         .iter()
