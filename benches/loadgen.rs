@@ -49,6 +49,8 @@ struct Opts {
     duration: u64,
     msgpack: bool,
     zstd: bool,
+    /// Messages per second per publisher (0 = as fast as the bounded batches go).
+    rate: u64,
 }
 
 fn parse_opts() -> Opts {
@@ -67,6 +69,7 @@ fn parse_opts() -> Opts {
         duration: 10,
         msgpack: false,
         zstd: false,
+        rate: 0,
     };
     let mut i = 1;
     while i < args.len() {
@@ -88,6 +91,7 @@ fn parse_opts() -> Opts {
             "--payload" => o.payload = num() as usize,
             "--duration" => o.duration = num().min(120),
             "--format" => o.msgpack = value == "msgpack",
+            "--rate" => o.rate = num(),
             "--zstd" => {
                 o.zstd = true;
                 i += 1;
@@ -198,6 +202,32 @@ fn tokens(server: &ServerProc, count: usize) -> Vec<String> {
                 .0
         })
         .collect()
+}
+
+/// The server's counters of interest, as `"name":value` JSON fields.
+fn server_counters(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    let mut out = String::new();
+    for (name, key) in [
+        ("ringhub_deliveries_total ", "server_deliveries"),
+        (
+            "ringhub_messages_in_total{op=\"publish\"} ",
+            "server_publishes",
+        ),
+        ("ringhub_connections ", "server_connections"),
+    ] {
+        if let Some(v) = text.lines().find_map(|l| l.strip_prefix(name)) {
+            out.push_str(&format!(",\"{key}\":{v}"));
+        }
+    }
+    out
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -569,12 +599,21 @@ fn scenario_fanout(o: &Opts) {
                                 monoio::spawn(async move {
                                     // Wait for every connection, then publish with a bounded pace:
                                     // batches of 8 and a yield, so the writer never runs unbounded ahead.
+                                    let started = Instant::now();
+                                    let mut sent: u64 = 0;
                                     while !stop2.load(Ordering::Relaxed) {
+                                        // With --rate, publish only when behind schedule; the tick
+                                        // stays short either way.
+                                        if o.rate > 0 && sent * 1_000_000 / o.rate > started.elapsed().as_micros() as u64 {
+                                            monoio::time::sleep(Duration::from_micros(200)).await;
+                                            continue;
+                                        }
                                         let mut batch = Vec::new();
                                         for _ in 0..8 {
                                             let msg = format!(r#"{{"op":"publish","room":"r{room}","data":"{pad}|T{}"}}"#, now_us());
                                             batch.extend_from_slice(&encode(&o, &msg));
                                         }
+                                        sent += 8;
                                         let (res, _) = wr.write_all(batch).await;
                                         if res.is_err() {
                                             break;
@@ -605,7 +644,8 @@ fn scenario_fanout(o: &Opts) {
                     }
                     drop(tasks);
                 });
-                Rc::try_unwrap(tally2).map(RefCell::into_inner).unwrap_or_default()
+                // Tasks blocked in a read may still hold clones: take the counts out.
+                std::mem::take(&mut *tally2.borrow_mut())
             })
         })
         .collect();
@@ -660,6 +700,7 @@ fn scenario_ceiling(o: &Opts) {
     let receivers: Vec<_> = (0..o.threads)
         .map(|t| {
             let (measuring, stop, o) = (measuring.clone(), stop.clone(), o.clone());
+            // Accept each connection right after making it: the listen backlog is small.
             let streams: Vec<std::net::TcpStream> = (t..total)
                 .step_by(o.threads)
                 .map(|i| {
@@ -670,12 +711,10 @@ fn scenario_ceiling(o: &Opts) {
                     )
                     .unwrap();
                     s.connect(&addr.into()).unwrap();
+                    accepted.push(listener.accept().unwrap().0);
                     s.into()
                 })
                 .collect();
-            for _ in 0..streams.len() {
-                accepted.push(listener.accept().unwrap().0);
-            }
             std::thread::spawn(move || {
                 let tally = Rc::new(RefCell::new(Tally::default()));
                 let tally2 = tally.clone();
@@ -708,9 +747,8 @@ fn scenario_ceiling(o: &Opts) {
                     }
                     drop(tasks);
                 });
-                Rc::try_unwrap(tally2)
-                    .map(RefCell::into_inner)
-                    .unwrap_or_default()
+                // Tasks blocked in a read may still hold clones: take the counts out.
+                std::mem::take(&mut *tally2.borrow_mut())
             })
         })
         .collect();
@@ -727,10 +765,14 @@ fn scenario_ceiling(o: &Opts) {
                 let mut socks = socks;
                 while !stop.load(Ordering::Relaxed) {
                     // One "message" per room, written to that room's members in this writer's share.
-                    let json = format!(r#"{{"op":"message","room":"r0","seq":1,"from":"u","name":"u","ts":0,"data":"{pad}|T{}"}}"#, now_us());
-                    let frame = ws::frame_bytes(ws::frame::TEXT, json.as_bytes());
+                    // Eight messages per write, as the engine writes what a connection has queued.
+                    let mut batch = Vec::new();
+                    for _ in 0..8 {
+                        let json = format!(r#"{{"op":"message","room":"r0","seq":1,"from":"u","name":"u","ts":0,"data":"{pad}|T{}"}}"#, now_us());
+                        batch.extend_from_slice(&ws::frame_bytes(ws::frame::TEXT, json.as_bytes()));
+                    }
                     for s in &mut socks {
-                        let _ = s.write_all(&frame);
+                        let _ = s.write_all(&batch);
                     }
                     let _ = rooms;
                 }
