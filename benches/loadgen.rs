@@ -662,13 +662,14 @@ fn scenario_fanout(o: &Opts) {
     std::thread::sleep(Duration::from_secs(o.duration));
     measuring.store(false, Ordering::Relaxed);
     let secs = window.elapsed().as_secs_f64();
+    let counters = server_counters(server.addr);
     stop.store(true, Ordering::Relaxed);
     drop(server);
     let tallies: Vec<Tally> = handles
         .into_iter()
         .map(|h| h.join().unwrap_or_default())
         .collect();
-    report_fanout("fanout", o, secs, tallies, "");
+    report_fanout("fanout", o, secs, tallies, &counters);
 }
 
 async fn read_into_half(
