@@ -34,8 +34,16 @@ pub(crate) fn shard_of(id: ConnId) -> usize {
 pub(crate) enum Membership {
     /// The home shard has not answered yet.
     Pending,
-    /// In the room: receives its messages.
-    Joined,
+    /// In the room since the room's `seq` was this: receives its messages.
+    Joined(u64),
+}
+
+/// A `resume` waiting for its rooms' homes to answer.
+#[derive(Debug)]
+pub(crate) struct PendingResume {
+    pub(crate) id: Option<u64>,
+    pub(crate) waiting: Vec<RoomId>,
+    pub(crate) results: Vec<(RoomId, bool)>,
 }
 
 pub(crate) struct Conn {
@@ -65,6 +73,7 @@ pub(crate) struct Conn {
     /// Initial joins (default rooms, personal room) still unanswered.
     pub(crate) pending_initial: Cell<u32>,
     pub(crate) initial_rooms: RefCell<Vec<RoomId>>,
+    pub(crate) resume: RefCell<Option<PendingResume>>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -114,6 +123,7 @@ impl Conn {
             query_bucket: Cell::new(Bucket::new(&cfg.query_per_connection, now)),
             pending_initial: Cell::new(0),
             initial_rooms: RefCell::new(Vec::new()),
+            resume: RefCell::new(None),
         }
     }
 

@@ -15,7 +15,7 @@ use crate::conn::{ConnId, shard_of};
 use crate::frames::{FRAME_KEYS, FrameKey, Frames};
 use crate::limits::{Bucket, Verdict};
 use crate::now_ms;
-use crate::shard::{Delivery, Reply, Shard, ShardMsg};
+use crate::shard::{Delivery, Joined, Reply, Shard, ShardMsg};
 
 /// A room as its home shard knows it.
 pub(crate) struct HomeRoom {
@@ -109,13 +109,37 @@ fn to_conn(shard: &Rc<Shard>, conn: ConnId, msg: ShardMsg) {
 }
 
 /// The parts of a join that are not the room and the user.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct JoinRequest {
     pub(crate) conn: ConnId,
     pub(crate) key: FrameKey,
     pub(crate) id: Option<u64>,
     pub(crate) initial: bool,
     pub(crate) already: bool,
+    pub(crate) resume: Option<ResumeFrom>,
+}
+
+/// Where a resuming client left a room (SPEC §7).
+#[derive(Debug, Clone)]
+pub(crate) struct ResumeFrom {
+    /// The last `seq` the client saw.
+    pub(crate) seq: u64,
+    /// The `epoch` it saw it in.
+    pub(crate) epoch: String,
+    /// For a room the new connection already joined: its join `seq`, past which it is already
+    /// receiving live messages (so recovery stops there: no duplicate).
+    pub(crate) upto: Option<u64>,
+    /// Whether the session was found, unexpired and of the same user.
+    pub(crate) valid: bool,
+}
+
+/// The answer to a resuming join.
+#[derive(Debug)]
+pub(crate) enum Recovery {
+    /// Every missed message, in order.
+    Recovered(Vec<Arc<MessageRecord>>),
+    /// History no longer covers the gap, or the epoch differs: the client must reload.
+    Lost,
 }
 
 pub(crate) fn join(
@@ -131,6 +155,7 @@ pub(crate) fn join(
         id,
         initial,
         already,
+        resume,
     } = request;
     let cfg = &shard.shared.config;
     let fail = |code: ErrorCode, message: &'static str| ShardMsg::JoinFailed {
@@ -182,7 +207,8 @@ pub(crate) fn join(
             shard.presence_dirty.borrow_mut().push(room.clone());
         }
     }
-    let reply = ShardMsg::Joined {
+    let recovery = resume.map(|from| recover(home, &from, shard));
+    let reply = ShardMsg::Joined(Box::new(Joined {
         room: room.clone(),
         conn,
         id,
@@ -194,9 +220,34 @@ pub(crate) fn join(
         } else {
             Vec::new()
         },
-    };
+        recovery,
+    }));
     drop(rooms);
     to_conn(shard, conn, reply);
+}
+
+/// The messages a resuming client missed in `home`, if history still holds all of them.
+fn recover(home: &mut HomeRoom, from: &ResumeFrom, shard: &Shard) -> Recovery {
+    if !from.valid || *from.epoch != *home.epoch {
+        return Recovery::Lost;
+    }
+    let first = from.seq.saturating_add(1);
+    let last = from.upto.unwrap_or(home.seq).min(home.seq);
+    if first > last {
+        return Recovery::Recovered(Vec::new());
+    }
+    let cfg = &shard.shared.config;
+    home.prune_history(now_ms(), ttl_ms(shard), cfg.history_size);
+    match home.history.front() {
+        Some(oldest) if oldest.seq <= first => Recovery::Recovered(
+            home.history
+                .iter()
+                .filter(|m| m.seq >= first && m.seq <= last)
+                .cloned()
+                .collect(),
+        ),
+        _ => Recovery::Lost,
+    }
 }
 
 pub(crate) fn leave(

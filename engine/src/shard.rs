@@ -18,7 +18,7 @@ use crate::auth::Authenticator;
 use crate::config::EngineConfig;
 use crate::conn::{Conn, ConnId, shard_of};
 use crate::frames::{FrameKey, Frames};
-use crate::home::HomeRoom;
+use crate::home::{HomeRoom, Recovery, ResumeFrom};
 use crate::limits::Bucket;
 use crate::mailbox::Mailbox;
 use crate::metrics::Metrics;
@@ -36,6 +36,7 @@ pub(crate) enum ShardMsg {
         id: Option<u64>,
         initial: bool,
         already: bool,
+        resume: Option<ResumeFrom>,
     },
     /// To a room's home: count a connection out.
     Leave {
@@ -69,15 +70,7 @@ pub(crate) enum ShardMsg {
         limit: u64,
     },
     /// To a connection's shard: the join was counted.
-    Joined {
-        room: RoomId,
-        conn: ConnId,
-        id: Option<u64>,
-        initial: bool,
-        seq: u64,
-        epoch: Arc<str>,
-        presence: Vec<PresenceEntry>,
-    },
+    Joined(Box<Joined>),
     /// To a connection's shard: the join was refused.
     JoinFailed {
         room: RoomId,
@@ -95,6 +88,20 @@ pub(crate) enum ShardMsg {
     Close { conn: ConnId, code: CloseCode },
     /// Stop accepting, close every connection with 1001, exit.
     Shutdown,
+}
+
+/// A counted join, answered to the connection's shard.
+pub(crate) struct Joined {
+    pub(crate) room: RoomId,
+    pub(crate) conn: ConnId,
+    pub(crate) id: Option<u64>,
+    pub(crate) initial: bool,
+    /// The room's `seq` when the join was counted.
+    pub(crate) seq: u64,
+    pub(crate) epoch: Arc<str>,
+    pub(crate) presence: Vec<PresenceEntry>,
+    /// For a join made by `resume`: the missed messages, or that they are lost.
+    pub(crate) recovery: Option<Recovery>,
 }
 
 /// A room's frames for every wire format in use.
@@ -145,12 +152,17 @@ pub(crate) struct Shared {
     pub(crate) mailboxes: Vec<Mailbox<ShardMsg>>,
     users: Vec<Mutex<HashMap<Arc<str>, Vec<ConnId>>>>,
     ips: Vec<Mutex<HashMap<IpAddr, IpState>>>,
+    /// Closed sessions that may be resumed: session → (user, expiry in ms).
+    resumable: Vec<Mutex<ResumableSessions>>,
     pub(crate) shutting_down: AtomicBool,
     /// Distinguishes room epochs across restarts of this process.
     pub(crate) instance: String,
     pub(crate) epoch_counter: AtomicU64,
     pub(crate) session_counter: AtomicU64,
 }
+
+/// Closed sessions that may be resumed: session id → (user id, expiry in epoch ms).
+type ResumableSessions = HashMap<Box<str>, (Arc<str>, u64)>;
 
 /// Why a connect was refused by the caps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +202,7 @@ impl Shared {
             mailboxes: (0..shards).map(|_| Mailbox::new()).collect(),
             users: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
             ips: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            resumable: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
             shutting_down: AtomicBool::new(false),
             instance: nonce.iter().map(|b| format!("{b:02x}")).collect(),
             epoch_counter: AtomicU64::new(0),
@@ -291,6 +304,33 @@ impl Shared {
         }
     }
 
+    /// Remembers a closed session for `resume_ttl`.
+    pub(crate) fn store_resumable(&self, session: &str, user: &Arc<str>) {
+        let now = now_ms();
+        let ttl = u64::try_from(self.config.resume_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut map = self.resumable[stripe(session)]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= 1024 {
+            map.retain(|_, (_, expires)| *expires > now);
+        }
+        map.insert(session.into(), (user.clone(), now.saturating_add(ttl)));
+    }
+
+    /// Takes a resumable session: true when it exists, is unexpired and belongs to `user`.
+    pub(crate) fn take_resumable(&self, session: &str, user: &str) -> bool {
+        let mut map = self.resumable[stripe(session)]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match map.get(session) {
+            Some((owner, expires)) if **owner == *user && *expires > now_ms() => {
+                map.remove(session);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn new_epoch(&self) -> Arc<str> {
         let n = self.epoch_counter.fetch_add(1, Ordering::Relaxed);
         Arc::from(format!("{}{n:x}", self.instance))
@@ -385,8 +425,10 @@ impl Shard {
                 id,
                 initial,
                 already,
+                resume,
             } => {
                 let request = crate::home::JoinRequest {
+                    resume,
                     conn,
                     key,
                     id,
@@ -420,17 +462,7 @@ impl Shard {
                 since,
                 limit,
             } => crate::home::history_query(self, &room, conn, id, since, limit),
-            ShardMsg::Joined {
-                room,
-                conn,
-                id,
-                initial,
-                seq,
-                epoch,
-                presence,
-            } => {
-                crate::ws::on_joined(self, room, conn, id, initial, seq, &epoch, &presence);
-            }
+            ShardMsg::Joined(joined) => crate::ws::on_joined(self, *joined),
             ShardMsg::JoinFailed {
                 room,
                 conn,

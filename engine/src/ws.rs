@@ -10,8 +10,7 @@ use monoio::io::{AsyncReadRent, OwnedReadHalf, Splitable};
 use monoio::net::TcpStream;
 use protocol::compression::{ZstdError, compressed_bound, is_zstd};
 use protocol::envelope::{
-    DecodeLimits, Format, MessageRecord, Op, PresenceEntry, Push, Request, RoomId, WelcomeLimits,
-    decode_request,
+    DecodeLimits, Format, MessageRecord, Op, Push, Request, RoomId, WelcomeLimits, decode_request,
 };
 use protocol::socketio::{self, AckPayload};
 use protocol::ws::{self, Message, MessageDecoder, Subprotocol};
@@ -20,9 +19,10 @@ use protocol::{CloseCode, ErrorCode};
 use crate::auth::{ClientInfo, Identity};
 use crate::conn::{Conn, ConnId, ConnParts, Membership};
 use crate::frames::{FrameKey, encode_native, socketio_frame};
+use crate::home::{Recovery, ResumeFrom};
 use crate::limits::Verdict;
 use crate::now_ms;
-use crate::shard::{Reply, Shard, ShardMsg};
+use crate::shard::{Joined, Reply, Shard, ShardMsg};
 use crate::sys;
 
 /// How a connection speaks.
@@ -123,6 +123,17 @@ fn join_initial_rooms(shard: &Rc<Shard>, conn: &Rc<Conn>) {
 }
 
 fn request_join(shard: &Rc<Shard>, conn: &Rc<Conn>, room: RoomId, id: Option<u64>, initial: bool) {
+    request_join_from(shard, conn, room, id, initial, None);
+}
+
+fn request_join_from(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    room: RoomId,
+    id: Option<u64>,
+    initial: bool,
+    resume: Option<ResumeFrom>,
+) {
     let already = conn.membership(&room).is_some();
     if !already {
         conn.rooms
@@ -139,6 +150,7 @@ fn request_join(shard: &Rc<Shard>, conn: &Rc<Conn>, room: RoomId, id: Option<u64
         id,
         initial,
         already,
+        resume,
     };
     if home == shard.id {
         shard.handle(msg);
@@ -614,17 +626,11 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                 shard.shared.send(home, msg);
             }
         }
-        Op::Resume { .. } => {
+        Op::Resume { session, rooms } => {
             if !token_still_valid(shard, conn) {
                 return;
             }
-            send_error(
-                shard,
-                conn,
-                id,
-                ErrorCode::Unsupported,
-                "resume is not implemented yet",
-            );
+            resume(shard, conn, id, &session, rooms);
         }
         Op::Refresh { token } => {
             let user_agent: Option<&str> = None;
@@ -652,6 +658,76 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
     }
 }
 
+/// SPEC §7: rejoins the rooms (permissions re-checked), recovering missed messages where the
+/// session is this user's, unexpired, and history covers the gap; answers once every room did.
+fn resume(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    id: Option<u64>,
+    session: &str,
+    rooms: Vec<(RoomId, protocol::envelope::ResumePoint)>,
+) {
+    if conn.resume.borrow().is_some() {
+        send_error(
+            shard,
+            conn,
+            id,
+            ErrorCode::Conflict,
+            "a resume is already in progress",
+        );
+        return;
+    }
+    let valid = shard.shared.take_resumable(session, &conn.user_id());
+    let max = shard.shared.config.max_rooms_per_connection as usize;
+    let mut results = Vec::new();
+    let mut joins = Vec::new();
+    for (room, point) in rooms {
+        let foreign_personal = room
+            .as_str()
+            .strip_prefix(RoomId::PERSONAL_PREFIX)
+            .is_some_and(|owner| owner != &*conn.user_id());
+        let membership = conn.membership(&room);
+        let full = membership.is_none() && conn.rooms.borrow().len() + joins.len() >= max;
+        if foreign_personal || full || membership == Some(Membership::Pending) {
+            results.push((room, false));
+            continue;
+        }
+        let upto = match membership {
+            Some(Membership::Joined(seq)) => Some(seq),
+            _ => None,
+        };
+        joins.push((
+            room,
+            ResumeFrom {
+                seq: point.seq,
+                epoch: point.epoch,
+                upto,
+                valid,
+            },
+        ));
+    }
+    if joins.is_empty() {
+        send(
+            shard,
+            conn,
+            &Push::ResumeReply {
+                id,
+                recovered: &results,
+            },
+        );
+        return;
+    }
+    let waiting = joins.iter().map(|(r, _)| r.clone()).collect();
+    *conn.resume.borrow_mut() = Some(crate::conn::PendingResume {
+        id,
+        waiting,
+        results,
+    });
+    for (room, from) in joins {
+        request_join_from(shard, conn, room, None, false, Some(from));
+    }
+}
+
 fn send_ack(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<u64>) {
     if id.is_some() || conn.key == FrameKey::SocketIo {
         send(shard, conn, &Push::Ack { id });
@@ -667,7 +743,7 @@ fn leave_room(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) -> bool {
         };
         rooms.remove(pos).1
     };
-    if membership == Membership::Joined {
+    if matches!(membership, Membership::Joined(_)) {
         shard.drop_local_member(room, conn.id);
     }
     let home = shard.shared.home_of(room);
@@ -687,12 +763,20 @@ fn leave_room(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) -> bool {
 }
 
 fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    let abnormal = conn.abnormal.get() && conn.closing.get().is_none();
     let rooms: Vec<RoomId> = conn.rooms.borrow().iter().map(|(r, _)| r.clone()).collect();
     for room in &rooms {
-        leave_room(shard, conn, room);
+        if abnormal {
+            leave_room_later(shard, conn, room);
+        } else {
+            leave_room(shard, conn, room);
+        }
     }
     shard.conns.borrow_mut().remove(&conn.id);
     shard.shared.release(conn.ip, &conn.user_id(), conn.id);
+    if !shard.shared.config.resume_ttl.is_zero() {
+        shard.shared.store_resumable(&conn.session, &conn.user_id());
+    }
     let metrics = &shard.shared.metrics;
     metrics.connections.fetch_sub(1, Ordering::Relaxed);
     match conn.closing.get() {
@@ -702,23 +786,58 @@ fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     conn.abort();
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn on_joined(
-    shard: &Rc<Shard>,
-    room: RoomId,
-    conn: ConnId,
-    id: Option<u64>,
-    initial: bool,
-    seq: u64,
-    epoch: &str,
-    presence: &[PresenceEntry],
-) {
+/// After an abnormal drop the connection stops receiving at once, but its home hears of the leave
+/// 5 s later, so that a client resuming within them causes no `left`/`joined` flap (SPEC §6).
+fn leave_room_later(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) {
+    let membership = {
+        let mut rooms = conn.rooms.borrow_mut();
+        let Some(pos) = rooms.iter().position(|(r, _)| r == room) else {
+            return;
+        };
+        rooms.remove(pos).1
+    };
+    if matches!(membership, Membership::Joined(_)) {
+        shard.drop_local_member(room, conn.id);
+    }
+    let home = shard.shared.home_of(room);
+    let msg = ShardMsg::Leave {
+        room: room.clone(),
+        conn: conn.id,
+        user: conn.user_id(),
+        name: conn.username(),
+        key: conn.key,
+    };
+    let shard = shard.clone();
+    monoio::spawn(async move {
+        monoio::time::sleep(PRESENCE_GRACE).await;
+        if home == shard.id {
+            shard.handle(msg);
+        } else {
+            shard.shared.send(home, msg);
+        }
+    });
+}
+
+/// How long a dropped connection still counts in its rooms' presence.
+const PRESENCE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+pub(crate) fn on_joined(shard: &Rc<Shard>, joined: Joined) {
+    let Joined {
+        room,
+        conn,
+        id,
+        initial,
+        seq,
+        epoch,
+        presence,
+        recovery,
+    } = joined;
     let Some(conn) = shard.conn(conn) else { return };
     let newly_joined = {
         let mut rooms = conn.rooms.borrow_mut();
         match rooms.iter_mut().find(|(r, _)| *r == room) {
             Some((_, m)) if *m == Membership::Pending => {
-                *m = Membership::Joined;
+                *m = Membership::Joined(seq);
                 true
             }
             Some(_) => false,
@@ -726,6 +845,13 @@ pub(crate) fn on_joined(
             None => return,
         }
     };
+    // Missed messages go out before anything newer: the home answered this join in the same
+    // ordered mailbox that carries the room's later messages.
+    if let Some(Recovery::Recovered(missed)) = &recovery {
+        for record in missed {
+            send(shard, &conn, &Push::Message(record));
+        }
+    }
     if newly_joined {
         shard
             .local_rooms
@@ -733,6 +859,15 @@ pub(crate) fn on_joined(
             .entry(room.clone())
             .or_default()
             .push(conn.clone());
+    }
+    if let Some(recovery) = recovery {
+        resume_answered(
+            shard,
+            &conn,
+            &room,
+            matches!(recovery, Recovery::Recovered(_)),
+        );
+        return;
     }
     if initial {
         conn.initial_rooms.borrow_mut().push(room);
@@ -749,8 +884,36 @@ pub(crate) fn on_joined(
                 id,
                 room: room.as_str(),
                 seq,
-                epoch,
-                presence,
+                epoch: &epoch,
+                presence: &presence,
+            },
+        );
+    }
+}
+
+/// Records one room's outcome of a pending `resume`; the reply goes once every room answered.
+fn resume_answered(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId, recovered: bool) {
+    let done = {
+        let mut pending = conn.resume.borrow_mut();
+        let Some(p) = pending.as_mut() else { return };
+        let Some(pos) = p.waiting.iter().position(|r| r == room) else {
+            return;
+        };
+        p.waiting.remove(pos);
+        p.results.push((room.clone(), recovered));
+        if p.waiting.is_empty() {
+            pending.take()
+        } else {
+            None
+        }
+    };
+    if let Some(done) = done {
+        send(
+            shard,
+            conn,
+            &Push::ResumeReply {
+                id: done.id,
+                recovered: &done.results,
             },
         );
     }
@@ -774,6 +937,15 @@ pub(crate) fn on_join_failed(
         {
             rooms.remove(pos);
         }
+    }
+    if conn
+        .resume
+        .borrow()
+        .as_ref()
+        .is_some_and(|p| p.waiting.contains(room))
+    {
+        resume_answered(shard, &conn, room, false);
+        return;
     }
     if initial {
         initial_done(shard, &conn);

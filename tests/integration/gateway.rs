@@ -241,7 +241,9 @@ fn presence_diffs_and_queries() {
     // bob's first connection leaving changes nothing; the last one is a `left`.
     let id = bob.request("leave", &[("room", s("p"))]);
     bob.expect("reply", Some(id));
-    drop(bob2);
+    // A clean close is reported at once (an abnormal drop would wait 5 s).
+    bob2.socket.close(None).unwrap();
+    assert_eq!(bob2.ended(), Ended::Closed(1000));
     loop {
         let diff = alice.expect("presence", None);
         let left = diff.get("left").and_then(Value::as_array).unwrap();
@@ -403,4 +405,124 @@ fn graceful_shutdown_closes_with_1001_and_exits() {
     for c in &mut clients {
         assert_eq!(c.ended(), Ended::Closed(1001));
     }
+}
+
+#[test]
+fn resume_recovers_missed_messages_in_order_without_presence_flap() {
+    let server = Server::start(
+        "resume",
+        &[
+            "--shards",
+            "2",
+            "--history-size",
+            "4",
+            "--presence-batch",
+            "20ms",
+        ],
+    );
+    let mut bob = server.connect(&server.token("bob"), None);
+    welcome(&mut bob);
+    let id = bob.request("join", &[("room", s("r"))]);
+    bob.expect("reply", Some(id));
+    let mut alice = server.connect(&server.token("alice"), None);
+    let session = str_of(&welcome(&mut alice), "session").to_owned();
+    let id = alice.request("join", &[("room", s("r"))]);
+    let epoch = str_of(&alice.expect("reply", Some(id)), "epoch").to_owned();
+    let publish = |bob: &mut Client, v: u64| {
+        let id = bob.request("publish", &[("room", s("r")), ("data", n(v))]);
+        bob.expect("reply", Some(id));
+    };
+    for v in 1..=2 {
+        publish(&mut bob, v);
+    }
+    assert_eq!(u64_of(&alice.expect("message", None), "seq"), 1);
+    assert_eq!(u64_of(&alice.expect("message", None), "seq"), 2);
+    // An abnormal drop (no close frame), two messages missed, then a resume on a new connection.
+    drop(alice);
+    publish(&mut bob, 3);
+    publish(&mut bob, 4);
+    let mut alice = server.connect(&server.token("alice"), None);
+    welcome(&mut alice);
+    let rooms = obj(&[("r", obj(&[("seq", n(2)), ("epoch", s(&epoch))]))]);
+    let id = alice.request("resume", &[("session", s(&session)), ("rooms", rooms)]);
+    let mut seqs = Vec::new();
+    let reply = loop {
+        let v = alice.recv().unwrap();
+        match v.get("op").and_then(Value::as_str) {
+            Some("message") => seqs.push(u64_of(&v, "seq")),
+            Some("reply") if v.get("id").and_then(Value::as_u64) == Some(id) => break v,
+            _ => {}
+        }
+    };
+    assert_eq!(
+        seqs,
+        [3, 4],
+        "missed messages come before the reply, in order"
+    );
+    assert_eq!(
+        reply.get("recovered"),
+        Some(&obj(&[("r", Value::Bool(true))]))
+    );
+    publish(&mut bob, 5);
+    assert_eq!(u64_of(&alice.expect("message", None), "seq"), 5);
+    // No left/joined flap for alice in bob's presence diffs, and she is present once.
+    bob.set_timeout(Duration::from_millis(6000));
+    let id = bob.request("presence", &[("room", s("r"))]);
+    let before_grace = bob.expect("reply", Some(id));
+    std::thread::sleep(Duration::from_secs(6));
+    let id = bob.request("presence", &[("room", s("r"))]);
+    let after_grace = bob.expect("reply", Some(id));
+    for reply in [before_grace, after_grace] {
+        let list = reply.get("presence").and_then(Value::as_array).unwrap();
+        assert!(
+            list.iter().any(|e| str_of(e, "user") == "alice"),
+            "{list:?}"
+        );
+    }
+    bob.set_timeout(Duration::from_millis(300));
+    while let Ok(v) = bob.recv() {
+        if v.get("op").and_then(Value::as_str) == Some("presence") {
+            let left = v.get("left").and_then(Value::as_array).unwrap();
+            assert!(
+                left.iter().all(|u| str_of(u, "user") != "alice"),
+                "flap: {v:?}"
+            );
+        }
+    }
+
+    // A second resume of the same session, a wrong epoch, and a gap past history: not recovered,
+    // but the rooms are rejoined.
+    let session2 = str_of(&welcome_of(&server, "carol"), "session").to_owned();
+    let mut carol = server.connect(&server.token("carol"), None);
+    welcome(&mut carol);
+    let rooms = obj(&[("r", obj(&[("seq", n(4)), ("epoch", s("not-the-epoch"))]))]);
+    let id = carol.request("resume", &[("session", s(&session2)), ("rooms", rooms)]);
+    let reply = carol.expect("reply", Some(id));
+    assert_eq!(
+        reply.get("recovered"),
+        Some(&obj(&[("r", Value::Bool(false))]))
+    );
+    for v in 6..=11 {
+        publish(&mut bob, v);
+    }
+    assert_eq!(u64_of(&carol.expect("message", None), "seq"), 6);
+    let rooms = obj(&[("r", obj(&[("seq", n(1)), ("epoch", s(&epoch))]))]);
+    let mut dave = server.connect(&server.token("alice"), None);
+    welcome(&mut dave);
+    let id = dave.request("resume", &[("session", s(&session)), ("rooms", rooms)]);
+    let reply = dave.expect("reply", Some(id));
+    // The session was used already, and seq 2 is older than the 4 messages history keeps.
+    assert_eq!(
+        reply.get("recovered"),
+        Some(&obj(&[("r", Value::Bool(false))]))
+    );
+}
+
+/// Connects `user`, reads the welcome, and closes cleanly; returns the welcome.
+fn welcome_of(server: &Server, user: &str) -> Value {
+    let mut c = server.connect(&server.token(user), None);
+    let w = welcome(&mut c);
+    c.socket.close(None).unwrap();
+    assert_eq!(c.ended(), Ended::Closed(1000));
+    w
 }
