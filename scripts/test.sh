@@ -22,6 +22,20 @@ for component in rustfmt clippy; do
   fi
 done
 
+step "third-party test clients (python-socketio, socket.io-client)"
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq nodejs npm
+fi
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq python3-pip
+fi
+if ! python3 -c "import socketio, websocket" >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
+fi
+if [ ! -d tests/clients/node_modules/socket.io-client ]; then
+  (cd tests/clients && npm install --no-audit --no-fund --no-package-lock --silent)
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -7,3 +7,4 @@
 mod config_cli;
 mod gateway;
 mod gateway_limits;
+mod third_party;

@@ -1,0 +1,34 @@
+"""An unmodified python-socketio client for ringhub's black-box tests.
+
+Connects over WebSocket with the token in the CONNECT auth payload, joins ROOM, prints JOINED,
+emits one message with an ack, waits for a message from the native client, and prints a JSON
+summary line. Exits non-zero on any failure or after 15 s.
+"""
+import json
+import os
+import sys
+import threading
+
+import socketio
+
+url, token, room = os.environ["URL"], os.environ["TOKEN"], os.environ["ROOM"]
+got = threading.Event()
+seen = []
+sio = socketio.Client(reconnection=False)
+
+
+@sio.on("message")
+def on_message(data):
+    seen.append(data)
+    if data.get("message") == "from native":
+        got.set()
+
+
+sio.connect(url, auth={"token": token}, transports=["websocket"], wait_timeout=10)
+joined = sio.call("join", {"room_id": room}, timeout=10)
+print("JOINED", json.dumps(joined), flush=True)
+published = sio.call("message", {"room_id": room, "message": "from python"}, timeout=10)
+ok = got.wait(15)
+print(json.dumps({"joined": joined, "published": published, "received": seen}), flush=True)
+sio.disconnect()
+sys.exit(0 if ok else 1)
