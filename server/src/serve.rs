@@ -77,6 +77,14 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), String> {
         config.log_format == crate::config::LogFormat::Pretty,
         &config.log_level,
     );
+    if config.tls.is_some() {
+        // Never fall back to plaintext silently when TLS was asked for.
+        return Err(
+            "tls_cert_file/tls_key_file: TLS termination in the server is not built yet; \
+                    terminate TLS in a proxy and set behind_proxy = true"
+                .into(),
+        );
+    }
     let tokens = Arc::new(token_service(config, secrets)?);
     let metrics = Arc::new(Metrics::new(config.shards));
     let auth = Arc::new(JwtAuthenticator::new(tokens));
