@@ -185,7 +185,7 @@ impl Conn {
 
     /// Starts the close handshake with `code`: queued frames are dropped for a slow consumer and
     /// kept otherwise, the close frame goes last, then the socket's write side is shut. A peer that
-    /// does not finish the handshake within 2 s is cut off.
+    /// does not finish the handshake within 2 s (30 s for a slow consumer) is cut off.
     pub(crate) fn close(self: &Rc<Self>, shard: &Rc<Shard>, code: CloseCode) {
         if self.closing.get().is_some() {
             return;
@@ -204,9 +204,16 @@ impl Conn {
         self.out.borrow_mut().push_back(Bytes::from(frame));
         self.ready.set(true);
         self.kick_writer(shard);
+        // A slow consumer gets longer to drain what its kernel buffers hold and read the 4011: its
+        // queue is already dropped, so waiting costs no memory of ours.
+        let grace = if code == CloseCode::SLOW_CONSUMER {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(2)
+        };
         let conn = self.clone();
         monoio::spawn(async move {
-            monoio::time::sleep(Duration::from_secs(2)).await;
+            monoio::time::sleep(grace).await;
             sys::shutdown(&conn.stream, Shutdown::Both);
         });
     }

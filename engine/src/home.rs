@@ -54,6 +54,16 @@ impl HomeRoom {
         }
     }
 
+    /// The shards that hold members: where a delivery goes.
+    fn member_shards(&self) -> Vec<usize> {
+        self.shard_members
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(s, _)| s)
+            .collect()
+    }
+
     fn presence_list(&self) -> Vec<PresenceEntry> {
         let mut list: Vec<PresenceEntry> = self
             .presence
@@ -100,11 +110,14 @@ fn ttl_ms(shard: &Shard) -> u64 {
 }
 
 fn to_conn(shard: &Rc<Shard>, conn: ConnId, msg: ShardMsg) {
-    let target = shard_of(conn);
-    if target == shard.id {
-        shard.handle(msg);
-    } else {
-        shard.shared.send(target, msg);
+    shard.dispatch(shard_of(conn), msg);
+}
+
+/// Hands one room's frames to every shard in `targets`.
+fn fan_out(shard: &Rc<Shard>, targets: Vec<usize>, delivery: Delivery) {
+    let delivery = Arc::new(delivery);
+    for target in targets {
+        shard.dispatch(target, ShardMsg::Deliver(delivery.clone()));
     }
 }
 
@@ -337,24 +350,9 @@ pub(crate) fn publish(
         home.prune_history(now, ttl_ms(shard), cfg.history_size);
     }
     let seq = home.seq;
-    let targets: Vec<usize> = home
-        .shard_members
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| **n > 0)
-        .map(|(s, _)| s)
-        .collect();
+    let targets = home.member_shards();
     drop(rooms);
-    let delivery = Arc::new(Delivery { room, frames });
-    for target in targets {
-        if target == shard.id {
-            shard.handle(ShardMsg::Deliver(delivery.clone()));
-        } else {
-            shard
-                .shared
-                .send(target, ShardMsg::Deliver(delivery.clone()));
-        }
-    }
+    fan_out(shard, targets, Delivery { room, frames });
     if id.is_some() {
         shard.reply(conn, Reply::Published { id, seq });
     }
@@ -457,26 +455,15 @@ pub(crate) fn flush_presence(shard: &Rc<Shard>) {
             cfg.compression_threshold,
             &mut shard.compressor.borrow_mut(),
         );
-        let targets: Vec<usize> = home
-            .shard_members
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(|(s, _)| s)
-            .collect();
+        let targets = home.member_shards();
         drop(rooms);
-        let delivery = Arc::new(Delivery {
-            room: room.clone(),
-            frames,
-        });
-        for target in targets {
-            if target == shard.id {
-                shard.handle(ShardMsg::Deliver(delivery.clone()));
-            } else {
-                shard
-                    .shared
-                    .send(target, ShardMsg::Deliver(delivery.clone()));
-            }
-        }
+        fan_out(
+            shard,
+            targets,
+            Delivery {
+                room: room.clone(),
+                frames,
+            },
+        );
     }
 }

@@ -518,6 +518,15 @@ impl Shard {
         }
     }
 
+    /// Handles `msg` here when `target` is this shard, else puts it in `target`'s mailbox.
+    pub(crate) fn dispatch(self: &Rc<Self>, target: usize, msg: ShardMsg) {
+        if target == self.id {
+            self.handle(msg);
+        } else {
+            self.shared.send(target, msg);
+        }
+    }
+
     /// Sends a reply to a connection, wherever it lives.
     pub(crate) fn reply(self: &Rc<Self>, conn: ConnId, reply: Reply) {
         if shard_of(conn) == self.id {

@@ -152,11 +152,7 @@ fn request_join_from(
         already,
         resume,
     };
-    if home == shard.id {
-        shard.handle(msg);
-    } else {
-        shard.shared.send(home, msg);
-    }
+    shard.dispatch(home, msg);
 }
 
 fn send_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
@@ -442,6 +438,13 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, bytes: &[u8], format: Format) 
     }
 }
 
+/// Whether `room` is another user's personal room (owner-only, SPEC §5).
+fn is_foreign_personal(conn: &Conn, room: &RoomId) -> bool {
+    room.as_str()
+        .strip_prefix(RoomId::PERSONAL_PREFIX)
+        .is_some_and(|owner| owner != &*conn.user_id())
+}
+
 /// Checks the token before a sensitive operation; closes with 4001 when it no longer holds.
 fn token_still_valid(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
     let (expires, revoked) = {
@@ -502,9 +505,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
             if !token_still_valid(shard, conn) || !rate(shard, conn, "join_per_connection", id) {
                 return;
             }
-            if let Some(owner) = room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX)
-                && owner != &*conn.user_id()
-            {
+            if is_foreign_personal(conn, &room) {
                 send_error(
                     shard,
                     conn,
@@ -574,11 +575,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                 data,
                 id,
             };
-            if home == shard.id {
-                shard.handle(msg);
-            } else {
-                shard.shared.send(home, msg);
-            }
+            shard.dispatch(home, msg);
         }
         Op::Presence { room } => {
             if !rate(shard, conn, "query_per_connection", id) {
@@ -590,19 +587,13 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                 conn: conn.id,
                 id,
             };
-            if home == shard.id {
-                shard.handle(msg);
-            } else {
-                shard.shared.send(home, msg);
-            }
+            shard.dispatch(home, msg);
         }
         Op::History { room, since, limit } => {
             if !token_still_valid(shard, conn) || !rate(shard, conn, "query_per_connection", id) {
                 return;
             }
-            if let Some(owner) = room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX)
-                && owner != &*conn.user_id()
-            {
+            if is_foreign_personal(conn, &room) {
                 send_error(
                     shard,
                     conn,
@@ -620,11 +611,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                 since,
                 limit,
             };
-            if home == shard.id {
-                shard.handle(msg);
-            } else {
-                shard.shared.send(home, msg);
-            }
+            shard.dispatch(home, msg);
         }
         Op::Resume { session, rooms } => {
             if !token_still_valid(shard, conn) {
@@ -682,10 +669,7 @@ fn resume(
     let mut results = Vec::new();
     let mut joins = Vec::new();
     for (room, point) in rooms {
-        let foreign_personal = room
-            .as_str()
-            .strip_prefix(RoomId::PERSONAL_PREFIX)
-            .is_some_and(|owner| owner != &*conn.user_id());
+        let foreign_personal = is_foreign_personal(conn, &room);
         let membership = conn.membership(&room);
         let full = membership.is_none() && conn.rooms.borrow().len() + joins.len() >= max;
         if foreign_personal || full || membership == Some(Membership::Pending) {
@@ -754,11 +738,7 @@ fn leave_room(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) -> bool {
         name: conn.username(),
         key: conn.key,
     };
-    if home == shard.id {
-        shard.handle(msg);
-    } else {
-        shard.shared.send(home, msg);
-    }
+    shard.dispatch(home, msg);
     true
 }
 
@@ -810,11 +790,7 @@ fn leave_room_later(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) {
     let shard = shard.clone();
     monoio::spawn(async move {
         monoio::time::sleep(PRESENCE_GRACE).await;
-        if home == shard.id {
-            shard.handle(msg);
-        } else {
-            shard.shared.send(home, msg);
-        }
+        shard.dispatch(home, msg);
     });
 }
 
