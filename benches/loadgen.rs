@@ -51,6 +51,8 @@ struct Opts {
     zstd: bool,
     /// Messages per second per publisher (0 = as fast as the bounded batches go).
     rate: u64,
+    /// Distinct users the connections spread over (0 = one user per connection).
+    users: usize,
 }
 
 fn parse_opts() -> Opts {
@@ -70,6 +72,7 @@ fn parse_opts() -> Opts {
         msgpack: false,
         zstd: false,
         rate: 0,
+        users: 0,
     };
     let mut i = 1;
     while i < args.len() {
@@ -92,6 +95,7 @@ fn parse_opts() -> Opts {
             "--duration" => o.duration = num().min(120),
             "--format" => o.msgpack = value == "msgpack",
             "--rate" => o.rate = num(),
+            "--users" => o.users = num() as usize,
             "--zstd" => {
                 o.zstd = true;
                 i += 1;
@@ -185,7 +189,7 @@ fn start_server(o: &Opts) -> ServerProc {
     ServerProc { child, addr, dir }
 }
 
-fn tokens(server: &ServerProc, count: usize) -> Vec<String> {
+fn tokens(server: &ServerProc, count: usize, users: usize) -> Vec<String> {
     let data = server.dir.join("data").display().to_string();
     let flags = vec![("--data-dir".to_owned(), data)];
     let (raw, layers) = server::config::load(None, Vec::new(), &flags).unwrap();
@@ -197,9 +201,8 @@ fn tokens(server: &ServerProc, count: usize) -> Vec<String> {
     let svc = server::tokens::TokenService::hs256(&secrets.jwt_secret, &[]);
     (0..count)
         .map(|i| {
-            svc.mint(&format!("lg{i}"), &format!("lg{i}"), "", 3600)
-                .unwrap()
-                .0
+            let name = format!("lg{}", if users == 0 { i } else { i % users });
+            svc.mint(&name, &name, "", 3600).unwrap().0
         })
         .collect()
 }
@@ -399,7 +402,7 @@ fn runtime() -> monoio::FusionRuntime<
 fn scenario_idle(o: &Opts) {
     let server = start_server(o);
     let pid = server.child.id();
-    let tokens = Arc::new(tokens(&server, o.conns));
+    let tokens = Arc::new(tokens(&server, o.conns, o.users));
     std::thread::sleep(Duration::from_millis(500));
     let before = rss_kib(pid);
     let opened = Arc::new(AtomicU64::new(0));
@@ -455,7 +458,7 @@ fn scenario_idle(o: &Opts) {
 
 fn scenario_connect(o: &Opts) {
     let server = start_server(o);
-    let tokens = Arc::new(tokens(&server, o.conns));
+    let tokens = Arc::new(tokens(&server, o.conns, o.users));
     let next = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -562,7 +565,7 @@ fn report_fanout(name: &str, o: &Opts, secs: f64, tallies: Vec<Tally>, extra: &s
 fn scenario_fanout(o: &Opts) {
     let server = start_server(o);
     let total = o.rooms * o.room_size;
-    let tokens = Arc::new(tokens(&server, total));
+    let tokens = Arc::new(tokens(&server, total, o.users));
     let ready = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));

@@ -215,7 +215,9 @@ pub(crate) fn join(
             .entry(user.clone())
             .or_insert_with(|| (name.clone(), 0));
         entry.1 += 1;
-        if entry.1 == 1 {
+        // A personal room has one possible member: its diffs would tell the owner only about
+        // itself, so none are sent (the `presence` query still answers).
+        if entry.1 == 1 && !room.is_personal() {
             home.note_presence(user, name, true);
             shard.presence_dirty.borrow_mut().push(room.clone());
         }
@@ -284,8 +286,10 @@ pub(crate) fn leave(
         entry.1 = entry.1.saturating_sub(1);
         if entry.1 == 0 {
             home.presence.remove(user);
-            home.note_presence(user, name, false);
-            shard.presence_dirty.borrow_mut().push(room.clone());
+            if !room.is_personal() {
+                home.note_presence(user, name, false);
+                shard.presence_dirty.borrow_mut().push(room.clone());
+            }
         }
     }
     if home.members == 0 && home.ephemeral {
