@@ -490,12 +490,14 @@ impl Shard {
     }
 
     fn deliver(self: &Rc<Self>, delivery: &Delivery) {
-        let members: Vec<Rc<Conn>> = match self.local_rooms.borrow().get(&delivery.room) {
-            Some(members) => members.clone(),
-            None => return,
+        // Iterating under the borrow (no copy of the member list): `enqueue` and what it may call
+        // (`close`, spawning a writer) never touch `local_rooms`.
+        let rooms = self.local_rooms.borrow();
+        let Some(members) = rooms.get(&delivery.room) else {
+            return;
         };
         let mut count = 0u64;
-        for conn in &members {
+        for conn in members {
             if let Some(frame) = delivery.frames.get(conn.key) {
                 conn.enqueue(self, frame.clone());
                 count += 1;
