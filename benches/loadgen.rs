@@ -294,8 +294,9 @@ impl FrameReader {
     }
 }
 
+/// Reads once from any stream (whole or read half) into `reader`; false at end or error.
 async fn read_into(
-    stream: &mut TcpStream,
+    stream: &mut impl AsyncReadRent,
     reader: &mut FrameReader,
     scratch: Vec<u8>,
 ) -> (bool, Vec<u8>) {
@@ -628,7 +629,7 @@ fn scenario_fanout(o: &Opts) {
                             let mut reader = reader;
                             let mut scratch = Vec::with_capacity(64 * 1024);
                             while !stop.load(Ordering::Relaxed) {
-                                let (ok, s) = read_into_half(&mut rd, &mut reader, scratch).await;
+                                let (ok, s) = read_into(&mut rd, &mut reader, scratch).await;
                                 scratch = s;
                                 if !ok {
                                     break;
@@ -673,21 +674,6 @@ fn scenario_fanout(o: &Opts) {
         .map(|h| h.join().unwrap_or_default())
         .collect();
     report_fanout("fanout", o, secs, tallies, &counters);
-}
-
-async fn read_into_half(
-    rd: &mut monoio::io::OwnedReadHalf<TcpStream>,
-    reader: &mut FrameReader,
-    scratch: Vec<u8>,
-) -> (bool, Vec<u8>) {
-    let (res, scratch) = rd.read(scratch).await;
-    match res {
-        Ok(n) if n > 0 => {
-            reader.buf.extend_from_slice(&scratch[..n]);
-            (true, scratch)
-        }
-        _ => (false, scratch),
-    }
 }
 
 /// The raw ceiling: `shards` writer threads each own an equal share of R × S loopback sockets and

@@ -445,6 +445,32 @@ fn is_foreign_personal(conn: &Conn, room: &RoomId) -> bool {
         .is_some_and(|owner| owner != &*conn.user_id())
 }
 
+/// The checks before joining or reading a room, in order: token still valid (else 4001), rate
+/// limit `which` (else `rate_limited` or 4008), not another user's personal room (else
+/// `forbidden`). False when the request must stop.
+fn may_read_room(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    room: &RoomId,
+    which: &'static str,
+    id: Option<u64>,
+) -> bool {
+    if !token_still_valid(shard, conn) || !rate(shard, conn, which, id) {
+        return false;
+    }
+    if is_foreign_personal(conn, room) {
+        send_error(
+            shard,
+            conn,
+            id,
+            ErrorCode::Forbidden,
+            "personal rooms are owner-only",
+        );
+        return false;
+    }
+    true
+}
+
 /// Checks the token before a sensitive operation; closes with 4001 when it no longer holds.
 fn token_still_valid(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
     let (expires, revoked) = {
@@ -502,17 +528,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
     match request.op {
         Op::Ping => send(shard, conn, &Push::Pong { id }),
         Op::Join { room } => {
-            if !token_still_valid(shard, conn) || !rate(shard, conn, "join_per_connection", id) {
-                return;
-            }
-            if is_foreign_personal(conn, &room) {
-                send_error(
-                    shard,
-                    conn,
-                    id,
-                    ErrorCode::Forbidden,
-                    "personal rooms are owner-only",
-                );
+            if !may_read_room(shard, conn, &room, "join_per_connection", id) {
                 return;
             }
             let already = conn.membership(&room).is_some();
@@ -590,17 +606,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
             shard.dispatch(home, msg);
         }
         Op::History { room, since, limit } => {
-            if !token_still_valid(shard, conn) || !rate(shard, conn, "query_per_connection", id) {
-                return;
-            }
-            if is_foreign_personal(conn, &room) {
-                send_error(
-                    shard,
-                    conn,
-                    id,
-                    ErrorCode::Forbidden,
-                    "personal rooms are owner-only",
-                );
+            if !may_read_room(shard, conn, &room, "query_per_connection", id) {
                 return;
             }
             let home = shard.shared.home_of(&room);
