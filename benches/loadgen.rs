@@ -202,7 +202,7 @@ fn tokens(server: &ServerProc, count: usize, users: usize) -> Vec<String> {
     (0..count)
         .map(|i| {
             let name = format!("lg{}", if users == 0 { i } else { i % users });
-            svc.mint(&name, &name, "", 3600).unwrap().0
+            svc.mint(&name, &name, "", 3600, None).unwrap().0
         })
         .collect()
 }

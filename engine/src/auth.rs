@@ -13,8 +13,32 @@ pub struct Identity {
     pub username: Arc<str>,
     /// Session (refresh family) id; empty for tokens minted by `ringhub token`.
     pub session_id: Arc<str>,
+    /// Token issue time, epoch milliseconds.
+    pub issued_at_ms: u64,
     /// Token expiry, epoch milliseconds.
     pub expires_at_ms: u64,
+    /// The token's binding fingerprint (`fpt`), when bound: a refresh on a live connection must
+    /// carry the same one.
+    pub binding: Option<Arc<str>>,
+}
+
+/// How far a revocation reaches, which decides the close code of a live connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// This session (logout, session delete, refresh reuse): close with 4001.
+    Session,
+    /// The whole account (logout-all, deletion): close with 4510.
+    Account,
+}
+
+impl Revoked {
+    /// The close code a live connection gets.
+    pub const fn close_code(self) -> protocol::CloseCode {
+        match self {
+            Self::Session => protocol::CloseCode::UNAUTHORIZED,
+            Self::Account => protocol::CloseCode::ACCOUNT_CLOSED,
+        }
+    }
 }
 
 /// The client as the server sees it.
@@ -74,6 +98,10 @@ pub trait Authenticator: Send + Sync + 'static {
     /// Verifies an access token presented by `client`.
     fn verify_access(&self, token: &str, client: &ClientInfo<'_>) -> Result<Identity, AuthFailure>;
 
-    /// Whether a session or user has been revoked since `identity` was verified.
-    fn is_revoked(&self, identity: &Identity) -> bool;
+    /// Verifies a fresh access token sent with `refresh` on a live connection whose identity is
+    /// `current`: same user, and a bound token must carry `current`'s binding.
+    fn verify_refresh(&self, token: &str, current: &Identity) -> Result<Identity, AuthFailure>;
+
+    /// Whether the session or account of `identity` has been revoked since it was verified.
+    fn revoked(&self, identity: &Identity) -> Option<Revoked>;
 }

@@ -80,6 +80,8 @@ pub struct EngineConfig {
     pub allowed_origins: Vec<String>,
     /// Allow requests without `Origin`.
     pub allow_missing_origin: bool,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<crate::Cidr>,
     /// WebSocket connects per IP.
     pub connect_per_ip: RateSpec,
     /// Publishes per connection.
@@ -124,6 +126,7 @@ impl EngineConfig {
             expiry_grace: Duration::ZERO,
             allowed_origins: Vec::new(),
             allow_missing_origin: true,
+            trusted_proxies: Vec::new(),
             connect_per_ip: rate(50, 1, 100),
             publish_per_connection: rate(20, 1, 40),
             publish_per_room: rate(1000, 1, 1000),

@@ -2,7 +2,7 @@
 //! upgrades of `/ws` and `/socket.io/` (policy checks in SPEC §4 order), and every other path
 //! handed to the server's route table.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -17,10 +17,21 @@ use protocol::ws::{check_upgrade, select_subprotocol, write_accept};
 use crate::auth::{AuthFailure, ClientInfo};
 use crate::shard::{CapRefusal, Shard};
 use crate::ws::Dialect;
-use crate::{HttpRequest, HttpResponse};
+use crate::{HttpRequest, HttpResponse, Routed};
 
 /// How long a keep-alive connection may sit between requests, and a request take to arrive.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a deferred route (storage, hashing) may take before the client gets 503.
+const ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn resolve_client_ip(shard: &Shard, peer: SocketAddr, head: &RequestHead) -> IpAddr {
+    crate::net::client_ip(
+        peer.ip(),
+        head.header_str("x-forwarded-for"),
+        &shard.shared.config.trusted_proxies,
+    )
+}
 
 struct Refusal {
     status: u16,
@@ -88,13 +99,22 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
             }
             _ => {}
         }
-        let keep_alive = head.keep_alive() && !shard.stopping.get();
-        let response = shard.shared.routes.handle(&HttpRequest {
+        let client_ip = resolve_client_ip(&shard, peer, &head);
+        let routed = shard.shared.routes.handle(&HttpRequest {
             head: &head,
             body: &data[head.head_len..total],
             peer,
+            client_ip,
             request_id: &request_id,
         });
+        let response = match routed {
+            Routed::Now(response) => response,
+            Routed::Later(pending) => match monoio::time::timeout(ROUTE_TIMEOUT, pending).await {
+                Ok(response) => response,
+                Err(_) => HttpResponse::error(503, ErrorCode::Unavailable, "try again later"),
+            },
+        };
+        let keep_alive = head.keep_alive() && !shard.stopping.get();
         let mut out = Vec::with_capacity(256 + response.body.len());
         let mut headers: Vec<(&str, &str)> = response
             .headers
@@ -256,7 +276,7 @@ async fn upgrade(
             }
         }
     };
-    let ip = peer.ip();
+    let ip = resolve_client_ip(&shard, peer, &head);
     if !shard.shared.check_connect_rate(ip) {
         metrics.rate_limited("connect_per_ip");
         let r = refusal(

@@ -19,9 +19,11 @@ mod http;
 mod limits;
 mod mailbox;
 pub mod metrics;
+mod net;
+mod pending;
 mod shard;
 mod sio;
-mod sys;
+pub(crate) mod sys;
 mod ws;
 
 use std::future::Future;
@@ -33,11 +35,14 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
-pub use auth::{AuthFailure, Authenticator, ClientInfo, Identity};
+pub use auth::{AuthFailure, Authenticator, ClientInfo, Identity, Revoked};
 pub use config::{ConflictPolicy, EngineConfig, RateSpec};
 pub use metrics::Metrics;
+pub use net::{Cidr, client_ip};
+pub use pending::{PendingResponse, ResponseSender, pending_response};
 use protocol::http::RequestHead;
 use shard::{Shard, ShardMsg, Shared};
+pub use sys::lower_thread_priority;
 
 /// An HTTP request the engine does not handle itself.
 #[derive(Debug)]
@@ -48,6 +53,8 @@ pub struct HttpRequest<'a> {
     pub body: &'a [u8],
     /// The TCP peer.
     pub peer: SocketAddr,
+    /// The client's address (the peer, or `X-Forwarded-For` from a trusted proxy).
+    pub client_ip: std::net::IpAddr,
     /// The request id echoed in `X-Request-Id` (the caller's if sane, else generated).
     pub request_id: &'a str,
 }
@@ -64,10 +71,26 @@ pub struct HttpResponse {
     pub body: Vec<u8>,
 }
 
-/// The server's route table. Called on a shard: must answer without blocking.
+/// What a route answers: at once, or later from another thread.
+#[derive(Debug)]
+pub enum Routed {
+    /// The answer.
+    Now(HttpResponse),
+    /// Work handed to a blocking pool; the engine awaits it (bounded) without blocking the shard.
+    Later(PendingResponse),
+}
+
+impl From<HttpResponse> for Routed {
+    fn from(response: HttpResponse) -> Self {
+        Self::Now(response)
+    }
+}
+
+/// The server's route table. Called on a shard: must answer without blocking; slow work goes
+/// to a blocking pool and comes back as [`Routed::Later`].
 pub trait HttpRoutes: Send + Sync + 'static {
     /// Answers one request.
-    fn handle(&self, request: &HttpRequest<'_>) -> HttpResponse;
+    fn handle(&self, request: &HttpRequest<'_>) -> Routed;
 }
 
 /// Wall-clock milliseconds since the Unix epoch (the protocol's time unit).
@@ -290,9 +313,10 @@ impl Engine {
         }
     }
 
-    /// A handle that can start the shutdown from another thread (a signal handler).
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle(self.shared.clone())
+    /// A handle for other threads: shutdown (a signal handler), closing revoked connections
+    /// (the accounts routes).
+    pub fn control(&self) -> Control {
+        Control(self.shared.clone())
     }
 
     /// Waits for every shard to finish.
@@ -303,17 +327,35 @@ impl Engine {
     }
 }
 
-/// Starts a graceful shutdown from any thread.
+/// Drives a running engine from any thread.
 #[derive(Clone)]
-pub struct ShutdownHandle(Arc<Shared>);
+pub struct Control(Arc<Shared>);
 
-impl std::fmt::Debug for ShutdownHandle {
+impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ShutdownHandle")
+        f.write_str("Control")
     }
 }
 
-impl ShutdownHandle {
+impl Control {
+    /// Closes, on every shard, the live connections of `user` (only those of `session`, when
+    /// given) with the close code `revoked` implies. Returns once every shard has been told; each
+    /// shard acts on its next turn.
+    pub fn close_revoked(&self, user: &str, session: Option<&str>, revoked: Revoked) {
+        let user: Arc<str> = Arc::from(user);
+        let session: Option<Arc<str>> = session.map(Arc::from);
+        for shard in 0..self.0.mailboxes.len() {
+            self.0.send(
+                shard,
+                ShardMsg::CloseAuthorized {
+                    user: user.clone(),
+                    session: session.clone(),
+                    code: revoked.close_code(),
+                },
+            );
+        }
+    }
+
     /// See [`Engine::shutdown`].
     pub fn shutdown(&self) {
         if self.0.shutting_down.swap(true, Ordering::AcqRel) {

@@ -24,13 +24,27 @@ pub const CLOSE_CODES: [u16; 16] = [
 pub const OPS: [&str; 9] = [
     "join", "leave", "publish", "presence", "history", "resume", "refresh", "ping", "invalid",
 ];
-/// Limits counted by `ringhub_rate_limited_total{limit}`.
-pub const LIMITS: [&str; 5] = [
+/// Limits counted by `ringhub_rate_limited_total{limit}` (the HTTP ones are counted by the
+/// server's routes).
+pub const LIMITS: [&str; 9] = [
     "connect_per_ip",
     "publish_per_connection",
     "publish_per_room",
     "query_per_connection",
     "join_per_connection",
+    "login_per_ip",
+    "failed_logins_per_account",
+    "register_per_ip",
+    "refresh_per_session",
+];
+/// Authentication failure reasons found by the accounts routes, beside [`AuthFailure`]'s.
+pub const ACCOUNT_AUTH_FAILURES: [&str; 6] = [
+    "bad_password",
+    "no_account",
+    "locked",
+    "unknown_refresh",
+    "session_ended",
+    "refresh_reused",
 ];
 
 /// The engine's counters.
@@ -49,6 +63,7 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     rate_limited: [AtomicU64; LIMITS.len()],
     auth_failures: [AtomicU64; AuthFailure::ALL.len()],
+    account_auth_failures: [AtomicU64; ACCOUNT_AUTH_FAILURES.len()],
     /// Joins refused with `room_full`.
     pub room_full: AtomicU64,
     shard_queue_depth: Vec<AtomicI64>,
@@ -75,6 +90,7 @@ impl Metrics {
             bytes_out: AtomicU64::new(0),
             rate_limited: zeros(),
             auth_failures: zeros(),
+            account_auth_failures: zeros(),
             room_full: AtomicU64::new(0),
             shard_queue_depth: (0..shards).map(|_| AtomicI64::new(0)).collect(),
         }
@@ -112,6 +128,13 @@ impl Metrics {
     pub fn auth_failure(&self, reason: AuthFailure) {
         if let Some(i) = AuthFailure::ALL.iter().position(|r| *r == reason) {
             bump(&self.auth_failures[i]);
+        }
+    }
+
+    /// Counts an accounts failure (a label of [`ACCOUNT_AUTH_FAILURES`]).
+    pub fn account_auth_failure(&self, reason: &str) {
+        if let Some(i) = ACCOUNT_AUTH_FAILURES.iter().position(|r| *r == reason) {
+            bump(&self.account_auth_failures[i]);
         }
     }
 
@@ -179,6 +202,16 @@ impl Metrics {
                 out,
                 "ringhub_auth_failures_total{{reason=\"{}\"}} {}",
                 reason.label(),
+                load(c)
+            );
+        }
+        for (reason, c) in ACCOUNT_AUTH_FAILURES
+            .iter()
+            .zip(&self.account_auth_failures)
+        {
+            let _ = writeln!(
+                out,
+                "ringhub_auth_failures_total{{reason=\"{reason}\"}} {}",
                 load(c)
             );
         }

@@ -86,6 +86,12 @@ pub(crate) enum ShardMsg {
     Reply { conn: ConnId, reply: Reply },
     /// To a connection's shard: close it.
     Close { conn: ConnId, code: CloseCode },
+    /// To every shard: close the connections of a user (of one session only, when given).
+    CloseAuthorized {
+        user: Arc<str>,
+        session: Option<Arc<str>>,
+        code: CloseCode,
+    },
     /// Stop accepting, close every connection with 1001, exit.
     Shutdown,
 }
@@ -480,6 +486,26 @@ impl Shard {
                     c.close(self, code);
                 }
             }
+            ShardMsg::CloseAuthorized {
+                user,
+                session,
+                code,
+            } => {
+                let matching: Vec<Rc<Conn>> = self
+                    .conns
+                    .borrow()
+                    .values()
+                    .filter(|c| {
+                        let identity = c.identity.borrow();
+                        identity.user_id == user
+                            && session.as_ref().is_none_or(|s| *s == identity.session_id)
+                    })
+                    .cloned()
+                    .collect();
+                for conn in matching {
+                    conn.close(self, code);
+                }
+            }
             ShardMsg::Shutdown => {
                 self.stopping.set(true);
                 if let Some(w) = self.stop_waker.borrow_mut().take() {
@@ -573,18 +599,21 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
             }
             let (expires, revoked) = {
                 let identity = conn.identity.borrow();
-                (
-                    identity.expires_at_ms,
-                    shard.shared.auth.is_revoked(&identity),
-                )
+                (identity.expires_at_ms, shard.shared.auth.revoked(&identity))
             };
-            if revoked || now >= expires.saturating_add(grace) {
-                conn.close(&shard, CloseCode::UNAUTHORIZED);
+            if let Some(revoked) = revoked {
+                conn.close(&shard, revoked.close_code());
                 continue;
             }
+            // The warning goes first even when a busy shard scans only after expiry, so that a
+            // client always learns why it is closed.
             if !conn.refresh_warned.get() && now + 60_000 >= expires {
                 conn.refresh_warned.set(true);
                 crate::ws::send_refresh_required(&shard, &conn, expires);
+            }
+            if now >= expires.saturating_add(grace) {
+                conn.close(&shard, CloseCode::UNAUTHORIZED);
+                continue;
             }
             if now.saturating_sub(conn.last_ping_ms.get()) >= heartbeat {
                 conn.last_ping_ms.set(now);

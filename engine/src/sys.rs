@@ -1,4 +1,5 @@
-//! The engine's only `unsafe`: socket shutdown by descriptor and readiness on a split stream.
+//! The engine's only `unsafe`: socket shutdown by descriptor, readiness on a split stream, and
+//! the thread priority of blocking pools.
 //! Each function states why it is sound.
 #![allow(unsafe_code)]
 
@@ -47,4 +48,18 @@ fn stream_ref(stream: &Rc<UnsafeCell<TcpStream>>) -> &TcpStream {
     // `as_raw_fd`) only clone or read the stream's descriptor handle; they never observe state that
     // the write half mutates, and the shard is a single thread, so no data race exists.
     unsafe { &*stream.get() }
+}
+
+/// Lowers the calling thread's CPU priority to the least favourable nice value, so that work
+/// such as password hashing yields to the shards. Failure (a sandbox refusing it) is logged.
+pub fn lower_thread_priority() {
+    // SAFETY: `setpriority` takes plain integers; `who = 0` with PRIO_PROCESS names the calling
+    // thread on Linux (threads have their own nice value). No memory is passed.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    if rc != 0 {
+        log::warn!(
+            "cannot lower the hashing threads' priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }

@@ -16,7 +16,7 @@ use protocol::socketio::{self, AckPayload};
 use protocol::ws::{self, Message, MessageDecoder, Subprotocol};
 use protocol::{CloseCode, ErrorCode};
 
-use crate::auth::{ClientInfo, Identity};
+use crate::auth::Identity;
 use crate::conn::{Conn, ConnId, ConnParts, Membership};
 use crate::frames::{FrameKey, encode_native, socketio_frame};
 use crate::home::{Recovery, ResumeFrom};
@@ -189,6 +189,12 @@ fn send_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         conn.enqueue_first(shard, frame);
     }
     conn.set_ready(shard);
+    // A token that expires within the warning window is warned about at once, not at the next
+    // scan of the ticker.
+    if now_ms() + 60_000 >= identity.expires_at_ms {
+        conn.refresh_warned.set(true);
+        send_refresh_required(shard, conn, identity.expires_at_ms);
+    }
 }
 
 fn per_second(spec: &crate::config::RateSpec) -> u64 {
@@ -475,13 +481,14 @@ fn may_read_room(
 fn token_still_valid(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
     let (expires, revoked) = {
         let identity = conn.identity.borrow();
-        (
-            identity.expires_at_ms,
-            shard.shared.auth.is_revoked(&identity),
-        )
+        (identity.expires_at_ms, shard.shared.auth.revoked(&identity))
     };
+    if let Some(revoked) = revoked {
+        conn.close(shard, revoked.close_code());
+        return false;
+    }
     let grace = u64::try_from(shard.shared.config.expiry_grace.as_millis()).unwrap_or(0);
-    if revoked || now_ms() >= expires.saturating_add(grace) {
+    if now_ms() >= expires.saturating_add(grace) {
         conn.close(shard, CloseCode::UNAUTHORIZED);
         return false;
     }
@@ -626,12 +633,11 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
             resume(shard, conn, id, &session, rooms);
         }
         Op::Refresh { token } => {
-            let user_agent: Option<&str> = None;
-            let client = ClientInfo {
-                ip: conn.ip,
-                user_agent,
+            let verified = {
+                let current = conn.identity.borrow();
+                shard.shared.auth.verify_refresh(&token, &current)
             };
-            match shard.shared.auth.verify_access(&token, &client) {
+            match verified {
                 Ok(identity) if identity.user_id == conn.user_id() => {
                     let expires_at = identity.expires_at_ms;
                     *conn.identity.borrow_mut() = identity;

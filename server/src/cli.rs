@@ -230,9 +230,26 @@ pub fn run(
                     return EXIT_FAILURE;
                 }
             };
-            // Until accounts exist, the argument is the user id, and the part before `@` the name.
-            let name = user.split('@').next().unwrap_or(user);
-            match tokens.mint(user, name, "", ttl.as_secs().max(1)) {
+            // A registered user (by id or e-mail) gets its real id and name; an id that names no
+            // account mints a token for that id as given (load tools, tests), an e-mail must exist.
+            let found = match crate::serve::open_store(&config) {
+                Ok(store) => crate::accounts::find_user(&*store, &secrets.blind_index_key, user)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            let (id, name) = match found {
+                Ok(Some(u)) => (u.id, u.username),
+                Ok(None) if !user.contains('@') => (user.clone(), user.clone()),
+                Ok(None) => {
+                    let _ = writeln!(err, "ringhub: no account with that e-mail");
+                    return EXIT_FAILURE;
+                }
+                Err(e) => {
+                    let _ = writeln!(err, "ringhub: {e}");
+                    return EXIT_FAILURE;
+                }
+            };
+            match tokens.mint(&id, &name, "", ttl.as_secs().max(1), None) {
                 Ok((token, _)) => {
                     let _ = writeln!(out, "{token}");
                     0
@@ -243,27 +260,43 @@ pub fn run(
                 }
             }
         }
-        Command::Migrate | Command::UserSetRole { .. } => {
-            let _ = writeln!(
-                err,
-                "ringhub {version}: `{}` is not built yet (accounts issue)",
-                command_name(&inv.command)
-            );
-            EXIT_FAILURE
+        Command::Migrate => match crate::serve::open_store(&config) {
+            Ok(store) => match store.schema_version() {
+                Ok(v) => {
+                    let _ = writeln!(out, "ringhub: {} schema at version {v}", store.kind());
+                    0
+                }
+                Err(e) => {
+                    let _ = writeln!(err, "ringhub: {e}");
+                    EXIT_FAILURE
+                }
+            },
+            Err(e) => {
+                let _ = writeln!(err, "ringhub: {e}");
+                EXIT_FAILURE
+            }
+        },
+        Command::UserSetRole { email, role } => {
+            let role = storage::Role::parse(role).unwrap_or(storage::Role::User);
+            let result = crate::serve::open_store(&config).and_then(|store| {
+                let user = crate::accounts::find_user(&*store, &secrets.blind_index_key, email)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| "no account with that e-mail".to_owned())?;
+                store.set_role(&user.id, role).map_err(|e| e.to_string())?;
+                Ok(user.id)
+            });
+            match result {
+                Ok(id) => {
+                    let _ = writeln!(out, "ringhub: user {id} now has role {}", role.as_str());
+                    0
+                }
+                Err(e) => {
+                    let _ = writeln!(err, "ringhub: {e}");
+                    EXIT_FAILURE
+                }
+            }
         }
         Command::CheckConfig | Command::Help | Command::Version => 0,
-    }
-}
-
-fn command_name(command: &Command) -> &'static str {
-    match command {
-        Command::Serve => "serve",
-        Command::CheckConfig => "check-config",
-        Command::Token { .. } => "token",
-        Command::Migrate => "migrate",
-        Command::UserSetRole { .. } => "user set-role",
-        Command::Version => "version",
-        Command::Help => "help",
     }
 }
 

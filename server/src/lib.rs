@@ -1,10 +1,15 @@
 //! The `ringhub` binary's library: configuration (SPEC §1, §9), the command line, access tokens,
-//! the HTTP routes and the wiring of `engine` (and, with the accounts issue, `storage`).
+//! the accounts service, the HTTP routes and the wiring of `engine` and `storage`.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod logging;
+pub mod observe;
+pub mod pool;
+pub mod revocation;
 pub mod routes;
 pub mod serve;
 pub mod tokens;

@@ -91,3 +91,14 @@ pub fn event(msg: &str, fields: &[(&str, &str)]) {
     let _ = out.write_all(line.as_bytes());
     let _ = out.flush();
 }
+
+/// An e-mail as logs show it: first character, `***`, the domain (`a***@example.com`).
+pub fn mask_email(email: &str) -> String {
+    match email.split_once('@') {
+        Some((local, domain)) => {
+            let first: String = local.chars().take(1).collect();
+            format!("{first}***@{domain}")
+        }
+        None => "***".to_owned(),
+    }
+}

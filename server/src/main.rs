@@ -12,8 +12,13 @@ fn main() {
             let env: Vec<(String, String)> = std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
                 .collect();
-            let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
-            server::cli::run(&invocation, env, &mut stdout.lock(), &mut stderr.lock())
+            // Not locked here: `serve` runs inside and its threads log to stdout.
+            server::cli::run(
+                &invocation,
+                env,
+                &mut std::io::stdout(),
+                &mut std::io::stderr(),
+            )
         }
         Err(message) => {
             let _ = writeln!(

@@ -1,48 +1,486 @@
-//! The HTTP routes the engine hands to the server. Until the accounts issue, these are the
-//! operational ones of SPEC §2/§11: `/healthz`, `/readyz`, `/metrics`; everything else is 404.
+//! The HTTP routes the engine hands to the server (SPEC §2, §11). On the shard this module only
+//! routes, checks the request's shape (method, `Content-Type`, JSON, field types, bounds), CORS,
+//! the bearer token and the cheap per-IP limits; everything that touches storage or bcrypt is
+//! handed to a blocking pool and answered later. It never blocks a shard.
 
 use std::sync::Arc;
 
-use engine::{HttpRequest, HttpResponse, HttpRoutes, Metrics};
+use engine::{
+    Authenticator, ClientInfo, HttpRequest, HttpResponse, HttpRoutes, Identity, Routed,
+    pending_response,
+};
 use protocol::ErrorCode;
+use sonic_rs::{JsonValueTrait, Value};
+
+use crate::accounts::{self, Accounts, Client, invalid_input, rate_limited};
+use crate::observe::ServerMetrics;
+use crate::pool::Pool;
+use crate::tokens::JwtAuthenticator;
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// Where browsers may call from.
+#[derive(Debug, Clone)]
+pub struct Cors {
+    /// Exact origins; empty allows any.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Cors {
+    fn allows(&self, origin: &str) -> bool {
+        self.allowed_origins.is_empty() || self.allowed_origins.iter().any(|o| o == origin)
+    }
+}
 
 /// The route table.
-#[derive(Debug)]
 pub struct Routes {
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
+    accounts: Arc<Accounts>,
+    auth: Arc<JwtAuthenticator>,
+    storage_pool: Arc<Pool>,
+    hash_pool: Arc<Pool>,
+    cors: Cors,
+}
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routes").finish_non_exhaustive()
+    }
+}
+
+fn error(status: u16, code: ErrorCode, message: &str) -> HttpResponse {
+    HttpResponse::error(status, code, message)
+}
+
+fn method_not_allowed(allow: &str) -> HttpResponse {
+    let mut r = error(405, ErrorCode::BadRequest, "method not allowed");
+    r.headers.push(("Allow", allow.to_owned()));
+    r
+}
+
+fn unavailable() -> HttpResponse {
+    let mut r = error(503, ErrorCode::Unavailable, "server busy; retry later");
+    r.headers.push(("Retry-After", "1".to_owned()));
+    r
+}
+
+fn invalid_token() -> HttpResponse {
+    let mut r = error(401, ErrorCode::InvalidToken, "invalid or expired token");
+    r.headers.push(("WWW-Authenticate", "Bearer".to_owned()));
+    r
+}
+
+/// A parsed JSON object body.
+struct Body(Value);
+
+impl Body {
+    /// A string field; `Err` names it when missing or not a string.
+    fn string(&self, field: &'static str) -> Result<&str, HttpResponse> {
+        match self.0.get(field) {
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| invalid_input(field, "must be a string")),
+            None => Err(invalid_input(field, "is required")),
+        }
+    }
+
+    fn optional_string(&self, field: &'static str) -> Result<Option<&str>, HttpResponse> {
+        match self.0.get(field) {
+            None => Ok(None),
+            Some(v) if v.is_null() => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| invalid_input(field, "must be a string")),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Routes {
-    /// Routes over the engine's counters.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    /// The route table over the accounts service and the pools.
+    pub fn new(
+        metrics: Arc<ServerMetrics>,
+        accounts: Arc<Accounts>,
+        auth: Arc<JwtAuthenticator>,
+        storage_pool: Arc<Pool>,
+        hash_pool: Arc<Pool>,
+        cors: Cors,
+    ) -> Self {
+        Self {
+            metrics,
+            accounts,
+            auth,
+            storage_pool,
+            hash_pool,
+            cors,
+        }
+    }
+
+    /// Runs `job` on `pool`; 503 when its queue is full.
+    fn defer(pool: &Pool, job: impl FnOnce() -> HttpResponse + Send + 'static) -> Routed {
+        let (sender, pending) = pending_response();
+        match pool.submit(move || sender.send(job())) {
+            Ok(()) => Routed::Later(pending),
+            Err(_) => Routed::Now(unavailable()),
+        }
+    }
+
+    /// The JSON object body, or the 415/400 answer.
+    fn json_body(request: &HttpRequest<'_>) -> Result<Body, HttpResponse> {
+        let content_type = request
+            .head
+            .header_str("content-type")
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if content_type != "application/json" {
+            return Err(error(
+                415,
+                ErrorCode::Unsupported,
+                "the body must be Content-Type: application/json",
+            ));
+        }
+        let value: Value = sonic_rs::from_slice(request.body)
+            .map_err(|_| error(400, ErrorCode::BadRequest, "the body is not valid JSON"))?;
+        if !value.is_object() {
+            return Err(error(
+                400,
+                ErrorCode::BadRequest,
+                "the body must be a JSON object",
+            ));
+        }
+        Ok(Body(value))
+    }
+
+    /// A JSON body when one was sent; `None` for an empty body.
+    fn optional_json_body(request: &HttpRequest<'_>) -> Result<Option<Body>, HttpResponse> {
+        if request.body.is_empty() {
+            Ok(None)
+        } else {
+            Self::json_body(request).map(Some)
+        }
+    }
+
+    fn client(request: &HttpRequest<'_>) -> Client {
+        Client {
+            ip: request.client_ip,
+            user_agent: request
+                .head
+                .header_str("user-agent")
+                .unwrap_or("")
+                .to_owned(),
+        }
+    }
+
+    /// The verified identity of the bearer token, or 401.
+    fn authenticate(&self, request: &HttpRequest<'_>) -> Result<Identity, HttpResponse> {
+        let token = request.head.header_str("authorization").and_then(|h| {
+            let (scheme, rest) = h.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+        let client = ClientInfo {
+            ip: request.client_ip,
+            user_agent: request.head.header_str("user-agent"),
+        };
+        let started = std::time::Instant::now();
+        let verified = match token {
+            Some(t) => self.auth.verify_access(t, &client),
+            None => Err(engine::AuthFailure::Missing),
+        };
+        self.metrics.token_validation.observe("", started.elapsed());
+        verified.map_err(|reason| {
+            self.metrics.engine.auth_failure(reason);
+            log::info!(
+                "request_id={} auth failed reason={}",
+                request.request_id,
+                reason.label()
+            );
+            invalid_token()
+        })
+    }
+
+    /// The `Idempotency-Key`, validated.
+    fn idempotency_key(request: &HttpRequest<'_>) -> Result<Option<String>, HttpResponse> {
+        let Some(raw) = request.head.header("idempotency-key") else {
+            return Ok(None);
+        };
+        if raw.is_empty()
+            || raw.len() > MAX_IDEMPOTENCY_KEY
+            || !raw.iter().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid_input(
+                "Idempotency-Key",
+                "must be 1 to 128 visible ASCII characters",
+            ));
+        }
+        Ok(Some(String::from_utf8_lossy(raw).into_owned()))
+    }
+
+    fn register(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
+        let body = Self::json_body(request)?;
+        let username = accounts::validate::username(body.string("username")?)
+            .map_err(|e| invalid_input(e.field, e.message))?
+            .to_owned();
+        let email = accounts::validate::email(body.string("email")?)
+            .map_err(|e| invalid_input(e.field, e.message))?;
+        let password = body.string("password")?.to_owned();
+        accounts::validate::password("password", &password)
+            .map_err(|e| invalid_input(e.field, e.message))?;
+        let key = Self::idempotency_key(request)?;
+        if let Err(retry) = self
+            .accounts
+            .register_per_ip
+            .take(request.client_ip.to_string().as_bytes(), now_ms())
+        {
+            self.metrics.engine.rate_limited("register_per_ip");
+            return Err(rate_limited(retry));
+        }
+        let accounts = self.accounts.clone();
+        let raw_body = request.body.to_vec();
+        Ok(Self::defer(&self.hash_pool, move || {
+            let idempotency = key.as_deref().map(|k| ("register", k, raw_body.as_slice()));
+            accounts.register(&username, &email, &password, idempotency)
+        }))
+    }
+
+    fn login(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
+        let body = Self::json_body(request)?;
+        let email_raw = body.string("email")?;
+        let password = body.string("password")?.to_owned();
+        let key = Self::idempotency_key(request)?;
+        if let Err(retry) = self
+            .accounts
+            .login_per_ip
+            .take(request.client_ip.to_string().as_bytes(), now_ms())
+        {
+            self.metrics.engine.rate_limited("login_per_ip");
+            return Err(rate_limited(retry));
+        }
+        // A malformed e-mail or an impossible password cannot match an account; answer as for
+        // a wrong password (generic, and after the same bcrypt work, below).
+        let email = accounts::validate::email(email_raw)
+            .unwrap_or_else(|_| email_raw.trim().to_lowercase());
+        let index = self.accounts.email_index(&email);
+        if let Err(retry) = self.accounts.lockouts.check(&index, now_ms()) {
+            self.metrics
+                .engine
+                .rate_limited("failed_logins_per_account");
+            self.metrics.auth_failure("locked");
+            return Err(rate_limited(retry));
+        }
+        let client = Self::client(request);
+        let accounts = self.accounts.clone();
+        let raw_body = request.body.to_vec();
+        Ok(Self::defer(&self.hash_pool, move || {
+            let idempotency = key.as_deref().map(|k| ("login", k, raw_body.as_slice()));
+            accounts.login(&email, &password, &client, idempotency)
+        }))
+    }
+
+    fn refresh(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
+        let body = Self::optional_json_body(request)?;
+        let from_body = match &body {
+            Some(b) => b.optional_string("refresh_token")?.map(str::to_owned),
+            None => None,
+        };
+        let token = from_body.or_else(|| cookie(request, "refresh_token"));
+        let Some(token) = token.filter(|t| !t.is_empty() && t.len() <= 256) else {
+            return Err(error(
+                401,
+                ErrorCode::InvalidToken,
+                "invalid or expired token",
+            ));
+        };
+        let client = Self::client(request);
+        let accounts = self.accounts.clone();
+        Ok(Self::defer(&self.storage_pool, move || {
+            accounts.refresh(&token, &client)
+        }))
+    }
+
+    fn authenticated(
+        &self,
+        request: &HttpRequest<'_>,
+        job: impl FnOnce(&Accounts, &Identity) -> HttpResponse + Send + 'static,
+        hashing: bool,
+    ) -> Result<Routed, HttpResponse> {
+        let identity = self.authenticate(request)?;
+        let accounts = self.accounts.clone();
+        let pool = if hashing {
+            &self.hash_pool
+        } else {
+            &self.storage_pool
+        };
+        Ok(Self::defer(pool, move || job(&accounts, &identity)))
+    }
+
+    fn route(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
+        let method = request.head.method.as_str();
+        let path = request.head.path();
+        match (method, path) {
+            ("POST", "/register") => self.register(request),
+            ("POST", "/login") => self.login(request),
+            ("POST", "/refresh") => self.refresh(request),
+            ("POST", "/logout") => {
+                Self::optional_json_body(request)?;
+                self.authenticated(request, |a, id| a.logout(id), false)
+            }
+            ("POST", "/logout/all") => self.authenticated(request, |a, id| a.logout_all(id), false),
+            ("GET", "/me") => self.authenticated(request, |a, id| a.me(id), false),
+            ("DELETE", "/me") => {
+                let body = Self::json_body(request)?;
+                let password = body.string("password")?.to_owned();
+                self.authenticated(request, move |a, id| a.delete_me(id, &password), true)
+            }
+            ("GET", "/sessions") => self.authenticated(request, |a, id| a.sessions(id), false),
+            ("POST", "/password") => {
+                let body = Self::json_body(request)?;
+                let current = body.string("current_password")?.to_owned();
+                let new_password = body.string("new_password")?.to_owned();
+                accounts::validate::password("new_password", &new_password)
+                    .map_err(|e| invalid_input(e.field, e.message))?;
+                self.authenticated(
+                    request,
+                    move |a, id| a.change_password(id, &current, &new_password),
+                    true,
+                )
+            }
+            ("DELETE", p) if p.starts_with("/sessions/") => {
+                let id = p["/sessions/".len()..].to_owned();
+                if id.is_empty() || id.len() > 64 || id.contains('/') {
+                    return Err(error(404, ErrorCode::NotFound, "no such session"));
+                }
+                self.authenticated(request, move |a, who| a.delete_session(who, &id), false)
+            }
+            ("GET" | "HEAD", "/healthz") => {
+                Ok(HttpResponse::json(200, br#"{"status":"ok"}"#.to_vec()).into())
+            }
+            ("GET" | "HEAD", "/readyz") => {
+                let accounts = self.accounts.clone();
+                Ok(Self::defer(&self.storage_pool, move || {
+                    readiness(&accounts)
+                }))
+            }
+            ("GET" | "HEAD", "/metrics") => Ok(HttpResponse {
+                status: 200,
+                headers: vec![("Content-Type", "text/plain; version=0.0.4".to_owned())],
+                body: self.metrics.render().into_bytes(),
+            }
+            .into()),
+            ("GET", "/.well-known/jwks.json") => Err(error(
+                404,
+                ErrorCode::NotFound,
+                "no public keys: jwt_algorithm is HS256",
+            )),
+            (_, "/register" | "/login" | "/refresh" | "/logout" | "/logout/all" | "/password") => {
+                Err(method_not_allowed("POST"))
+            }
+            (_, "/me") => Err(method_not_allowed("GET, DELETE")),
+            (_, "/sessions") => Err(method_not_allowed("GET")),
+            (_, "/healthz" | "/readyz" | "/metrics") => Err(method_not_allowed("GET, HEAD")),
+            _ => Err(error(404, ErrorCode::NotFound, "no such route")),
+        }
+    }
+
+    fn cors_headers(&self, origin: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("Access-Control-Allow-Origin", origin.to_owned()),
+            ("Access-Control-Allow-Credentials", "true".to_owned()),
+            ("Vary", "Origin".to_owned()),
+        ]
+    }
+}
+
+/// A cookie's value from the `Cookie` header.
+fn cookie(request: &HttpRequest<'_>, name: &str) -> Option<String> {
+    request
+        .head
+        .headers_named("cookie")
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then(|| v.to_owned())
+        })
+}
+
+fn readiness(accounts: &Accounts) -> HttpResponse {
+    let store = accounts.store();
+    match store.ping() {
+        Ok(()) => HttpResponse::json(
+            200,
+            format!(r#"{{"status":"ready","storage":"{}"}}"#, store.kind()).into_bytes(),
+        ),
+        Err(e) => {
+            log::warn!("readiness: storage fails: {e}");
+            HttpResponse::json(
+                503,
+                format!(
+                    r#"{{"status":"unavailable","failing":["storage"],"storage":"{}"}}"#,
+                    store.kind()
+                )
+                .into_bytes(),
+            )
+        }
+    }
+}
+
+/// Adds headers to an answer, whether it is ready now or later.
+fn with_headers(routed: Routed, headers: Vec<(&'static str, String)>) -> Routed {
+    match routed {
+        Routed::Now(mut r) => {
+            r.headers.extend(headers);
+            Routed::Now(r)
+        }
+        Routed::Later(mut pending) => {
+            pending.add_headers(headers);
+            Routed::Later(pending)
+        }
     }
 }
 
 impl HttpRoutes for Routes {
-    fn handle(&self, request: &HttpRequest<'_>) -> HttpResponse {
-        let method = request.head.method.as_str();
-        match (method, request.head.path()) {
-            ("GET" | "HEAD", "/healthz") => HttpResponse::json(200, br#"{"status":"ok"}"#.to_vec()),
-            // Storage arrives with the accounts issue; the embedded engine state is always ready.
-            ("GET" | "HEAD", "/readyz") => {
-                HttpResponse::json(200, br#"{"status":"ready","storage":"memory"}"#.to_vec())
+    fn handle(&self, request: &HttpRequest<'_>) -> Routed {
+        let origin = request.head.header_str("origin").map(str::to_owned);
+        let mut extra = Vec::new();
+        if let Some(origin) = &origin {
+            if !self.cors.allows(origin) {
+                return Routed::Now(error(403, ErrorCode::Forbidden, "origin not allowed"));
             }
-            ("GET" | "HEAD", "/metrics") => {
-                let mut text = String::with_capacity(4096);
-                self.metrics.render(&mut text);
-                HttpResponse {
-                    status: 200,
-                    headers: vec![("Content-Type", "text/plain; version=0.0.4".to_owned())],
-                    body: text.into_bytes(),
-                }
+            extra = self.cors_headers(origin);
+            if request.head.method == "OPTIONS" {
+                let mut r = HttpResponse {
+                    status: 204,
+                    headers: Vec::new(),
+                    body: Vec::new(),
+                };
+                r.headers.extend(extra);
+                r.headers.push((
+                    "Access-Control-Allow-Methods",
+                    "GET, POST, PUT, PATCH, DELETE".to_owned(),
+                ));
+                r.headers.push((
+                    "Access-Control-Allow-Headers",
+                    "Authorization, Content-Type, Idempotency-Key, X-Request-Id".to_owned(),
+                ));
+                r.headers.push(("Access-Control-Max-Age", "600".to_owned()));
+                return Routed::Now(r);
             }
-            (_, "/healthz" | "/readyz" | "/metrics") => {
-                let mut r = HttpResponse::error(405, ErrorCode::BadRequest, "method not allowed");
-                r.headers.push(("Allow", "GET, HEAD".to_owned()));
-                r
-            }
-            _ => HttpResponse::error(404, ErrorCode::NotFound, "no such route"),
         }
+        let routed = match self.route(request) {
+            Ok(routed) => routed,
+            Err(response) => Routed::Now(response),
+        };
+        with_headers(routed, extra)
     }
 }

@@ -1,12 +1,17 @@
 //! `ringhub serve`: builds the engine's configuration and services from the validated
-//! configuration, starts the shards, and shuts down gracefully on SIGINT/SIGTERM.
+//! configuration (storage, accounts, pools, routes), starts the shards, and shuts down
+//! gracefully on SIGINT/SIGTERM.
 
 use std::sync::Arc;
 
 use engine::{ConflictPolicy, EngineConfig, Metrics, RateSpec};
 
+use crate::accounts::{Accounts, AccountsConfig};
 use crate::config::{BurstRate, Config, Rate, SessionConflict, secrets::Secrets};
-use crate::routes::Routes;
+use crate::observe::ServerMetrics;
+use crate::pool::Pool;
+use crate::revocation::RevocationList;
+use crate::routes::{Cors, Routes};
 use crate::tokens::{JwtAuthenticator, TokenService};
 
 fn rate(rate: Rate, burst: u32) -> RateSpec {
@@ -49,6 +54,7 @@ pub fn engine_config(config: &Config) -> EngineConfig {
         expiry_grace: config.expiry_grace,
         allowed_origins: config.allowed_origins.clone(),
         allow_missing_origin: config.allow_missing_origin,
+        trusted_proxies: config.trusted_proxies.clone(),
         connect_per_ip: burst(rl.connect_per_ip),
         publish_per_connection: burst(rl.publish_per_connection),
         publish_per_room: rate(rl.publish_per_room, rl.publish_per_room.count),
@@ -71,6 +77,22 @@ pub fn token_service(config: &Config, secrets: &Secrets) -> Result<TokenService,
     }
 }
 
+/// Opens the configured store (applying migrations).
+pub fn open_store(config: &Config) -> Result<Arc<dyn storage::Store>, String> {
+    let pool = usize::try_from(config.database_pool).unwrap_or(8);
+    let backend = match &config.database_url {
+        Some(url) => storage::Backend::Postgres {
+            url,
+            read_url: config.database_read_url.as_deref(),
+            pool,
+        },
+        None => storage::Backend::Sqlite {
+            dir: &config.data_dir,
+        },
+    };
+    storage::open(&backend).map_err(|e| format!("cannot open storage: {e}"))
+}
+
 /// Runs the server until a signal stops it.
 pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), String> {
     crate::logging::init(
@@ -85,23 +107,81 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), String> {
                 .into(),
         );
     }
+    let store = open_store(config)?;
     let tokens = Arc::new(token_service(config, secrets)?);
-    let metrics = Arc::new(Metrics::new(config.shards));
-    let auth = Arc::new(JwtAuthenticator::new(tokens));
-    let routes = Arc::new(Routes::new(metrics.clone()));
-    let engine = engine::start(engine_config(config), auth, routes, metrics)
+    let engine_metrics = Arc::new(Metrics::new(config.shards));
+    let metrics = Arc::new(ServerMetrics::new(engine_metrics.clone()));
+    let revocations = Arc::new(RevocationList::new());
+    let auth = Arc::new(JwtAuthenticator::new(
+        tokens.clone(),
+        config.token_binding,
+        revocations.clone(),
+    ));
+    let accounts = Arc::new(Accounts::new(
+        store.clone(),
+        tokens,
+        secrets,
+        revocations,
+        AccountsConfig {
+            access_ttl: config.access_ttl,
+            refresh_ttl: config.refresh_ttl,
+            session_max_age: config.session_max_age,
+            binding: config.token_binding,
+            bcrypt_cost: config.bcrypt_cost,
+            refresh_reuse_interval: config.refresh_reuse_interval,
+            refresh_cookie: config.refresh_cookie,
+        },
+        &config.rate_limits,
+        metrics.clone(),
+    )?);
+    let loaded = accounts
+        .load_revocations()
+        .map_err(|e| format!("cannot load revocations: {e}"))?;
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let storage_threads = usize::try_from(config.database_pool).unwrap_or(8).max(2);
+    let storage_pool = Arc::new(Pool::new("storage", storage_threads, 1024, false));
+    let hash_pool = Arc::new(Pool::new(
+        "hash",
+        cores,
+        usize::try_from(config.hash_queue).unwrap_or(64),
+        true,
+    ));
+    let routes = Arc::new(Routes::new(
+        metrics,
+        accounts.clone(),
+        auth.clone(),
+        storage_pool,
+        hash_pool,
+        Cors {
+            allowed_origins: config.allowed_origins.clone(),
+        },
+    ));
+    let engine = engine::start(engine_config(config), auth, routes, engine_metrics)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    let handle = engine.shutdown_handle();
+    accounts.attach(engine.control());
+    let pruner = accounts;
+    let _ = std::thread::Builder::new()
+        .name("ringhub-prune".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(60));
+                pruner.prune();
+            }
+        });
+    let handle = engine.control();
     ctrlc::set_handler(move || handle.shutdown())
         .map_err(|e| format!("cannot install signal handler: {e}"))?;
     let addr = engine.local_addr().to_string();
     let shards = config.shards.to_string();
+    let revoked = loaded.to_string();
     crate::logging::event(
         "listening",
         &[
             ("addr", &addr),
             ("shards", &shards),
             ("driver", engine.driver()),
+            ("storage", store.kind()),
+            ("revocations_loaded", &revoked),
             ("version", env!("CARGO_PKG_VERSION")),
         ],
     );

@@ -1,15 +1,20 @@
 //! Access tokens (SPEC §3): HS256 JWTs with a `kid` header naming the key, verified with no clock
-//! leeway against the current secret and the retired ones. Minting here serves `ringhub token`;
-//! the accounts issue adds login, refresh, binding fingerprints and revocation.
+//! leeway against the current secret and the retired ones; binding fingerprints (`fpt`); and the
+//! engine's [`JwtAuthenticator`], which adds the binding and revocation checks. Refresh tokens are
+//! opaque random strings handled by `accounts`; they are never JWTs, so neither kind passes for
+//! the other.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use engine::{AuthFailure, Authenticator, ClientInfo, Identity};
+use engine::{AuthFailure, Authenticator, ClientInfo, Identity, Revoked};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::config::TokenBinding;
+use crate::revocation::RevocationList;
 
 /// The claims of an access token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,26 +85,26 @@ impl TokenService {
         }
     }
 
-    /// Mints an access token for `user_id` valid for `ttl_secs` (not bound, no session).
+    /// Mints an access token for `user_id` valid for `ttl_secs`, of `session` (empty for
+    /// operator tokens), bound to `fingerprint` when given.
     pub fn mint(
         &self,
         user_id: &str,
         username: &str,
         session: &str,
         ttl_secs: u64,
+        fingerprint: Option<String>,
     ) -> Result<(String, AccessClaims), String> {
         let now = now_secs();
-        let mut jti = [0u8; 16];
-        getrandom::fill(&mut jti).map_err(|e| e.to_string())?;
         let claims = AccessClaims {
             sub: user_id.to_owned(),
             name: username.to_owned(),
             sid: session.to_owned(),
-            jti: data_encoding::HEXLOWER.encode(&jti),
+            jti: crate::crypto::random_token(12),
             iat: now,
             exp: now + ttl_secs,
             typ: "access".to_owned(),
-            fpt: None,
+            fpt: fingerprint,
         };
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(self.kid.clone());
@@ -138,40 +143,98 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The engine's view: verification without revocation (revocation arrives with accounts).
+/// The binding fingerprint of a client (SPEC §3): SHA-256 over the parts `binding` names, as
+/// unpadded base64url of the first 16 bytes. `None` when binding is off.
+pub fn fingerprint(binding: TokenBinding, client: &ClientInfo<'_>) -> Option<String> {
+    let mut digest = Sha256::new().chain_update(b"ringhub-fpt:");
+    match binding {
+        TokenBinding::None => return None,
+        TokenBinding::IpAndUserAgent => {
+            let ip = match client.ip {
+                std::net::IpAddr::V6(v6) => {
+                    v6.to_ipv4_mapped().map_or(client.ip, std::net::IpAddr::V4)
+                }
+                v4 => v4,
+            };
+            digest.update(ip.to_string().as_bytes());
+            digest.update(b"\n");
+        }
+        TokenBinding::UserAgent => {}
+    }
+    digest.update(client.user_agent.unwrap_or("").as_bytes());
+    Some(data_encoding::BASE64URL_NOPAD.encode(&digest.finalize()[..16]))
+}
+
+/// The engine's view of tokens: signature, expiry, type, binding and revocation.
 #[derive(Debug)]
 pub struct JwtAuthenticator {
     tokens: Arc<TokenService>,
+    binding: TokenBinding,
+    revocations: Arc<RevocationList>,
 }
 
 impl JwtAuthenticator {
-    /// Wraps a token service.
-    pub fn new(tokens: Arc<TokenService>) -> Self {
-        Self { tokens }
+    /// Verifies with `tokens`, binding per `binding`, revocation per `revocations`.
+    pub fn new(
+        tokens: Arc<TokenService>,
+        binding: TokenBinding,
+        revocations: Arc<RevocationList>,
+    ) -> Self {
+        Self {
+            tokens,
+            binding,
+            revocations,
+        }
+    }
+
+    fn identity(claims: AccessClaims) -> Identity {
+        Identity {
+            user_id: Arc::from(claims.sub),
+            username: Arc::from(claims.name),
+            session_id: Arc::from(claims.sid),
+            issued_at_ms: claims.iat.saturating_mul(1000),
+            expires_at_ms: claims.exp.saturating_mul(1000),
+            binding: claims.fpt.map(Arc::from),
+        }
+    }
+
+    fn not_revoked(&self, identity: Identity) -> Result<Identity, AuthFailure> {
+        match self.revoked(&identity) {
+            Some(_) => Err(AuthFailure::Revoked),
+            None => Ok(identity),
+        }
     }
 }
 
 impl Authenticator for JwtAuthenticator {
-    fn verify_access(
-        &self,
-        token: &str,
-        _client: &ClientInfo<'_>,
-    ) -> Result<Identity, AuthFailure> {
+    fn verify_access(&self, token: &str, client: &ClientInfo<'_>) -> Result<Identity, AuthFailure> {
         let claims = self.tokens.verify(token)?;
-        // Bound tokens need the fingerprint check of the accounts issue; until then none are minted.
-        if claims.fpt.is_some() {
+        if let Some(fpt) = &claims.fpt
+            && let Some(expected) = fingerprint(self.binding, client)
+            && !crate::crypto::constant_time_eq(fpt.as_bytes(), expected.as_bytes())
+        {
             return Err(AuthFailure::WrongFingerprint);
         }
-        Ok(Identity {
-            user_id: Arc::from(claims.sub),
-            username: Arc::from(claims.name),
-            session_id: Arc::from(claims.sid),
-            expires_at_ms: claims.exp.saturating_mul(1000),
-        })
+        self.not_revoked(Self::identity(claims))
     }
 
-    fn is_revoked(&self, _identity: &Identity) -> bool {
-        false
+    fn verify_refresh(&self, token: &str, current: &Identity) -> Result<Identity, AuthFailure> {
+        let claims = self.tokens.verify(token)?;
+        if let Some(fpt) = &claims.fpt
+            && self.binding != TokenBinding::None
+            && current.binding.as_deref() != Some(fpt.as_str())
+        {
+            return Err(AuthFailure::WrongFingerprint);
+        }
+        self.not_revoked(Self::identity(claims))
+    }
+
+    fn revoked(&self, identity: &Identity) -> Option<Revoked> {
+        self.revocations.check(
+            &identity.user_id,
+            &identity.session_id,
+            identity.issued_at_ms,
+        )
     }
 }
 
@@ -182,12 +245,12 @@ mod tests {
     #[test]
     fn mint_verify_and_rotation() {
         let old = TokenService::hs256(b"old-secret-old-secret-old-secret!!", &[]);
-        let (old_token, _) = old.mint("u1", "alice", "", 60).unwrap();
+        let (old_token, _) = old.mint("u1", "alice", "", 60, None).unwrap();
         let current = TokenService::hs256(
             b"new-secret-new-secret-new-secret!!",
             &[b"old-secret-old-secret-old-secret!!".to_vec()],
         );
-        let (token, claims) = current.mint("u1", "alice", "s1", 60).unwrap();
+        let (token, claims) = current.mint("u1", "alice", "s1", 60, None).unwrap();
         assert_eq!(current.verify(&token).unwrap(), claims);
         assert_eq!(current.verify(&old_token).unwrap().sub, "u1");
         let stranger = TokenService::hs256(b"other-secret-other-secret-other!!", &[]);
@@ -198,7 +261,7 @@ mod tests {
     #[test]
     fn expired_tokens_fail_without_leeway() {
         let svc = TokenService::hs256(b"secret-secret-secret-secret-secret", &[]);
-        let (token, _) = svc.mint("u1", "alice", "", 0).unwrap();
+        let (token, _) = svc.mint("u1", "alice", "", 0, None).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100));
         assert_eq!(svc.verify(&token), Err(AuthFailure::Expired));
     }

@@ -1,1 +1,320 @@
-//! placeholder
+//! ringhub's durable state behind narrow traits, one per concern: [`Users`], [`Sessions`]
+//! (refresh-token families), [`Revocations`] and [`Idempotency`], gathered by [`Store`].
+//!
+//! Two implementations share one schema and one test suite: [`sqlite::SqliteStore`] (the embedded
+//! default, a WAL-mode file in `data_dir`) and [`postgres::PgStore`] (the sync `postgres` client,
+//! pooled). Every call blocks: callers run them on blocking threads, never on a shard. Values
+//! that must stay secret at rest (e-mails, the child pair of a rotation, idempotent responses)
+//! arrive here already encrypted; refresh tokens arrive hashed. This crate never sees a key.
+//!
+//! Open a store with [`open`]; it applies the versioned migrations of `migrations/` first.
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub mod migrations;
+pub mod postgres;
+pub mod sqlite;
+
+/// What went wrong, classified for the edge: the server maps each variant to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness rule was hit; the payload names it (`"email"`, `"username"`, `"id"`,
+    /// `"key"`). The caller answers 409 with the matching code.
+    #[error("already exists: {0}")]
+    Conflict(&'static str),
+    /// The database cannot be reached or timed out. The caller answers 503 `unavailable`.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else (a bug, a corrupt row). The caller answers 500 `internal` and logs it.
+    #[error("storage error: {0}")]
+    Internal(String),
+}
+
+/// Shorthand for results of this crate.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A global role (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// An ordinary user.
+    User,
+    /// May do everything with rooms.
+    Admin,
+}
+
+impl Role {
+    /// The stored spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// Parses the stored spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "user" => Some(Self::User),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// One account. Times are epoch milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    /// UUID string.
+    pub id: String,
+    /// As registered; unique ignoring ASCII case among live accounts.
+    pub username: String,
+    /// The e-mail encrypted by the caller (AES-256-GCM, key id prefixed).
+    pub email_cipher: Vec<u8>,
+    /// HMAC blind index of the normalized e-mail; unique among live accounts.
+    pub email_index: Vec<u8>,
+    /// The bcrypt hash.
+    pub password_hash: String,
+    /// Global role.
+    pub role: Role,
+    /// Creation time.
+    pub created_at_ms: i64,
+}
+
+/// Accounts.
+pub trait Users {
+    /// Inserts a user. `Conflict("email")` or `Conflict("username")` when a live account holds
+    /// that e-mail index or username (ignoring ASCII case).
+    fn create_user(&self, user: &UserRecord) -> StoreResult<()>;
+    /// A live (not deleted) user by id.
+    fn user_by_id(&self, id: &str) -> StoreResult<Option<UserRecord>>;
+    /// A live user by e-mail blind index.
+    fn user_by_email_index(&self, index: &[u8]) -> StoreResult<Option<UserRecord>>;
+    /// Replaces the password hash of a live user; false when there is none.
+    fn set_password(&self, id: &str, password_hash: &str) -> StoreResult<bool>;
+    /// Sets the role of a live user; false when there is none.
+    fn set_role(&self, id: &str, role: Role) -> StoreResult<bool>;
+    /// Soft-deletes a live user: marks it deleted at `now_ms` and erases its e-mail cipher and
+    /// index (so the e-mail and username are free again) and its password hash. False when there
+    /// was no live user.
+    fn soft_delete_user(&self, id: &str, now_ms: i64) -> StoreResult<bool>;
+}
+
+/// One login: a refresh-token family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Random id (URL-safe string).
+    pub id: String,
+    /// Owner.
+    pub user_id: String,
+    /// Login time.
+    pub created_at_ms: i64,
+    /// Last refresh (or the login).
+    pub last_used_at_ms: i64,
+    /// When the current refresh token stops working (sliding, capped by the session's max age).
+    pub expires_at_ms: i64,
+    /// Client address at the last use.
+    pub ip: String,
+    /// Client User-Agent at the last use (truncated by the caller).
+    pub user_agent: String,
+    /// Set once revoked; a revoked session never comes back.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// One refresh token of a family, stored by hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshRecord {
+    /// SHA-256 of the token (primary key).
+    pub token_hash: Vec<u8>,
+    /// Its session.
+    pub session_id: String,
+    /// Issue time.
+    pub created_at_ms: i64,
+    /// When it was rotated (used); `None` while it is the family's current token.
+    pub rotated_at_ms: Option<i64>,
+    /// The pair handed out by its rotation, encrypted by the caller, kept for the
+    /// `refresh_reuse_interval` exception.
+    pub child_cipher: Option<Vec<u8>>,
+}
+
+/// What a rotation writes, all or nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation<'a> {
+    /// The token being used.
+    pub old_hash: &'a [u8],
+    /// The token replacing it.
+    pub new_hash: &'a [u8],
+    /// The session both belong to.
+    pub session_id: &'a str,
+    /// Now.
+    pub now_ms: i64,
+    /// The session's new refresh expiry.
+    pub expires_at_ms: i64,
+    /// Client address now.
+    pub ip: &'a str,
+    /// Client User-Agent now.
+    pub user_agent: &'a str,
+    /// The new pair, encrypted, stored on the old token's row.
+    pub child_cipher: &'a [u8],
+}
+
+/// Sessions and their refresh tokens.
+pub trait Sessions {
+    /// Inserts a session with its first refresh token.
+    fn create_session(&self, session: &SessionRecord, first_token_hash: &[u8]) -> StoreResult<()>;
+    /// A session by id, revoked or not.
+    fn session(&self, id: &str) -> StoreResult<Option<SessionRecord>>;
+    /// The user's sessions that are neither revoked nor expired at `now_ms`, newest first.
+    fn live_sessions(&self, user_id: &str, now_ms: i64) -> StoreResult<Vec<SessionRecord>>;
+    /// A refresh token by hash.
+    fn refresh_token(&self, token_hash: &[u8]) -> StoreResult<Option<RefreshRecord>>;
+    /// In one transaction: marks `old_hash` rotated (only if it is still current and its session
+    /// is not revoked), inserts `new_hash`, and updates the session's last use, expiry, ip and
+    /// user agent. False (and nothing written) when the old token was no longer current: a
+    /// concurrent rotation won.
+    fn rotate(&self, rotation: &Rotation<'_>) -> StoreResult<bool>;
+    /// Revokes one session; false when it was already revoked or does not exist.
+    fn revoke_session(&self, id: &str, now_ms: i64) -> StoreResult<bool>;
+    /// Revokes every unrevoked session of a user except `keep`; returns the ids revoked.
+    fn revoke_user_sessions(
+        &self,
+        user_id: &str,
+        keep: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<Vec<String>>;
+}
+
+/// What a revocation covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RevocationKind {
+    /// Every token of one session (`subject` = session id).
+    Session,
+    /// Every token of one user issued at or before `revoked_at_ms` (`subject` = user id).
+    User,
+}
+
+impl RevocationKind {
+    /// The stored spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::User => "user",
+        }
+    }
+
+    /// Parses the stored spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "session" => Some(Self::Session),
+            "user" => Some(Self::User),
+            _ => None,
+        }
+    }
+}
+
+/// One revocation, kept until no token it covers can still be valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// What it covers.
+    pub kind: RevocationKind,
+    /// Session id or user id.
+    pub subject: String,
+    /// When it was made.
+    pub revoked_at_ms: i64,
+    /// After this no covered token can be valid any more (the longest access-token lifetime
+    /// after `revoked_at_ms`; `i64::MAX` for ever).
+    pub keep_until_ms: i64,
+}
+
+/// The durable record of revocations, loaded into memory at start.
+pub trait Revocations {
+    /// Records a revocation (the same kind and subject again replaces the older one).
+    fn add_revocation(&self, revocation: &Revocation) -> StoreResult<()>;
+    /// Every revocation whose `keep_until_ms` is after `now_ms`.
+    fn live_revocations(&self, now_ms: i64) -> StoreResult<Vec<Revocation>>;
+    /// Deletes revocations no longer needed; returns how many.
+    fn prune_revocations(&self, now_ms: i64) -> StoreResult<u64>;
+}
+
+/// A stored answer to an `Idempotency-Key` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    /// The route and caller scope, e.g. `login`.
+    pub scope: String,
+    /// The client's key.
+    pub key: String,
+    /// SHA-256 of the request body.
+    pub body_hash: Vec<u8>,
+    /// The first answer's status.
+    pub status: u16,
+    /// The first answer's body, encrypted by the caller.
+    pub response_cipher: Vec<u8>,
+    /// For a login: the refresh token handed out, by hash, to tell whether it has been rotated.
+    pub token_hash: Option<Vec<u8>>,
+    /// When it was stored.
+    pub created_at_ms: i64,
+}
+
+/// How long an `Idempotency-Key` record counts (24 h), in milliseconds: an older one is replaced
+/// by [`Idempotency::put_idempotency`].
+pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// `Idempotency-Key` records (24 h).
+pub trait Idempotency {
+    /// The record for `(scope, key)` stored at or after `since_ms`.
+    fn idempotency(
+        &self,
+        scope: &str,
+        key: &str,
+        since_ms: i64,
+    ) -> StoreResult<Option<IdempotencyRecord>>;
+    /// Stores a record; false when `(scope, key)` already has one (a concurrent first request
+    /// won), in which case nothing changes. An existing record stored more than
+    /// [`IDEMPOTENCY_TTL_MS`] before `record.created_at_ms` has expired: it is replaced (true),
+    /// so callers need not prune before storing.
+    fn put_idempotency(&self, record: &IdempotencyRecord) -> StoreResult<bool>;
+    /// Deletes records stored before `before_ms`; returns how many.
+    fn prune_idempotency(&self, before_ms: i64) -> StoreResult<u64>;
+}
+
+/// Everything durable, as one object the server holds.
+pub trait Store: Users + Sessions + Revocations + Idempotency + Send + Sync {
+    /// A cheap round trip proving the database answers (for `/readyz`).
+    fn ping(&self) -> StoreResult<()>;
+    /// The schema version after migrations.
+    fn schema_version(&self) -> StoreResult<u32>;
+    /// `"sqlite"` or `"postgres"`.
+    fn kind(&self) -> &'static str;
+}
+
+/// Where the durable data lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend<'a> {
+    /// The embedded default: `ringhub.db` in this directory.
+    Sqlite {
+        /// `data_dir`.
+        dir: &'a Path,
+    },
+    /// PostgreSQL.
+    Postgres {
+        /// `database_url`.
+        url: &'a str,
+        /// `database_read_url`, for reads that tolerate replica lag.
+        read_url: Option<&'a str>,
+        /// `database_pool`: connections opened (and pre-warmed) per pool.
+        pool: usize,
+    },
+}
+
+/// Opens the store and applies pending migrations.
+pub fn open(backend: &Backend<'_>) -> StoreResult<Arc<dyn Store>> {
+    match backend {
+        Backend::Sqlite { dir } => Ok(Arc::new(sqlite::SqliteStore::open(dir)?)),
+        Backend::Postgres {
+            url,
+            read_url,
+            pool,
+        } => Ok(Arc::new(postgres::PgStore::open(url, *read_url, *pool)?)),
+    }
+}

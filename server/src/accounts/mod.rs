@@ -1,0 +1,975 @@
+//! Accounts, sessions and tokens (SPEC §2, §3): the work behind the account routes. Every
+//! function here blocks (bcrypt, storage) and runs on a blocking pool, never on a shard; the
+//! route table (`routes`) parses and authenticates on the shard and hands the rest here.
+//!
+//! Failures the client sees are generic (`invalid_credentials`, `invalid_token`); the precise
+//! reason goes to the log and the metrics. Passwords and tokens are never logged.
+
+pub mod limits;
+pub mod validate;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use engine::{ClientInfo, HttpResponse, Identity, Revoked};
+use protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
+use storage::{
+    IdempotencyRecord, Revocation, RevocationKind, Rotation, SessionRecord, Store, StoreError,
+    UserRecord,
+};
+
+use crate::config::TokenBinding;
+use crate::crypto::{self, Sealer};
+use crate::observe::ServerMetrics;
+use crate::revocation::RevocationList;
+use crate::tokens::{TokenService, fingerprint};
+use limits::{BucketTable, Lockouts};
+
+/// Idempotency records live this long (SPEC §2).
+const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+/// Longest User-Agent kept with a session.
+const MAX_USER_AGENT: usize = 256;
+
+/// The lifetimes and switches accounts need.
+#[derive(Debug, Clone)]
+pub struct AccountsConfig {
+    /// Access-token lifetime.
+    pub access_ttl: Duration,
+    /// Refresh-token lifetime (sliding).
+    pub refresh_ttl: Duration,
+    /// Session lifetime cap.
+    pub session_max_age: Duration,
+    /// Token binding.
+    pub binding: TokenBinding,
+    /// bcrypt cost.
+    pub bcrypt_cost: u32,
+    /// Reuse window of a rotated refresh token.
+    pub refresh_reuse_interval: Duration,
+    /// Deliver the refresh token as a cookie.
+    pub refresh_cookie: bool,
+}
+
+/// The account service.
+pub struct Accounts {
+    store: Arc<dyn Store>,
+    tokens: Arc<TokenService>,
+    sealer: Sealer,
+    blind_key: Vec<u8>,
+    revocations: Arc<RevocationList>,
+    control: OnceLock<engine::Control>,
+    config: AccountsConfig,
+    metrics: Arc<ServerMetrics>,
+    /// Checked against when the e-mail is unknown, so that timing does not tell.
+    dummy_hash: String,
+    /// `login_per_ip`.
+    pub login_per_ip: BucketTable,
+    /// `register_per_ip`.
+    pub register_per_ip: BucketTable,
+    /// `refresh_per_session`.
+    pub refresh_per_session: BucketTable,
+    /// `failed_logins_per_account` and `lockout`.
+    pub lockouts: Lockouts,
+}
+
+impl std::fmt::Debug for Accounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accounts").finish_non_exhaustive()
+    }
+}
+
+/// The client of one request, as the accounts need it.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// Address (after trusted proxies).
+    pub ip: std::net::IpAddr,
+    /// User-Agent.
+    pub user_agent: String,
+}
+
+impl Client {
+    fn info(&self) -> ClientInfo<'_> {
+        ClientInfo {
+            ip: self.ip,
+            user_agent: Some(&self.user_agent),
+        }
+    }
+}
+
+/// A stored answer: what an idempotent replay or a refresh inside the reuse window returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredAnswer {
+    status: u16,
+    body: String,
+    cookie: Option<String>,
+}
+
+impl StoredAnswer {
+    fn response(&self) -> HttpResponse {
+        let mut r = HttpResponse::json(self.status, self.body.clone().into_bytes());
+        if let Some(cookie) = &self.cookie {
+            r.headers.push(("Set-Cookie", cookie.clone()));
+        }
+        r
+    }
+}
+
+#[derive(Serialize)]
+struct UserJson<'a> {
+    id: &'a str,
+    username: &'a str,
+    email: &'a str,
+    created_at: String,
+}
+
+#[derive(Serialize)]
+struct TokensJson<'a> {
+    access_token: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<&'a str>,
+    token_type: &'static str,
+    expires_in: u64,
+    user: UserJson<'a>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn error(status: u16, code: ErrorCode, message: &str) -> HttpResponse {
+    HttpResponse::error(status, code, message)
+}
+
+/// `400 invalid_input` naming the field.
+pub fn invalid_input(field: &str, message: &str) -> HttpResponse {
+    HttpResponse::json(
+        400,
+        protocol::http::error_body(ErrorCode::InvalidInput, message, Some(field)),
+    )
+}
+
+/// `429 rate_limited` with `Retry-After`.
+pub fn rate_limited(retry_after_secs: u64) -> HttpResponse {
+    let mut r = error(
+        429,
+        ErrorCode::RateLimited,
+        "too many requests; retry later",
+    );
+    r.headers
+        .push(("Retry-After", retry_after_secs.to_string()));
+    r
+}
+
+fn invalid_token() -> HttpResponse {
+    error(401, ErrorCode::InvalidToken, "invalid or expired token")
+}
+
+fn storage_failure(e: &StoreError) -> HttpResponse {
+    match e {
+        StoreError::Unavailable(why) => {
+            log::warn!("storage unavailable: {why}");
+            let mut r = error(
+                503,
+                ErrorCode::Unavailable,
+                "storage unavailable; retry later",
+            );
+            r.headers.push(("Retry-After", "1".to_owned()));
+            r
+        }
+        other => {
+            log::error!("storage failure: {other}");
+            error(500, ErrorCode::Internal, "internal error")
+        }
+    }
+}
+
+/// Runs a storage call, timing it into `ringhub_storage_seconds{op}`.
+macro_rules! store {
+    ($self:ident, $op:literal, $call:expr) => {{
+        let started = Instant::now();
+        let result = $call;
+        $self.metrics.storage.observe($op, started.elapsed());
+        match result {
+            Ok(v) => v,
+            Err(e) => return storage_failure(&e),
+        }
+    }};
+}
+
+/// RFC 3339 UTC (`2026-11-27T23:41:30Z`) of epoch milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The outcome of a password check against a stored hash.
+fn password_matches(password: &str, hash: &str) -> bool {
+    bcrypt::verify(password, hash).unwrap_or(false)
+}
+
+impl Accounts {
+    /// The service over `store`, signing with `tokens`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn Store>,
+        tokens: Arc<TokenService>,
+        secrets: &crate::config::secrets::Secrets,
+        revocations: Arc<RevocationList>,
+        config: AccountsConfig,
+        rates: &crate::config::RateLimits,
+        metrics: Arc<ServerMetrics>,
+    ) -> Result<Self, String> {
+        let dummy_hash = bcrypt::hash("ringhub-no-such-account", config.bcrypt_cost)
+            .map_err(|e| format!("bcrypt: {e}"))?;
+        Ok(Self {
+            store,
+            tokens,
+            sealer: Sealer::new(&secrets.encryption_key, &secrets.encryption_keys_old),
+            blind_key: secrets.blind_index_key.clone(),
+            revocations,
+            control: OnceLock::new(),
+            config,
+            metrics,
+            dummy_hash,
+            login_per_ip: BucketTable::new(rates.login_per_ip),
+            register_per_ip: BucketTable::new(rates.register_per_ip),
+            refresh_per_session: BucketTable::new(rates.refresh_per_session),
+            lockouts: Lockouts::new(rates.failed_logins_per_account, rates.lockout),
+        })
+    }
+
+    /// Connects the running engine, so that revocations close live connections.
+    pub fn attach(&self, control: engine::Control) {
+        let _ = self.control.set(control);
+    }
+
+    /// Loads the durable revocations into memory (at start).
+    pub fn load_revocations(&self) -> Result<usize, StoreError> {
+        let live = self.store.live_revocations(now_ms())?;
+        let n = live.len();
+        for r in live {
+            self.revocations.insert(r);
+        }
+        Ok(n)
+    }
+
+    /// The store (for `/readyz`).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The blind index of a normalized e-mail.
+    pub fn email_index(&self, email: &str) -> Vec<u8> {
+        crypto::blind_index(&self.blind_key, email)
+    }
+
+    fn user_json<'a>(&self, user: &'a UserRecord, email: &'a str) -> UserJson<'a> {
+        UserJson {
+            id: &user.id,
+            username: &user.username,
+            email,
+            created_at: rfc3339(user.created_at_ms),
+        }
+    }
+
+    fn email_of(&self, user: &UserRecord) -> String {
+        self.sealer
+            .open(&user.email_cipher, b"email")
+            .and_then(|b| String::from_utf8(b).ok())
+            .unwrap_or_default()
+    }
+
+    // ---- idempotency -------------------------------------------------------------------
+
+    /// A replay of `(scope, key)` if one is stored: the first answer, 422 for another body, or
+    /// 409 for a login whose refresh token has been rotated since.
+    pub fn replay(&self, scope: &str, key: &str, body: &[u8]) -> Option<HttpResponse> {
+        let since = now_ms() - IDEMPOTENCY_TTL_MS;
+        let record = match self.store.idempotency(scope, key, since) {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
+            Err(e) => return Some(storage_failure(&e)),
+        };
+        if !crypto::constant_time_eq(&record.body_hash, &crypto::sha256(body)) {
+            return Some(error(
+                422,
+                ErrorCode::IdempotencyKeyReused,
+                "this Idempotency-Key was used with another request body",
+            ));
+        }
+        if let Some(hash) = &record.token_hash {
+            match self.store.refresh_token(hash) {
+                Ok(Some(t)) if t.rotated_at_ms.is_none() => {}
+                Ok(_) => {
+                    return Some(error(
+                        409,
+                        ErrorCode::Conflict,
+                        "the session of this login has moved on; log in again",
+                    ));
+                }
+                Err(e) => return Some(storage_failure(&e)),
+            }
+        }
+        let answer: StoredAnswer = self
+            .sealer
+            .open(&record.response_cipher, b"idempotency")
+            .and_then(|plain| sonic_rs::from_slice(&plain).ok())?;
+        Some(answer.response())
+    }
+
+    /// Stores the answer to `(scope, key)`; a concurrent first request that stored before us
+    /// wins, and its answer is returned instead.
+    fn remember(
+        &self,
+        idempotency: Option<(&str, &str, &[u8])>,
+        answer: &StoredAnswer,
+        token_hash: Option<Vec<u8>>,
+    ) -> Option<HttpResponse> {
+        let (scope, key, body) = idempotency?;
+        let plain = sonic_rs::to_vec(answer).ok()?;
+        let record = IdempotencyRecord {
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+            body_hash: crypto::sha256(body),
+            status: answer.status,
+            response_cipher: self.sealer.seal(&plain, b"idempotency"),
+            token_hash,
+            created_at_ms: now_ms(),
+        };
+        match self.store.put_idempotency(&record) {
+            Ok(true) => None,
+            Ok(false) => self.replay(scope, key, body),
+            Err(e) => {
+                log::warn!("idempotency record not stored: {e}");
+                None
+            }
+        }
+    }
+
+    // ---- register ----------------------------------------------------------------------
+
+    /// `POST /register`, after the shard validated the fields and the IP limit.
+    pub fn register(
+        &self,
+        username: &str,
+        email: &str,
+        password: &str,
+        idempotency: Option<(&str, &str, &[u8])>,
+    ) -> HttpResponse {
+        let _ = self.store.prune_idempotency(now_ms() - IDEMPOTENCY_TTL_MS);
+        if let Some((scope, key, body)) = idempotency
+            && let Some(replayed) = self.replay(scope, key, body)
+        {
+            return replayed;
+        }
+        let hash = match bcrypt::hash(password, self.config.bcrypt_cost) {
+            Ok(h) => h,
+            Err(e) => {
+                log::error!("bcrypt failed: {e}");
+                return error(500, ErrorCode::Internal, "internal error");
+            }
+        };
+        let user = UserRecord {
+            id: crypto::uuid_v4(),
+            username: username.to_owned(),
+            email_cipher: self.sealer.seal(email.as_bytes(), b"email"),
+            email_index: self.email_index(email),
+            password_hash: hash,
+            role: storage::Role::User,
+            created_at_ms: now_ms(),
+        };
+        let answer = match self.store.create_user(&user) {
+            Ok(()) => {
+                #[derive(Serialize)]
+                struct Created<'a> {
+                    user: UserJson<'a>,
+                }
+                let body = sonic_rs::to_string(&Created {
+                    user: self.user_json(&user, email),
+                })
+                .unwrap_or_default();
+                log::info!(
+                    "registered user_id={} email={}",
+                    user.id,
+                    crate::logging::mask_email(email)
+                );
+                StoredAnswer {
+                    status: 201,
+                    body,
+                    cookie: None,
+                }
+            }
+            Err(StoreError::Conflict("email")) => StoredAnswer {
+                status: 409,
+                body: String::from_utf8_lossy(&protocol::http::error_body(
+                    ErrorCode::EmailTaken,
+                    "this e-mail is already registered",
+                    None,
+                ))
+                .into_owned(),
+                cookie: None,
+            },
+            Err(StoreError::Conflict(_)) => StoredAnswer {
+                status: 409,
+                body: String::from_utf8_lossy(&protocol::http::error_body(
+                    ErrorCode::UsernameTaken,
+                    "this username is taken",
+                    None,
+                ))
+                .into_owned(),
+                cookie: None,
+            },
+            Err(e) => return storage_failure(&e),
+        };
+        self.remember(idempotency, &answer, None)
+            .unwrap_or_else(|| answer.response())
+    }
+
+    // ---- login -------------------------------------------------------------------------
+
+    /// `POST /login`, after the shard validated the body and the IP limit.
+    pub fn login(
+        &self,
+        email: &str,
+        password: &str,
+        client: &Client,
+        idempotency: Option<(&str, &str, &[u8])>,
+    ) -> HttpResponse {
+        let started = Instant::now();
+        let response = self.login_inner(email, password, client, idempotency);
+        self.metrics.login.observe("", started.elapsed());
+        response
+    }
+
+    fn login_inner(
+        &self,
+        email: &str,
+        password: &str,
+        client: &Client,
+        idempotency: Option<(&str, &str, &[u8])>,
+    ) -> HttpResponse {
+        let _ = self.store.prune_idempotency(now_ms() - IDEMPOTENCY_TTL_MS);
+        if let Some((scope, key, body)) = idempotency
+            && let Some(replayed) = self.replay(scope, key, body)
+        {
+            return replayed;
+        }
+        let index = self.email_index(email);
+        let now = u64::try_from(now_ms()).unwrap_or(0);
+        if let Err(retry) = self.lockouts.check(&index, now) {
+            self.metrics.auth_failure("locked");
+            return rate_limited(retry);
+        }
+        let user = store!(
+            self,
+            "user_by_email",
+            self.store.user_by_email_index(&index)
+        );
+        // The same bcrypt work whether or not the account exists.
+        let hash = user
+            .as_ref()
+            .map_or(self.dummy_hash.as_str(), |u| u.password_hash.as_str());
+        let matches = password_matches(password, hash);
+        let Some(user) = user.filter(|_| matches) else {
+            let reason = if matches {
+                "no_account"
+            } else {
+                "bad_password"
+            };
+            self.metrics.auth_failure(reason);
+            let locked = self.lockouts.fail(&index, now);
+            log::info!(
+                "login failed reason={reason} email={} locked={locked}",
+                crate::logging::mask_email(email)
+            );
+            let answer = StoredAnswer {
+                status: 401,
+                body: String::from_utf8_lossy(&protocol::http::error_body(
+                    ErrorCode::InvalidCredentials,
+                    "invalid e-mail or password",
+                    None,
+                ))
+                .into_owned(),
+                cookie: None,
+            };
+            return self
+                .remember(idempotency, &answer, None)
+                .unwrap_or_else(|| answer.response());
+        };
+        self.lockouts.succeed(&index);
+        let now = now_ms();
+        let session = SessionRecord {
+            id: crypto::random_token(16),
+            user_id: user.id.clone(),
+            created_at_ms: now,
+            last_used_at_ms: now,
+            expires_at_ms: now
+                .saturating_add(ms(self.config.refresh_ttl))
+                .min(now.saturating_add(ms(self.config.session_max_age))),
+            ip: client.ip.to_string(),
+            user_agent: client.user_agent.chars().take(MAX_USER_AGENT).collect(),
+            revoked_at_ms: None,
+        };
+        let refresh = crypto::random_token(32);
+        let refresh_hash = crypto::sha256(refresh.as_bytes());
+        store!(
+            self,
+            "create_session",
+            self.store.create_session(&session, &refresh_hash)
+        );
+        let answer =
+            match self.token_answer(&user, &session.id, &refresh, client, session.expires_at_ms) {
+                Ok(a) => a,
+                Err(r) => return r,
+            };
+        log::info!("login user_id={} session={}", user.id, session.id);
+        self.remember(idempotency, &answer, Some(refresh_hash))
+            .unwrap_or_else(|| answer.response())
+    }
+
+    /// The login/refresh answer: a fresh access token for `session` bound to `client`.
+    fn token_answer(
+        &self,
+        user: &UserRecord,
+        session: &str,
+        refresh: &str,
+        client: &Client,
+        refresh_expires_ms: i64,
+    ) -> Result<StoredAnswer, HttpResponse> {
+        let ttl = self.config.access_ttl.as_secs().max(1);
+        let (access, _) = self
+            .tokens
+            .mint(
+                &user.id,
+                &user.username,
+                session,
+                ttl,
+                fingerprint(self.config.binding, &client.info()),
+            )
+            .map_err(|e| {
+                log::error!("token signing failed: {e}");
+                error(500, ErrorCode::Internal, "internal error")
+            })?;
+        let email = self.email_of(user);
+        let cookie = self.config.refresh_cookie.then(|| {
+            let max_age = (refresh_expires_ms - now_ms()).max(0) / 1000;
+            format!(
+                "refresh_token={refresh}; HttpOnly; Secure; SameSite=Strict; Path=/refresh; Max-Age={max_age}"
+            )
+        });
+        let body = sonic_rs::to_string(&TokensJson {
+            access_token: &access,
+            refresh_token: (!self.config.refresh_cookie).then_some(refresh),
+            token_type: "Bearer",
+            expires_in: ttl,
+            user: self.user_json(user, &email),
+        })
+        .unwrap_or_default();
+        Ok(StoredAnswer {
+            status: 200,
+            body,
+            cookie,
+        })
+    }
+
+    // ---- refresh -----------------------------------------------------------------------
+
+    /// `POST /refresh`.
+    pub fn refresh(&self, refresh: &str, client: &Client) -> HttpResponse {
+        let hash = crypto::sha256(refresh.as_bytes());
+        let Some(record) = store!(self, "refresh_token", self.store.refresh_token(&hash)) else {
+            self.metrics.auth_failure("unknown_refresh");
+            return invalid_token();
+        };
+        let now = now_ms();
+        if let Err(retry) = self.refresh_per_session.take(
+            record.session_id.as_bytes(),
+            u64::try_from(now).unwrap_or(0),
+        ) {
+            return rate_limited(retry);
+        }
+        let Some(session) = store!(self, "session", self.store.session(&record.session_id)) else {
+            return invalid_token();
+        };
+        if session.revoked_at_ms.is_some() || session.expires_at_ms <= now {
+            self.metrics.auth_failure("session_ended");
+            return invalid_token();
+        }
+        if let Some(rotated_at) = record.rotated_at_ms {
+            return self.reused(&record, &session, rotated_at, now);
+        }
+        let Some(user) = store!(self, "user_by_id", self.store.user_by_id(&session.user_id)) else {
+            return invalid_token();
+        };
+        let next = crypto::random_token(32);
+        let next_hash = crypto::sha256(next.as_bytes());
+        let expires = now.saturating_add(ms(self.config.refresh_ttl)).min(
+            session
+                .created_at_ms
+                .saturating_add(ms(self.config.session_max_age)),
+        );
+        let answer = match self.token_answer(&user, &session.id, &next, client, expires) {
+            Ok(a) => a,
+            Err(r) => return r,
+        };
+        let Ok(plain) = sonic_rs::to_vec(&answer) else {
+            return error(500, ErrorCode::Internal, "internal error");
+        };
+        let child = self.sealer.seal(&plain, b"refresh-child");
+        let user_agent: String = client.user_agent.chars().take(MAX_USER_AGENT).collect();
+        let ip = client.ip.to_string();
+        let rotated = store!(
+            self,
+            "rotate",
+            self.store.rotate(&Rotation {
+                old_hash: &hash,
+                new_hash: &next_hash,
+                session_id: &session.id,
+                now_ms: now,
+                expires_at_ms: expires,
+                ip: &ip,
+                user_agent: &user_agent,
+                child_cipher: &child,
+            })
+        );
+        if !rotated {
+            // A concurrent refresh with the same token won: answer as a reuse (inside the
+            // window that returns the winner's pair).
+            return match store!(self, "refresh_token", self.store.refresh_token(&hash)) {
+                Some(r) if r.rotated_at_ms.is_some() => {
+                    let at = r.rotated_at_ms.unwrap_or(now);
+                    self.reused(&r, &session, at, now)
+                }
+                _ => invalid_token(),
+            };
+        }
+        answer.response()
+    }
+
+    /// A rotated refresh token presented again: within `refresh_reuse_interval` the same new
+    /// pair; after it, theft — the whole session is revoked.
+    fn reused(
+        &self,
+        record: &storage::RefreshRecord,
+        session: &SessionRecord,
+        rotated_at: i64,
+        now: i64,
+    ) -> HttpResponse {
+        if now.saturating_sub(rotated_at) <= ms(self.config.refresh_reuse_interval)
+            && let Some(answer) = record
+                .child_cipher
+                .as_deref()
+                .and_then(|c| self.sealer.open(c, b"refresh-child"))
+                .and_then(|plain| sonic_rs::from_slice::<StoredAnswer>(&plain).ok())
+        {
+            return answer.response();
+        }
+        self.metrics.auth_failure("refresh_reused");
+        log::warn!(
+            "refresh token reused: revoking user_id={} session={}",
+            session.user_id,
+            session.id
+        );
+        if let Err(e) =
+            self.revoke_sessions(&session.user_id, std::slice::from_ref(&session.id), now)
+        {
+            return storage_failure(&e);
+        }
+        error(
+            401,
+            ErrorCode::TokenReused,
+            "this refresh token was already used; the session is revoked",
+        )
+    }
+
+    // ---- revocation --------------------------------------------------------------------
+
+    /// Revokes `sessions` of `user` (durably, in memory, and on live connections, 4001).
+    fn revoke_sessions(&self, user: &str, sessions: &[String], now: i64) -> Result<(), StoreError> {
+        for sid in sessions {
+            self.store.revoke_session(sid, now)?;
+            let revocation = Revocation {
+                kind: RevocationKind::Session,
+                subject: sid.clone(),
+                revoked_at_ms: now,
+                keep_until_ms: now.saturating_add(ms(self.config.access_ttl)),
+            };
+            self.store.add_revocation(&revocation)?;
+            self.revocations.insert(revocation);
+        }
+        if let Some(control) = self.control.get() {
+            for sid in sessions {
+                control.close_revoked(user, Some(sid), Revoked::Session);
+            }
+        }
+        Ok(())
+    }
+
+    /// `POST /logout`: this session.
+    pub fn logout(&self, identity: &Identity) -> HttpResponse {
+        if !identity.session_id.is_empty() {
+            let sid = identity.session_id.to_string();
+            if let Err(e) = self.revoke_sessions(&identity.user_id, &[sid], now_ms()) {
+                return storage_failure(&e);
+            }
+        }
+        log::info!(
+            "logout user_id={} session={}",
+            identity.user_id,
+            identity.session_id
+        );
+        HttpResponse::json(204, Vec::new())
+    }
+
+    /// `POST /logout/all`: every session; live connections close with 4510.
+    pub fn logout_all(&self, identity: &Identity) -> HttpResponse {
+        let now = now_ms();
+        let revoked = store!(
+            self,
+            "revoke_user_sessions",
+            self.store
+                .revoke_user_sessions(&identity.user_id, None, now)
+        );
+        for sid in &revoked {
+            let revocation = Revocation {
+                kind: RevocationKind::Session,
+                subject: sid.clone(),
+                revoked_at_ms: now,
+                keep_until_ms: now.saturating_add(ms(self.config.access_ttl)),
+            };
+            store!(
+                self,
+                "add_revocation",
+                self.store.add_revocation(&revocation)
+            );
+            self.revocations.insert(revocation);
+        }
+        if let Some(control) = self.control.get() {
+            control.close_revoked(&identity.user_id, None, Revoked::Account);
+        }
+        log::info!(
+            "logout_all user_id={} sessions={}",
+            identity.user_id,
+            revoked.len()
+        );
+        HttpResponse::json(204, Vec::new())
+    }
+
+    /// `GET /me`.
+    pub fn me(&self, identity: &Identity) -> HttpResponse {
+        let Some(user) = store!(self, "user_by_id", self.store.user_by_id(&identity.user_id))
+        else {
+            return invalid_token();
+        };
+        #[derive(Serialize)]
+        struct Me<'a> {
+            user: UserJson<'a>,
+        }
+        let email = self.email_of(&user);
+        HttpResponse::json(
+            200,
+            sonic_rs::to_vec(&Me {
+                user: self.user_json(&user, &email),
+            })
+            .unwrap_or_default(),
+        )
+    }
+
+    /// `DELETE /me`: soft delete after the password check; everything revoked, 4510.
+    pub fn delete_me(&self, identity: &Identity, password: &str) -> HttpResponse {
+        let Some(user) = store!(self, "user_by_id", self.store.user_by_id(&identity.user_id))
+        else {
+            return invalid_token();
+        };
+        if !password_matches(password, &user.password_hash) {
+            return error(403, ErrorCode::Forbidden, "wrong password");
+        }
+        let now = now_ms();
+        store!(
+            self,
+            "soft_delete_user",
+            self.store.soft_delete_user(&user.id, now)
+        );
+        store!(
+            self,
+            "revoke_user_sessions",
+            self.store.revoke_user_sessions(&user.id, None, now)
+        );
+        // Every token of this account, whenever issued, for as long as any could be valid.
+        let revocation = Revocation {
+            kind: RevocationKind::User,
+            subject: user.id.clone(),
+            revoked_at_ms: i64::MAX,
+            keep_until_ms: i64::MAX,
+        };
+        store!(
+            self,
+            "add_revocation",
+            self.store.add_revocation(&revocation)
+        );
+        self.revocations.insert(revocation);
+        if let Some(control) = self.control.get() {
+            control.close_revoked(&user.id, None, Revoked::Account);
+        }
+        log::info!("account deleted user_id={}", user.id);
+        HttpResponse::json(204, Vec::new())
+    }
+
+    /// `GET /sessions`.
+    pub fn sessions(&self, identity: &Identity) -> HttpResponse {
+        let list = store!(
+            self,
+            "live_sessions",
+            self.store.live_sessions(&identity.user_id, now_ms())
+        );
+        #[derive(Serialize)]
+        struct SessionJson<'a> {
+            id: &'a str,
+            created_at: String,
+            last_used_at: String,
+            ip: &'a str,
+            user_agent: &'a str,
+            current: bool,
+        }
+        #[derive(Serialize)]
+        struct Sessions<'a> {
+            sessions: Vec<SessionJson<'a>>,
+        }
+        let sessions = list
+            .iter()
+            .map(|s| SessionJson {
+                id: &s.id,
+                created_at: rfc3339(s.created_at_ms),
+                last_used_at: rfc3339(s.last_used_at_ms),
+                ip: &s.ip,
+                user_agent: &s.user_agent,
+                current: *s.id == *identity.session_id,
+            })
+            .collect();
+        HttpResponse::json(
+            200,
+            sonic_rs::to_vec(&Sessions { sessions }).unwrap_or_default(),
+        )
+    }
+
+    /// `DELETE /sessions/{id}`: 404 unless it is a live session of the caller.
+    pub fn delete_session(&self, identity: &Identity, id: &str) -> HttpResponse {
+        let session = store!(self, "session", self.store.session(id));
+        let Some(session) = session.filter(|s| {
+            s.user_id == *identity.user_id
+                && s.revoked_at_ms.is_none()
+                && s.expires_at_ms > now_ms()
+        }) else {
+            return error(404, ErrorCode::NotFound, "no such session");
+        };
+        if let Err(e) = self.revoke_sessions(
+            &session.user_id,
+            std::slice::from_ref(&session.id),
+            now_ms(),
+        ) {
+            return storage_failure(&e);
+        }
+        HttpResponse::json(204, Vec::new())
+    }
+
+    /// `POST /password`: every other session is revoked.
+    pub fn change_password(
+        &self,
+        identity: &Identity,
+        current: &str,
+        new_password: &str,
+    ) -> HttpResponse {
+        let Some(user) = store!(self, "user_by_id", self.store.user_by_id(&identity.user_id))
+        else {
+            return invalid_token();
+        };
+        if !password_matches(current, &user.password_hash) {
+            return error(403, ErrorCode::Forbidden, "wrong password");
+        }
+        let hash = match bcrypt::hash(new_password, self.config.bcrypt_cost) {
+            Ok(h) => h,
+            Err(e) => {
+                log::error!("bcrypt failed: {e}");
+                return error(500, ErrorCode::Internal, "internal error");
+            }
+        };
+        store!(
+            self,
+            "set_password",
+            self.store.set_password(&user.id, &hash)
+        );
+        let now = now_ms();
+        let keep = (!identity.session_id.is_empty()).then_some(&*identity.session_id);
+        let others = store!(
+            self,
+            "revoke_user_sessions",
+            self.store.revoke_user_sessions(&user.id, keep, now)
+        );
+        if let Err(e) = self.revoke_sessions(&user.id, &others, now) {
+            return storage_failure(&e);
+        }
+        log::info!(
+            "password changed user_id={} revoked={}",
+            user.id,
+            others.len()
+        );
+        HttpResponse::json(204, Vec::new())
+    }
+
+    /// Drops in-memory revocations that can no longer matter.
+    pub fn prune(&self) {
+        self.revocations.prune(now_ms());
+        let _ = self.store.prune_revocations(now_ms());
+    }
+}
+
+/// Looks up a live user by id or e-mail (for `ringhub token` and `user set-role`).
+pub fn find_user(
+    store: &dyn Store,
+    blind_key: &[u8],
+    id_or_email: &str,
+) -> Result<Option<UserRecord>, StoreError> {
+    if id_or_email.contains('@') {
+        let Ok(email) = validate::email(id_or_email) else {
+            return Ok(None);
+        };
+        store.user_by_email_index(&crypto::blind_index(blind_key, &email))
+    } else {
+        store.user_by_id(id_or_email)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_823_999_000), "2026-11-27T23:59:59Z");
+    }
+}
