@@ -87,16 +87,24 @@ pub struct Server {
     pub dir: PathBuf,
     /// The flags it was started with (reused by [`Server::token`]).
     flags: Vec<String>,
+    /// The caller's flags, for a restart.
+    extra: Vec<String>,
 }
 
 impl Server {
     /// Starts the server with `flags` (besides `--listen 127.0.0.1:0` and `--data-dir`) and
     /// waits for its `listening` line.
     pub fn start(name: &str, flags: &[&str]) -> Server {
-        let dir = scratch_dir(name);
+        let flags: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
+        Self::start_in(scratch_dir(name), &flags)
+    }
+
+    /// Starts the server in an existing scratch directory (its `data` subdirectory is the data
+    /// directory), as a restart does.
+    pub fn start_in(dir: PathBuf, flags: &[String]) -> Server {
         let mut all: Vec<String> =
             vec!["--data-dir".into(), dir.join("data").display().to_string()];
-        all.extend(flags.iter().map(|f| (*f).to_owned()));
+        all.extend(flags.iter().cloned());
         let mut cmd = Command::new(ringhub_bin());
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0"])
@@ -134,7 +142,55 @@ impl Server {
             port,
             dir,
             flags: all,
+            extra: flags.to_vec(),
         }
+    }
+
+    /// Stops the server (SIGTERM) and starts it again on the same data and flags.
+    pub fn restart(self) -> Server {
+        let mut old = self;
+        assert_eq!(old.terminate(), Some(0), "clean exit before restart");
+        // The old handle must not delete the directory the new process uses.
+        let dir = std::mem::take(&mut old.dir);
+        Self::start_in(dir, &old.extra)
+    }
+
+    /// One JSON API call. `User-Agent: ringhub-tests` and, with a body, `Content-Type:
+    /// application/json` are sent unless `headers` name them.
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Answer {
+        let named = |n: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
+        let mut raw =
+            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+        if !named("user-agent") {
+            raw.push_str("User-Agent: ringhub-tests\r\n");
+        }
+        if body.is_some() && !named("content-type") {
+            raw.push_str("Content-Type: application/json\r\n");
+        }
+        for (k, v) in headers {
+            raw.push_str(&format!("{k}: {v}\r\n"));
+        }
+        let body = body.unwrap_or("");
+        raw.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+        let (status, text) = self.http(&raw);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        Answer {
+            status,
+            head: head.to_owned(),
+            body: body.to_owned(),
+        }
+    }
+
+    /// `api` with a bearer token.
+    pub fn api_as(&self, token: &str, method: &str, path: &str, body: Option<&str>) -> Answer {
+        let auth = format!("Bearer {token}");
+        self.api(method, path, &[("Authorization", &auth)], body)
     }
 
     /// Mints an access token for `user` with the server's key.
@@ -268,6 +324,57 @@ impl Server {
             next_id: 1,
             backlog: Vec::new(),
         })
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Status code.
+    pub status: u16,
+    /// Status line and headers.
+    pub head: String,
+    /// Body text.
+    pub body: String,
+}
+
+impl Answer {
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        decode_value(self.body.as_bytes(), Format::Json, &LIMITS)
+            .unwrap_or_else(|e| panic!("not JSON ({e:?}): {self:?}"))
+    }
+
+    /// A header's value (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// `error.code` of an error body.
+    pub fn code(&self) -> String {
+        self.json()
+            .get("error")
+            .and_then(|e| e.get("code"))
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no error code: {self:?}"))
+            .to_owned()
+    }
+
+    /// A string field at `path` (dot-separated) of the body.
+    pub fn str_at(&self, path: &str) -> String {
+        let json = self.json();
+        let mut v = &json;
+        for part in path.split('.') {
+            v = v
+                .get(part)
+                .unwrap_or_else(|| panic!("no `{path}` in {self:?}"));
+        }
+        v.as_str()
+            .unwrap_or_else(|| panic!("`{path}` is not a string in {self:?}"))
+            .to_owned()
     }
 }
 
@@ -442,5 +549,57 @@ impl Client {
             .get_ref()
             .set_read_timeout(Some(d))
             .expect("timeout");
+    }
+}
+
+/// Where a test server keeps its durable data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    /// The embedded SQLite default in the scratch directory.
+    Embedded,
+    /// A fresh schema in the local PostgreSQL (`RINGHUB_TEST_DATABASE_URL` overrides the base).
+    Postgres,
+}
+
+/// A PostgreSQL schema made for one test, dropped with it.
+#[derive(Debug)]
+pub struct Schema {
+    base: String,
+    name: String,
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = storage::postgres::drop_schema(&self.base, &self.name);
+    }
+}
+
+impl Db {
+    /// The flags selecting this database (none for the embedded one) and the schema guard.
+    pub fn flags(self, name: &str) -> (Vec<String>, Option<Schema>) {
+        match self {
+            Db::Embedded => (Vec::new(), None),
+            Db::Postgres => {
+                static NEXT: AtomicU32 = AtomicU32::new(0);
+                let base = std::env::var("RINGHUB_TEST_DATABASE_URL")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+                let schema = format!(
+                    "it_{}_{}_{}",
+                    name.chars()
+                        .filter(char::is_ascii_alphanumeric)
+                        .take(20)
+                        .collect::<String>()
+                        .to_ascii_lowercase(),
+                    std::process::id(),
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                );
+                let url = storage::postgres::scratch_schema_url(&base, &schema)
+                    .unwrap_or_else(|e| panic!("PostgreSQL must be reachable at {base}: {e}"));
+                (
+                    vec!["--database-url".to_owned(), url],
+                    Some(Schema { base, name: schema }),
+                )
+            }
+        }
     }
 }

@@ -146,6 +146,8 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), String> {
         usize::try_from(config.hash_queue).unwrap_or(64),
         true,
     ));
+    let warm = accounts.clone();
+    let _ = hash_pool.submit(move || warm.warm_up());
     let routes = Arc::new(Routes::new(
         metrics,
         accounts.clone(),

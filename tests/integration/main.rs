@@ -4,6 +4,7 @@
 // Helpers outside #[test] functions panic on failure on purpose: that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
+mod accounts;
 mod config_cli;
 mod gateway;
 mod gateway_limits;

@@ -60,8 +60,9 @@ pub struct Accounts {
     control: OnceLock<engine::Control>,
     config: AccountsConfig,
     metrics: Arc<ServerMetrics>,
-    /// Checked against when the e-mail is unknown, so that timing does not tell.
-    dummy_hash: String,
+    /// Checked against when the e-mail is unknown, so that timing does not tell. Made on first
+    /// need (or by [`Accounts::warm_up`] on a hashing thread), never on a shard.
+    dummy_hash: OnceLock<String>,
     /// `login_per_ip`.
     pub login_per_ip: BucketTable,
     /// `register_per_ip`.
@@ -242,8 +243,12 @@ impl Accounts {
         rates: &crate::config::RateLimits,
         metrics: Arc<ServerMetrics>,
     ) -> Result<Self, String> {
-        let dummy_hash = bcrypt::hash("ringhub-no-such-account", config.bcrypt_cost)
-            .map_err(|e| format!("bcrypt: {e}"))?;
+        if !(4..=31).contains(&config.bcrypt_cost) {
+            return Err(format!(
+                "bcrypt_cost {} is out of range",
+                config.bcrypt_cost
+            ));
+        }
         Ok(Self {
             store,
             tokens,
@@ -253,12 +258,27 @@ impl Accounts {
             control: OnceLock::new(),
             config,
             metrics,
-            dummy_hash,
+            dummy_hash: OnceLock::new(),
             login_per_ip: BucketTable::new(rates.login_per_ip),
             register_per_ip: BucketTable::new(rates.register_per_ip),
             refresh_per_session: BucketTable::new(rates.refresh_per_session),
             lockouts: Lockouts::new(rates.failed_logins_per_account, rates.lockout),
         })
+    }
+
+    /// The hash an unknown e-mail's password is checked against.
+    fn dummy_hash(&self) -> &str {
+        self.dummy_hash.get_or_init(|| {
+            let mut password = [0u8; 16];
+            crypto::random_fill(&mut password);
+            let password = data_encoding::HEXLOWER.encode(&password);
+            bcrypt::hash(password, self.config.bcrypt_cost).unwrap_or_default()
+        })
+    }
+
+    /// Prepares the costly parts ahead of the first login (call on a hashing thread).
+    pub fn warm_up(&self) {
+        let _ = self.dummy_hash();
     }
 
     /// Connects the running engine, so that revocations close live connections.
@@ -491,7 +511,7 @@ impl Accounts {
         // The same bcrypt work whether or not the account exists.
         let hash = user
             .as_ref()
-            .map_or(self.dummy_hash.as_str(), |u| u.password_hash.as_str());
+            .map_or_else(|| self.dummy_hash(), |u| u.password_hash.as_str());
         let matches = password_matches(password, hash);
         let Some(user) = user.filter(|_| matches) else {
             let reason = if matches {
