@@ -161,6 +161,10 @@ fn start_server(o: &Opts) -> ServerProc {
             "0/1s",
             "--rate-limits.join-per-connection",
             "0/1s",
+            "--rate-limits.login-per-ip",
+            "0/1s",
+            "--rate-limits.register-per-ip",
+            "0/1s",
         ])
         .args([
             "--max-room-members",
@@ -659,21 +663,155 @@ fn scenario_fanout(o: &Opts) {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let storm = (o.scenario == "storm").then(|| Storm::prepare(server.addr, o));
     // Publishers start when their connection is up; measure a steady window after a warm-up.
     std::thread::sleep(Duration::from_secs(1));
+    let storm = storm.map(|s| s.run(o.duration));
     measuring.store(true, Ordering::Relaxed);
     let window = Instant::now();
     std::thread::sleep(Duration::from_secs(o.duration));
     measuring.store(false, Ordering::Relaxed);
     let secs = window.elapsed().as_secs_f64();
-    let counters = server_counters(server.addr);
+    let mut counters = server_counters(server.addr);
+    if let Some(storm) = storm {
+        counters.push_str(&storm.finish());
+    }
     stop.store(true, Ordering::Relaxed);
     drop(server);
     let tallies: Vec<Tally> = handles
         .into_iter()
         .map(|h| h.join().unwrap_or_default())
         .collect();
-    report_fanout("fanout", o, secs, tallies, &counters);
+    report_fanout(&o.scenario, o, secs, tallies, &counters);
+}
+
+/// One blocking HTTP/1.1 request; returns the status and how long the answer took.
+fn http_call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Duration) {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return (0, started.elapsed());
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: loadgen\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if stream.write_all(request.as_bytes()).is_err() {
+        return (0, started.elapsed());
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let status = std::str::from_utf8(answer.get(9..12).unwrap_or(b"000"))
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, started.elapsed())
+}
+
+/// Logins (at the default bcrypt cost) fired while the fan-out runs, and `/healthz` probed every
+/// 20 ms meanwhile: how much a login burst costs the shards.
+struct Storm {
+    addr: SocketAddr,
+    users: usize,
+    concurrency: usize,
+    logins: Vec<std::thread::JoinHandle<Vec<(u16, Duration)>>>,
+    probe: Option<std::thread::JoinHandle<Vec<Duration>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Storm {
+    fn prepare(addr: SocketAddr, o: &Opts) -> Storm {
+        let users = o.users.clamp(1, 64);
+        for u in 0..users {
+            let body = format!(
+                r#"{{"username":"storm{u}","email":"storm{u}@example.com","password":"storm password {u}"}}"#
+            );
+            let (status, _) = http_call(addr, "POST", "/register", &body);
+            assert_eq!(status, 201, "register storm{u}");
+        }
+        Storm {
+            addr,
+            users,
+            concurrency: o.concurrency.clamp(1, 256),
+            logins: Vec::new(),
+            probe: None,
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn run(mut self, secs: u64) -> Storm {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        for t in 0..self.concurrency {
+            let (addr, users, stop) = (self.addr, self.users, self.stop.clone());
+            self.logins.push(std::thread::spawn(move || {
+                let mut out = Vec::new();
+                let mut i = t;
+                while Instant::now() < deadline
+                    && !stop.load(Ordering::Relaxed)
+                    && out.len() < 10_000
+                {
+                    let u = i % users;
+                    let body = format!(
+                        r#"{{"email":"storm{u}@example.com","password":"storm password {u}"}}"#
+                    );
+                    out.push(http_call(addr, "POST", "/login", &body));
+                    i += 1;
+                }
+                out
+            }));
+        }
+        let (addr, stop) = (self.addr, self.stop.clone());
+        self.probe = Some(std::thread::spawn(move || {
+            let mut out = Vec::new();
+            while Instant::now() < deadline && !stop.load(Ordering::Relaxed) && out.len() < 100_000
+            {
+                let (status, took) = http_call(addr, "GET", "/healthz", "");
+                if status == 200 {
+                    out.push(took);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            out
+        }));
+        self
+    }
+
+    /// The storm's JSON fields.
+    fn finish(self) -> String {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut ok = Vec::new();
+        let mut refused = 0u64;
+        for h in self.logins {
+            for (status, took) in h.join().unwrap_or_default() {
+                if status == 200 {
+                    ok.push(took);
+                } else {
+                    refused += 1;
+                }
+            }
+        }
+        let mut probes = self
+            .probe
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        ok.sort_unstable();
+        probes.sort_unstable();
+        let pct = |v: &[Duration], p: f64| {
+            v.get(((v.len() as f64 - 1.0).max(0.0) * p) as usize)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        format!(
+            ",\"logins_ok\":{},\"logins_refused\":{refused},\"login_ms_p50\":{:.1},\"login_ms_p99\":{:.1},\"healthz_probes\":{},\"healthz_ms_p50\":{:.2},\"healthz_ms_p99\":{:.2},\"healthz_ms_max\":{:.2}",
+            ok.len(),
+            pct(&ok, 0.5),
+            pct(&ok, 0.99),
+            probes.len(),
+            pct(&probes, 0.5),
+            pct(&probes, 0.99),
+            pct(&probes, 1.0),
+        )
+    }
 }
 
 /// The raw ceiling: `shards` writer threads each own an equal share of R × S loopback sockets and
@@ -792,8 +930,8 @@ fn main() {
     match o.scenario.as_str() {
         "idle" => scenario_idle(&o),
         "connect" => scenario_connect(&o),
-        "fanout" => scenario_fanout(&o),
+        "fanout" | "storm" => scenario_fanout(&o),
         "ceiling" => scenario_ceiling(&o),
-        other => panic!("unknown scenario {other}: idle, connect, fanout, ceiling"),
+        other => panic!("unknown scenario {other}: idle, connect, fanout, storm, ceiling"),
     }
 }

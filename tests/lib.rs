@@ -146,6 +146,14 @@ impl Server {
         }
     }
 
+    /// Runs another `ringhub` command against this server's configuration (data directory,
+    /// database).
+    pub fn cli(&self, args: &[&str]) -> Run {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(self.flags.iter().map(String::as_str));
+        ringhub(&all, &[], &self.dir)
+    }
+
     /// Stops the server (SIGTERM) and starts it again on the same data and flags.
     pub fn restart(self) -> Server {
         let mut old = self;

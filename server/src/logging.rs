@@ -5,6 +5,19 @@ use std::io::Write;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
+thread_local! {
+    /// The request a blocking thread is working for, added to its log lines.
+    static REQUEST_ID: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `work` with `request_id` attached to every log line it writes on this thread.
+pub fn with_request_id<T>(request_id: String, work: impl FnOnce() -> T) -> T {
+    REQUEST_ID.with(|r| *r.borrow_mut() = Some(request_id));
+    let out = work();
+    REQUEST_ID.with(|r| *r.borrow_mut() = None);
+    out
+}
+
 struct Logger {
     pretty: bool,
     level: LevelFilter,
@@ -32,12 +45,16 @@ impl Log for Logger {
                 ts: u128,
                 level: &'a str,
                 target: &'a str,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                request_id: Option<&'a str>,
                 msg: &'a str,
             }
+            let request_id = REQUEST_ID.with(|r| r.borrow().clone());
             let mut s = sonic_rs::to_string(&Line {
                 ts,
                 level: &level,
                 target: record.target(),
+                request_id: request_id.as_deref(),
                 msg: &msg,
             })
             .unwrap_or_default();

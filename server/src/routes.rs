@@ -123,10 +123,15 @@ impl Routes {
         }
     }
 
-    /// Runs `job` on `pool`; 503 when its queue is full.
-    fn defer(pool: &Pool, job: impl FnOnce() -> HttpResponse + Send + 'static) -> Routed {
+    /// Runs `job` on `pool` (its log lines carry the request id); 503 when the queue is full.
+    fn defer(
+        pool: &Pool,
+        request: &HttpRequest<'_>,
+        job: impl FnOnce() -> HttpResponse + Send + 'static,
+    ) -> Routed {
         let (sender, pending) = pending_response();
-        match pool.submit(move || sender.send(job())) {
+        let request_id = request.request_id.to_owned();
+        match pool.submit(move || sender.send(crate::logging::with_request_id(request_id, job))) {
             Ok(()) => Routed::Later(pending),
             Err(_) => Routed::Now(unavailable()),
         }
@@ -247,7 +252,7 @@ impl Routes {
         }
         let accounts = self.accounts.clone();
         let raw_body = request.body.to_vec();
-        Ok(Self::defer(&self.hash_pool, move || {
+        Ok(Self::defer(&self.hash_pool, request, move || {
             let idempotency = key.as_deref().map(|k| ("register", k, raw_body.as_slice()));
             accounts.register(&username, &email, &password, idempotency)
         }))
@@ -281,7 +286,7 @@ impl Routes {
         let client = Self::client(request);
         let accounts = self.accounts.clone();
         let raw_body = request.body.to_vec();
-        Ok(Self::defer(&self.hash_pool, move || {
+        Ok(Self::defer(&self.hash_pool, request, move || {
             let idempotency = key.as_deref().map(|k| ("login", k, raw_body.as_slice()));
             accounts.login(&email, &password, &client, idempotency)
         }))
@@ -303,7 +308,7 @@ impl Routes {
         };
         let client = Self::client(request);
         let accounts = self.accounts.clone();
-        Ok(Self::defer(&self.storage_pool, move || {
+        Ok(Self::defer(&self.storage_pool, request, move || {
             accounts.refresh(&token, &client)
         }))
     }
@@ -321,7 +326,9 @@ impl Routes {
         } else {
             &self.storage_pool
         };
-        Ok(Self::defer(pool, move || job(&accounts, &identity)))
+        Ok(Self::defer(pool, request, move || {
+            job(&accounts, &identity)
+        }))
     }
 
     fn route(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
@@ -367,7 +374,7 @@ impl Routes {
             }
             ("GET" | "HEAD", "/readyz") => {
                 let accounts = self.accounts.clone();
-                Ok(Self::defer(&self.storage_pool, move || {
+                Ok(Self::defer(&self.storage_pool, request, move || {
                     readiness(&accounts)
                 }))
             }

@@ -86,7 +86,37 @@ on_both!(
     idempotency_keys_replay_the_first_answer,
     failed_logins_lock_the_account_even_for_the_right_password,
     logout_all_password_change_and_deletion_close_live_connections,
+    migrate_set_role_and_token_commands,
 );
+
+fn migrate_set_role_and_token_commands(db: Db) {
+    let f = start(db, "acc-cli", &[]);
+    let server = &f.server;
+    let migrate = server.cli(&["migrate"]);
+    assert_eq!(migrate.code, 0, "{migrate:?}");
+    assert!(
+        migrate.stdout.contains("schema at version 1"),
+        "{migrate:?}"
+    );
+    assert_eq!(
+        register(server, "judy", "judy@example.com", "correct horse").status,
+        201
+    );
+    let granted = server.cli(&["user", "set-role", "Judy@Example.com", "admin"]);
+    assert_eq!(granted.code, 0, "{granted:?}");
+    assert!(granted.stdout.contains("role admin"), "{granted:?}");
+    let unknown = server.cli(&["user", "set-role", "nobody@example.com", "admin"]);
+    assert_eq!(unknown.code, 1, "{unknown:?}");
+    assert!(unknown.stderr.contains("no account"), "{unknown:?}");
+    // `token --user EMAIL` speaks for the registered account.
+    let minted = server.cli(&["token", "--user", "judy@example.com"]);
+    assert_eq!(minted.code, 0, "{minted:?}");
+    let me = server.api_as(minted.stdout.trim(), "GET", "/me", None);
+    assert_eq!(me.status, 200, "{me:?}");
+    assert_eq!(me.str_at("user.username"), "judy");
+    let missing = server.cli(&["token", "--user", "nobody@example.com"]);
+    assert_eq!(missing.code, 1, "{missing:?}");
+}
 
 fn register_login_me_and_input_rules(db: Db) {
     let f = start(db, "acc-basic", &[]);
