@@ -36,6 +36,17 @@ if [ ! -d tests/clients/node_modules/socket.io-client ]; then
   (cd tests/clients && npm install --no-audit --no-fund --no-package-lock --silent)
 fi
 
+step "PostgreSQL on 127.0.0.1:5432 (the accounts and storage tests run against it)"
+pg_up() { python3 -c 'import socket; socket.create_connection(("127.0.0.1", 5432), 1).close()' 2>/dev/null; }
+if [ -z "${RINGHUB_TEST_DATABASE_URL:-}" ] && ! pg_up; then
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq postgresql
+  fi
+  (service postgresql start || pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start) >/dev/null 2>&1 || true
+  for _ in $(seq 1 30); do pg_up && break; sleep 1; done
+  pg_up || { echo "PostgreSQL is not reachable on 127.0.0.1:5432" >&2; exit 1; }
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
