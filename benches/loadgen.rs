@@ -53,6 +53,9 @@ struct Opts {
     rate: u64,
     /// Distinct users the connections spread over (0 = one user per connection).
     users: usize,
+    /// Create the fan-out rooms through `POST /rooms` with this permission (owned by each room's
+    /// first publisher), so that joins and publishes go through the permission checks.
+    permission: Option<String>,
 }
 
 fn parse_opts() -> Opts {
@@ -73,6 +76,7 @@ fn parse_opts() -> Opts {
         zstd: false,
         rate: 0,
         users: 0,
+        permission: None,
     };
     let mut i = 1;
     while i < args.len() {
@@ -96,6 +100,7 @@ fn parse_opts() -> Opts {
             "--format" => o.msgpack = value == "msgpack",
             "--rate" => o.rate = num(),
             "--users" => o.users = num() as usize,
+            "--permission" => o.permission = Some(value.clone()),
             "--zstd" => {
                 o.zstd = true;
                 i += 1;
@@ -571,6 +576,20 @@ fn scenario_fanout(o: &Opts) {
     let server = start_server(o);
     let total = o.rooms * o.room_size;
     let tokens = Arc::new(tokens(&server, total, o.users));
+    if let Some(permission) = &o.permission {
+        for room in 0..o.rooms {
+            let body =
+                format!(r#"{{"id":"r{room}","permission":"{permission}","max_members":1000000}}"#);
+            let (status, _) = http_call_as(
+                server.addr,
+                "POST",
+                "/rooms",
+                &body,
+                Some(&tokens[room * o.room_size]),
+            );
+            assert_eq!(status, 201, "create room r{room}");
+        }
+    }
     let ready = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -687,14 +706,28 @@ fn scenario_fanout(o: &Opts) {
 
 /// One blocking HTTP/1.1 request; returns the status and how long the answer took.
 fn http_call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Duration) {
+    http_call_as(addr, method, path, body, None)
+}
+
+/// [`http_call`] with a bearer token.
+fn http_call_as(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (u16, Duration) {
     use std::io::{Read, Write};
     let started = Instant::now();
     let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
         return (0, started.elapsed());
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: loadgen\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: loadgen\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     if stream.write_all(request.as_bytes()).is_err() {

@@ -195,6 +195,33 @@ impl Server {
         }
     }
 
+    /// `POST /register`.
+    pub fn register(&self, username: &str, email: &str, password: &str) -> Answer {
+        let body =
+            format!(r#"{{"username":"{username}","email":"{email}","password":"{password}"}}"#);
+        self.api("POST", "/register", &[], Some(&body))
+    }
+
+    /// Registers and logs in; returns (user id, access token).
+    pub fn account(&self, username: &str) -> (String, String) {
+        let email = format!("{username}@example.com");
+        let created = self.register(username, &email, "correct horse");
+        assert_eq!(created.status, 201, "register {username}: {created:?}");
+        let body = format!(r#"{{"email":"{email}","password":"correct horse"}}"#);
+        let login = self.api("POST", "/login", &[], Some(&body));
+        assert_eq!(login.status, 200, "login {username}: {login:?}");
+        (created.str_at("user.id"), login.str_at("access_token"))
+    }
+
+    /// Connects with the tests' User-Agent (what bound tokens need) and reads the welcome.
+    pub fn connect_bound(&self, token: &str) -> Client {
+        let mut client = self
+            .try_connect(token, None, &[("User-Agent", "ringhub-tests")])
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        client.expect("welcome", None);
+        client
+    }
+
     /// `api` with a bearer token.
     pub fn api_as(&self, token: &str, method: &str, path: &str, body: Option<&str>) -> Answer {
         let auth = format!("Bearer {token}");

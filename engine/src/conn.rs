@@ -74,6 +74,8 @@ pub(crate) struct Conn {
     pub(crate) pending_initial: Cell<u32>,
     pub(crate) initial_rooms: RefCell<Vec<RoomId>>,
     pub(crate) resume: RefCell<Option<PendingResume>>,
+    /// Joined persistent rooms where this user may read but not publish (usually empty).
+    pub(crate) read_only: RefCell<Vec<RoomId>>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -124,6 +126,7 @@ impl Conn {
             pending_initial: Cell::new(0),
             initial_rooms: RefCell::new(Vec::new()),
             resume: RefCell::new(None),
+            read_only: RefCell::new(Vec::new()),
         }
     }
 

@@ -15,6 +15,7 @@ use crate::conn::{ConnId, shard_of};
 use crate::frames::{FRAME_KEYS, FrameKey, Frames};
 use crate::limits::{Bucket, Verdict};
 use crate::now_ms;
+use crate::rooms::RoomSettings;
 use crate::shard::{Delivery, Joined, Reply, Shard, ShardMsg};
 
 /// A room as its home shard knows it.
@@ -33,6 +34,10 @@ pub(crate) struct HomeRoom {
     pending_diff: HashMap<Arc<str>, (Arc<str>, bool)>,
     /// Ephemeral rooms vanish with their last member.
     ephemeral: bool,
+    /// Presence diffs kept and sent (a persistent room may switch them off).
+    presence_on: bool,
+    /// History kept (a persistent room may switch it off).
+    history_on: bool,
     publish_bucket: Bucket,
 }
 
@@ -50,7 +55,23 @@ impl HomeRoom {
             presence: HashMap::new(),
             pending_diff: HashMap::new(),
             ephemeral,
+            presence_on: true,
+            history_on: true,
             publish_bucket: Bucket::new(&cfg.publish_per_room, now_ms()),
+        }
+    }
+
+    /// A persistent room's current settings (they may have changed since the last join).
+    fn apply(&mut self, settings: &RoomSettings) {
+        self.ephemeral = false;
+        self.max_members = settings.max_members;
+        self.presence_on = settings.presence;
+        self.history_on = settings.history;
+        if !settings.history {
+            self.history.clear();
+        }
+        if !settings.presence {
+            self.pending_diff.clear();
         }
     }
 
@@ -130,6 +151,7 @@ pub(crate) struct JoinRequest {
     pub(crate) initial: bool,
     pub(crate) already: bool,
     pub(crate) resume: Option<ResumeFrom>,
+    pub(crate) settings: Option<RoomSettings>,
 }
 
 /// Where a resuming client left a room (SPEC §7).
@@ -169,6 +191,7 @@ pub(crate) fn join(
         initial,
         already,
         resume,
+        settings,
     } = request;
     let cfg = &shard.shared.config;
     let fail = |code: ErrorCode, message: &'static str| ShardMsg::JoinFailed {
@@ -182,7 +205,7 @@ pub(crate) fn join(
     let mut rooms = shard.home.borrow_mut();
     if !rooms.contains_key(room) {
         let personal_own = room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX) == Some(&**user);
-        if !(personal_own || (cfg.implicit_rooms && !room.is_personal())) {
+        if !(settings.is_some() || personal_own || (cfg.implicit_rooms && !room.is_personal())) {
             drop(rooms);
             to_conn(shard, conn, fail(ErrorCode::NotFound, "no such room"));
             return;
@@ -192,6 +215,9 @@ pub(crate) fn join(
     let Some(home) = rooms.get_mut(room) else {
         return;
     };
+    if let Some(settings) = &settings {
+        home.apply(settings);
+    }
     if !already {
         if home.members >= home.max_members {
             shard
@@ -217,7 +243,7 @@ pub(crate) fn join(
         entry.1 += 1;
         // A personal room has one possible member: its diffs would tell the owner only about
         // itself, so none are sent (the `presence` query still answers).
-        if entry.1 == 1 && !room.is_personal() {
+        if entry.1 == 1 && !room.is_personal() && home.presence_on {
             home.note_presence(user, name, true);
             shard.presence_dirty.borrow_mut().push(room.clone());
         }
@@ -286,7 +312,7 @@ pub(crate) fn leave(
         entry.1 = entry.1.saturating_sub(1);
         if entry.1 == 0 {
             home.presence.remove(user);
-            if !room.is_personal() {
+            if !room.is_personal() && home.presence_on {
                 home.note_presence(user, name, false);
                 shard.presence_dirty.borrow_mut().push(room.clone());
             }
@@ -306,33 +332,61 @@ pub(crate) fn publish(
     data: Value,
     id: Option<u64>,
 ) {
+    match sequence(shard, room, user, name, data) {
+        Ok(seq) => {
+            if id.is_some() {
+                shard.reply(conn, Reply::Published { id, seq });
+            }
+        }
+        Err((code, message)) => shard.reply(conn, Reply::Error { id, code, message }),
+    }
+}
+
+/// A publish from the HTTP API: a persistent room that has no member yet is brought up here.
+pub(crate) fn publish_external(
+    shard: &Rc<Shard>,
+    room: RoomId,
+    user: &Arc<str>,
+    name: &Arc<str>,
+    data: Value,
+    settings: Option<RoomSettings>,
+) -> Result<u64, ErrorCode> {
+    {
+        let mut rooms = shard.home.borrow_mut();
+        match (rooms.get_mut(&room), &settings) {
+            (Some(home), Some(s)) => home.apply(s),
+            (None, Some(s)) => {
+                let mut home = HomeRoom::new(shard, false);
+                home.apply(s);
+                rooms.insert(room.clone(), home);
+            }
+            // A personal room whose owner is offline: the message has nobody to reach, and
+            // there is no room to keep history in.
+            (None, None) => return Ok(0),
+            (Some(_), None) => {}
+        }
+    }
+    sequence(shard, room, user, name, data).map_err(|(code, _)| code)
+}
+
+/// Assigns the next `seq`, keeps history, fans out: the one place a message enters a room.
+fn sequence(
+    shard: &Rc<Shard>,
+    room: RoomId,
+    user: &Arc<str>,
+    name: &Arc<str>,
+    data: Value,
+) -> Result<u64, (ErrorCode, &'static str)> {
     let cfg = &shard.shared.config;
     let now = now_ms();
     let mut rooms = shard.home.borrow_mut();
     let Some(home) = rooms.get_mut(&room) else {
-        drop(rooms);
-        shard.reply(
-            conn,
-            Reply::Error {
-                id,
-                code: ErrorCode::NotJoined,
-                message: "not joined to this room",
-            },
-        );
-        return;
+        return Err((ErrorCode::NotJoined, "not joined to this room"));
     };
     if home.publish_bucket.attempt(&cfg.publish_per_room, now) != Verdict::Allow {
         drop(rooms);
         shard.shared.metrics.rate_limited("publish_per_room");
-        shard.reply(
-            conn,
-            Reply::Error {
-                id,
-                code: ErrorCode::RateLimited,
-                message: "room publish rate exceeded",
-            },
-        );
-        return;
+        return Err((ErrorCode::RateLimited, "room publish rate exceeded"));
     }
     home.seq += 1;
     let record = Arc::new(MessageRecord {
@@ -349,7 +403,7 @@ pub(crate) fn publish(
         cfg.compression_threshold,
         &mut shard.compressor.borrow_mut(),
     );
-    if cfg.history_size > 0 {
+    if cfg.history_size > 0 && home.history_on {
         home.history.push_back(record);
         home.prune_history(now, ttl_ms(shard), cfg.history_size);
     }
@@ -357,9 +411,23 @@ pub(crate) fn publish(
     let targets = home.member_shards();
     drop(rooms);
     fan_out(shard, targets, Delivery { room, frames });
-    if id.is_some() {
-        shard.reply(conn, Reply::Published { id, seq });
-    }
+    Ok(seq)
+}
+
+/// A room's presence for the HTTP API (empty when nobody is in it).
+pub(crate) fn presence_of(shard: &Rc<Shard>, room: &RoomId) -> Vec<PresenceEntry> {
+    shard
+        .home
+        .borrow()
+        .get(room)
+        .map(HomeRoom::presence_list)
+        .unwrap_or_default()
+}
+
+/// Forgets a deleted room. Its members were kicked first; their leaves that arrive later find
+/// nothing and change nothing.
+pub(crate) fn drop_room(shard: &Rc<Shard>, room: &RoomId) {
+    shard.home.borrow_mut().remove(room);
 }
 
 pub(crate) fn presence_query(shard: &Rc<Shard>, room: &RoomId, conn: ConnId, id: Option<u64>) {

@@ -21,6 +21,7 @@ mod mailbox;
 pub mod metrics;
 mod net;
 mod pending;
+pub mod rooms;
 mod shard;
 mod sio;
 pub(crate) mod sys;
@@ -41,6 +42,7 @@ pub use metrics::Metrics;
 pub use net::{Cidr, client_ip};
 pub use pending::{PendingResponse, ResponseSender, pending_response};
 use protocol::http::RequestHead;
+pub use rooms::{OpenRooms, RoomAccess, RoomPolicy, RoomSettings};
 use shard::{Shard, ShardMsg, Shared};
 pub use sys::lower_thread_priority;
 
@@ -150,6 +152,7 @@ pub fn start(
     config: EngineConfig,
     auth: Arc<dyn Authenticator>,
     routes: Arc<dyn HttpRoutes>,
+    policy: Arc<dyn RoomPolicy>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<Engine> {
     let shards = config.shards.max(1);
@@ -159,7 +162,7 @@ pub fn start(
     for _ in 1..shards {
         listeners.push(bind(local_addr)?);
     }
-    let shared = Arc::new(Shared::new(config, auth, routes, metrics));
+    let shared = Arc::new(Shared::new(config, auth, routes, policy, metrics));
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<&'static str>>();
     let mut threads = Vec::with_capacity(shards);
@@ -337,7 +340,102 @@ impl std::fmt::Debug for Control {
     }
 }
 
+/// How long the HTTP API waits for the shards to act on a room change.
+const ROOM_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Control {
+    fn every_shard(&self, msg: impl Fn(Arc<rooms::Countdown>) -> ShardMsg) -> bool {
+        let shards = self.0.mailboxes.len();
+        let done = Arc::new(rooms::Countdown::new(shards));
+        for shard in 0..shards {
+            self.0.send(shard, msg(done.clone()));
+        }
+        done.wait(ROOM_CHANGE_WAIT)
+    }
+
+    /// Removes `user` (every member when None) from `room` on every shard and sends `kicked`
+    /// with `reason`. Blocks (call it from a blocking thread) until every shard has acted, so
+    /// that no message published afterwards reaches them; false if a shard did not answer in
+    /// time.
+    pub fn kick(
+        &self,
+        room: &protocol::envelope::RoomId,
+        user: Option<&str>,
+        reason: &'static str,
+    ) -> bool {
+        let user: Option<Arc<str>> = user.map(Arc::from);
+        self.every_shard(|done| ShardMsg::Kick {
+            room: room.clone(),
+            user: user.clone(),
+            reason,
+            done,
+        })
+    }
+
+    /// Asks the policy again for every connection in `room`. Blocks like [`Control::kick`].
+    pub fn reauthorize(&self, room: &protocol::envelope::RoomId) -> bool {
+        self.every_shard(|done| ShardMsg::Reauthorize {
+            room: room.clone(),
+            done,
+        })
+    }
+
+    /// Kicks every member of a deleted room and forgets it (history included).
+    pub fn delete_room(&self, room: &protocol::envelope::RoomId) -> bool {
+        let kicked = self.kick(room, None, "room_deleted");
+        let done = Arc::new(rooms::Countdown::new(1));
+        self.0.send(
+            self.0.home_of(room),
+            ShardMsg::DropRoom {
+                room: room.clone(),
+                done: done.clone(),
+            },
+        );
+        done.wait(ROOM_CHANGE_WAIT) && kicked
+    }
+
+    /// Publishes `data` to `room` as `user` (the HTTP API); the room's `seq`, or the error.
+    pub fn publish(
+        &self,
+        room: &protocol::envelope::RoomId,
+        user: &str,
+        name: &str,
+        data: protocol::envelope::Value,
+        settings: Option<RoomSettings>,
+    ) -> Result<u64, protocol::ErrorCode> {
+        let answer = Arc::new(rooms::Answer::new());
+        self.0.send(
+            self.0.home_of(room),
+            ShardMsg::PublishExternal {
+                room: room.clone(),
+                user: Arc::from(user),
+                name: Arc::from(name),
+                data,
+                settings,
+                answer: answer.clone(),
+            },
+        );
+        answer
+            .wait(ROOM_CHANGE_WAIT)
+            .unwrap_or(Err(protocol::ErrorCode::Unavailable))
+    }
+
+    /// The room's presence (users with their connection counts).
+    pub fn presence(
+        &self,
+        room: &protocol::envelope::RoomId,
+    ) -> Option<Vec<protocol::envelope::PresenceEntry>> {
+        let answer = Arc::new(rooms::Answer::new());
+        self.0.send(
+            self.0.home_of(room),
+            ShardMsg::PresenceExternal {
+                room: room.clone(),
+                answer: answer.clone(),
+            },
+        );
+        answer.wait(ROOM_CHANGE_WAIT)
+    }
+
     /// Closes, on every shard, the live connections of `user` (only those of `session`, when
     /// given) with the close code `revoked` implies. Returns once every shard has been told; each
     /// shard acts on its next turn.

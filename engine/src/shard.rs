@@ -22,6 +22,7 @@ use crate::home::{HomeRoom, Recovery, ResumeFrom};
 use crate::limits::Bucket;
 use crate::mailbox::Mailbox;
 use crate::metrics::Metrics;
+use crate::rooms::{Answer, Countdown, RoomPolicy, RoomSettings};
 use crate::{HttpRoutes, now_ms};
 
 /// A message between shards.
@@ -37,6 +38,8 @@ pub(crate) enum ShardMsg {
         initial: bool,
         already: bool,
         resume: Option<ResumeFrom>,
+        /// A persistent room's settings (None for ephemeral and personal rooms).
+        settings: Option<RoomSettings>,
     },
     /// To a room's home: count a connection out.
     Leave {
@@ -91,6 +94,33 @@ pub(crate) enum ShardMsg {
         user: Arc<str>,
         session: Option<Arc<str>>,
         code: CloseCode,
+    },
+    /// To every shard: remove the connections of `user` (every user when None) from `room` and
+    /// send them `kicked`.
+    Kick {
+        room: RoomId,
+        user: Option<Arc<str>>,
+        reason: &'static str,
+        done: Arc<Countdown>,
+    },
+    /// To every shard: ask the policy again for every connection in `room` (its permission
+    /// changed); those denied are kicked, the publish right of the others is updated.
+    Reauthorize { room: RoomId, done: Arc<Countdown> },
+    /// To a room's home: forget the room (deleted), history included.
+    DropRoom { room: RoomId, done: Arc<Countdown> },
+    /// To a room's home: a publish from outside a connection (the HTTP API).
+    PublishExternal {
+        room: RoomId,
+        user: Arc<str>,
+        name: Arc<str>,
+        data: Value,
+        settings: Option<RoomSettings>,
+        answer: Arc<Answer<Result<u64, ErrorCode>>>,
+    },
+    /// To a room's home: its presence, for the HTTP API.
+    PresenceExternal {
+        room: RoomId,
+        answer: Arc<Answer<Vec<PresenceEntry>>>,
     },
     /// Stop accepting, close every connection with 1001, exit.
     Shutdown,
@@ -154,6 +184,7 @@ pub(crate) struct Shared {
     pub(crate) config: EngineConfig,
     pub(crate) auth: Arc<dyn Authenticator>,
     pub(crate) routes: Arc<dyn HttpRoutes>,
+    pub(crate) policy: Arc<dyn RoomPolicy>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) mailboxes: Vec<Mailbox<ShardMsg>>,
     users: Vec<Mutex<HashMap<Arc<str>, Vec<ConnId>>>>,
@@ -194,6 +225,7 @@ impl Shared {
         config: EngineConfig,
         auth: Arc<dyn Authenticator>,
         routes: Arc<dyn HttpRoutes>,
+        policy: Arc<dyn RoomPolicy>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let shards = config.shards;
@@ -204,6 +236,7 @@ impl Shared {
             config,
             auth,
             routes,
+            policy,
             metrics,
             mailboxes: (0..shards).map(|_| Mailbox::new()).collect(),
             users: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -432,6 +465,7 @@ impl Shard {
                 initial,
                 already,
                 resume,
+                settings,
             } => {
                 let request = crate::home::JoinRequest {
                     resume,
@@ -440,6 +474,7 @@ impl Shard {
                     id,
                     initial,
                     already,
+                    settings,
                 };
                 crate::home::join(self, &room, &user, &name, request);
             }
@@ -506,6 +541,44 @@ impl Shard {
                     conn.close(self, code);
                 }
             }
+            ShardMsg::Kick {
+                room,
+                user,
+                reason,
+                done,
+            } => {
+                for conn in self.conns_in(&room) {
+                    if user.as_ref().is_none_or(|u| *u == conn.user_id()) {
+                        crate::ws::kick(self, &conn, &room, reason);
+                    }
+                }
+                done.tick();
+            }
+            ShardMsg::Reauthorize { room, done } => {
+                for conn in self.conns_in(&room) {
+                    crate::ws::reauthorize(self, &conn, &room);
+                }
+                done.tick();
+            }
+            ShardMsg::DropRoom { room, done } => {
+                crate::home::drop_room(self, &room);
+                done.tick();
+            }
+            ShardMsg::PublishExternal {
+                room,
+                user,
+                name,
+                data,
+                settings,
+                answer,
+            } => {
+                let result =
+                    crate::home::publish_external(self, room, &user, &name, data, settings);
+                answer.set(result);
+            }
+            ShardMsg::PresenceExternal { room, answer } => {
+                answer.set(crate::home::presence_of(self, &room));
+            }
             ShardMsg::Shutdown => {
                 self.stopping.set(true);
                 if let Some(w) = self.stop_waker.borrow_mut().take() {
@@ -553,6 +626,16 @@ impl Shard {
         } else {
             self.shared.send(target, msg);
         }
+    }
+
+    /// This shard's connections that hold (or are joining) `room`.
+    fn conns_in(&self, room: &RoomId) -> Vec<Rc<Conn>> {
+        self.conns
+            .borrow()
+            .values()
+            .filter(|c| c.membership(room).is_some())
+            .cloned()
+            .collect()
     }
 
     /// Sends a reply to a connection, wherever it lives.

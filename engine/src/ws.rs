@@ -22,6 +22,7 @@ use crate::frames::{FrameKey, encode_native, socketio_frame};
 use crate::home::{Recovery, ResumeFrom};
 use crate::limits::Verdict;
 use crate::now_ms;
+use crate::rooms::RoomAccess;
 use crate::shard::{Joined, Reply, Shard, ShardMsg};
 use crate::sys;
 
@@ -134,6 +135,28 @@ fn request_join_from(
     initial: bool,
     resume: Option<ResumeFrom>,
 ) {
+    let settings = match room_access(shard, conn, &room) {
+        RoomAccess::Denied => {
+            on_join_failed(
+                shard,
+                &room,
+                conn.id,
+                id,
+                initial,
+                ErrorCode::Forbidden,
+                "not allowed to join this room",
+            );
+            return;
+        }
+        RoomAccess::Granted { publish, settings } => {
+            set_read_only(conn, &room, !publish);
+            Some(settings)
+        }
+        RoomAccess::Unknown => {
+            set_read_only(conn, &room, false);
+            None
+        }
+    };
     let already = conn.membership(&room).is_some();
     if !already {
         conn.rooms
@@ -151,8 +174,55 @@ fn request_join_from(
         initial,
         already,
         resume,
+        settings,
     };
     shard.dispatch(home, msg);
+}
+
+/// The policy's answer for this connection's user (personal rooms follow their own rule).
+fn room_access(shard: &Rc<Shard>, conn: &Conn, room: &RoomId) -> RoomAccess {
+    if room.is_personal() {
+        RoomAccess::Unknown
+    } else {
+        shard.shared.policy.access(room, &conn.user_id())
+    }
+}
+
+fn set_read_only(conn: &Conn, room: &RoomId, read_only: bool) {
+    let mut list = conn.read_only.borrow_mut();
+    let pos = list.iter().position(|r| r == room);
+    match (pos, read_only) {
+        (None, true) => list.push(room.clone()),
+        (Some(i), false) => {
+            list.swap_remove(i);
+        }
+        _ => {}
+    }
+}
+
+/// Removes the connection from `room` and tells it why (SPEC §5: a removed member, or a member
+/// of a deleted room, stops receiving the room's messages at once).
+pub(crate) fn kick(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId, reason: &str) {
+    set_read_only(conn, room, false);
+    if leave_room(shard, conn, room) {
+        send(
+            shard,
+            conn,
+            &Push::Kicked {
+                room: room.as_str(),
+                reason,
+            },
+        );
+    }
+}
+
+/// Applies a changed permission to a connection in `room`.
+pub(crate) fn reauthorize(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) {
+    match room_access(shard, conn, room) {
+        RoomAccess::Denied => kick(shard, conn, room, "permission_changed"),
+        RoomAccess::Granted { publish, .. } => set_read_only(conn, room, !publish),
+        RoomAccess::Unknown => set_read_only(conn, room, false),
+    }
 }
 
 fn send_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
@@ -464,13 +534,13 @@ fn may_read_room(
     if !token_still_valid(shard, conn) || !rate(shard, conn, which, id) {
         return false;
     }
-    if is_foreign_personal(conn, room) {
+    if is_foreign_personal(conn, room) || room_access(shard, conn, room) == RoomAccess::Denied {
         send_error(
             shard,
             conn,
             id,
             ErrorCode::Forbidden,
-            "personal rooms are owner-only",
+            "not allowed to read this room",
         );
         return false;
     }
@@ -589,6 +659,16 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                 );
                 return;
             }
+            if conn.read_only.borrow().contains(&room) {
+                send_error(
+                    shard,
+                    conn,
+                    id,
+                    ErrorCode::Forbidden,
+                    "not allowed to publish in this room",
+                );
+                return;
+            }
             let home = shard.shared.home_of(&room);
             let msg = ShardMsg::Publish {
                 room,
@@ -601,7 +681,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
             shard.dispatch(home, msg);
         }
         Op::Presence { room } => {
-            if !rate(shard, conn, "query_per_connection", id) {
+            if !may_read_room(shard, conn, &room, "query_per_connection", id) {
                 return;
             }
             let home = shard.shared.home_of(&room);

@@ -10,6 +10,7 @@ pub mod logging;
 pub mod observe;
 pub mod pool;
 pub mod revocation;
+pub mod rooms;
 pub mod routes;
 pub mod serve;
 pub mod tokens;

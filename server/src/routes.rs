@@ -15,6 +15,7 @@ use sonic_rs::{JsonValueTrait, Value};
 use crate::accounts::{self, Accounts, Client, invalid_input, rate_limited};
 use crate::observe::ServerMetrics;
 use crate::pool::Pool;
+use crate::rooms::{NewRoom, RoomService};
 use crate::tokens::JwtAuthenticator;
 
 /// Longest accepted `Idempotency-Key`.
@@ -37,6 +38,7 @@ impl Cors {
 pub struct Routes {
     metrics: Arc<ServerMetrics>,
     accounts: Arc<Accounts>,
+    rooms: Arc<RoomService>,
     auth: Arc<JwtAuthenticator>,
     storage_pool: Arc<Pool>,
     hash_pool: Arc<Pool>,
@@ -85,6 +87,31 @@ impl Body {
         }
     }
 
+    fn optional_bool(&self, field: &'static str) -> Result<Option<bool>, HttpResponse> {
+        match self.0.get(field) {
+            None => Ok(None),
+            Some(v) if v.is_null() => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| invalid_input(field, "must be true or false")),
+        }
+    }
+
+    /// A positive count up to ten million.
+    fn optional_count(&self, field: &'static str) -> Result<Option<u32>, HttpResponse> {
+        match self.0.get(field) {
+            None => Ok(None),
+            Some(v) if v.is_null() => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| (1..=10_000_000).contains(n))
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| invalid_input(field, "must be an integer from 1 to 10000000")),
+        }
+    }
+
     fn optional_string(&self, field: &'static str) -> Result<Option<&str>, HttpResponse> {
         match self.0.get(field) {
             None => Ok(None),
@@ -108,6 +135,7 @@ impl Routes {
     pub fn new(
         metrics: Arc<ServerMetrics>,
         accounts: Arc<Accounts>,
+        rooms: Arc<RoomService>,
         auth: Arc<JwtAuthenticator>,
         storage_pool: Arc<Pool>,
         hash_pool: Arc<Pool>,
@@ -116,6 +144,7 @@ impl Routes {
         Self {
             metrics,
             accounts,
+            rooms,
             auth,
             storage_pool,
             hash_pool,
@@ -331,10 +360,111 @@ impl Routes {
         }))
     }
 
+    /// A rooms route with the caller's identity, run on the storage pool.
+    fn room_job(
+        &self,
+        request: &HttpRequest<'_>,
+        job: impl FnOnce(&RoomService, &Identity) -> HttpResponse + Send + 'static,
+    ) -> Result<Routed, HttpResponse> {
+        let identity = self.authenticate(request)?;
+        let rooms = self.rooms.clone();
+        Ok(Self::defer(&self.storage_pool, request, move || {
+            job(&rooms, &identity)
+        }))
+    }
+
+    fn create_room(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
+        let body = Self::json_body(request)?;
+        let id = body.string("id")?;
+        let id = protocol::envelope::RoomId::parse(id)
+            .ok()
+            .filter(|r| !r.is_personal())
+            .ok_or_else(|| {
+                invalid_input(
+                    "id",
+                    "must match ^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$ and not start with user:",
+                )
+            })?;
+        let permission =
+            storage::Permission::parse(body.string("permission")?).ok_or_else(|| {
+                invalid_input(
+                    "permission",
+                    "must be public, restricted, private or owner_only",
+                )
+            })?;
+        let new = NewRoom {
+            id,
+            permission,
+            max_members: body.optional_count("max_members")?,
+            presence: body.optional_bool("presence")?.unwrap_or(true),
+            history: body.optional_bool("history")?.unwrap_or(true),
+        };
+        self.room_job(request, move |rooms, who| rooms.create(who, &new))
+    }
+
+    fn room_routes(&self, request: &HttpRequest<'_>, rest: &str) -> Result<Routed, HttpResponse> {
+        let method = request.head.method.as_str();
+        let mut parts = rest.split('/');
+        let raw_id = parts.next().unwrap_or("");
+        let room = protocol::envelope::RoomId::parse(&percent_decode(raw_id))
+            .map_err(|_| error(404, ErrorCode::NotFound, "no such room"))?;
+        let tail: Vec<&str> = parts.collect();
+        match (method, tail.as_slice()) {
+            ("GET", []) => self.room_job(request, move |r, who| r.get(who, &room)),
+            ("PATCH", []) => {
+                let body = Self::json_body(request)?;
+                let permission = match body.optional_string("permission")? {
+                    Some(p) => Some(storage::Permission::parse(p).ok_or_else(|| {
+                        invalid_input(
+                            "permission",
+                            "must be public, restricted, private or owner_only",
+                        )
+                    })?),
+                    None => None,
+                };
+                let update = storage::RoomUpdate {
+                    permission,
+                    max_members: body.optional_count("max_members")?,
+                };
+                self.room_job(request, move |r, who| r.update(who, &room, &update))
+            }
+            ("DELETE", []) => self.room_job(request, move |r, who| r.delete(who, &room)),
+            ("GET", ["presence"]) => self.room_job(request, move |r, who| r.presence(who, &room)),
+            ("POST", ["messages"]) => {
+                let body = Self::json_body(request)?;
+                let data = body
+                    .0
+                    .get("data")
+                    .ok_or_else(|| invalid_input("data", "is required"))?;
+                let raw = sonic_rs::to_vec(data).unwrap_or_default();
+                self.room_job(request, move |r, who| r.publish(who, &room, &raw))
+            }
+            ("PUT", ["members", user]) => {
+                let user = percent_decode(user);
+                let body = Self::json_body(request)?;
+                let role = storage::MemberRole::parse(body.string("role")?)
+                    .ok_or_else(|| invalid_input("role", "must be member or moderator"))?;
+                self.room_job(request, move |r, who| r.put_member(who, &room, &user, role))
+            }
+            ("DELETE", ["members", user]) => {
+                let user = percent_decode(user);
+                self.room_job(request, move |r, who| r.remove_member(who, &room, &user))
+            }
+            (_, [] | ["presence"] | ["messages"] | ["members", _]) => {
+                Err(method_not_allowed("GET, PATCH, DELETE, PUT, POST"))
+            }
+            _ => Err(error(404, ErrorCode::NotFound, "no such route")),
+        }
+    }
+
     fn route(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
         let method = request.head.method.as_str();
         let path = request.head.path();
+        if let Some(rest) = path.strip_prefix("/rooms/") {
+            return self.room_routes(request, rest);
+        }
         match (method, path) {
+            ("POST", "/rooms") => self.create_room(request),
             ("POST", "/register") => self.register(request),
             ("POST", "/login") => self.login(request),
             ("POST", "/refresh") => self.refresh(request),
@@ -393,6 +523,7 @@ impl Routes {
                 Err(method_not_allowed("POST"))
             }
             (_, "/me") => Err(method_not_allowed("GET, DELETE")),
+            (_, "/rooms") => Err(method_not_allowed("POST")),
             (_, "/sessions") => Err(method_not_allowed("GET")),
             (_, "/healthz" | "/readyz" | "/metrics") => Err(method_not_allowed("GET, HEAD")),
             _ => Err(error(404, ErrorCode::NotFound, "no such route")),
@@ -406,6 +537,27 @@ impl Routes {
             ("Vary", "Origin".to_owned()),
         ]
     }
+}
+
+/// `%XX` escapes of a path segment decoded (invalid ones kept as written).
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A cookie's value from the `Cookie` header.

@@ -146,11 +146,23 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), String> {
         usize::try_from(config.hash_queue).unwrap_or(64),
         true,
     ));
+    let directory = Arc::new(
+        crate::rooms::RoomDirectory::load(&*store)
+            .map_err(|e| format!("cannot load rooms: {e}"))?,
+    );
+    let rooms = Arc::new(crate::rooms::RoomService::new(
+        store.clone(),
+        directory.clone(),
+        config.max_room_members,
+        config.max_message_bytes,
+        config.max_json_depth,
+    ));
     let warm = accounts.clone();
     let _ = hash_pool.submit(move || warm.warm_up());
     let routes = Arc::new(Routes::new(
         metrics,
         accounts.clone(),
+        rooms.clone(),
         auth.clone(),
         storage_pool,
         hash_pool,
@@ -158,16 +170,27 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), String> {
             allowed_origins: config.allowed_origins.clone(),
         },
     ));
-    let engine = engine::start(engine_config(config), auth, routes, engine_metrics)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let engine = engine::start(
+        engine_config(config),
+        auth,
+        routes,
+        directory,
+        engine_metrics,
+    )
+    .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     accounts.attach(engine.control());
+    rooms.attach(engine.control());
     let pruner = accounts;
     let _ = std::thread::Builder::new()
-        .name("ringhub-prune".into())
+        .name("ringhub-upkeep".into())
         .spawn(move || {
-            loop {
-                std::thread::sleep(std::time::Duration::from_secs(60));
-                pruner.prune();
+            // Admins change through `ringhub user set-role`, another process: reload them often.
+            for tick in 1u64.. {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                rooms.reload_admins();
+                if tick % 30 == 0 {
+                    pruner.prune();
+                }
             }
         });
     let handle = engine.control();

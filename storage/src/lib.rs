@@ -1,5 +1,6 @@
 //! ringhub's durable state behind narrow traits, one per concern: [`Users`], [`Sessions`]
-//! (refresh-token families), [`Revocations`] and [`Idempotency`], gathered by [`Store`].
+//! (refresh-token families), [`Revocations`], [`Idempotency`] and [`Rooms`] (persistent rooms and
+//! their memberships), gathered by [`Store`].
 //!
 //! Two implementations share one schema and one test suite: [`sqlite::SqliteStore`] (the embedded
 //! default, a WAL-mode file in `data_dir`) and [`postgres::PgStore`] (the sync `postgres` client,
@@ -95,10 +96,13 @@ pub trait Users {
     fn set_password(&self, id: &str, password_hash: &str) -> StoreResult<bool>;
     /// Sets the role of a live user; false when there is none.
     fn set_role(&self, id: &str, role: Role) -> StoreResult<bool>;
-    /// Soft-deletes a live user: marks it deleted at `now_ms` and erases its e-mail cipher and
-    /// index (so the e-mail and username are free again) and its password hash. False when there
-    /// was no live user.
+    /// Soft-deletes a live user: marks it deleted at `now_ms`, erases its e-mail cipher and
+    /// index (so the e-mail and username are free again) and its password hash, and removes its
+    /// room memberships, in one transaction. Rooms it owns stay. False (and nothing written) when
+    /// there was no live user.
     fn soft_delete_user(&self, id: &str, now_ms: i64) -> StoreResult<bool>;
+    /// The ids of the live users whose role is [`Role::Admin`], ascending (byte order).
+    fn admins(&self) -> StoreResult<Vec<String>>;
 }
 
 /// One login: a refresh-token family.
@@ -183,6 +187,9 @@ pub trait Sessions {
         keep: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<Vec<String>>;
+    /// Deletes the sessions that expired, or were revoked, before `before_ms`, with their
+    /// refresh tokens; returns how many sessions.
+    fn prune_sessions(&self, before_ms: i64) -> StoreResult<u64>;
 }
 
 /// What a revocation covers.
@@ -278,8 +285,131 @@ pub trait Idempotency {
     fn prune_idempotency(&self, before_ms: i64) -> StoreResult<u64>;
 }
 
+/// A room's permission level (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    /// Any user joins, reads and publishes; the owner manages.
+    Public,
+    /// Any user joins and reads; the owner, moderators and members publish.
+    Restricted,
+    /// Only the owner, moderators and members join, read and publish.
+    Private,
+    /// Only the owner.
+    OwnerOnly,
+}
+
+impl Permission {
+    /// The stored (and wire) spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Public => "public",
+            Self::Restricted => "restricted",
+            Self::Private => "private",
+            Self::OwnerOnly => "owner_only",
+        }
+    }
+
+    /// Parses the stored spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "public" => Some(Self::Public),
+            "restricted" => Some(Self::Restricted),
+            "private" => Some(Self::Private),
+            "owner_only" => Some(Self::OwnerOnly),
+            _ => None,
+        }
+    }
+}
+
+/// A member's role in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberRole {
+    /// A member.
+    Member,
+    /// A member who may also manage the room's members (appointed by the owner).
+    Moderator,
+}
+
+impl MemberRole {
+    /// The stored (and wire) spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Member => "member",
+            Self::Moderator => "moderator",
+        }
+    }
+
+    /// Parses the stored spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "member" => Some(Self::Member),
+            "moderator" => Some(Self::Moderator),
+            _ => None,
+        }
+    }
+}
+
+/// A persistent room (created with `POST /rooms`). Times are epoch milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomRecord {
+    /// The room id (SPEC §5's syntax, checked by the caller).
+    pub id: String,
+    /// Who may do what.
+    pub permission: Permission,
+    /// The owner's user id.
+    pub owner_id: String,
+    /// The most members joined at once.
+    pub max_members: u32,
+    /// Whether presence is tracked.
+    pub presence: bool,
+    /// Whether history is kept.
+    pub history: bool,
+    /// Creation time.
+    pub created_at_ms: i64,
+}
+
+/// The settings [`Rooms::update_room`] changes; `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct RoomUpdate {
+    /// A new permission level.
+    pub permission: Option<Permission>,
+    /// A new member limit.
+    pub max_members: Option<u32>,
+}
+
+/// Persistent rooms and their memberships, loaded into the server's directory at start.
+pub trait Rooms {
+    /// Inserts a room; `Conflict("id")` when the id exists.
+    fn create_room(&self, room: &RoomRecord) -> StoreResult<()>;
+    /// A room by id.
+    fn room(&self, id: &str) -> StoreResult<Option<RoomRecord>>;
+    /// Every room, by id ascending (byte order; the server loads its directory from this at
+    /// start).
+    fn all_rooms(&self) -> StoreResult<Vec<RoomRecord>>;
+    /// Applies the given changes; returns the updated room, None when it does not exist.
+    fn update_room(&self, id: &str, update: &RoomUpdate) -> StoreResult<Option<RoomRecord>>;
+    /// Deletes the room and its memberships; false when it did not exist.
+    fn delete_room(&self, id: &str) -> StoreResult<bool>;
+    /// Inserts or replaces a membership (a replaced one keeps its original `now_ms`); false
+    /// (nothing written) when the room does not exist.
+    fn put_member(
+        &self,
+        room_id: &str,
+        user_id: &str,
+        role: MemberRole,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    /// Removes a membership; false when there was none.
+    fn remove_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool>;
+    /// The memberships of a room, by user id ascending (byte order).
+    fn members(&self, room_id: &str) -> StoreResult<Vec<(String, MemberRole)>>;
+    /// Every membership of every room (room_id, user_id, role), by room id then user id
+    /// ascending, for loading the directory.
+    fn all_members(&self) -> StoreResult<Vec<(String, String, MemberRole)>>;
+}
+
 /// Everything durable, as one object the server holds.
-pub trait Store: Users + Sessions + Revocations + Idempotency + Send + Sync {
+pub trait Store: Users + Sessions + Revocations + Idempotency + Rooms + Send + Sync {
     /// A cheap round trip proving the database answers (for `/readyz`).
     fn ping(&self) -> StoreResult<()>;
     /// The schema version after migrations.

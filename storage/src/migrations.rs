@@ -12,10 +12,16 @@
 //! both lists.
 
 /// The SQLite migrations, in order.
-pub const SQLITE: &[(u32, &str)] = &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
+pub const SQLITE: &[(u32, &str)] = &[
+    (1, include_str!("../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../migrations/sqlite/0002_rooms.sql")),
+];
 
 /// The PostgreSQL migrations, in order.
-pub const POSTGRES: &[(u32, &str)] = &[(1, include_str!("../migrations/postgres/0001_init.sql"))];
+pub const POSTGRES: &[(u32, &str)] = &[
+    (1, include_str!("../migrations/postgres/0001_init.sql")),
+    (2, include_str!("../migrations/postgres/0002_rooms.sql")),
+];
 
 /// The bookkeeping table, created (if missing) before any migration runs. SQLite and
 /// PostgreSQL both accept this spelling.
@@ -51,7 +57,7 @@ pub fn pending(
 /// name or SQLite's `UNIQUE constraint failed: table.column` message; both spell the schema's
 /// names above (`users_email_live` / `users.email_index`, `users_username_live` /
 /// `users.username_lower`, `idempotency_pkey` / `idempotency.scope, idempotency.key`); every other
-/// primary key is an `"id"`.
+/// primary key (`rooms_pkey` / `rooms.id` included) is an `"id"`.
 pub(crate) fn conflict_kind(detail: &str) -> &'static str {
     if detail.contains("email") {
         "email"
@@ -108,6 +114,8 @@ mod tests {
         assert_eq!(conflict_kind("idempotency_pkey"), "key");
         assert_eq!(conflict_kind("UNIQUE constraint failed: users.id"), "id");
         assert_eq!(conflict_kind("sessions_pkey"), "id");
+        assert_eq!(conflict_kind("rooms_pkey"), "id");
+        assert_eq!(conflict_kind("UNIQUE constraint failed: rooms.id"), "id");
     }
 
     #[test]
@@ -121,16 +129,25 @@ mod tests {
 
     #[test]
     fn both_dialects_name_the_same_indexes() {
-        for name in [
-            "users_email_live",
-            "users_username_live",
-            "sessions_user",
-            "refresh_tokens_session",
-            "revocations_keep_until",
-            "idempotency_created",
-        ] {
-            assert!(SQLITE[0].1.contains(name), "{name} in sqlite");
-            assert!(POSTGRES[0].1.contains(name), "{name} in postgres");
+        let by_version: &[(usize, &[&str])] = &[
+            (
+                0,
+                &[
+                    "users_email_live",
+                    "users_username_live",
+                    "sessions_user",
+                    "refresh_tokens_session",
+                    "revocations_keep_until",
+                    "idempotency_created",
+                ],
+            ),
+            (1, &["room_members_user", "users_admins_live"]),
+        ];
+        for &(i, names) in by_version {
+            for name in names {
+                assert!(SQLITE[i].1.contains(name), "{name} in sqlite {}", i + 1);
+                assert!(POSTGRES[i].1.contains(name), "{name} in postgres {}", i + 1);
+            }
         }
     }
 }

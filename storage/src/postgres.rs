@@ -12,13 +12,17 @@
 //! parameter), nor apply schema changes other than [`crate::migrations`].
 //!
 //! Reads from the read pool: [`Users::user_by_id`], [`Users::user_by_email_index`],
-//! [`Sessions::session`] and [`Sessions::live_sessions`]. Everything else, including refresh
-//! token lookups, rotation, revocations and idempotency records, runs on the primary.
+//! [`Sessions::session`], [`Sessions::live_sessions`], [`Rooms::room`] and [`Rooms::members`].
+//! Everything else, including refresh token lookups, rotation, revocations, idempotency records
+//! and the loads that grant rights ([`Users::admins`], [`Rooms::all_rooms`],
+//! [`Rooms::all_members`]: a lagging replica would revive a removed member or a demoted admin),
+//! runs on the primary.
 //!
 //! Errors: SQLSTATE 23505 (`unique_violation`) becomes [`StoreError::Conflict`] named after the
-//! constraint; connection failures, timeouts, cancellations, admin shutdowns, lack of resources,
-//! serialization failures and deadlocks become [`StoreError::Unavailable`]; the rest
-//! [`StoreError::Internal`].
+//! constraint (SQLSTATE 23503, `foreign_key_violation`, is an answer only to
+//! [`Rooms::put_member`]: the room is missing); connection failures, timeouts, cancellations,
+//! admin shutdowns, lack of resources, serialization failures and deadlocks become
+//! [`StoreError::Unavailable`]; the rest [`StoreError::Internal`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -30,8 +34,9 @@ use postgres::{Client, Config, NoTls, Row, Statement};
 
 use crate::migrations::{self, conflict_kind};
 use crate::{
-    Idempotency, IdempotencyRecord, RefreshRecord, Revocation, RevocationKind, Revocations, Role,
-    Rotation, SessionRecord, Sessions, Store, StoreError, StoreResult, UserRecord, Users,
+    Idempotency, IdempotencyRecord, MemberRole, Permission, RefreshRecord, Revocation,
+    RevocationKind, Revocations, Role, RoomRecord, RoomUpdate, Rooms, Rotation, SessionRecord,
+    Sessions, Store, StoreError, StoreResult, UserRecord, Users,
 };
 
 /// How long a call waits for a free pooled connection before failing with `Unavailable`.
@@ -428,6 +433,33 @@ fn session_from_row(row: &Row) -> StoreResult<SessionRecord> {
     })
 }
 
+const ROOM_BY_ID: &str = "SELECT id, permission, owner_id, max_members, presence, history, \
+     created_at_ms FROM rooms WHERE id = $1";
+const ALL_ROOMS: &str = "SELECT id, permission, owner_id, max_members, presence, history, \
+     created_at_ms FROM rooms ORDER BY id COLLATE \"C\"";
+const UPDATE_ROOM: &str = "UPDATE rooms SET permission = COALESCE($2, permission), \
+     max_members = COALESCE($3, max_members) WHERE id = $1 \
+     RETURNING id, permission, owner_id, max_members, presence, history, created_at_ms";
+
+fn room_from_row(row: &Row) -> StoreResult<RoomRecord> {
+    let permission: String = row.try_get(1).map_err(map_err)?;
+    let max_members: i64 = row.try_get(3).map_err(map_err)?;
+    Ok(RoomRecord {
+        id: row.try_get(0).map_err(map_err)?,
+        permission: Permission::parse(&permission).ok_or_else(|| corrupt("permission"))?,
+        owner_id: row.try_get(2).map_err(map_err)?,
+        max_members: u32::try_from(max_members).map_err(|_| corrupt("max_members"))?,
+        presence: row.try_get(4).map_err(map_err)?,
+        history: row.try_get(5).map_err(map_err)?,
+        created_at_ms: row.try_get(6).map_err(map_err)?,
+    })
+}
+
+fn member_role(row: &Row, column: usize) -> StoreResult<MemberRole> {
+    let role: String = row.try_get(column).map_err(map_err)?;
+    MemberRole::parse(&role).ok_or_else(|| corrupt("member role"))
+}
+
 const INSERT_TOKEN: &str =
     "INSERT INTO refresh_tokens (token_hash, session_id, created_at_ms) VALUES ($1, $2, $3)";
 
@@ -506,10 +538,29 @@ impl Users for PgStore {
                 "UPDATE users SET deleted_at_ms = $2, email_cipher = '\\x'::bytea, \
                  email_index = NULL, password_hash = '' WHERE id = $1 AND deleted_at_ms IS NULL",
             )?;
-            conn.client
-                .execute(&update, &[&id, &now_ms])
-                .map(|n| n == 1)
+            let leave_rooms = conn.statement("DELETE FROM room_members WHERE user_id = $1")?;
+            // Dropping `tx` without commit rolls back: the early return writes nothing.
+            let mut tx = conn.client.transaction()?;
+            if tx.execute(&update, &[&id, &now_ms])? != 1 {
+                return Ok(false);
+            }
+            tx.execute(&leave_rooms, &[&id])?;
+            tx.commit()?;
+            Ok(true)
         })
+    }
+
+    fn admins(&self) -> StoreResult<Vec<String>> {
+        let rows = self.primary.run(|conn| {
+            let select = conn.statement(
+                "SELECT id FROM users WHERE role = 'admin' AND deleted_at_ms IS NULL \
+                 ORDER BY id COLLATE \"C\"",
+            )?;
+            conn.client.query(&select, &[])
+        })?;
+        rows.iter()
+            .map(|row| row.try_get(0).map_err(map_err))
+            .collect()
     }
 }
 
@@ -663,6 +714,16 @@ impl Sessions for PgStore {
         ids.sort_unstable();
         Ok(ids)
     }
+
+    fn prune_sessions(&self, before_ms: i64) -> StoreResult<u64> {
+        // Their refresh tokens go by `ON DELETE CASCADE`. A concurrent rotation holds the
+        // session's row lock; this delete waits for it and then rechecks the new expiry.
+        self.primary.run(|conn| {
+            let delete = conn
+                .statement("DELETE FROM sessions WHERE expires_at_ms < $1 OR revoked_at_ms < $1")?;
+            conn.client.execute(&delete, &[&before_ms])
+        })
+    }
 }
 
 impl Revocations for PgStore {
@@ -782,6 +843,145 @@ impl Idempotency for PgStore {
             let delete = conn.statement("DELETE FROM idempotency WHERE created_at_ms < $1")?;
             conn.client.execute(&delete, &[&before_ms])
         })
+    }
+}
+
+impl Rooms for PgStore {
+    fn create_room(&self, room: &RoomRecord) -> StoreResult<()> {
+        let max_members = i64::from(room.max_members);
+        self.primary.run(|conn| {
+            let insert = conn.statement(
+                "INSERT INTO rooms (id, permission, owner_id, max_members, presence, history, \
+                 created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )?;
+            conn.client
+                .execute(
+                    &insert,
+                    &[
+                        &room.id,
+                        &room.permission.as_str(),
+                        &room.owner_id,
+                        &max_members,
+                        &room.presence,
+                        &room.history,
+                        &room.created_at_ms,
+                    ],
+                )
+                .map(drop)
+        })
+    }
+
+    fn room(&self, id: &str) -> StoreResult<Option<RoomRecord>> {
+        self.reads()
+            .run(|conn| {
+                let select = conn.statement(ROOM_BY_ID)?;
+                conn.client.query_opt(&select, &[&id])
+            })?
+            .as_ref()
+            .map(room_from_row)
+            .transpose()
+    }
+
+    fn all_rooms(&self) -> StoreResult<Vec<RoomRecord>> {
+        self.primary
+            .run(|conn| {
+                let select = conn.statement(ALL_ROOMS)?;
+                conn.client.query(&select, &[])
+            })?
+            .iter()
+            .map(room_from_row)
+            .collect()
+    }
+
+    fn update_room(&self, id: &str, update: &RoomUpdate) -> StoreResult<Option<RoomRecord>> {
+        let permission = update.permission.map(Permission::as_str);
+        let max_members = update.max_members.map(i64::from);
+        self.primary
+            .run(|conn| {
+                let update = conn.statement(UPDATE_ROOM)?;
+                conn.client
+                    .query_opt(&update, &[&id, &permission, &max_members])
+            })?
+            .as_ref()
+            .map(room_from_row)
+            .transpose()
+    }
+
+    fn delete_room(&self, id: &str) -> StoreResult<bool> {
+        // The memberships go by `ON DELETE CASCADE`.
+        self.primary.run(|conn| {
+            let delete = conn.statement("DELETE FROM rooms WHERE id = $1")?;
+            conn.client.execute(&delete, &[&id]).map(|n| n == 1)
+        })
+    }
+
+    fn put_member(
+        &self,
+        room_id: &str,
+        user_id: &str,
+        role: MemberRole,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        self.primary.run(|conn| {
+            let upsert = conn.statement(
+                "INSERT INTO room_members (room_id, user_id, role, added_at_ms) \
+                 VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (room_id, user_id) DO UPDATE SET role = EXCLUDED.role",
+            )?;
+            // The foreign key check locks the room's row, so a concurrent `delete_room` either
+            // waits for this insert (and cascades it away) or has won (and this fails).
+            match conn
+                .client
+                .execute(&upsert, &[&room_id, &user_id, &role.as_str(), &now_ms])
+            {
+                Ok(_) => Ok(true),
+                // The table's one foreign key: the room does not exist.
+                Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn remove_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool> {
+        self.primary.run(|conn| {
+            let delete =
+                conn.statement("DELETE FROM room_members WHERE room_id = $1 AND user_id = $2")?;
+            conn.client
+                .execute(&delete, &[&room_id, &user_id])
+                .map(|n| n == 1)
+        })
+    }
+
+    fn members(&self, room_id: &str) -> StoreResult<Vec<(String, MemberRole)>> {
+        let rows = self.reads().run(|conn| {
+            let select = conn.statement(
+                "SELECT user_id, role FROM room_members WHERE room_id = $1 \
+                 ORDER BY user_id COLLATE \"C\"",
+            )?;
+            conn.client.query(&select, &[&room_id])
+        })?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0).map_err(map_err)?, member_role(row, 1)?)))
+            .collect()
+    }
+
+    fn all_members(&self) -> StoreResult<Vec<(String, String, MemberRole)>> {
+        let rows = self.primary.run(|conn| {
+            let select = conn.statement(
+                "SELECT room_id, user_id, role FROM room_members \
+                 ORDER BY room_id COLLATE \"C\", user_id COLLATE \"C\"",
+            )?;
+            conn.client.query(&select, &[])
+        })?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get(0).map_err(map_err)?,
+                    row.try_get(1).map_err(map_err)?,
+                    member_role(row, 2)?,
+                ))
+            })
+            .collect()
     }
 }
 

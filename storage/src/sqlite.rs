@@ -8,8 +8,9 @@
 //! state outside the database, nor apply schema changes other than [`crate::migrations`].
 //!
 //! Errors: a UNIQUE or PRIMARY KEY violation becomes [`StoreError::Conflict`] named after the
-//! index or column involved, `SQLITE_BUSY`/`SQLITE_LOCKED` (the busy timeout ran out), a file
-//! that cannot be opened and a full disk become [`StoreError::Unavailable`], the rest
+//! index or column involved (a FOREIGN KEY violation is an answer only to [`Rooms::put_member`]:
+//! the room is missing), `SQLITE_BUSY`/`SQLITE_LOCKED` (the busy timeout ran out), a file that
+//! cannot be opened and a full disk become [`StoreError::Unavailable`], the rest
 //! [`StoreError::Internal`]. A mutex poisoned by a panic is recovered, and any transaction the
 //! panic left open is rolled back before the connection is used again.
 
@@ -24,8 +25,9 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavio
 
 use crate::migrations::{self, conflict_kind};
 use crate::{
-    Idempotency, IdempotencyRecord, RefreshRecord, Revocation, RevocationKind, Revocations, Role,
-    Rotation, SessionRecord, Sessions, Store, StoreError, StoreResult, UserRecord, Users,
+    Idempotency, IdempotencyRecord, MemberRole, Permission, RefreshRecord, Revocation,
+    RevocationKind, Revocations, Role, RoomRecord, RoomUpdate, Rooms, Rotation, SessionRecord,
+    Sessions, Store, StoreError, StoreResult, UserRecord, Users,
 };
 
 /// The database file's name inside the data directory.
@@ -237,6 +239,27 @@ fn session_from_row(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
     })
 }
 
+const ROOM_COLUMNS: &str =
+    "id, permission, owner_id, max_members, presence, history, created_at_ms";
+
+fn room_from_row(row: &Row<'_>) -> rusqlite::Result<RoomRecord> {
+    let permission: String = row.get(1)?;
+    Ok(RoomRecord {
+        id: row.get(0)?,
+        permission: Permission::parse(&permission).ok_or_else(|| corrupt(1, "permission"))?,
+        owner_id: row.get(2)?,
+        max_members: row.get(3)?,
+        presence: row.get(4)?,
+        history: row.get(5)?,
+        created_at_ms: row.get(6)?,
+    })
+}
+
+fn member_role(row: &Row<'_>, column: usize) -> rusqlite::Result<MemberRole> {
+    let role: String = row.get(column)?;
+    MemberRole::parse(&role).ok_or_else(|| corrupt(column, "member role"))
+}
+
 impl Users for SqliteStore {
     fn create_user(&self, user: &UserRecord) -> StoreResult<()> {
         self.write(|conn| {
@@ -301,12 +324,32 @@ impl Users for SqliteStore {
 
     fn soft_delete_user(&self, id: &str, now_ms: i64) -> StoreResult<bool> {
         self.write(|conn| {
+            // Dropping `tx` without commit rolls back: the early return writes nothing.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let deleted = tx
+                .prepare_cached(
+                    "UPDATE users SET deleted_at_ms = ?2, email_cipher = X'', \
+                     email_index = NULL, password_hash = '' \
+                     WHERE id = ?1 AND deleted_at_ms IS NULL",
+                )?
+                .execute(params![id, now_ms])?;
+            if deleted != 1 {
+                return Ok(false);
+            }
+            tx.prepare_cached("DELETE FROM room_members WHERE user_id = ?1")?
+                .execute([id])?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    fn admins(&self) -> StoreResult<Vec<String>> {
+        self.read(|conn| {
             conn.prepare_cached(
-                "UPDATE users SET deleted_at_ms = ?2, email_cipher = X'', email_index = NULL, \
-                 password_hash = '' WHERE id = ?1 AND deleted_at_ms IS NULL",
+                "SELECT id FROM users WHERE role = 'admin' AND deleted_at_ms IS NULL ORDER BY id",
             )?
-            .execute(params![id, now_ms])
-            .map(|n| n == 1)
+            .query_map([], |row| row.get(0))?
+            .collect()
         })
     }
 }
@@ -446,6 +489,17 @@ impl Sessions for SqliteStore {
         ids.sort_unstable();
         Ok(ids)
     }
+
+    fn prune_sessions(&self, before_ms: i64) -> StoreResult<u64> {
+        // Their refresh tokens go by `ON DELETE CASCADE` (`foreign_keys` is on).
+        self.write(|conn| {
+            conn.prepare_cached(
+                "DELETE FROM sessions WHERE expires_at_ms < ?1 OR revoked_at_ms < ?1",
+            )?
+            .execute([before_ms])
+        })
+        .map(|n| n as u64)
+    }
 }
 
 impl Revocations for SqliteStore {
@@ -553,6 +607,128 @@ impl Idempotency for SqliteStore {
                 .execute([before_ms])
         })
         .map(|n| n as u64)
+    }
+}
+
+impl Rooms for SqliteStore {
+    fn create_room(&self, room: &RoomRecord) -> StoreResult<()> {
+        self.write(|conn| {
+            conn.prepare_cached(
+                "INSERT INTO rooms (id, permission, owner_id, max_members, presence, history, \
+                 created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                room.id,
+                room.permission.as_str(),
+                room.owner_id,
+                room.max_members,
+                room.presence,
+                room.history,
+                room.created_at_ms,
+            ])
+            .map(drop)
+        })
+    }
+
+    fn room(&self, id: &str) -> StoreResult<Option<RoomRecord>> {
+        self.read(|conn| {
+            conn.prepare_cached(&format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE id = ?1"))?
+                .query_row([id], room_from_row)
+                .optional()
+        })
+    }
+
+    fn all_rooms(&self) -> StoreResult<Vec<RoomRecord>> {
+        self.read(|conn| {
+            conn.prepare_cached(&format!("SELECT {ROOM_COLUMNS} FROM rooms ORDER BY id"))?
+                .query_map([], room_from_row)?
+                .collect()
+        })
+    }
+
+    fn update_room(&self, id: &str, update: &RoomUpdate) -> StoreResult<Option<RoomRecord>> {
+        self.write(|conn| {
+            conn.prepare_cached(&format!(
+                "UPDATE rooms SET permission = COALESCE(?2, permission), \
+                 max_members = COALESCE(?3, max_members) WHERE id = ?1 RETURNING {ROOM_COLUMNS}"
+            ))?
+            .query_row(
+                params![
+                    id,
+                    update.permission.map(Permission::as_str),
+                    update.max_members
+                ],
+                room_from_row,
+            )
+            .optional()
+        })
+    }
+
+    fn delete_room(&self, id: &str) -> StoreResult<bool> {
+        // The memberships go by `ON DELETE CASCADE`.
+        self.write(|conn| {
+            conn.prepare_cached("DELETE FROM rooms WHERE id = ?1")?
+                .execute([id])
+                .map(|n| n == 1)
+        })
+    }
+
+    fn put_member(
+        &self,
+        room_id: &str,
+        user_id: &str,
+        role: MemberRole,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        self.write(|conn| {
+            let put = conn
+                .prepare_cached(
+                    "INSERT INTO room_members (room_id, user_id, role, added_at_ms) \
+                     VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (room_id, user_id) DO UPDATE SET role = excluded.role",
+                )?
+                .execute(params![room_id, user_id, role.as_str(), now_ms]);
+            match put {
+                Ok(_) => Ok(true),
+                // The table's one foreign key: the room does not exist.
+                Err(rusqlite::Error::SqliteFailure(failure, _))
+                    if failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn remove_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool> {
+        self.write(|conn| {
+            conn.prepare_cached("DELETE FROM room_members WHERE room_id = ?1 AND user_id = ?2")?
+                .execute([room_id, user_id])
+                .map(|n| n == 1)
+        })
+    }
+
+    fn members(&self, room_id: &str) -> StoreResult<Vec<(String, MemberRole)>> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT user_id, role FROM room_members WHERE room_id = ?1 ORDER BY user_id",
+            )?
+            .query_map([room_id], |row| Ok((row.get(0)?, member_role(row, 1)?)))?
+            .collect()
+        })
+    }
+
+    fn all_members(&self) -> StoreResult<Vec<(String, String, MemberRole)>> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT room_id, user_id, role FROM room_members ORDER BY room_id, user_id",
+            )?
+            .query_map([], |row| {
+                Ok((row.get(0)?, row.get(1)?, member_role(row, 2)?))
+            })?
+            .collect()
+        })
     }
 }
 

@@ -14,8 +14,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use storage::migrations;
 use storage::postgres::{PgStore, drop_schema, scratch_schema_url};
 use storage::{
-    Backend, IDEMPOTENCY_TTL_MS, Idempotency, IdempotencyRecord, Revocation, RevocationKind, Role,
-    Rotation, SessionRecord, Sessions, Store, StoreError, UserRecord, Users,
+    Backend, IDEMPOTENCY_TTL_MS, Idempotency, IdempotencyRecord, MemberRole, Permission,
+    Revocation, RevocationKind, Role, RoomRecord, RoomUpdate, Rooms, Rotation, SessionRecord,
+    Sessions, Store, StoreError, UserRecord, Users,
 };
 
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -114,6 +115,7 @@ both!(
     open_reports_kind_and_schema_version,
     migrations_twice_are_idempotent,
     concurrent_opens_migrate_once,
+    version_1_database_is_upgraded,
     users_create_lookup_and_conflicts,
     username_conflict_ignores_ascii_case,
     soft_delete_frees_email_and_username,
@@ -129,6 +131,16 @@ both!(
     revocations_add_upsert_live_prune,
     idempotency_put_get_conflict_since_prune,
     idempotency_expired_record_is_replaced,
+    prune_sessions_drops_expired_and_revoked,
+    admins_are_live_admins,
+    rooms_create_get_conflict_and_list,
+    update_room_is_partial,
+    delete_room_cascades_memberships,
+    put_member_inserts_then_replaces_and_needs_a_room,
+    remove_member_once,
+    members_are_ordered_by_user_id,
+    soft_delete_leaves_rooms_but_not_memberships,
+    put_member_racing_delete_room_leaves_no_orphan,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -205,7 +217,7 @@ fn open_reports_kind_and_schema_version(env: &Env) {
         Env::Sqlite { .. } => migrations::SQLITE,
         Env::Postgres { .. } => migrations::POSTGRES,
     });
-    assert_eq!(latest, 1);
+    assert_eq!(latest, 2);
     assert_eq!(store.schema_version().unwrap(), latest);
 }
 
@@ -241,7 +253,114 @@ fn concurrent_opens_migrate_once(env: &Env) {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert!(versions.iter().all(|&v| v == 1), "{versions:?}");
+    assert!(versions.iter().all(|&v| v == 2), "{versions:?}");
+}
+
+/// Builds, without the store, the database a version-1 build left: the shipped first migration,
+/// its bookkeeping row, and an admin `u1` with a session `s1` (refresh token `t0`).
+fn create_version_1(env: &Env) {
+    let user = (
+        "u1",
+        "alice",
+        "alice",
+        &b"cipher"[..],
+        &b"index"[..],
+        "hash",
+        "admin",
+        1_000_i64,
+    );
+    let insert_user = "INSERT INTO users (id, username, username_lower, email_cipher, \
+                       email_index, password_hash, role, created_at_ms)";
+    let insert_session = "INSERT INTO sessions (id, user_id, created_at_ms, last_used_at_ms, \
+                          expires_at_ms, ip, user_agent)";
+    match env {
+        Env::Sqlite { dir } => {
+            std::fs::create_dir_all(dir).unwrap();
+            let conn = rusqlite::Connection::open(dir.join(storage::sqlite::FILE_NAME)).unwrap();
+            conn.execute_batch(migrations::SCHEMA_MIGRATIONS_DDL)
+                .unwrap();
+            conn.execute_batch(migrations::SQLITE[0].1).unwrap();
+            conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (1, 0)",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                &format!("{insert_user} VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                rusqlite::params![
+                    user.0, user.1, user.2, user.3, user.4, user.5, user.6, user.7
+                ],
+            )
+            .unwrap();
+            conn.execute(
+                &format!("{insert_session} VALUES ('s1', 'u1', 1, 1, 50000, 'ip', 'ua')"),
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO refresh_tokens (token_hash, session_id, created_at_ms) \
+                 VALUES (?1, 's1', 1)",
+                [&b"t0"[..]],
+            )
+            .unwrap();
+        }
+        Env::Postgres { url, .. } => {
+            let mut client = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
+            client
+                .batch_execute(migrations::SCHEMA_MIGRATIONS_DDL)
+                .unwrap();
+            client.batch_execute(migrations::POSTGRES[0].1).unwrap();
+            client
+                .batch_execute(
+                    "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (1, 0)",
+                )
+                .unwrap();
+            client
+                .execute(
+                    &format!("{insert_user} VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"),
+                    &[
+                        &user.0, &user.1, &user.2, &user.3, &user.4, &user.5, &user.6, &user.7,
+                    ],
+                )
+                .unwrap();
+            client
+                .batch_execute(&format!(
+                    "{insert_session} VALUES ('s1', 'u1', 1, 1, 50000, 'ip', 'ua'); \
+                     INSERT INTO refresh_tokens (token_hash, session_id, created_at_ms) \
+                     VALUES ('\\x7430'::bytea, 's1', 1)"
+                ))
+                .unwrap();
+        }
+    }
+}
+
+fn version_1_database_is_upgraded(env: &Env) {
+    create_version_1(env);
+    let store = env.open();
+    assert_eq!(store.schema_version().unwrap(), 2);
+    // Version 1's data is intact and the new index serves it.
+    let alice = store.user_by_id("u1").unwrap().unwrap();
+    assert_eq!(
+        (alice.username.as_str(), alice.role),
+        ("alice", Role::Admin)
+    );
+    assert_eq!(store.admins().unwrap(), vec!["u1".to_string()]);
+    assert_eq!(store.session("s1").unwrap().unwrap().expires_at_ms, 50_000);
+    assert!(store.refresh_token(b"t0").unwrap().is_some());
+    // Version 2's tables work, with their cascade.
+    store.create_room(&room("lobby", "u1")).unwrap();
+    assert!(
+        store
+            .put_member("lobby", "u1", MemberRole::Member, 2)
+            .unwrap()
+    );
+    drop(store);
+    // Reopening applies nothing again.
+    let again = env.open();
+    assert_eq!(again.schema_version().unwrap(), 2);
+    assert_eq!(again.members("lobby").unwrap().len(), 1);
+    assert!(again.delete_room("lobby").unwrap());
+    assert_eq!(again.all_members().unwrap(), vec![]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -513,6 +632,51 @@ fn revoke_user_sessions_keeps_one(env: &Env) {
             .unwrap(),
         Vec::<String>::new()
     );
+}
+
+fn prune_sessions_drops_expired_and_revoked(env: &Env) {
+    let store = env.open();
+    // `s1` has a family of two tokens, `t0` (rotated) and `t1`; both go with it.
+    user_with_session(&*store);
+    assert!(
+        store
+            .rotate(&rotation(b"t0", b"t1", 1_500, b"child"))
+            .unwrap()
+    );
+    let before = 2_000;
+    for (id, expires_at_ms) in [
+        ("expired", before - 1),
+        ("expires_at_limit", before),
+        ("revoked_at_limit", 9_000),
+        ("live", 9_000),
+    ] {
+        store
+            .create_session(&session(id, "u1", 100, expires_at_ms), id.as_bytes())
+            .unwrap();
+    }
+    assert!(store.revoke_session("s1", before - 1).unwrap());
+    assert!(store.revoke_session("revoked_at_limit", before).unwrap());
+
+    assert_eq!(
+        store.prune_sessions(before).unwrap(),
+        2,
+        "expired or revoked strictly before"
+    );
+    for (gone, tokens) in [("s1", &[&b"t0"[..], b"t1"][..]), ("expired", &[b"expired"])] {
+        assert_eq!(store.session(gone).unwrap(), None, "{gone}");
+        for token in tokens {
+            assert_eq!(store.refresh_token(token).unwrap(), None, "{gone}");
+        }
+    }
+    for kept in ["expires_at_limit", "revoked_at_limit", "live"] {
+        assert!(store.session(kept).unwrap().is_some(), "{kept}");
+        assert!(
+            store.refresh_token(kept.as_bytes()).unwrap().is_some(),
+            "{kept}"
+        );
+    }
+    assert_eq!(store.prune_sessions(before).unwrap(), 0);
+    assert_eq!(store.live_sessions("u1", before).unwrap().len(), 1, "live");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -817,6 +981,377 @@ fn idempotency_expired_record_is_replaced(env: &Env) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Admins and rooms
+
+fn admins_are_live_admins(env: &Env) {
+    let store = env.open();
+    assert_eq!(store.admins().unwrap(), Vec::<String>::new());
+    for (id, name) in [("u2", "bob"), ("u1", "alice"), ("u3", "carol")] {
+        store
+            .create_user(&user(id, name, &format!("{name}@example.com")))
+            .unwrap();
+    }
+    assert_eq!(store.admins().unwrap(), Vec::<String>::new(), "users only");
+    assert!(store.set_role("u2", Role::Admin).unwrap());
+    assert!(store.set_role("u1", Role::Admin).unwrap());
+    assert_eq!(store.admins().unwrap(), vec!["u1", "u2"], "ascending");
+    assert!(store.set_role("u2", Role::User).unwrap());
+    assert_eq!(store.admins().unwrap(), vec!["u1"], "demoted");
+    assert!(store.soft_delete_user("u1", 5_000).unwrap());
+    assert_eq!(
+        store.admins().unwrap(),
+        Vec::<String>::new(),
+        "a deleted admin is none"
+    );
+    let mut created_admin = user("u4", "dave", "dave@example.com");
+    created_admin.role = Role::Admin;
+    store.create_user(&created_admin).unwrap();
+    assert_eq!(store.admins().unwrap(), vec!["u4"]);
+}
+
+fn room(id: &str, owner_id: &str) -> RoomRecord {
+    RoomRecord {
+        id: id.into(),
+        permission: Permission::Private,
+        owner_id: owner_id.into(),
+        max_members: 100,
+        presence: true,
+        history: false,
+        created_at_ms: 1_000,
+    }
+}
+
+fn rooms_create_get_conflict_and_list(env: &Env) {
+    let store = env.open();
+    assert_eq!(store.all_rooms().unwrap(), vec![]);
+    let lobby = RoomRecord {
+        permission: Permission::Public,
+        max_members: u32::MAX,
+        presence: false,
+        history: true,
+        ..room("lobby", "u1")
+    };
+    let team = RoomRecord {
+        permission: Permission::OwnerOnly,
+        max_members: 0,
+        ..room("Team:a@b", "u2")
+    };
+    let quiet = RoomRecord {
+        permission: Permission::Restricted,
+        ..room("quiet.room-1", "u1")
+    };
+    for r in [&lobby, &team, &quiet] {
+        store.create_room(r).unwrap();
+    }
+    assert_eq!(store.room("lobby").unwrap(), Some(lobby.clone()));
+    assert_eq!(store.room("Team:a@b").unwrap(), Some(team.clone()));
+    assert_eq!(store.room("LOBBY").unwrap(), None, "ids are case-sensitive");
+    assert_eq!(store.room("nowhere").unwrap(), None);
+    // Byte order: upper case first.
+    assert_eq!(store.all_rooms().unwrap(), vec![team, lobby.clone(), quiet]);
+
+    let clash = room("lobby", "u9");
+    assert!(matches!(
+        store.create_room(&clash),
+        Err(StoreError::Conflict("id"))
+    ));
+    assert_eq!(store.room("lobby").unwrap(), Some(lobby), "unchanged");
+    assert_eq!(store.all_rooms().unwrap().len(), 3);
+}
+
+fn update_room_is_partial(env: &Env) {
+    let store = env.open();
+    let original = room("r1", "u1");
+    store.create_room(&original).unwrap();
+    store.create_room(&room("r2", "u1")).unwrap();
+
+    let permission_only = RoomUpdate {
+        permission: Some(Permission::Restricted),
+        ..RoomUpdate::default()
+    };
+    let expected = RoomRecord {
+        permission: Permission::Restricted,
+        ..original
+    };
+    assert_eq!(
+        store.update_room("r1", &permission_only).unwrap(),
+        Some(expected.clone())
+    );
+    assert_eq!(store.room("r1").unwrap(), Some(expected.clone()));
+
+    let max_only = RoomUpdate {
+        max_members: Some(7),
+        ..RoomUpdate::default()
+    };
+    let expected = RoomRecord {
+        max_members: 7,
+        ..expected
+    };
+    assert_eq!(
+        store.update_room("r1", &max_only).unwrap(),
+        Some(expected.clone())
+    );
+
+    let both = RoomUpdate {
+        permission: Some(Permission::OwnerOnly),
+        max_members: Some(u32::MAX),
+    };
+    let expected = RoomRecord {
+        permission: Permission::OwnerOnly,
+        max_members: u32::MAX,
+        ..expected
+    };
+    assert_eq!(
+        store.update_room("r1", &both).unwrap(),
+        Some(expected.clone())
+    );
+    assert_eq!(
+        store.update_room("r1", &RoomUpdate::default()).unwrap(),
+        Some(expected.clone()),
+        "nothing to change"
+    );
+    assert_eq!(store.room("r1").unwrap(), Some(expected));
+    assert_eq!(
+        store.room("r2").unwrap(),
+        Some(room("r2", "u1")),
+        "others untouched"
+    );
+
+    assert_eq!(store.update_room("nowhere", &both).unwrap(), None);
+    assert_eq!(store.room("nowhere").unwrap(), None, "nothing created");
+}
+
+fn delete_room_cascades_memberships(env: &Env) {
+    let store = env.open();
+    store.create_room(&room("r1", "u1")).unwrap();
+    store.create_room(&room("r2", "u1")).unwrap();
+    for (r, u) in [("r1", "u2"), ("r1", "u3"), ("r2", "u2")] {
+        assert!(store.put_member(r, u, MemberRole::Member, 10).unwrap());
+    }
+    assert!(store.delete_room("r1").unwrap());
+    assert_eq!(store.room("r1").unwrap(), None);
+    assert_eq!(store.members("r1").unwrap(), vec![]);
+    assert_eq!(
+        store.all_members().unwrap(),
+        vec![("r2".into(), "u2".into(), MemberRole::Member)],
+        "the other room's memberships stay"
+    );
+    assert!(!store.delete_room("r1").unwrap(), "already gone");
+    assert!(!store.delete_room("nowhere").unwrap());
+
+    // The id is free again, and the new room starts without the old members.
+    store.create_room(&room("r1", "u9")).unwrap();
+    assert_eq!(store.members("r1").unwrap(), vec![]);
+    assert_eq!(store.room("r1").unwrap().unwrap().owner_id, "u9");
+}
+
+fn put_member_inserts_then_replaces_and_needs_a_room(env: &Env) {
+    let store = env.open();
+    store.create_room(&room("r1", "u1")).unwrap();
+    assert!(
+        store
+            .put_member("r1", "u2", MemberRole::Member, 10)
+            .unwrap()
+    );
+    assert_eq!(
+        store.members("r1").unwrap(),
+        vec![("u2".into(), MemberRole::Member)]
+    );
+    assert!(
+        store
+            .put_member("r1", "u2", MemberRole::Moderator, 20)
+            .unwrap()
+    );
+    assert_eq!(
+        store.members("r1").unwrap(),
+        vec![("u2".into(), MemberRole::Moderator)],
+        "replaced, not added"
+    );
+    assert!(
+        store
+            .put_member("r1", "u2", MemberRole::Member, 30)
+            .unwrap()
+    );
+    assert_eq!(
+        store.members("r1").unwrap(),
+        vec![("u2".into(), MemberRole::Member)],
+        "and back"
+    );
+
+    assert!(
+        !store
+            .put_member("nowhere", "u2", MemberRole::Member, 40)
+            .unwrap()
+    );
+    assert_eq!(store.members("nowhere").unwrap(), vec![]);
+    assert_eq!(store.all_members().unwrap().len(), 1, "nothing written");
+    // The store stays usable after the refused write (the connection is not left broken).
+    assert!(
+        store
+            .put_member("r1", "u3", MemberRole::Member, 50)
+            .unwrap()
+    );
+    assert_eq!(store.members("r1").unwrap().len(), 2);
+}
+
+fn remove_member_once(env: &Env) {
+    let store = env.open();
+    store.create_room(&room("r1", "u1")).unwrap();
+    store.create_room(&room("r2", "u1")).unwrap();
+    assert!(
+        store
+            .put_member("r1", "u2", MemberRole::Member, 10)
+            .unwrap()
+    );
+    assert!(
+        store
+            .put_member("r2", "u2", MemberRole::Member, 10)
+            .unwrap()
+    );
+    assert!(store.remove_member("r1", "u2").unwrap());
+    assert!(!store.remove_member("r1", "u2").unwrap(), "already removed");
+    assert!(!store.remove_member("r1", "u9").unwrap(), "never a member");
+    assert!(!store.remove_member("nowhere", "u2").unwrap());
+    assert_eq!(store.members("r1").unwrap(), vec![]);
+    assert_eq!(
+        store.members("r2").unwrap(),
+        vec![("u2".into(), MemberRole::Member)],
+        "only that room"
+    );
+    assert!(store.room("r1").unwrap().is_some(), "the room stays");
+}
+
+fn members_are_ordered_by_user_id(env: &Env) {
+    let store = env.open();
+    store.create_room(&room("b", "owner")).unwrap();
+    store.create_room(&room("B", "owner")).unwrap();
+    store.create_room(&room("a", "owner")).unwrap();
+    store.create_room(&room("empty", "owner")).unwrap();
+    // Inserted out of order; byte order puts upper case before lower case.
+    for (r, u, role) in [
+        ("b", "zed", MemberRole::Member),
+        ("b", "amy", MemberRole::Moderator),
+        ("b", "Zoe", MemberRole::Member),
+        ("b", "bob", MemberRole::Member),
+        ("a", "zed", MemberRole::Moderator),
+        ("B", "amy", MemberRole::Member),
+    ] {
+        assert!(store.put_member(r, u, role, 10).unwrap());
+    }
+    assert_eq!(
+        store.members("b").unwrap(),
+        vec![
+            ("Zoe".into(), MemberRole::Member),
+            ("amy".into(), MemberRole::Moderator),
+            ("bob".into(), MemberRole::Member),
+            ("zed".into(), MemberRole::Member),
+        ]
+    );
+    assert_eq!(store.members("empty").unwrap(), vec![]);
+    assert_eq!(store.members("nowhere").unwrap(), vec![]);
+    let all: Vec<(String, String, MemberRole)> = [
+        ("B", "amy", MemberRole::Member),
+        ("a", "zed", MemberRole::Moderator),
+        ("b", "Zoe", MemberRole::Member),
+        ("b", "amy", MemberRole::Moderator),
+        ("b", "bob", MemberRole::Member),
+        ("b", "zed", MemberRole::Member),
+    ]
+    .into_iter()
+    .map(|(r, u, role)| (r.into(), u.into(), role))
+    .collect();
+    assert_eq!(store.all_members().unwrap(), all);
+}
+
+fn soft_delete_leaves_rooms_but_not_memberships(env: &Env) {
+    let store = env.open();
+    store
+        .create_user(&user("u1", "alice", "alice@example.com"))
+        .unwrap();
+    store
+        .create_user(&user("u2", "bob", "bob@example.com"))
+        .unwrap();
+    store.create_room(&room("owned", "u1")).unwrap();
+    store.create_room(&room("other", "u2")).unwrap();
+    for (r, u) in [
+        ("owned", "u1"),
+        ("owned", "u2"),
+        ("other", "u1"),
+        ("other", "u2"),
+    ] {
+        assert!(store.put_member(r, u, MemberRole::Moderator, 10).unwrap());
+    }
+
+    assert!(store.soft_delete_user("u1", 5_000).unwrap());
+    assert_eq!(
+        store.all_members().unwrap(),
+        vec![
+            ("other".into(), "u2".into(), MemberRole::Moderator),
+            ("owned".into(), "u2".into(), MemberRole::Moderator),
+        ],
+        "u1's memberships are gone, u2's stay"
+    );
+    assert_eq!(
+        store.room("owned").unwrap(),
+        Some(room("owned", "u1")),
+        "the room it owns stays"
+    );
+    assert_eq!(store.all_rooms().unwrap().len(), 2);
+
+    // A refused deletion (no live user) writes nothing, not even to memberships.
+    assert!(
+        store
+            .put_member("owned", "u1", MemberRole::Member, 20)
+            .unwrap()
+    );
+    assert!(!store.soft_delete_user("u1", 6_000).unwrap());
+    assert!(!store.soft_delete_user("nobody", 6_000).unwrap());
+    assert_eq!(store.members("owned").unwrap().len(), 2);
+}
+
+fn put_member_racing_delete_room_leaves_no_orphan(env: &Env) {
+    let store = env.open();
+    const ROOMS: usize = 8;
+    for i in 0..ROOMS {
+        store.create_room(&room(&format!("r{i}"), "u1")).unwrap();
+    }
+    let barrier = Barrier::new(2 * ROOMS);
+    let (puts, deletes): (Vec<bool>, Vec<bool>) = std::thread::scope(|scope| {
+        let puts: Vec<_> = (0..ROOMS)
+            .map(|i| {
+                let (store, barrier) = (&store, &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    store
+                        .put_member(&format!("r{i}"), "u2", MemberRole::Member, 10)
+                        .unwrap()
+                })
+            })
+            .collect();
+        let deletes: Vec<_> = (0..ROOMS)
+            .map(|i| {
+                let (store, barrier) = (&store, &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    store.delete_room(&format!("r{i}")).unwrap()
+                })
+            })
+            .collect();
+        (
+            puts.into_iter().map(|h| h.join().unwrap()).collect(),
+            deletes.into_iter().map(|h| h.join().unwrap()).collect(),
+        )
+    });
+    assert!(deletes.iter().all(|&d| d), "{deletes:?}");
+    assert_eq!(store.all_rooms().unwrap(), vec![]);
+    assert_eq!(
+        store.all_members().unwrap(),
+        vec![],
+        "no membership outlives its room (puts: {puts:?})"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // PostgreSQL only: the schema isolation and the pools
 
 #[test]
@@ -857,6 +1392,8 @@ fn pg_scratch_url_sets_search_path() {
             "idempotency",
             "refresh_tokens",
             "revocations",
+            "room_members",
+            "rooms",
             "schema_migrations",
             "sessions",
             "users"
@@ -928,6 +1465,9 @@ fn pg_reads_use_the_read_pool() {
         .create_session(&session("s1", "u1", 1, 100), b"t0")
         .unwrap();
     assert!(store.put_idempotency(&idem("login", "k", 1, b"b")).unwrap());
+    assert!(store.set_role("u1", Role::Admin).unwrap());
+    store.create_room(&room("r1", "u1")).unwrap();
+    assert!(store.put_member("r1", "u1", MemberRole::Member, 1).unwrap());
     // Lag-tolerant reads go to the replica, which has none of it.
     assert_eq!(store.user_by_id("u1").unwrap(), None);
     assert_eq!(
@@ -938,10 +1478,21 @@ fn pg_reads_use_the_read_pool() {
     );
     assert_eq!(store.session("s1").unwrap(), None);
     assert_eq!(store.live_sessions("u1", 0).unwrap(), vec![]);
-    // Consistency-critical ones go to the primary.
+    assert_eq!(store.room("r1").unwrap(), None);
+    assert_eq!(store.members("r1").unwrap(), vec![]);
+    // Consistency-critical ones go to the primary, as do the loads that grant rights.
     assert!(store.refresh_token(b"t0").unwrap().is_some());
     assert!(store.idempotency("login", "k", 0).unwrap().is_some());
     assert!(store.rotate(&rotation(b"t0", b"t1", 2, b"c")).unwrap());
+    assert_eq!(store.admins().unwrap(), vec!["u1"]);
+    assert_eq!(store.all_rooms().unwrap(), vec![room("r1", "u1")]);
+    assert_eq!(store.all_members().unwrap().len(), 1);
+    assert!(
+        store
+            .update_room("r1", &RoomUpdate::default())
+            .unwrap()
+            .is_some()
+    );
     store.ping().unwrap();
 }
 
@@ -971,7 +1522,7 @@ fn pg_broken_connection_is_replaced() {
         Err(other) => panic!("a dropped connection is Unavailable, got {other:?}"),
     }
     store.ping().unwrap();
-    assert_eq!(store.schema_version().unwrap(), 1);
+    assert_eq!(store.schema_version().unwrap(), 2);
     assert_eq!(Store::kind(&store), "postgres");
 }
 

@@ -516,3 +516,124 @@ fn logout_all_password_change_and_deletion_close_live_connections(db: Db) {
     let again = register(server, "ivan", "ivan@example.com", "correct horse");
     assert_eq!(again.status, 201, "{again:?}");
 }
+
+/// HTTP edges that do not depend on the database: per-IP limits, CORS, the refresh cookie,
+/// addresses from trusted proxies.
+#[test]
+fn ip_limits_cors_cookie_and_trusted_proxies() {
+    let f = start(
+        Db::Embedded,
+        "acc-edges",
+        &[
+            "--rate-limits.login-per-ip",
+            "2/1m",
+            "--rate-limits.register-per-ip",
+            "2/1h",
+            "--allowed-origins",
+            "https://app.example",
+            "--refresh-cookie",
+            "--trusted-proxies",
+            "127.0.0.1/32",
+        ],
+    );
+    let server = &f.server;
+    assert_eq!(
+        register(server, "kate", "kate@example.com", "correct horse").status,
+        201
+    );
+    assert_eq!(
+        register(server, "kate2", "kate2@example.com", "correct horse").status,
+        201
+    );
+    let third = register(server, "kate3", "kate3@example.com", "correct horse");
+    assert_eq!((third.status, third.code()), (429, "rate_limited".into()));
+    assert!(third.header("Retry-After").is_some());
+    // Another client address (from the trusted proxy) has its own budget.
+    let body = r#"{"username":"kate3","email":"kate3@example.com","password":"correct horse"}"#;
+    let proxied = server.api(
+        "POST",
+        "/register",
+        &[("X-Forwarded-For", "203.0.113.7")],
+        Some(body),
+    );
+    assert_eq!(proxied.status, 201, "{proxied:?}");
+
+    // The refresh token travels as a cookie, not in the body.
+    let login = try_login(server, "kate@example.com", "correct horse", &[]);
+    assert_eq!(login.status, 200);
+    assert!(login.json().get("refresh_token").is_none(), "{login:?}");
+    let cookie = login.header("Set-Cookie").unwrap().to_owned();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("Secure"));
+    assert!(cookie.contains("SameSite=Strict") && cookie.contains("Path=/refresh"));
+    let pair = cookie.split(';').next().unwrap();
+    let refreshed = server.api("POST", "/refresh", &[("Cookie", pair)], None);
+    assert_eq!(refreshed.status, 200, "{refreshed:?}");
+    assert!(refreshed.header("Set-Cookie").is_some_and(|c| c != cookie));
+
+    // The session records the forwarded address; a token bound to it is refused from another.
+    let via_proxy = try_login(
+        server,
+        "kate2@example.com",
+        "correct horse",
+        &[("X-Forwarded-For", "198.51.100.4")],
+    );
+    assert_eq!(via_proxy.status, 200);
+    let auth = format!("Bearer {}", via_proxy.str_at("access_token"));
+    let same = server.api(
+        "GET",
+        "/sessions",
+        &[
+            ("Authorization", &auth),
+            ("X-Forwarded-For", "198.51.100.4"),
+        ],
+        None,
+    );
+    assert_eq!(same.status, 200);
+    assert!(same.body.contains("198.51.100.4"), "{same:?}");
+    let direct = server.api("GET", "/me", &[("Authorization", &auth)], None);
+    assert_eq!(direct.status, 401);
+
+    // The third login from this address in the minute is refused; the server keeps serving.
+    assert_eq!(
+        try_login(server, "kate@example.com", "correct horse", &[]).status,
+        200
+    );
+    let limited = try_login(server, "kate@example.com", "correct horse", &[]);
+    assert_eq!(
+        (limited.status, limited.code()),
+        (429, "rate_limited".into())
+    );
+
+    // CORS: an allowed origin gets its headers and a preflight; another is refused.
+    let origin = ("Origin", "https://app.example");
+    let preflight = server.api(
+        "OPTIONS",
+        "/login",
+        &[origin, ("Access-Control-Request-Method", "POST")],
+        None,
+    );
+    assert_eq!(preflight.status, 204);
+    assert_eq!(
+        preflight.header("Access-Control-Allow-Origin"),
+        Some("https://app.example")
+    );
+    assert!(
+        preflight
+            .header("Access-Control-Allow-Headers")
+            .is_some_and(|h| h.contains("Authorization"))
+    );
+    let health = server.api("GET", "/healthz", &[origin], None);
+    assert_eq!(
+        health.header("Access-Control-Allow-Origin"),
+        Some("https://app.example")
+    );
+    let evil = server.api(
+        "GET",
+        "/healthz",
+        &[("Origin", "https://evil.example")],
+        None,
+    );
+    assert_eq!((evil.status, evil.code()), (403, "forbidden".into()));
+    let echoed = server.api("GET", "/healthz", &[("X-Request-Id", "trace-42")], None);
+    assert_eq!(echoed.header("X-Request-Id"), Some("trace-42"));
+}

@@ -8,4 +8,5 @@ mod accounts;
 mod config_cli;
 mod gateway;
 mod gateway_limits;
+mod rooms;
 mod third_party;

@@ -1,0 +1,654 @@
+//! Persistent rooms and their permissions (SPEC §5, the rooms routes of §2): the in-memory
+//! [`RoomDirectory`] that the engine asks on every join (its `RoomPolicy`, a read lock and a map
+//! lookup, never storage), and the [`RoomService`] behind the HTTP routes, which writes storage
+//! first, then the directory, then tells the live connections (kick, re-authorize) before it
+//! answers. Functions of the service block and run on the storage pool.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use engine::{HttpResponse, Identity, RoomAccess, RoomPolicy, RoomSettings};
+use protocol::ErrorCode;
+use protocol::envelope::RoomId;
+use serde::Serialize;
+use storage::{MemberRole, Permission, RoomRecord, RoomUpdate, Store, StoreError};
+
+/// What a user is to a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relation {
+    /// Created it.
+    Owner,
+    /// Appointed by the owner.
+    Moderator,
+    /// Added by the owner or a moderator.
+    Member,
+    /// Anyone else.
+    Stranger,
+}
+
+/// The permission matrix of SPEC §5 for one user and room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rights {
+    /// Join, history, presence, `GET /rooms/{id}`.
+    pub read: bool,
+    /// Publish.
+    pub publish: bool,
+    /// Change the room's settings, delete it, appoint moderators.
+    pub manage_settings: bool,
+    /// Add and remove plain members.
+    pub manage_members: bool,
+}
+
+/// SPEC §5's table; admins may do everything.
+pub fn rights(permission: Permission, relation: Relation, admin: bool) -> Rights {
+    if admin || relation == Relation::Owner {
+        return Rights {
+            read: true,
+            publish: true,
+            manage_settings: true,
+            manage_members: true,
+        };
+    }
+    let insider = matches!(relation, Relation::Moderator | Relation::Member);
+    let moderator = relation == Relation::Moderator;
+    match permission {
+        Permission::Public => Rights {
+            read: true,
+            publish: true,
+            manage_settings: false,
+            manage_members: false,
+        },
+        Permission::Restricted => Rights {
+            read: true,
+            publish: insider,
+            manage_settings: false,
+            manage_members: moderator,
+        },
+        Permission::Private => Rights {
+            read: insider,
+            publish: insider,
+            manage_settings: false,
+            manage_members: moderator,
+        },
+        Permission::OwnerOnly => Rights {
+            read: false,
+            publish: false,
+            manage_settings: false,
+            manage_members: false,
+        },
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    record: RoomRecord,
+    members: HashMap<String, MemberRole>,
+}
+
+impl Entry {
+    fn relation(&self, user: &str) -> Relation {
+        if self.record.owner_id == user {
+            return Relation::Owner;
+        }
+        match self.members.get(user) {
+            Some(MemberRole::Moderator) => Relation::Moderator,
+            Some(MemberRole::Member) => Relation::Member,
+            None => Relation::Stranger,
+        }
+    }
+
+    fn settings(&self) -> RoomSettings {
+        RoomSettings {
+            max_members: self.record.max_members,
+            presence: self.record.presence,
+            history: self.record.history,
+        }
+    }
+}
+
+/// Every persistent room with its memberships, and the admins: the engine's room policy.
+#[derive(Debug, Default)]
+pub struct RoomDirectory {
+    rooms: RwLock<HashMap<String, Arc<Entry>>>,
+    admins: RwLock<HashSet<String>>,
+}
+
+impl RoomDirectory {
+    /// Loads every room, membership and admin from storage.
+    pub fn load(store: &dyn Store) -> Result<Self, StoreError> {
+        let mut rooms: HashMap<String, Entry> = store
+            .all_rooms()?
+            .into_iter()
+            .map(|record| {
+                (
+                    record.id.clone(),
+                    Entry {
+                        record,
+                        members: HashMap::new(),
+                    },
+                )
+            })
+            .collect();
+        for (room, user, role) in store.all_members()? {
+            if let Some(entry) = rooms.get_mut(&room) {
+                entry.members.insert(user, role);
+            }
+        }
+        let directory = Self {
+            rooms: RwLock::new(rooms.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()),
+            admins: RwLock::new(HashSet::new()),
+        };
+        directory.set_admins(store.admins()?);
+        Ok(directory)
+    }
+
+    /// Replaces the admin set (reloaded periodically: `ringhub user set-role` runs in another
+    /// process).
+    pub fn set_admins(&self, admins: Vec<String>) {
+        *self
+            .admins
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = admins.into_iter().collect();
+    }
+
+    /// Whether `user` has the global admin role.
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.admins
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(user)
+    }
+
+    fn get(&self, room: &str) -> Option<Arc<Entry>> {
+        self.rooms
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(room)
+            .cloned()
+    }
+
+    fn put(&self, entry: Entry) {
+        self.rooms
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(entry.record.id.clone(), Arc::new(entry));
+    }
+
+    fn remove(&self, room: &str) {
+        self.rooms
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(room);
+    }
+
+    /// A user's rights in a persistent room; `None` when the room is not persistent.
+    pub fn rights_of(&self, room: &str, user: &str) -> Option<Rights> {
+        let entry = self.get(room)?;
+        Some(rights(
+            entry.record.permission,
+            entry.relation(user),
+            self.is_admin(user),
+        ))
+    }
+}
+
+impl RoomPolicy for RoomDirectory {
+    fn access(&self, room: &RoomId, user: &str) -> RoomAccess {
+        let Some(entry) = self.get(room.as_str()) else {
+            return RoomAccess::Unknown;
+        };
+        let r = rights(
+            entry.record.permission,
+            entry.relation(user),
+            self.is_admin(user),
+        );
+        if r.read {
+            RoomAccess::Granted {
+                publish: r.publish,
+                settings: entry.settings(),
+            }
+        } else {
+            RoomAccess::Denied
+        }
+    }
+}
+
+/// The rooms routes' work.
+pub struct RoomService {
+    store: Arc<dyn Store>,
+    directory: Arc<RoomDirectory>,
+    control: OnceLock<engine::Control>,
+    default_max_members: u32,
+    max_message_bytes: usize,
+    max_json_depth: usize,
+}
+
+impl std::fmt::Debug for RoomService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomService").finish_non_exhaustive()
+    }
+}
+
+fn error(status: u16, code: ErrorCode, message: &str) -> HttpResponse {
+    HttpResponse::error(status, code, message)
+}
+
+fn not_found() -> HttpResponse {
+    error(404, ErrorCode::NotFound, "no such room")
+}
+
+fn forbidden() -> HttpResponse {
+    error(403, ErrorCode::Forbidden, "not allowed")
+}
+
+fn storage_failure(e: &StoreError) -> HttpResponse {
+    if let StoreError::Unavailable(why) = e {
+        log::warn!("storage unavailable: {why}");
+        let mut r = error(
+            503,
+            ErrorCode::Unavailable,
+            "storage unavailable; retry later",
+        );
+        r.headers.push(("Retry-After", "1".to_owned()));
+        return r;
+    }
+    log::error!("storage failure: {e}");
+    error(500, ErrorCode::Internal, "internal error")
+}
+
+macro_rules! store {
+    ($call:expr) => {
+        match $call {
+            Ok(v) => v,
+            Err(e) => return storage_failure(&e),
+        }
+    };
+}
+
+#[derive(Serialize)]
+struct RoomJson<'a> {
+    id: &'a str,
+    permission: &'static str,
+    owner: &'a str,
+    max_members: u32,
+    members_online: usize,
+    presence: bool,
+    history: bool,
+}
+
+fn room_body(record: &RoomRecord, online: usize) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Wrapper<'a> {
+        room: RoomJson<'a>,
+    }
+    sonic_rs::to_vec(&Wrapper {
+        room: RoomJson {
+            id: &record.id,
+            permission: record.permission.as_str(),
+            owner: &record.owner_id,
+            max_members: record.max_members,
+            members_online: online,
+            presence: record.presence,
+            history: record.history,
+        },
+    })
+    .unwrap_or_default()
+}
+
+/// The fields of `POST /rooms`, validated on the shard.
+#[derive(Debug, Clone)]
+pub struct NewRoom {
+    /// Room id.
+    pub id: RoomId,
+    /// Permission level.
+    pub permission: Permission,
+    /// Size limit (default `max_room_members`).
+    pub max_members: Option<u32>,
+    /// Presence switch.
+    pub presence: bool,
+    /// History switch.
+    pub history: bool,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl RoomService {
+    /// The service over `store` and `directory`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        directory: Arc<RoomDirectory>,
+        default_max_members: u32,
+        max_message_bytes: usize,
+        max_json_depth: usize,
+    ) -> Self {
+        Self {
+            store,
+            directory,
+            control: OnceLock::new(),
+            default_max_members,
+            max_message_bytes,
+            max_json_depth,
+        }
+    }
+
+    /// Connects the running engine.
+    pub fn attach(&self, control: engine::Control) {
+        let _ = self.control.set(control);
+    }
+
+    /// Reloads the admin set from storage.
+    pub fn reload_admins(&self) {
+        match self.store.admins() {
+            Ok(admins) => self.directory.set_admins(admins),
+            Err(e) => log::warn!("cannot reload admins: {e}"),
+        }
+    }
+
+    fn online(&self, room: &RoomId) -> usize {
+        self.control
+            .get()
+            .and_then(|c| c.presence(room))
+            .map_or(0, |p| p.len())
+    }
+
+    fn entry_and_rights(&self, room: &RoomId, user: &str) -> Option<(Arc<Entry>, Rights)> {
+        let entry = self.directory.get(room.as_str())?;
+        let r = rights(
+            entry.record.permission,
+            entry.relation(user),
+            self.directory.is_admin(user),
+        );
+        Some((entry, r))
+    }
+
+    /// `POST /rooms`.
+    pub fn create(&self, who: &Identity, new: &NewRoom) -> HttpResponse {
+        let record = RoomRecord {
+            id: new.id.as_str().to_owned(),
+            permission: new.permission,
+            owner_id: who.user_id.to_string(),
+            max_members: new.max_members.unwrap_or(self.default_max_members),
+            presence: new.presence,
+            history: new.history,
+            created_at_ms: now_ms(),
+        };
+        match self.store.create_room(&record) {
+            Ok(()) => {}
+            Err(StoreError::Conflict(_)) => {
+                return error(409, ErrorCode::RoomExists, "a room with this id exists");
+            }
+            Err(e) => return storage_failure(&e),
+        }
+        self.directory.put(Entry {
+            record: record.clone(),
+            members: HashMap::new(),
+        });
+        // An ephemeral room of that name may be live: its members now need the new rights.
+        if let Some(control) = self.control.get() {
+            control.reauthorize(&new.id);
+        }
+        log::info!("room created room={} user_id={}", record.id, who.user_id);
+        HttpResponse::json(201, room_body(&record, self.online(&new.id)))
+    }
+
+    /// `GET /rooms/{id}`.
+    pub fn get(&self, who: &Identity, room: &RoomId) -> HttpResponse {
+        let Some((entry, r)) = self.entry_and_rights(room, &who.user_id) else {
+            return not_found();
+        };
+        if !r.read {
+            return forbidden();
+        }
+        HttpResponse::json(200, room_body(&entry.record, self.online(room)))
+    }
+
+    /// `PATCH /rooms/{id}`.
+    pub fn update(&self, who: &Identity, room: &RoomId, update: &RoomUpdate) -> HttpResponse {
+        let Some((entry, r)) = self.entry_and_rights(room, &who.user_id) else {
+            return not_found();
+        };
+        if !r.manage_settings {
+            return forbidden();
+        }
+        let Some(record) = store!(self.store.update_room(room.as_str(), update)) else {
+            return not_found();
+        };
+        self.directory.put(Entry {
+            record: record.clone(),
+            members: entry.members.clone(),
+        });
+        if let Some(control) = self.control.get() {
+            control.reauthorize(room);
+        }
+        HttpResponse::json(200, room_body(&record, self.online(room)))
+    }
+
+    /// `DELETE /rooms/{id}`: members receive `kicked` before the answer.
+    pub fn delete(&self, who: &Identity, room: &RoomId) -> HttpResponse {
+        let Some((_, r)) = self.entry_and_rights(room, &who.user_id) else {
+            return not_found();
+        };
+        if !r.manage_settings {
+            return forbidden();
+        }
+        if !store!(self.store.delete_room(room.as_str())) {
+            return not_found();
+        }
+        self.directory.remove(room.as_str());
+        if let Some(control) = self.control.get() {
+            control.delete_room(room);
+        }
+        log::info!(
+            "room deleted room={} user_id={}",
+            room.as_str(),
+            who.user_id
+        );
+        HttpResponse::json(204, Vec::new())
+    }
+
+    /// `PUT /rooms/{id}/members/{user_id}`.
+    pub fn put_member(
+        &self,
+        who: &Identity,
+        room: &RoomId,
+        user: &str,
+        role: MemberRole,
+    ) -> HttpResponse {
+        let Some((entry, r)) = self.entry_and_rights(room, &who.user_id) else {
+            return not_found();
+        };
+        // Only the owner (or an admin) appoints moderators or changes one; moderators manage
+        // plain members.
+        let target_is_moderator = entry.members.get(user) == Some(&MemberRole::Moderator);
+        let allowed = match role {
+            MemberRole::Moderator => r.manage_settings,
+            MemberRole::Member => r.manage_settings || (r.manage_members && !target_is_moderator),
+        };
+        if !allowed {
+            return forbidden();
+        }
+        if entry.record.owner_id == user {
+            return HttpResponse::json(
+                400,
+                protocol::http::error_body(
+                    ErrorCode::InvalidInput,
+                    "the owner is not a member",
+                    Some("user_id"),
+                ),
+            );
+        }
+        if store!(self.store.user_by_id(user)).is_none() {
+            return error(404, ErrorCode::NotFound, "no such user");
+        }
+        if !store!(self.store.put_member(room.as_str(), user, role, now_ms())) {
+            return not_found();
+        }
+        let mut updated = (*entry).clone();
+        updated.members.insert(user.to_owned(), role);
+        self.directory.put(updated);
+        if let Some(control) = self.control.get() {
+            control.reauthorize(room);
+        }
+        HttpResponse::json(204, Vec::new())
+    }
+
+    /// `DELETE /rooms/{id}/members/{user_id}`: the removed user is kicked before the answer.
+    pub fn remove_member(&self, who: &Identity, room: &RoomId, user: &str) -> HttpResponse {
+        let Some((entry, r)) = self.entry_and_rights(room, &who.user_id) else {
+            return not_found();
+        };
+        let target = entry.members.get(user).copied();
+        let allowed = match target {
+            Some(MemberRole::Moderator) => r.manage_settings,
+            Some(MemberRole::Member) => r.manage_settings || r.manage_members,
+            None => r.manage_members,
+        };
+        if !allowed {
+            return forbidden();
+        }
+        if target.is_none() {
+            return error(404, ErrorCode::NotFound, "not a member of this room");
+        }
+        store!(self.store.remove_member(room.as_str(), user));
+        let mut updated = (*entry).clone();
+        updated.members.remove(user);
+        let still_reads = rights(
+            updated.record.permission,
+            updated.relation(user),
+            self.directory.is_admin(user),
+        )
+        .read;
+        self.directory.put(updated);
+        if let Some(control) = self.control.get() {
+            if still_reads {
+                control.reauthorize(room);
+            } else {
+                control.kick(room, Some(user), "removed");
+            }
+        }
+        HttpResponse::json(204, Vec::new())
+    }
+
+    /// `GET /rooms/{id}/presence`.
+    pub fn presence(&self, who: &Identity, room: &RoomId) -> HttpResponse {
+        let Some((_, r)) = self.entry_and_rights(room, &who.user_id) else {
+            return not_found();
+        };
+        if !r.read {
+            return forbidden();
+        }
+        let list = self
+            .control
+            .get()
+            .and_then(|c| c.presence(room))
+            .unwrap_or_default();
+        #[derive(Serialize)]
+        struct Member<'a> {
+            user: &'a str,
+            name: &'a str,
+            conns: u32,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            presence: Vec<Member<'a>>,
+        }
+        let presence = list
+            .iter()
+            .map(|p| Member {
+                user: &p.user,
+                name: &p.name,
+                conns: p.conns,
+            })
+            .collect();
+        HttpResponse::json(
+            200,
+            sonic_rs::to_vec(&Body { presence }).unwrap_or_default(),
+        )
+    }
+
+    /// `POST /rooms/{id}/messages`: publishes `data` (raw JSON) as the caller.
+    pub fn publish(&self, who: &Identity, room: &RoomId, data: &[u8]) -> HttpResponse {
+        let settings = if let Some(owner) = room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX) {
+            // A personal room: its owner and admins may push to it.
+            if owner != &*who.user_id && !self.directory.is_admin(&who.user_id) {
+                return forbidden();
+            }
+            None
+        } else {
+            let Some((entry, r)) = self.entry_and_rights(room, &who.user_id) else {
+                return not_found();
+            };
+            if !r.publish {
+                return forbidden();
+            }
+            Some(entry.settings())
+        };
+        if data.len() > self.max_message_bytes {
+            return error(
+                413,
+                ErrorCode::TooLarge,
+                "data is larger than max_message_bytes",
+            );
+        }
+        let limits = protocol::envelope::DecodeLimits {
+            max_depth: self.max_json_depth,
+            max_message_bytes: self.max_message_bytes,
+            ..protocol::envelope::DecodeLimits::default()
+        };
+        let Ok(value) =
+            protocol::envelope::decode_value(data, protocol::envelope::Format::Json, &limits)
+        else {
+            return HttpResponse::json(
+                400,
+                protocol::http::error_body(
+                    ErrorCode::InvalidInput,
+                    "data is not acceptable (too deep?)",
+                    Some("data"),
+                ),
+            );
+        };
+        let Some(control) = self.control.get() else {
+            return error(503, ErrorCode::Unavailable, "not ready");
+        };
+        match control.publish(room, &who.user_id, &who.username, value, settings) {
+            Ok(seq) => HttpResponse::json(202, format!(r#"{{"seq":{seq}}}"#).into_bytes()),
+            Err(ErrorCode::RateLimited) => {
+                let mut r = error(429, ErrorCode::RateLimited, "room publish rate exceeded");
+                r.headers.push(("Retry-After", "1".to_owned()));
+                r
+            }
+            Err(code) => error(503, code, "the room did not answer"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_matrix_of_spec_section_5() {
+        use Permission::*;
+        use Relation::*;
+        let r = |p, rel| {
+            let x = rights(p, rel, false);
+            (x.read, x.publish, x.manage_settings, x.manage_members)
+        };
+        assert_eq!(r(Public, Stranger), (true, true, false, false));
+        assert_eq!(r(Public, Moderator), (true, true, false, false));
+        assert_eq!(r(Restricted, Stranger), (true, false, false, false));
+        assert_eq!(r(Restricted, Member), (true, true, false, false));
+        assert_eq!(r(Restricted, Moderator), (true, true, false, true));
+        assert_eq!(r(Private, Stranger), (false, false, false, false));
+        assert_eq!(r(Private, Member), (true, true, false, false));
+        assert_eq!(r(Private, Moderator), (true, true, false, true));
+        assert_eq!(r(OwnerOnly, Moderator), (false, false, false, false));
+        assert_eq!(r(OwnerOnly, Owner), (true, true, true, true));
+        let admin = rights(OwnerOnly, Stranger, true);
+        assert!(admin.read && admin.publish && admin.manage_settings && admin.manage_members);
+    }
+}
