@@ -961,8 +961,11 @@ impl Accounts {
 
     /// Drops in-memory revocations that can no longer matter.
     pub fn prune(&self) {
-        self.revocations.prune(now_ms());
-        let _ = self.store.prune_revocations(now_ms());
+        let now = now_ms();
+        self.revocations.prune(now);
+        let _ = self.store.prune_revocations(now);
+        // Sessions ended (expired or revoked) a day ago answer `invalid_token` either way.
+        let _ = self.store.prune_sessions(now - 24 * 3600 * 1000);
     }
 }
 
