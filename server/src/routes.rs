@@ -514,11 +514,14 @@ impl Routes {
                 body: self.metrics.render().into_bytes(),
             }
             .into()),
-            ("GET", "/.well-known/jwks.json") => Err(error(
-                404,
-                ErrorCode::NotFound,
-                "no public keys: jwt_algorithm is HS256",
-            )),
+            ("GET" | "HEAD", "/.well-known/jwks.json") => match self.auth.jwks() {
+                Some(jwks) => Ok(HttpResponse::json(200, jwks.as_bytes().to_vec()).into()),
+                None => Err(error(
+                    404,
+                    ErrorCode::NotFound,
+                    "no public keys: jwt_algorithm is HS256",
+                )),
+            },
             (_, "/register" | "/login" | "/refresh" | "/logout" | "/logout/all" | "/password") => {
                 Err(method_not_allowed("POST"))
             }

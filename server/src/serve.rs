@@ -72,7 +72,13 @@ pub fn token_service(config: &Config, secrets: &Secrets) -> Result<TokenService,
             &secrets.jwt_secrets_old,
         )),
         crate::config::JwtAlgorithm::EdDsa => {
-            Err("jwt_algorithm = \"EdDSA\" is not built yet (accounts issue); use HS256".into())
+            let path = config
+                .jwt_private_key_file
+                .as_ref()
+                .ok_or("jwt_algorithm = \"EdDSA\" needs jwt_private_key_file")?;
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| format!("jwt_private_key_file {}: {e}", path.display()))?;
+            TokenService::eddsa(&pem)
         }
     }
 }

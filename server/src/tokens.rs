@@ -52,9 +52,33 @@ pub fn key_id(secret: &[u8]) -> String {
 /// Signs and verifies access tokens.
 pub struct TokenService {
     kid: String,
+    algorithm: Algorithm,
     encoding: EncodingKey,
     decoding: HashMap<String, DecodingKey>,
     validation: Validation,
+    /// The JWKS document (EdDSA only).
+    jwks: Option<String>,
+}
+
+fn validation(algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = 0;
+    validation.validate_exp = true;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation
+}
+
+/// The DER bytes of the first PEM block in `pem` labelled `label`.
+fn pem_block(pem: &str, label: &str) -> Option<Vec<u8>> {
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let start = pem.find(&begin)? + begin.len();
+    let stop = start + pem[start..].find(&end)?;
+    let body: String = pem[start..stop]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    data_encoding::BASE64.decode(body.as_bytes()).ok()
 }
 
 impl std::fmt::Debug for TokenService {
@@ -73,16 +97,47 @@ impl TokenService {
         for s in old {
             decoding.insert(key_id(s), DecodingKey::from_secret(s));
         }
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 0;
-        validation.validate_exp = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
         Self {
             kid: key_id(secret),
+            algorithm: Algorithm::HS256,
             encoding: EncodingKey::from_secret(secret),
             decoding,
-            validation,
+            validation: validation(Algorithm::HS256),
+            jwks: None,
         }
+    }
+
+    /// EdDSA (Ed25519) with the PKCS#8 PEM private key `pem` (`openssl genpkey -algorithm
+    /// ed25519`); the public key is served as a JWKS.
+    pub fn eddsa(pem: &str) -> Result<Self, String> {
+        use ed25519_dalek::pkcs8::DecodePrivateKey;
+        let der = pem_block(pem, "PRIVATE KEY")
+            .ok_or("jwt_private_key_file: no PKCS#8 `PRIVATE KEY` PEM block")?;
+        let signing = ed25519_dalek::SigningKey::from_pkcs8_der(&der)
+            .map_err(|e| format!("jwt_private_key_file: not an Ed25519 PKCS#8 key: {e}"))?;
+        let public = signing.verifying_key().to_bytes();
+        let x = data_encoding::BASE64URL_NOPAD.encode(&public);
+        let kid = key_id(&public);
+        let decoding = DecodingKey::from_ed_components(&x)
+            .map_err(|e| format!("jwt_private_key_file: {e}"))?;
+        let jwks = format!(
+            r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","x":"{x}","kid":"{kid}","alg":"EdDSA","use":"sig"}}]}}"#
+        );
+        let mut keys = HashMap::new();
+        keys.insert(kid.clone(), decoding);
+        Ok(Self {
+            kid,
+            algorithm: Algorithm::EdDSA,
+            encoding: EncodingKey::from_ed_der(&der),
+            decoding: keys,
+            validation: validation(Algorithm::EdDSA),
+            jwks: Some(jwks),
+        })
+    }
+
+    /// The JWKS document of `/.well-known/jwks.json` (EdDSA only).
+    pub fn jwks(&self) -> Option<&str> {
+        self.jwks.as_deref()
     }
 
     /// Mints an access token for `user_id` valid for `ttl_secs`, of `session` (empty for
@@ -106,7 +161,7 @@ impl TokenService {
             typ: "access".to_owned(),
             fpt: fingerprint,
         };
-        let mut header = Header::new(Algorithm::HS256);
+        let mut header = Header::new(self.algorithm);
         header.kid = Some(self.kid.clone());
         let token =
             jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(|e| e.to_string())?;
@@ -187,6 +242,11 @@ impl JwtAuthenticator {
         }
     }
 
+    /// The JWKS document (EdDSA only).
+    pub fn jwks(&self) -> Option<&str> {
+        self.tokens.jwks()
+    }
+
     fn identity(claims: AccessClaims) -> Identity {
         Identity {
             user_id: Arc::from(claims.sub),
@@ -256,6 +316,29 @@ mod tests {
         let stranger = TokenService::hs256(b"other-secret-other-secret-other!!", &[]);
         assert_eq!(stranger.verify(&token), Err(AuthFailure::Malformed));
         assert_eq!(current.verify("not.a.jwt"), Err(AuthFailure::Malformed));
+    }
+
+    #[test]
+    fn eddsa_signs_verifies_and_publishes_its_key() {
+        // RFC 8032 test 1's secret key, as PKCS#8.
+        let pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJ1hsZ3v/VpguoRK9JLsLMREScVpezJpGXA7rAMcrn9g\n-----END PRIVATE KEY-----\n";
+        let svc = TokenService::eddsa(pem).unwrap();
+        let (token, claims) = svc.mint("u1", "alice", "s1", 60, None).unwrap();
+        assert_eq!(svc.verify(&token).unwrap(), claims);
+        assert_eq!(
+            jsonwebtoken::decode_header(&token).unwrap().alg,
+            Algorithm::EdDSA
+        );
+        // RFC 8032's public key for that secret.
+        assert!(
+            svc.jwks()
+                .unwrap()
+                .contains("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo")
+        );
+        let hs = TokenService::hs256(b"secret-secret-secret-secret-secret", &[]);
+        let (other, _) = hs.mint("u1", "alice", "", 60, None).unwrap();
+        assert_eq!(svc.verify(&other), Err(AuthFailure::Malformed));
+        assert!(TokenService::eddsa("not a key").is_err());
     }
 
     #[test]

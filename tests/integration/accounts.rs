@@ -637,3 +637,60 @@ fn ip_limits_cors_cookie_and_trusted_proxies() {
     let echoed = server.api("GET", "/healthz", &[("X-Request-Id", "trace-42")], None);
     assert_eq!(echoed.header("X-Request-Id"), Some("trace-42"));
 }
+
+/// `jwt_algorithm = "EdDSA"`: tokens are signed with the Ed25519 key and its public half is served
+/// at `/.well-known/jwks.json` (404 with HS256).
+#[test]
+fn eddsa_tokens_and_the_jwks_endpoint() {
+    let dir = ringhub_tests::scratch_dir("acc-eddsa");
+    // RFC 8032's first test key, as PKCS#8 (what `openssl genpkey -algorithm ed25519` writes).
+    let key = dir.join("ed25519.pem");
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJ1hsZ3v/VpguoRK9JLsLMREScVpezJpGXA7rAMcrn9g\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let flags: Vec<String> = [
+        "--bcrypt-cost",
+        "4",
+        "--jwt-algorithm",
+        "EdDSA",
+        "--jwt-private-key-file",
+        key.to_str().unwrap(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let server = Server::start_in(dir, &flags);
+    let jwks = server.api("GET", "/.well-known/jwks.json", &[], None);
+    assert_eq!(jwks.status, 200, "{jwks:?}");
+    assert!(jwks.body.contains(r#""kty":"OKP""#) && jwks.body.contains(r#""crv":"Ed25519""#));
+    assert!(
+        jwks.body
+            .contains("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo")
+    );
+    let (_, token) = server.account("leo");
+    let header = token.split('.').next().unwrap();
+    let header = String::from_utf8(
+        data_encoding::BASE64URL_NOPAD
+            .decode(header.as_bytes())
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(header.contains(r#""alg":"EdDSA""#), "{header}");
+    assert_eq!(server.api_as(&token, "GET", "/me", None).status, 200);
+    let mut ws = server.connect_bound(&token);
+    let id = ws.request("ping", &[]);
+    ws.expect("pong", Some(id));
+    let minted = server.cli(&["token", "--user", "leo@example.com"]);
+    assert_eq!(minted.code, 0, "{minted:?}");
+    assert_eq!(
+        server
+            .api_as(minted.stdout.trim(), "GET", "/me", None)
+            .status,
+        200
+    );
+
+    let hs = Server::start("acc-hs256", &[]);
+    let none = hs.api("GET", "/.well-known/jwks.json", &[], None);
+    assert_eq!((none.status, none.code()), (404, "not_found".into()));
+}
