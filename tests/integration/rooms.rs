@@ -429,6 +429,51 @@ fn removal_and_deletion_kick_and_stop_delivery(db: Db) {
         "forbidden"
     );
 
+    // A permission change applies to members online at once: readers lose the publish right
+    // (and stay), those who may no longer read are kicked.
+    let stage = r#"{"id":"stage","permission":"public"}"#;
+    assert_eq!(
+        server.api_as(&owner, "POST", "/rooms", Some(stage)).status,
+        201
+    );
+    call(&mut member_ws, "join", &[("room", s("stage"))]).unwrap();
+    call(
+        &mut member_ws,
+        "publish",
+        &[("room", s("stage")), ("data", s("hi"))],
+    )
+    .unwrap();
+    let patch = |permission: &str| {
+        server
+            .api_as(
+                &owner,
+                "PATCH",
+                "/rooms/stage",
+                Some(&format!(r#"{{"permission":"{permission}"}}"#)),
+            )
+            .status
+    };
+    assert_eq!(patch("restricted"), 200);
+    let refused = call(
+        &mut member_ws,
+        "publish",
+        &[("room", s("stage")), ("data", s("hi"))],
+    );
+    assert_eq!(refused.unwrap_err(), "forbidden");
+    call(
+        &mut member_ws,
+        "history",
+        &[("room", s("stage")), ("since", n(0))],
+    )
+    .unwrap();
+    assert_eq!(patch("private"), 200);
+    let kicked = member_ws.expect("kicked", None);
+    assert_eq!(kicked.get("room").and_then(Value::as_str), Some("stage"));
+    assert_eq!(
+        kicked.get("reason").and_then(Value::as_str),
+        Some("permission_changed")
+    );
+
     // Deletion kicks every member, the owner included, and forgets the room.
     let gone = server.api_as(&owner, "DELETE", "/rooms/club", None);
     assert_eq!(gone.status, 204);
