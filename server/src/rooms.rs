@@ -83,6 +83,8 @@ pub fn rights(permission: Permission, relation: Relation, admin: bool) -> Rights
 struct Entry {
     record: RoomRecord,
     members: HashMap<String, MemberRole>,
+    /// Being deleted: denied to everyone until the shards have forgotten it.
+    deleted: bool,
 }
 
 impl Entry {
@@ -125,6 +127,7 @@ impl RoomDirectory {
                     Entry {
                         record,
                         members: HashMap::new(),
+                        deleted: false,
                     },
                 )
             })
@@ -174,6 +177,18 @@ impl RoomDirectory {
             .insert(entry.record.id.clone(), Arc::new(entry));
     }
 
+    /// Changes a room's entry under the write lock (so that concurrent changes compose instead
+    /// of the last one restoring a stale copy); nothing when the room is gone.
+    fn modify(&self, room: &str, change: impl FnOnce(&mut Entry)) {
+        let mut rooms = self
+            .rooms
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(entry) = rooms.get_mut(room) {
+            change(Arc::make_mut(entry));
+        }
+    }
+
     fn remove(&self, room: &str) {
         self.rooms
             .write()
@@ -184,6 +199,9 @@ impl RoomDirectory {
     /// A user's rights in a persistent room; `None` when the room is not persistent.
     pub fn rights_of(&self, room: &str, user: &str) -> Option<Rights> {
         let entry = self.get(room)?;
+        if entry.deleted {
+            return Some(rights(Permission::OwnerOnly, Relation::Stranger, false));
+        }
         Some(rights(
             entry.record.permission,
             entry.relation(user),
@@ -197,6 +215,9 @@ impl RoomPolicy for RoomDirectory {
         let Some(entry) = self.get(room.as_str()) else {
             return RoomAccess::Unknown;
         };
+        if entry.deleted {
+            return RoomAccess::Denied;
+        }
         let r = rights(
             entry.record.permission,
             entry.relation(user),
@@ -218,6 +239,7 @@ pub struct RoomService {
     store: Arc<dyn Store>,
     directory: Arc<RoomDirectory>,
     control: OnceLock<engine::Control>,
+    default_rooms: Vec<RoomId>,
     default_max_members: u32,
     max_message_bytes: usize,
     max_json_depth: usize,
@@ -321,6 +343,7 @@ impl RoomService {
     pub fn new(
         store: Arc<dyn Store>,
         directory: Arc<RoomDirectory>,
+        default_rooms: Vec<RoomId>,
         default_max_members: u32,
         max_message_bytes: usize,
         max_json_depth: usize,
@@ -329,6 +352,7 @@ impl RoomService {
             store,
             directory,
             control: OnceLock::new(),
+            default_rooms,
             default_max_members,
             max_message_bytes,
             max_json_depth,
@@ -356,7 +380,7 @@ impl RoomService {
     }
 
     fn entry_and_rights(&self, room: &RoomId, user: &str) -> Option<(Arc<Entry>, Rights)> {
-        let entry = self.directory.get(room.as_str())?;
+        let entry = self.directory.get(room.as_str()).filter(|e| !e.deleted)?;
         let r = rights(
             entry.record.permission,
             entry.relation(user),
@@ -367,6 +391,13 @@ impl RoomService {
 
     /// `POST /rooms`.
     pub fn create(&self, who: &Identity, new: &NewRoom) -> HttpResponse {
+        // A default room or a live ephemeral room belongs to everyone in it: only an admin may
+        // turn it into somebody's persistent room.
+        if !self.directory.is_admin(&who.user_id)
+            && (self.default_rooms.contains(&new.id) || self.online(&new.id) > 0)
+        {
+            return error(409, ErrorCode::RoomExists, "a room with this id exists");
+        }
         let record = RoomRecord {
             id: new.id.as_str().to_owned(),
             permission: new.permission,
@@ -386,6 +417,7 @@ impl RoomService {
         self.directory.put(Entry {
             record: record.clone(),
             members: HashMap::new(),
+            deleted: false,
         });
         // An ephemeral room of that name may be live: its members now need the new rights.
         if let Some(control) = self.control.get() {
@@ -408,7 +440,7 @@ impl RoomService {
 
     /// `PATCH /rooms/{id}`.
     pub fn update(&self, who: &Identity, room: &RoomId, update: &RoomUpdate) -> HttpResponse {
-        let Some((entry, r)) = self.entry_and_rights(room, &who.user_id) else {
+        let Some((_, r)) = self.entry_and_rights(room, &who.user_id) else {
             return not_found();
         };
         if !r.manage_settings {
@@ -417,10 +449,8 @@ impl RoomService {
         let Some(record) = store!(self.store.update_room(room.as_str(), update)) else {
             return not_found();
         };
-        self.directory.put(Entry {
-            record: record.clone(),
-            members: entry.members.clone(),
-        });
+        let stored = record.clone();
+        self.directory.modify(room.as_str(), |e| e.record = stored);
         if let Some(control) = self.control.get() {
             control.reauthorize(room);
         }
@@ -438,10 +468,12 @@ impl RoomService {
         if !store!(self.store.delete_room(room.as_str())) {
             return not_found();
         }
-        self.directory.remove(room.as_str());
+        // Denied to everyone while the shards kick and forget it, then gone.
+        self.directory.modify(room.as_str(), |e| e.deleted = true);
         if let Some(control) = self.control.get() {
             control.delete_room(room);
         }
+        self.directory.remove(room.as_str());
         log::info!(
             "room deleted room={} user_id={}",
             room.as_str(),
@@ -487,9 +519,9 @@ impl RoomService {
         if !store!(self.store.put_member(room.as_str(), user, role, now_ms())) {
             return not_found();
         }
-        let mut updated = (*entry).clone();
-        updated.members.insert(user.to_owned(), role);
-        self.directory.put(updated);
+        self.directory.modify(room.as_str(), |e| {
+            e.members.insert(user.to_owned(), role);
+        });
         if let Some(control) = self.control.get() {
             control.reauthorize(room);
         }
@@ -514,15 +546,13 @@ impl RoomService {
             return error(404, ErrorCode::NotFound, "not a member of this room");
         }
         store!(self.store.remove_member(room.as_str(), user));
-        let mut updated = (*entry).clone();
-        updated.members.remove(user);
-        let still_reads = rights(
-            updated.record.permission,
-            updated.relation(user),
-            self.directory.is_admin(user),
-        )
-        .read;
-        self.directory.put(updated);
+        self.directory.modify(room.as_str(), |e| {
+            e.members.remove(user);
+        });
+        let still_reads = self
+            .directory
+            .rights_of(room.as_str(), user)
+            .is_some_and(|r| r.read);
         if let Some(control) = self.control.get() {
             if still_reads {
                 control.reauthorize(room);

@@ -21,6 +21,40 @@ use crate::tokens::JwtAuthenticator;
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 128;
 
+/// Deepest nesting of an HTTP JSON body, checked before parsing: the parser recurses, and a
+/// 64 KiB body of `[` must not reach it.
+const MAX_BODY_DEPTH: usize = 64;
+
+/// The deepest `[`/`{` nesting of `json`, outside strings; stops counting past the bound.
+fn nesting_depth(json: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                if deepest > MAX_BODY_DEPTH {
+                    return deepest;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// Where browsers may call from.
 #[derive(Debug, Clone)]
 pub struct Cors {
@@ -184,6 +218,13 @@ impl Routes {
                 "the body must be Content-Type: application/json",
             ));
         }
+        if nesting_depth(request.body) > MAX_BODY_DEPTH {
+            return Err(error(
+                400,
+                ErrorCode::BadRequest,
+                "the body nests too deeply",
+            ));
+        }
         let value: Value = sonic_rs::from_slice(request.body)
             .map_err(|_| error(400, ErrorCode::BadRequest, "the body is not valid JSON"))?;
         if !value.is_object() {
@@ -274,7 +315,7 @@ impl Routes {
         if let Err(retry) = self
             .accounts
             .register_per_ip
-            .take(request.client_ip.to_string().as_bytes(), now_ms())
+            .take(&accounts::limits::ip_key(request.client_ip), now_ms())
         {
             self.metrics.engine.rate_limited("register_per_ip");
             return Err(rate_limited(retry));
@@ -295,7 +336,7 @@ impl Routes {
         if let Err(retry) = self
             .accounts
             .login_per_ip
-            .take(request.client_ip.to_string().as_bytes(), now_ms())
+            .take(&accounts::limits::ip_key(request.client_ip), now_ms())
         {
             self.metrics.engine.rate_limited("login_per_ip");
             return Err(rate_limited(retry));
@@ -305,7 +346,7 @@ impl Routes {
         let email = accounts::validate::email(email_raw)
             .unwrap_or_else(|_| email_raw.trim().to_lowercase());
         let index = self.accounts.email_index(&email);
-        if let Err(retry) = self.accounts.lockouts.check(&index, now_ms()) {
+        if let Err(retry) = self.accounts.lockouts.reserve(&index, now_ms()) {
             self.metrics
                 .engine
                 .rate_limited("failed_logins_per_account");
@@ -315,10 +356,15 @@ impl Routes {
         let client = Self::client(request);
         let accounts = self.accounts.clone();
         let raw_body = request.body.to_vec();
-        Ok(Self::defer(&self.hash_pool, request, move || {
+        let routed = Self::defer(&self.hash_pool, request, move || {
             let idempotency = key.as_deref().map(|k| ("login", k, raw_body.as_slice()));
             accounts.login(&email, &password, &client, idempotency)
-        }))
+        });
+        if matches!(routed, Routed::Now(_)) {
+            // Not queued (busy): the attempt was never made.
+            self.accounts.lockouts.release(&index);
+        }
+        Ok(routed)
     }
 
     fn refresh(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
@@ -534,11 +580,16 @@ impl Routes {
     }
 
     fn cors_headers(&self, origin: &str) -> Vec<(&'static str, String)> {
-        vec![
+        let mut headers = vec![
             ("Access-Control-Allow-Origin", origin.to_owned()),
-            ("Access-Control-Allow-Credentials", "true".to_owned()),
             ("Vary", "Origin".to_owned()),
-        ]
+        ];
+        // Credentials (the refresh cookie) only for origins the operator named: with the
+        // default "any origin", a page elsewhere must not read answers made with our cookies.
+        if !self.cors.allowed_origins.is_empty() {
+            headers.push(("Access-Control-Allow-Credentials", "true".to_owned()));
+        }
+        headers
     }
 }
 
@@ -644,5 +695,18 @@ impl HttpRoutes for Routes {
             Err(response) => Routed::Now(response),
         };
         with_headers(routed, extra)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_depth_ignores_strings_and_stops_early() {
+        assert_eq!(nesting_depth(br#"{"a":[1,{"b":"[[[["}]}"#), 3);
+        assert_eq!(nesting_depth(br#"{"a":"\"[["}"#), 1);
+        assert_eq!(nesting_depth(&[b'['; 65_536]), MAX_BODY_DEPTH + 1);
+        assert_eq!(nesting_depth(b"7"), 0);
     }
 }

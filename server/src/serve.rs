@@ -159,6 +159,7 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), String> {
     let rooms = Arc::new(crate::rooms::RoomService::new(
         store.clone(),
         directory.clone(),
+        config.default_rooms.clone(),
         config.max_room_members,
         config.max_message_bytes,
         config.max_json_depth,

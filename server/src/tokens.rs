@@ -30,6 +30,10 @@ pub struct AccessClaims {
     pub jti: String,
     /// Issued at (seconds).
     pub iat: u64,
+    /// Issued at (milliseconds): account-wide revocations compare against it, so that a login
+    /// in the same second as a logout-all is not caught by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat_ms: Option<u64>,
     /// Expiry (seconds).
     pub exp: u64,
     /// Always `access`.
@@ -150,13 +154,17 @@ impl TokenService {
         ttl_secs: u64,
         fingerprint: Option<String>,
     ) -> Result<(String, AccessClaims), String> {
-        let now = now_secs();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let now = now_ms / 1000;
         let claims = AccessClaims {
             sub: user_id.to_owned(),
             name: username.to_owned(),
             sid: session.to_owned(),
             jti: crate::crypto::random_token(12),
             iat: now,
+            iat_ms: Some(now_ms),
             exp: now + ttl_secs,
             typ: "access".to_owned(),
             fpt: fingerprint,
@@ -190,12 +198,6 @@ impl TokenService {
         }
         Ok(data.claims)
     }
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The binding fingerprint of a client (SPEC §3): SHA-256 over the parts `binding` names, as
@@ -252,7 +254,9 @@ impl JwtAuthenticator {
             user_id: Arc::from(claims.sub),
             username: Arc::from(claims.name),
             session_id: Arc::from(claims.sid),
-            issued_at_ms: claims.iat.saturating_mul(1000),
+            issued_at_ms: claims
+                .iat_ms
+                .unwrap_or_else(|| claims.iat.saturating_mul(1000)),
             expires_at_ms: claims.exp.saturating_mul(1000),
             binding: claims.fpt.map(Arc::from),
         }

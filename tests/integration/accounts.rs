@@ -179,6 +179,12 @@ fn register_login_me_and_input_rules(db: Db) {
     let answer = server.api("POST", "/login", &[], Some(&huge));
     assert_eq!((answer.status, answer.code()), (413, "too_large".into()));
 
+    // A body nested 60,000 deep never reaches the (recursive) JSON parser.
+    let deep = "[".repeat(60_000);
+    let answer = server.api("POST", "/login", &[], Some(&deep));
+    assert_eq!((answer.status, answer.code()), (400, "bad_request".into()));
+    assert_eq!(server.api("GET", "/healthz", &[], None).status, 200);
+
     // Generic failures: a wrong password and an unknown e-mail look the same.
     let wrong = try_login(server, "alice@example.com", "wrong password", &[]);
     let unknown = try_login(server, "nobody@example.com", "wrong password", &[]);
@@ -486,8 +492,16 @@ fn logout_all_password_change_and_deletion_close_live_connections(db: Db) {
     // Logout everywhere: 4510 on every connection, every token dead.
     let (fourth, _) = login(server, "ivan@example.com", "battery staple");
     let mut fourth_ws = connect(server, &fourth);
+    let ops = server.cli(&["token", "--user", "ivan@example.com"]);
+    let ops = ops.stdout.trim().to_owned();
+    assert_eq!(server.api_as(&ops, "GET", "/me", None).status, 200);
     let all = server.api_as(&this, "POST", "/logout/all", None);
     assert_eq!(all.status, 204);
+    assert_eq!(
+        server.api_as(&ops, "GET", "/me", None).status,
+        401,
+        "tokens without a session are revoked too"
+    );
     for ws in [&mut this_ws, &mut fourth_ws] {
         ws.set_timeout(Duration::from_secs(5));
         assert_eq!(ws.ended(), Ended::Closed(4510));

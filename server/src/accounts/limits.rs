@@ -4,10 +4,24 @@
 //! costs bounded memory. With Redis (several nodes) these move there.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::config::Rate;
+
+/// The key a per-IP limit counts under: the address for IPv4, the /64 for IPv6 (one host
+/// usually holds a whole /64, so per-address keys would be no limit at all).
+pub fn ip_key(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.octets().to_vec(),
+            None => v6.octets()[..8].to_vec(),
+        },
+    }
+}
 
 /// Entries a table may hold before expired ones are swept.
 const SWEEP_AT: usize = 50_000;
@@ -23,6 +37,7 @@ struct Bucket {
 pub struct BucketTable {
     rate: Rate,
     buckets: Mutex<HashMap<Vec<u8>, Bucket>>,
+    next_sweep_ms: AtomicU64,
 }
 
 fn per_ms(rate: Rate) -> f64 {
@@ -51,6 +66,7 @@ impl BucketTable {
         Self {
             rate,
             buckets: Mutex::new(HashMap::new()),
+            next_sweep_ms: AtomicU64::new(0),
         }
     }
 
@@ -65,7 +81,9 @@ impl BucketTable {
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if table.len() >= SWEEP_AT {
+        if table.len() >= SWEEP_AT && now_ms >= self.next_sweep_ms.load(Ordering::Relaxed) {
+            // At most one sweep per second, however full the table stays.
+            self.next_sweep_ms.store(now_ms + 1000, Ordering::Relaxed);
             table.retain(|_, b| {
                 let elapsed = now_ms.saturating_sub(b.at_ms) as f64;
                 b.tokens + refill * elapsed < capacity
@@ -117,24 +135,12 @@ impl Lockouts {
         u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// `Err(retry_after_secs)` while `key` is locked.
-    pub fn check(&self, key: &[u8], now_ms: u64) -> Result<(), u64> {
-        let table = self
-            .table
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match table.get(key) {
-            Some(f) if f.locked_until_ms > now_ms => {
-                Err((f.locked_until_ms - now_ms).div_ceil(1000).max(1))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Counts a failure; true when it locked the account.
-    pub fn fail(&self, key: &[u8], now_ms: u64) -> bool {
+    /// Takes an attempt for `key` before the password is checked, so that concurrent attempts
+    /// count: `Err(retry_after_secs)` while the key is locked, or while as many attempts as the
+    /// limit are already counted (in flight or failed) in the window.
+    pub fn reserve(&self, key: &[u8], now_ms: u64) -> Result<(), u64> {
         if self.rate.count == 0 {
-            return false;
+            return Ok(());
         }
         let window = Self::ms(self.rate.per);
         let mut table = self
@@ -151,12 +157,45 @@ impl Lockouts {
             count: 0,
             locked_until_ms: 0,
         });
+        if f.locked_until_ms > now_ms {
+            return Err((f.locked_until_ms - now_ms).div_ceil(1000).max(1));
+        }
         if now_ms.saturating_sub(f.window_start_ms) >= window {
             f.window_start_ms = now_ms;
             f.count = 0;
         }
-        f.count += 1;
         if f.count >= self.rate.count {
+            return Err(1);
+        }
+        f.count += 1;
+        Ok(())
+    }
+
+    /// Gives back a reserved attempt that was never checked (a replay, a busy server).
+    pub fn release(&self, key: &[u8]) {
+        if let Some(f) = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(key)
+        {
+            f.count = f.count.saturating_sub(1);
+        }
+    }
+
+    /// The reserved attempt failed; true when that locked the key.
+    pub fn fail(&self, key: &[u8], now_ms: u64) -> bool {
+        if self.rate.count == 0 {
+            return false;
+        }
+        let mut table = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(f) = table.get_mut(key) else {
+            return false;
+        };
+        if f.count >= self.rate.count && f.locked_until_ms <= now_ms {
             f.locked_until_ms = now_ms.saturating_add(Self::ms(self.lockout));
             f.count = 0;
             f.window_start_ms = now_ms;
@@ -199,15 +238,42 @@ mod tests {
     #[test]
     fn lockout_after_failures_then_expires() {
         let l = Lockouts::new(rate(3, 60), Duration::from_secs(30));
-        assert!(!l.fail(b"a", 0));
-        assert!(!l.fail(b"a", 1));
-        assert!(l.check(b"a", 2).is_ok());
-        assert!(l.fail(b"a", 2));
-        assert_eq!(l.check(b"a", 1002), Err(29));
-        assert!(l.check(b"a", 30_002).is_ok());
-        assert!(!l.fail(b"b", 0));
-        l.succeed(b"b");
-        assert!(!l.fail(b"b", 1));
-        assert!(!l.fail(b"b", 2));
+        let attempt = |key: &[u8], now: u64, ok: bool| -> Result<bool, u64> {
+            l.reserve(key, now)?;
+            if ok {
+                l.succeed(key);
+                Ok(false)
+            } else {
+                Ok(l.fail(key, now))
+            }
+        };
+        assert_eq!(attempt(b"a", 0, false), Ok(false));
+        assert_eq!(attempt(b"a", 1, false), Ok(false));
+        assert_eq!(attempt(b"a", 2, false), Ok(true));
+        assert_eq!(
+            attempt(b"a", 1002, true),
+            Err(29),
+            "locked even for the right password"
+        );
+        assert_eq!(attempt(b"a", 30_002, true), Ok(false));
+        assert_eq!(attempt(b"b", 0, false), Ok(false));
+        assert_eq!(attempt(b"b", 1, true), Ok(false));
+        assert_eq!(attempt(b"b", 2, false), Ok(false));
+        assert_eq!(attempt(b"b", 3, false), Ok(false));
+    }
+
+    #[test]
+    fn concurrent_attempts_count_before_they_finish() {
+        let l = Lockouts::new(rate(3, 60), Duration::from_secs(30));
+        for _ in 0..3 {
+            assert!(l.reserve(b"k", 0).is_ok());
+        }
+        assert_eq!(
+            l.reserve(b"k", 0),
+            Err(1),
+            "a fourth guess waits for the others"
+        );
+        l.release(b"k");
+        assert!(l.reserve(b"k", 0).is_ok());
     }
 }

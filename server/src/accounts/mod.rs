@@ -226,9 +226,12 @@ pub fn rfc3339(ms: i64) -> String {
     )
 }
 
-/// The outcome of a password check against a stored hash.
+/// The outcome of a password check against a stored hash. bcrypt reads only 72 bytes, so a
+/// longer candidate never matches (registration refuses such passwords); it still costs the
+/// same hashing time.
 fn password_matches(password: &str, hash: &str) -> bool {
-    bcrypt::verify(password, hash).unwrap_or(false)
+    let matches = bcrypt::verify(password, hash).unwrap_or(false);
+    matches && password.len() <= 72
 }
 
 impl Accounts {
@@ -341,9 +344,16 @@ impl Accounts {
             ));
         }
         if let Some(hash) = &record.token_hash {
-            match self.store.refresh_token(hash) {
-                Ok(Some(t)) if t.rotated_at_ms.is_none() => {}
-                Ok(_) => {
+            let live = self.store.refresh_token(hash).and_then(|t| match t {
+                Some(t) if t.rotated_at_ms.is_none() => self
+                    .store
+                    .session(&t.session_id)
+                    .map(|s| s.is_some_and(|s| s.revoked_at_ms.is_none())),
+                _ => Ok(false),
+            });
+            match live {
+                Ok(true) => {}
+                Ok(false) => {
                     return Some(error(
                         409,
                         ErrorCode::Conflict,
@@ -492,22 +502,21 @@ impl Accounts {
         idempotency: Option<(&str, &str, &[u8])>,
     ) -> HttpResponse {
         let _ = self.store.prune_idempotency(now_ms() - IDEMPOTENCY_TTL_MS);
+        let index = self.email_index(email);
         if let Some((scope, key, body)) = idempotency
             && let Some(replayed) = self.replay(scope, key, body)
         {
+            self.lockouts.release(&index);
             return replayed;
         }
-        let index = self.email_index(email);
         let now = u64::try_from(now_ms()).unwrap_or(0);
-        if let Err(retry) = self.lockouts.check(&index, now) {
-            self.metrics.auth_failure("locked");
-            return rate_limited(retry);
-        }
-        let user = store!(
-            self,
-            "user_by_email",
-            self.store.user_by_email_index(&index)
-        );
+        let user = match self.store.user_by_email_index(&index) {
+            Ok(user) => user,
+            Err(e) => {
+                self.lockouts.release(&index);
+                return storage_failure(&e);
+            }
+        };
         // The same bcrypt work whether or not the account exists.
         let hash = user
             .as_ref()
@@ -725,6 +734,26 @@ impl Accounts {
         )
     }
 
+    /// The password check of `DELETE /me` and `POST /password`: 403 when wrong, and counted
+    /// against the same failure limit as logins (a stolen access token must not become a
+    /// password oracle).
+    fn check_password(&self, user: &UserRecord, password: &str) -> Result<(), HttpResponse> {
+        let key = format!("user:{}", user.id).into_bytes();
+        let now = u64::try_from(now_ms()).unwrap_or(0);
+        if let Err(retry) = self.lockouts.reserve(&key, now) {
+            self.metrics.auth_failure("locked");
+            return Err(rate_limited(retry));
+        }
+        if password_matches(password, &user.password_hash) {
+            self.lockouts.succeed(&key);
+            Ok(())
+        } else {
+            self.metrics.auth_failure("bad_password");
+            self.lockouts.fail(&key, now);
+            Err(error(403, ErrorCode::Forbidden, "wrong password"))
+        }
+    }
+
     // ---- revocation --------------------------------------------------------------------
 
     /// Revokes `sessions` of `user` (durably, in memory, and on live connections, 4001).
@@ -787,6 +816,20 @@ impl Accounts {
             );
             self.revocations.insert(revocation);
         }
+        // Tokens without a session (`ringhub token`) issued until now, for as long as any could
+        // still be valid.
+        let everything = Revocation {
+            kind: RevocationKind::User,
+            subject: identity.user_id.to_string(),
+            revoked_at_ms: now,
+            keep_until_ms: now.saturating_add(365 * 24 * 3600 * 1000),
+        };
+        store!(
+            self,
+            "add_revocation",
+            self.store.add_revocation(&everything)
+        );
+        self.revocations.insert(everything);
         if let Some(control) = self.control.get() {
             control.close_revoked(&identity.user_id, None, Revoked::Account);
         }
@@ -824,8 +867,8 @@ impl Accounts {
         else {
             return invalid_token();
         };
-        if !password_matches(password, &user.password_hash) {
-            return error(403, ErrorCode::Forbidden, "wrong password");
+        if let Err(answer) = self.check_password(&user, password) {
+            return answer;
         }
         let now = now_ms();
         store!(
@@ -926,8 +969,8 @@ impl Accounts {
         else {
             return invalid_token();
         };
-        if !password_matches(current, &user.password_hash) {
-            return error(403, ErrorCode::Forbidden, "wrong password");
+        if let Err(answer) = self.check_password(&user, current) {
+            return answer;
         }
         let hash = match bcrypt::hash(new_password, self.config.bcrypt_cost) {
             Ok(h) => h,
