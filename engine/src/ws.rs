@@ -713,6 +713,10 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
             resume(shard, conn, id, &session, rooms);
         }
         Op::Refresh { token } => {
+            // Each costs a signature check: limited like the other queries.
+            if !rate(shard, conn, "query_per_connection", id) {
+                return;
+            }
             let verified = {
                 let current = conn.identity.borrow();
                 shard.shared.auth.verify_refresh(&token, &current)

@@ -871,17 +871,8 @@ impl Accounts {
             return answer;
         }
         let now = now_ms();
-        store!(
-            self,
-            "soft_delete_user",
-            self.store.soft_delete_user(&user.id, now)
-        );
-        store!(
-            self,
-            "revoke_user_sessions",
-            self.store.revoke_user_sessions(&user.id, None, now)
-        );
-        // Every token of this account, whenever issued, for as long as any could be valid.
+        // The revocation first: if a later step fails, no token of the account works anyway.
+        // It covers every token of this account, whenever issued, for ever.
         let revocation = Revocation {
             kind: RevocationKind::User,
             subject: user.id.clone(),
@@ -894,6 +885,16 @@ impl Accounts {
             self.store.add_revocation(&revocation)
         );
         self.revocations.insert(revocation);
+        store!(
+            self,
+            "soft_delete_user",
+            self.store.soft_delete_user(&user.id, now)
+        );
+        store!(
+            self,
+            "revoke_user_sessions",
+            self.store.revoke_user_sessions(&user.id, None, now)
+        );
         if let Some(control) = self.control.get() {
             control.close_revoked(&user.id, None, Revoked::Account);
         }
