@@ -40,6 +40,11 @@ pub enum RoomAccess {
 pub trait RoomPolicy: Send + Sync + 'static {
     /// The access of `user` to `room`.
     fn access(&self, room: &RoomId, user: &str) -> RoomAccess;
+
+    /// Whether `user` has the global admin role (admins may read other users' personal rooms).
+    fn is_admin(&self, _user: &str) -> bool {
+        false
+    }
 }
 
 /// Every room is ephemeral and public (no rooms API).

@@ -534,7 +534,8 @@ fn may_read_room(
     if !token_still_valid(shard, conn) || !rate(shard, conn, which, id) {
         return false;
     }
-    if is_foreign_personal(conn, room) || room_access(shard, conn, room) == RoomAccess::Denied {
+    let foreign = is_foreign_personal(conn, room) && !shard.shared.policy.is_admin(&conn.user_id());
+    if foreign || room_access(shard, conn, room) == RoomAccess::Denied {
         send_error(
             shard,
             conn,

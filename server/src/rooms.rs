@@ -211,6 +211,10 @@ impl RoomDirectory {
 }
 
 impl RoomPolicy for RoomDirectory {
+    fn is_admin(&self, user: &str) -> bool {
+        RoomDirectory::is_admin(self, user)
+    }
+
     fn access(&self, room: &RoomId, user: &str) -> RoomAccess {
         let Some(entry) = self.get(room.as_str()) else {
             return RoomAccess::Unknown;
@@ -549,16 +553,10 @@ impl RoomService {
         self.directory.modify(room.as_str(), |e| {
             e.members.remove(user);
         });
-        let still_reads = self
-            .directory
-            .rights_of(room.as_str(), user)
-            .is_some_and(|r| r.read);
+        // SPEC §2: a removed user who is online in the room is kicked, whatever the room's
+        // permission (in a public or restricted room they may join again as anyone may).
         if let Some(control) = self.control.get() {
-            if still_reads {
-                control.reauthorize(room);
-            } else {
-                control.kick(room, Some(user), "removed");
-            }
+            control.kick(room, Some(user), "removed");
         }
         HttpResponse::json(204, Vec::new())
     }

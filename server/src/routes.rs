@@ -388,13 +388,14 @@ impl Routes {
         }))
     }
 
+    /// Runs an account job for the already authenticated `identity`.
     fn authenticated(
         &self,
         request: &HttpRequest<'_>,
+        identity: Identity,
         job: impl FnOnce(&Accounts, &Identity) -> HttpResponse + Send + 'static,
         hashing: bool,
     ) -> Result<Routed, HttpResponse> {
-        let identity = self.authenticate(request)?;
         let accounts = self.accounts.clone();
         let pool = if hashing {
             &self.hash_pool
@@ -410,9 +411,9 @@ impl Routes {
     fn room_job(
         &self,
         request: &HttpRequest<'_>,
+        identity: Identity,
         job: impl FnOnce(&RoomService, &Identity) -> HttpResponse + Send + 'static,
     ) -> Result<Routed, HttpResponse> {
-        let identity = self.authenticate(request)?;
         let rooms = self.rooms.clone();
         Ok(Self::defer(&self.storage_pool, request, move || {
             job(&rooms, &identity)
@@ -420,6 +421,7 @@ impl Routes {
     }
 
     fn create_room(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
+        let who = self.authenticate(request)?;
         let body = Self::json_body(request)?;
         let id = body.string("id")?;
         let id = protocol::envelope::RoomId::parse(id)
@@ -445,10 +447,11 @@ impl Routes {
             presence: body.optional_bool("presence")?.unwrap_or(true),
             history: body.optional_bool("history")?.unwrap_or(true),
         };
-        self.room_job(request, move |rooms, who| rooms.create(who, &new))
+        self.room_job(request, who, move |rooms, who| rooms.create(who, &new))
     }
 
     fn room_routes(&self, request: &HttpRequest<'_>, rest: &str) -> Result<Routed, HttpResponse> {
+        let caller = self.authenticate(request)?;
         let method = request.head.method.as_str();
         let mut parts = rest.split('/');
         let raw_id = parts.next().unwrap_or("");
@@ -456,7 +459,7 @@ impl Routes {
             .map_err(|_| error(404, ErrorCode::NotFound, "no such room"))?;
         let tail: Vec<&str> = parts.collect();
         match (method, tail.as_slice()) {
-            ("GET", []) => self.room_job(request, move |r, who| r.get(who, &room)),
+            ("GET", []) => self.room_job(request, caller, move |r, who| r.get(who, &room)),
             ("PATCH", []) => {
                 let body = Self::json_body(request)?;
                 let permission = match body.optional_string("permission")? {
@@ -472,10 +475,12 @@ impl Routes {
                     permission,
                     max_members: body.optional_count("max_members")?,
                 };
-                self.room_job(request, move |r, who| r.update(who, &room, &update))
+                self.room_job(request, caller, move |r, who| r.update(who, &room, &update))
             }
-            ("DELETE", []) => self.room_job(request, move |r, who| r.delete(who, &room)),
-            ("GET", ["presence"]) => self.room_job(request, move |r, who| r.presence(who, &room)),
+            ("DELETE", []) => self.room_job(request, caller, move |r, who| r.delete(who, &room)),
+            ("GET", ["presence"]) => {
+                self.room_job(request, caller, move |r, who| r.presence(who, &room))
+            }
             ("POST", ["messages"]) => {
                 let body = Self::json_body(request)?;
                 let data = body
@@ -483,18 +488,22 @@ impl Routes {
                     .get("data")
                     .ok_or_else(|| invalid_input("data", "is required"))?;
                 let raw = sonic_rs::to_vec(data).unwrap_or_default();
-                self.room_job(request, move |r, who| r.publish(who, &room, &raw))
+                self.room_job(request, caller, move |r, who| r.publish(who, &room, &raw))
             }
             ("PUT", ["members", user]) => {
                 let user = percent_decode(user);
                 let body = Self::json_body(request)?;
                 let role = storage::MemberRole::parse(body.string("role")?)
                     .ok_or_else(|| invalid_input("role", "must be member or moderator"))?;
-                self.room_job(request, move |r, who| r.put_member(who, &room, &user, role))
+                self.room_job(request, caller, move |r, who| {
+                    r.put_member(who, &room, &user, role)
+                })
             }
             ("DELETE", ["members", user]) => {
                 let user = percent_decode(user);
-                self.room_job(request, move |r, who| r.remove_member(who, &room, &user))
+                self.room_job(request, caller, move |r, who| {
+                    r.remove_member(who, &room, &user)
+                })
             }
             (_, [] | ["presence"] | ["messages"] | ["members", _]) => {
                 Err(method_not_allowed("GET, PATCH, DELETE, PUT, POST"))
@@ -515,18 +524,30 @@ impl Routes {
             ("POST", "/login") => self.login(request),
             ("POST", "/refresh") => self.refresh(request),
             ("POST", "/logout") => {
+                let who = self.authenticate(request)?;
                 Self::optional_json_body(request)?;
-                self.authenticated(request, |a, id| a.logout(id), false)
+                self.authenticated(request, who, |a, id| a.logout(id), false)
             }
-            ("POST", "/logout/all") => self.authenticated(request, |a, id| a.logout_all(id), false),
-            ("GET", "/me") => self.authenticated(request, |a, id| a.me(id), false),
+            ("POST", "/logout/all") => {
+                let who = self.authenticate(request)?;
+                self.authenticated(request, who, |a, id| a.logout_all(id), false)
+            }
+            ("GET", "/me") => {
+                let who = self.authenticate(request)?;
+                self.authenticated(request, who, |a, id| a.me(id), false)
+            }
             ("DELETE", "/me") => {
+                let who = self.authenticate(request)?;
                 let body = Self::json_body(request)?;
                 let password = body.string("password")?.to_owned();
-                self.authenticated(request, move |a, id| a.delete_me(id, &password), true)
+                self.authenticated(request, who, move |a, id| a.delete_me(id, &password), true)
             }
-            ("GET", "/sessions") => self.authenticated(request, |a, id| a.sessions(id), false),
+            ("GET", "/sessions") => {
+                let who = self.authenticate(request)?;
+                self.authenticated(request, who, |a, id| a.sessions(id), false)
+            }
             ("POST", "/password") => {
+                let who = self.authenticate(request)?;
                 let body = Self::json_body(request)?;
                 let current = body.string("current_password")?.to_owned();
                 let new_password = body.string("new_password")?.to_owned();
@@ -534,16 +555,23 @@ impl Routes {
                     .map_err(|e| invalid_input(e.field, e.message))?;
                 self.authenticated(
                     request,
+                    who,
                     move |a, id| a.change_password(id, &current, &new_password),
                     true,
                 )
             }
             ("DELETE", p) if p.starts_with("/sessions/") => {
+                let caller = self.authenticate(request)?;
                 let id = p["/sessions/".len()..].to_owned();
                 if id.is_empty() || id.len() > 64 || id.contains('/') {
                     return Err(error(404, ErrorCode::NotFound, "no such session"));
                 }
-                self.authenticated(request, move |a, who| a.delete_session(who, &id), false)
+                self.authenticated(
+                    request,
+                    caller,
+                    move |a, who| a.delete_session(who, &id),
+                    false,
+                )
             }
             ("GET" | "HEAD", "/healthz") => {
                 Ok(HttpResponse::json(200, br#"{"status":"ok"}"#.to_vec()).into())

@@ -346,6 +346,35 @@ fn permission_matrix_for_five_users_and_four_levels(db: Db) {
         m.get("from").and_then(Value::as_str),
         Some(admin.id.as_str())
     );
+    // Admins may join another user's personal room (while it is live); others may not.
+    let personal_room = format!("user:{}", member.id);
+    let mut admin_ws = server.connect_bound(&admin.token);
+    call(&mut admin_ws, "join", &[("room", s(&personal_room))]).unwrap();
+    let mut stranger_ws = server.connect_bound(&stranger.token);
+    let refused = call(&mut stranger_ws, "join", &[("room", s(&personal_room))]);
+    assert_eq!(refused.unwrap_err(), "forbidden");
+    // Authentication comes before any check of the body.
+    let unauth = server.api("POST", "/rooms", &[], Some("{not json"));
+    assert_eq!(
+        (unauth.status, unauth.code()),
+        (401, "invalid_token".into())
+    );
+    // Removal from a public room kicks too (SPEC §2), though they may join again.
+    let mut member_ws = server.connect_bound(&member.token);
+    call(&mut member_ws, "join", &[("room", s("m-public"))]).unwrap();
+    let removed = server.api_as(
+        &owner.token,
+        "DELETE",
+        &format!("/rooms/m-public/members/{}", member.id),
+        None,
+    );
+    assert_eq!(removed.status, 204);
+    let kicked = member_ws.expect("kicked", None);
+    assert_eq!(
+        kicked.get("reason").and_then(Value::as_str),
+        Some("removed")
+    );
+    call(&mut member_ws, "join", &[("room", s("m-public"))]).unwrap();
     // Persistent rooms survive a restart.
     let Fixture { server, _schema } = f;
     let server = server.restart();
