@@ -638,3 +638,44 @@ impl Db {
         }
     }
 }
+
+/// A server on a database, with the schema guard that must outlive it.
+#[derive(Debug)]
+pub struct Fixture {
+    /// The server.
+    pub server: Server,
+    /// The PostgreSQL schema, dropped after the server.
+    pub schema: Option<Schema>,
+}
+
+impl Db {
+    /// Starts a server on this database with `flags`.
+    pub fn start(self, name: &str, flags: &[&str]) -> Fixture {
+        let (mut all, schema) = self.flags(name);
+        all.extend(flags.iter().map(|f| (*f).to_owned()));
+        Fixture {
+            server: Server::start_in(scratch_dir(name), &all),
+            schema,
+        }
+    }
+}
+
+/// Declares, for each function `f(db: Db)` named, a module `f` with the tests `embedded` and
+/// `postgres` that run it on each database.
+#[macro_export]
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn embedded() {
+                    super::$name($crate::Db::Embedded);
+                }
+                #[test]
+                fn postgres() {
+                    super::$name($crate::Db::Postgres);
+                }
+            }
+        )*
+    };
+}

@@ -13,6 +13,8 @@ use protocol::envelope::RoomId;
 use serde::Serialize;
 use storage::{MemberRole, Permission, RoomRecord, RoomUpdate, Store, StoreError};
 
+use crate::accounts::storage_failure;
+
 /// What a user is to a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Relation {
@@ -265,21 +267,6 @@ fn not_found() -> HttpResponse {
 
 fn forbidden() -> HttpResponse {
     error(403, ErrorCode::Forbidden, "not allowed")
-}
-
-fn storage_failure(e: &StoreError) -> HttpResponse {
-    if let StoreError::Unavailable(why) = e {
-        log::warn!("storage unavailable: {why}");
-        let mut r = error(
-            503,
-            ErrorCode::Unavailable,
-            "storage unavailable; retry later",
-        );
-        r.headers.push(("Retry-After", "1".to_owned()));
-        return r;
-    }
-    log::error!("storage failure: {e}");
-    error(500, ErrorCode::Internal, "internal error")
 }
 
 macro_rules! store {

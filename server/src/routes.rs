@@ -301,6 +301,20 @@ impl Routes {
         Ok(Some(String::from_utf8_lossy(raw).into_owned()))
     }
 
+    /// Takes one token of a per-IP limit (`limit` names it in the metrics), or 429.
+    fn per_ip(
+        &self,
+        table: &accounts::limits::BucketTable,
+        limit: &'static str,
+        request: &HttpRequest<'_>,
+    ) -> Result<(), HttpResponse> {
+        let key = accounts::limits::ip_key(request.client_ip);
+        table.take(&key, now_ms()).map_err(|retry| {
+            self.metrics.engine.rate_limited(limit);
+            rate_limited(retry)
+        })
+    }
+
     fn register(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
         let body = Self::json_body(request)?;
         let username = accounts::validate::username(body.string("username")?)
@@ -312,14 +326,7 @@ impl Routes {
         accounts::validate::password("password", &password)
             .map_err(|e| invalid_input(e.field, e.message))?;
         let key = Self::idempotency_key(request)?;
-        if let Err(retry) = self
-            .accounts
-            .register_per_ip
-            .take(&accounts::limits::ip_key(request.client_ip), now_ms())
-        {
-            self.metrics.engine.rate_limited("register_per_ip");
-            return Err(rate_limited(retry));
-        }
+        self.per_ip(&self.accounts.register_per_ip, "register_per_ip", request)?;
         let accounts = self.accounts.clone();
         let raw_body = request.body.to_vec();
         Ok(Self::defer(&self.hash_pool, request, move || {
@@ -333,14 +340,7 @@ impl Routes {
         let email_raw = body.string("email")?;
         let password = body.string("password")?.to_owned();
         let key = Self::idempotency_key(request)?;
-        if let Err(retry) = self
-            .accounts
-            .login_per_ip
-            .take(&accounts::limits::ip_key(request.client_ip), now_ms())
-        {
-            self.metrics.engine.rate_limited("login_per_ip");
-            return Err(rate_limited(retry));
-        }
+        self.per_ip(&self.accounts.login_per_ip, "login_per_ip", request)?;
         // A malformed e-mail or an impossible password cannot match an account; answer as for
         // a wrong password (generic, and after the same bcrypt work, below).
         let email = accounts::validate::email(email_raw)

@@ -3,24 +3,14 @@
 
 use std::time::Duration;
 
-use ringhub_tests::{Answer, Client, Db, Ended, Schema, Server, s};
+use ringhub_tests::{Answer, Client, Db, Ended, Fixture, Server, s};
 
 const UA: (&str, &str) = ("User-Agent", "ringhub-tests");
 
-struct Fixture {
-    server: Server,
-    _schema: Option<Schema>,
-}
-
 fn start(db: Db, name: &str, extra: &[&str]) -> Fixture {
-    let (mut flags, schema) = db.flags(name);
-    flags.extend(["--bcrypt-cost", "4"].map(str::to_owned));
-    flags.extend(extra.iter().map(|f| (*f).to_owned()));
-    let server = Server::start_in(ringhub_tests::scratch_dir(name), &flags);
-    Fixture {
-        server,
-        _schema: schema,
-    }
+    let mut flags = vec!["--bcrypt-cost", "4"];
+    flags.extend(extra);
+    db.start(name, &flags)
 }
 
 fn register(server: &Server, username: &str, email: &str, password: &str) -> Answer {
@@ -60,25 +50,7 @@ fn connect(server: &Server, token: &str) -> Client {
     client
 }
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use super::*;
-                #[test]
-                fn embedded() {
-                    super::$name(Db::Embedded);
-                }
-                #[test]
-                fn postgres() {
-                    super::$name(Db::Postgres);
-                }
-            }
-        )*
-    };
-}
-
-on_both!(
+ringhub_tests::on_both!(
     register_login_me_and_input_rules,
     refresh_rotates_and_reuse_revokes_the_session,
     revocation_survives_a_restart,
@@ -306,7 +278,10 @@ fn revocation_survives_a_restart(db: Db) {
     assert_eq!(ws.ended(), Ended::Closed(4001));
     assert_eq!(server.api_as(&revoked, "GET", "/me", None).status, 401);
 
-    let Fixture { server, _schema } = f;
+    let Fixture {
+        server,
+        schema: _schema,
+    } = f;
     let server = server.restart();
     assert_eq!(server.api_as(&revoked, "GET", "/me", None).status, 401);
     let refused = server.try_connect(&revoked, None, &[UA]);

@@ -6,56 +6,26 @@
 use std::time::{Duration, Instant};
 
 use protocol::envelope::Value;
-use ringhub_tests::{Client, Db, Schema, Server, n, s};
-
-struct Fixture {
-    server: Server,
-    _schema: Option<Schema>,
-}
+use ringhub_tests::{Client, Db, Fixture, Server, n, s};
 
 fn start(db: Db, name: &str, extra: &[&str]) -> Fixture {
-    let (mut flags, schema) = db.flags(name);
-    flags.extend(
-        [
-            "--bcrypt-cost",
-            "4",
-            "--shards",
-            "2",
-            "--default-rooms",
-            "",
-            "--rate-limits.register-per-ip",
-            "0/1s",
-            "--rate-limits.login-per-ip",
-            "0/1s",
-        ]
-        .map(str::to_owned),
-    );
-    flags.extend(extra.iter().map(|f| (*f).to_owned()));
-    Fixture {
-        server: Server::start_in(ringhub_tests::scratch_dir(name), &flags),
-        _schema: schema,
-    }
+    let mut flags = vec![
+        "--bcrypt-cost",
+        "4",
+        "--shards",
+        "2",
+        "--default-rooms",
+        "",
+        "--rate-limits.register-per-ip",
+        "0/1s",
+        "--rate-limits.login-per-ip",
+        "0/1s",
+    ];
+    flags.extend(extra);
+    db.start(name, &flags)
 }
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use super::*;
-                #[test]
-                fn embedded() {
-                    super::$name(Db::Embedded);
-                }
-                #[test]
-                fn postgres() {
-                    super::$name(Db::Postgres);
-                }
-            }
-        )*
-    };
-}
-
-on_both!(
+ringhub_tests::on_both!(
     permission_matrix_for_five_users_and_four_levels,
     removal_and_deletion_kick_and_stop_delivery,
     max_members_holds_under_a_join_race_across_shards,
@@ -376,7 +346,10 @@ fn permission_matrix_for_five_users_and_four_levels(db: Db) {
     );
     call(&mut member_ws, "join", &[("room", s("m-public"))]).unwrap();
     // Persistent rooms survive a restart.
-    let Fixture { server, _schema } = f;
+    let Fixture {
+        server,
+        schema: _schema,
+    } = f;
     let server = server.restart();
     let get = server.api_as(&owner.token, "GET", "/rooms/m-private", None);
     assert_eq!(get.status, 200, "{get:?}");

@@ -171,7 +171,9 @@ fn invalid_token() -> HttpResponse {
     error(401, ErrorCode::InvalidToken, "invalid or expired token")
 }
 
-fn storage_failure(e: &StoreError) -> HttpResponse {
+/// The answer to a storage failure: 503 with `Retry-After` when the database cannot be reached,
+/// 500 otherwise (logged).
+pub fn storage_failure(e: &StoreError) -> HttpResponse {
     match e {
         StoreError::Unavailable(why) => {
             log::warn!("storage unavailable: {why}");
