@@ -13,7 +13,12 @@ use protocol::envelope::RoomId;
 use serde::Serialize;
 use storage::{MemberRole, Permission, RoomRecord, RoomUpdate, Store, StoreError};
 
-use crate::accounts::storage_failure;
+use crate::accounts::limits::BucketTable;
+use crate::accounts::{rate_limited, storage_failure};
+use crate::config::Rate;
+
+/// Room-changing calls (create, update, delete, member changes) a user may make per minute.
+pub const ROOM_CHANGES_PER_MINUTE: u32 = 120;
 
 /// What a user is to a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,6 +250,8 @@ pub struct RoomService {
     store: Arc<dyn Store>,
     directory: Arc<RoomDirectory>,
     control: OnceLock<engine::Control>,
+    /// Room changes per user: each one makes every shard look at its connections.
+    changes_per_user: BucketTable,
     default_rooms: Vec<RoomId>,
     default_max_members: u32,
     max_message_bytes: usize,
@@ -343,6 +350,10 @@ impl RoomService {
             store,
             directory,
             control: OnceLock::new(),
+            changes_per_user: BucketTable::new(Rate {
+                count: ROOM_CHANGES_PER_MINUTE,
+                per: std::time::Duration::from_secs(60),
+            }),
             default_rooms,
             default_max_members,
             max_message_bytes,
@@ -361,6 +372,14 @@ impl RoomService {
             Ok(admins) => self.directory.set_admins(admins),
             Err(e) => log::warn!("cannot reload admins: {e}"),
         }
+    }
+
+    /// One token of the caller's room-change budget, or 429.
+    fn budget(&self, who: &Identity) -> Result<(), HttpResponse> {
+        let now = u64::try_from(now_ms()).unwrap_or(0);
+        self.changes_per_user
+            .take(who.user_id.as_bytes(), now)
+            .map_err(rate_limited)
     }
 
     fn online(&self, room: &RoomId) -> usize {
@@ -382,6 +401,9 @@ impl RoomService {
 
     /// `POST /rooms`.
     pub fn create(&self, who: &Identity, new: &NewRoom) -> HttpResponse {
+        if let Err(limited) = self.budget(who) {
+            return limited;
+        }
         // A default room or a live ephemeral room belongs to everyone in it: only an admin may
         // turn it into somebody's persistent room.
         if !self.directory.is_admin(&who.user_id)
@@ -431,6 +453,9 @@ impl RoomService {
 
     /// `PATCH /rooms/{id}`.
     pub fn update(&self, who: &Identity, room: &RoomId, update: &RoomUpdate) -> HttpResponse {
+        if let Err(limited) = self.budget(who) {
+            return limited;
+        }
         let Some((_, r)) = self.entry_and_rights(room, &who.user_id) else {
             return not_found();
         };
@@ -450,6 +475,9 @@ impl RoomService {
 
     /// `DELETE /rooms/{id}`: members receive `kicked` before the answer.
     pub fn delete(&self, who: &Identity, room: &RoomId) -> HttpResponse {
+        if let Err(limited) = self.budget(who) {
+            return limited;
+        }
         let Some((_, r)) = self.entry_and_rights(room, &who.user_id) else {
             return not_found();
         };
@@ -481,6 +509,9 @@ impl RoomService {
         user: &str,
         role: MemberRole,
     ) -> HttpResponse {
+        if let Err(limited) = self.budget(who) {
+            return limited;
+        }
         let Some((entry, r)) = self.entry_and_rights(room, &who.user_id) else {
             return not_found();
         };
@@ -521,6 +552,9 @@ impl RoomService {
 
     /// `DELETE /rooms/{id}/members/{user_id}`: the removed user is kicked before the answer.
     pub fn remove_member(&self, who: &Identity, room: &RoomId, user: &str) -> HttpResponse {
+        if let Err(limited) = self.budget(who) {
+            return limited;
+        }
         let Some((entry, r)) = self.entry_and_rights(room, &who.user_id) else {
             return not_found();
         };

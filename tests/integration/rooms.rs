@@ -490,6 +490,28 @@ fn removal_and_deletion_kick_and_stop_delivery(db: Db) {
     );
     let again = server.api_as(&owner, "POST", "/rooms", Some(body));
     assert_eq!(again.status, 201, "the id is free again");
+
+    // Room changes are budgeted per user (each one makes every shard look at its connections).
+    let limited = (0..200)
+        .map(|i| {
+            server.api_as(
+                &owner,
+                "PATCH",
+                "/rooms/club",
+                Some(&format!(r#"{{"max_members":{}}}"#, 100 + i)),
+            )
+        })
+        .find(|a| a.status != 200)
+        .expect("the budget ends");
+    assert_eq!(
+        (limited.status, limited.code()),
+        (429, "rate_limited".into())
+    );
+    assert!(limited.header("Retry-After").is_some());
+    assert_eq!(
+        server.api_as(&owner, "GET", "/rooms/club", None).status,
+        200
+    );
 }
 
 fn max_members_holds_under_a_join_race_across_shards(db: Db) {
