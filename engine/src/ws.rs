@@ -815,25 +815,31 @@ fn send_ack(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<u64>) {
     }
 }
 
-/// Removes `room` from the connection and tells the home. False when it was not a member.
-fn leave_room(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) -> bool {
+/// Removes `room` from the connection (and the shard's member table); the `Leave` its home must
+/// hear, or None when it was not a member.
+fn detach(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) -> Option<(usize, ShardMsg)> {
     let membership = {
         let mut rooms = conn.rooms.borrow_mut();
-        let Some(pos) = rooms.iter().position(|(r, _)| r == room) else {
-            return false;
-        };
+        let pos = rooms.iter().position(|(r, _)| r == room)?;
         rooms.remove(pos).1
     };
     if matches!(membership, Membership::Joined(_)) {
         shard.drop_local_member(room, conn.id);
     }
-    let home = shard.shared.home_of(room);
     let msg = ShardMsg::Leave {
         room: room.clone(),
         conn: conn.id,
         user: conn.user_id(),
         name: conn.username(),
         key: conn.key,
+    };
+    Some((shard.shared.home_of(room), msg))
+}
+
+/// Removes `room` from the connection and tells the home. False when it was not a member.
+fn leave_room(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) -> bool {
+    let Some((home, msg)) = detach(shard, conn, room) else {
+        return false;
     };
     shard.dispatch(home, msg);
     true
@@ -866,23 +872,8 @@ fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
 /// After an abnormal drop the connection stops receiving at once, but its home hears of the leave
 /// 5 s later, so that a client resuming within them causes no `left`/`joined` flap (SPEC §6).
 fn leave_room_later(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) {
-    let membership = {
-        let mut rooms = conn.rooms.borrow_mut();
-        let Some(pos) = rooms.iter().position(|(r, _)| r == room) else {
-            return;
-        };
-        rooms.remove(pos).1
-    };
-    if matches!(membership, Membership::Joined(_)) {
-        shard.drop_local_member(room, conn.id);
-    }
-    let home = shard.shared.home_of(room);
-    let msg = ShardMsg::Leave {
-        room: room.clone(),
-        conn: conn.id,
-        user: conn.user_id(),
-        name: conn.username(),
-        key: conn.key,
+    let Some((home, msg)) = detach(shard, conn, room) else {
+        return;
     };
     let shard = shard.clone();
     monoio::spawn(async move {
