@@ -1,7 +1,9 @@
-//! The `ringhub` executable: mimalloc as the global allocator, then the command line.
+//! The `ringhub` executable: mimalloc as the global allocator (the system allocator with the
+//! `system-allocator` feature, for heap profilers such as heaptrack), then the command line.
 
 use std::io::Write;
 
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
