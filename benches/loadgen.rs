@@ -243,10 +243,15 @@ fn server_counters(addr: SocketAddr) -> String {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` figure of `/proc/PID/status` (`VmRSS:`, `VmHWM:` for the peak).
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
@@ -457,9 +462,13 @@ fn scenario_idle(o: &Opts) {
     for h in handles {
         let _ = h.join();
     }
+    // Every client closed at once: the peak shows what a mass disconnect costs the server.
+    std::thread::sleep(Duration::from_secs(2));
+    let closed = rss_kib(pid);
+    let peak = proc_status_kib(pid, "VmHWM:");
     let n = opened.load(Ordering::Relaxed);
     println!(
-        "{{\"scenario\":\"idle\",\"conns\":{n},\"shards\":{},\"format\":\"{}\",\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"bytes_per_conn\":{:.0},\"open_secs\":{open_secs:.2}}}",
+        "{{\"scenario\":\"idle\",\"conns\":{n},\"shards\":{},\"format\":\"{}\",\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"bytes_per_conn\":{:.0},\"open_secs\":{open_secs:.2},\"rss_after_close_kib\":{closed},\"peak_rss_kib\":{peak}}}",
         o.shards,
         protocol_name(o),
         (after.saturating_sub(before) * 1024) as f64 / n.max(1) as f64

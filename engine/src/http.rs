@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use protocol::ErrorCode;
 use protocol::http::{
@@ -138,17 +138,12 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
 }
 
 async fn read_more(shard: &Shard, stream: &mut TcpStream, data: &mut Vec<u8>) -> bool {
-    let buf = shard.take_buffer();
-    let Ok((result, buf)) = monoio::time::timeout(IDLE_TIMEOUT, stream.read(buf)).await else {
+    let Ok(result) = monoio::time::timeout(IDLE_TIMEOUT, shard.read_ready(stream)).await else {
         return false;
     };
-    let ok = match result {
-        Ok(n) if n > 0 => {
-            data.extend_from_slice(&buf[..n]);
-            true
-        }
-        _ => false,
-    };
+    let Ok(buf) = result else { return false };
+    let ok = !buf.is_empty();
+    data.extend_from_slice(&buf);
     shard.put_buffer(buf);
     ok
 }

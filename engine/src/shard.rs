@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use monoio::net::TcpStream;
+
 use protocol::compression::{Compressor, DEFAULT_LEVEL, Decompressor};
 use protocol::envelope::{MessageRecord, PresenceEntry, RoomId, Value};
 use protocol::{CloseCode, ErrorCode};
@@ -445,6 +447,30 @@ impl Shard {
         if pool.len() < POOLED_BUFFERS && buf.capacity() <= 4 * BUFFER_SIZE {
             buf.clear();
             pool.push(buf);
+        }
+    }
+
+    /// Waits until `stream` is readable, then reads what it holds into a pooled buffer (empty at
+    /// the end of the stream). No buffer is held while waiting; the caller puts it back.
+    pub(crate) async fn read_ready(&self, stream: &TcpStream) -> std::io::Result<Vec<u8>> {
+        loop {
+            stream.readable(false).await?;
+            let mut buf = self.take_buffer();
+            match crate::sys::recv_now(stream, &mut buf) {
+                Ok(_) => return Ok(buf),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    self.put_buffer(buf);
+                }
+                Err(e) => {
+                    self.put_buffer(buf);
+                    return Err(e);
+                }
+            }
         }
     }
 

@@ -5,7 +5,7 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use protocol::ErrorCode;
 use protocol::envelope::{DecodeLimits, Push};
@@ -110,17 +110,15 @@ pub(crate) async fn handshake(
         if remaining == 0 || pending.len() > cfg.max_message_bytes + 16 {
             return None;
         }
-        let buf = shard.take_buffer();
-        let read = monoio::time::timeout(Duration::from_millis(remaining), stream.read(buf)).await;
-        let Ok((result, buf)) = read else { return None };
-        match result {
-            Ok(n) if n > 0 => pending.extend_from_slice(&buf[..n]),
-            _ => {
-                shard.put_buffer(buf);
-                return None;
-            }
-        }
+        let read =
+            monoio::time::timeout(Duration::from_millis(remaining), shard.read_ready(&stream));
+        let Ok(Ok(buf)) = read.await else { return None };
+        let eof = buf.is_empty();
+        pending.extend_from_slice(&buf);
         shard.put_buffer(buf);
+        if eof {
+            return None;
+        }
     }
 }
 

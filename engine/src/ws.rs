@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use monoio::io::{AsyncReadRent, OwnedReadHalf, Splitable};
+use monoio::io::{OwnedReadHalf, Splitable};
 use monoio::net::TcpStream;
 use protocol::compression::{ZstdError, compressed_bound, is_zstd};
 use protocol::envelope::{
@@ -329,7 +329,8 @@ pub(crate) fn send_refresh_required(shard: &Rc<Shard>, conn: &Rc<Conn>, expires_
 async fn read_loop(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    mut reader: OwnedReadHalf<TcpStream>,
+    // Held (unused) for the connection's life: the stream is read through `Shard::read_ready`.
+    _reader: OwnedReadHalf<TcpStream>,
     leftover: Vec<u8>,
     dialect: Dialect,
 ) {
@@ -353,22 +354,18 @@ async fn read_loop(
         pending.drain(..consumed);
     }
     loop {
-        if sys::readable(conn.stream()).await.is_err() {
+        let Ok(mut buf) = shard.read_ready(sys::stream_ref(conn.stream())).await else {
             conn.abnormal.set(true);
             return;
-        }
-        let buf = shard.take_buffer();
-        let (result, mut buf) = reader.read(buf).await;
-        let n = match result {
-            Ok(0) | Err(_) => {
-                shard.put_buffer(buf);
-                if conn.closing.get().is_none() {
-                    conn.abnormal.set(true);
-                }
-                return;
-            }
-            Ok(n) => n,
         };
+        let n = buf.len();
+        if n == 0 {
+            shard.put_buffer(buf);
+            if conn.closing.get().is_none() {
+                conn.abnormal.set(true);
+            }
+            return;
+        }
         shard
             .shared
             .metrics
