@@ -73,7 +73,8 @@ pub(crate) struct Conn {
     /// Initial joins (default rooms, personal room) still unanswered.
     pub(crate) pending_initial: Cell<u32>,
     pub(crate) initial_rooms: RefCell<Vec<RoomId>>,
-    pub(crate) resume: RefCell<Option<PendingResume>>,
+    /// Boxed: rare, and every idle connection would carry its size.
+    pub(crate) resume: RefCell<Option<Box<PendingResume>>>,
     /// Joined persistent rooms where this user may read but not publish (usually empty).
     pub(crate) read_only: RefCell<Vec<RoomId>>,
 }

@@ -210,7 +210,7 @@ pub(crate) fn join(
             to_conn(shard, conn, fail(ErrorCode::NotFound, "no such room"));
             return;
         }
-        rooms.insert(room.clone(), HomeRoom::new(shard, true));
+        rooms.insert(room.clone(), Box::new(HomeRoom::new(shard, true)));
     }
     let Some(home) = rooms.get_mut(room) else {
         return;
@@ -356,7 +356,7 @@ pub(crate) fn publish_external(
         match (rooms.get_mut(&room), &settings) {
             (Some(home), Some(s)) => home.apply(s),
             (None, Some(s)) => {
-                let mut home = HomeRoom::new(shard, false);
+                let mut home = Box::new(HomeRoom::new(shard, false));
                 home.apply(s);
                 rooms.insert(room.clone(), home);
             }
@@ -420,7 +420,7 @@ pub(crate) fn presence_of(shard: &Rc<Shard>, room: &RoomId) -> Vec<PresenceEntry
         .home
         .borrow()
         .get(room)
-        .map(HomeRoom::presence_list)
+        .map(|home| home.presence_list())
         .unwrap_or_default()
 }
 

@@ -394,7 +394,8 @@ pub(crate) struct Shard {
     pub(crate) shared: Arc<Shared>,
     pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
     pub(crate) local_rooms: RefCell<HashMap<RoomId, Vec<Rc<Conn>>>>,
-    pub(crate) home: RefCell<HashMap<RoomId, HomeRoom>>,
+    /// Boxed: the map holds thousands of (personal) rooms, and its spare buckets stay small.
+    pub(crate) home: RefCell<HashMap<RoomId, Box<HomeRoom>>>,
     pub(crate) presence_dirty: RefCell<Vec<RoomId>>,
     next_conn: Cell<u64>,
     pub(crate) compressor: RefCell<Compressor>,

@@ -159,9 +159,10 @@ fn request_join_from(
     };
     let already = conn.membership(&room).is_some();
     if !already {
-        conn.rooms
-            .borrow_mut()
-            .push((room.clone(), Membership::Pending));
+        let mut rooms = conn.rooms.borrow_mut();
+        // Most connections hold one or two rooms: grow one at a time (a plain push reserves four).
+        rooms.reserve_exact(1);
+        rooms.push((room.clone(), Membership::Pending));
     }
     let home = shard.shared.home_of(&room);
     let msg = ShardMsg::Join {
@@ -796,11 +797,11 @@ fn resume(
         return;
     }
     let waiting = joins.iter().map(|(r, _)| r.clone()).collect();
-    *conn.resume.borrow_mut() = Some(crate::conn::PendingResume {
+    *conn.resume.borrow_mut() = Some(Box::new(crate::conn::PendingResume {
         id,
         waiting,
         results,
-    });
+    }));
     for (room, from) in joins {
         request_join_from(shard, conn, room, None, false, Some(from));
     }
