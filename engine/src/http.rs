@@ -138,7 +138,8 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
 }
 
 async fn read_more(shard: &Shard, stream: &mut TcpStream, data: &mut Vec<u8>) -> bool {
-    let Ok(result) = monoio::time::timeout(IDLE_TIMEOUT, shard.read_ready(stream)).await else {
+    let Ok(result) = monoio::time::timeout(IDLE_TIMEOUT, shard.read_ready(stream, true)).await
+    else {
         return false;
     };
     let Ok(buf) = result else { return false };

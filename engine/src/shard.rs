@@ -452,10 +452,20 @@ impl Shard {
     }
 
     /// Waits until `stream` is readable, then reads what it holds into a pooled buffer (empty at
-    /// the end of the stream). No buffer is held while waiting; the caller puts it back.
-    pub(crate) async fn read_ready(&self, stream: &TcpStream) -> std::io::Result<Vec<u8>> {
+    /// the end of the stream). No buffer is held while waiting; the caller puts it back. `eager`
+    /// tries the read before waiting: worth it where bytes have usually arrived already (a request
+    /// head right after the accept), one wasted syscall where they have not.
+    pub(crate) async fn read_ready(
+        &self,
+        stream: &TcpStream,
+        eager: bool,
+    ) -> std::io::Result<Vec<u8>> {
+        let mut wait = !eager;
         loop {
-            stream.readable(false).await?;
+            if wait {
+                stream.readable(false).await?;
+            }
+            wait = true;
             let mut buf = self.take_buffer();
             match crate::sys::recv_now(stream, &mut buf) {
                 Ok(_) => return Ok(buf),

@@ -110,8 +110,10 @@ pub(crate) async fn handshake(
         if remaining == 0 || pending.len() > cfg.max_message_bytes + 16 {
             return None;
         }
-        let read =
-            monoio::time::timeout(Duration::from_millis(remaining), shard.read_ready(&stream));
+        let read = monoio::time::timeout(
+            Duration::from_millis(remaining),
+            shard.read_ready(&stream, false),
+        );
         let Ok(Ok(buf)) = read.await else { return None };
         let eof = buf.is_empty();
         pending.extend_from_slice(&buf);

@@ -355,7 +355,10 @@ async fn read_loop(
         pending.drain(..consumed);
     }
     loop {
-        let Ok(mut buf) = shard.read_ready(sys::stream_ref(conn.stream())).await else {
+        let Ok(mut buf) = shard
+            .read_ready(sys::stream_ref(conn.stream()), false)
+            .await
+        else {
             conn.abnormal.set(true);
             return;
         };
