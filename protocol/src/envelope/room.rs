@@ -1,10 +1,12 @@
 //! Room ids (SPEC §5): `^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$`, and the personal room `user:<id>`.
 
 use std::fmt;
+use std::sync::Arc;
 
-/// A validated room id.
+/// A validated room id. Shared (`Arc<str>`): the engine keeps one id in many tables and in every
+/// delivery, and a clone must cost neither an allocation nor a copy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RoomId(String);
+pub struct RoomId(Arc<str>);
 
 /// Why a string is not a room id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -26,7 +28,7 @@ impl RoomId {
     /// Validates `id`.
     pub fn parse(id: &str) -> Result<Self, RoomIdError> {
         Self::check(id)?;
-        Ok(Self(id.to_owned()))
+        Ok(Self(Arc::from(id)))
     }
 
     /// Validates without allocating.
