@@ -151,6 +151,11 @@ impl Conn {
             .map(|(_, m)| *m)
     }
 
+    /// Bytes queued and not yet handed to the kernel.
+    pub(crate) fn backlog(&self) -> usize {
+        self.queued.get()
+    }
+
     /// Queues a frame; starts the writer when the connection is ready. Past `max_queued_bytes`
     /// the connection is a slow consumer and is closed with 4011.
     pub(crate) fn enqueue(self: &Rc<Self>, shard: &Rc<Shard>, frame: Bytes) {

@@ -6,6 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use protocol::ErrorCode;
 use protocol::envelope::{MessageRecord, PresenceEntry, PresenceUser, Push, RoomId, Value};
@@ -17,6 +18,9 @@ use crate::limits::{Bucket, Verdict};
 use crate::now_ms;
 use crate::rooms::RoomSettings;
 use crate::shard::{Delivery, Joined, Reply, Shard, ShardMsg};
+
+/// Mailbox messages waiting on a shard above which its presence flushes are put off.
+const PRESENCE_DELAY_BACKLOG: usize = 4096;
 
 /// A room as its home shard knows it.
 pub(crate) struct HomeRoom {
@@ -32,6 +36,8 @@ pub(crate) struct HomeRoom {
     presence: HashMap<Arc<str>, (Arc<str>, u32)>,
     /// Net presence changes since the last flush: user → (name, joined?).
     pending_diff: HashMap<Arc<str>, (Arc<str>, bool)>,
+    /// Listed in the shard's `presence_dirty` (once, however long a flush is put off).
+    presence_listed: bool,
     /// Ephemeral rooms vanish with their last member.
     ephemeral: bool,
     /// Presence diffs kept and sent (a persistent room may switch them off).
@@ -54,6 +60,7 @@ impl HomeRoom {
             key_counts: [0; FRAME_KEYS],
             presence: HashMap::new(),
             pending_diff: HashMap::new(),
+            presence_listed: false,
             ephemeral,
             presence_on: true,
             history_on: true,
@@ -99,7 +106,8 @@ impl HomeRoom {
         list
     }
 
-    fn note_presence(&mut self, user: &Arc<str>, name: &Arc<str>, joined: bool) {
+    /// Records a presence change; true when the room must be listed for the next flush.
+    fn note_presence(&mut self, user: &Arc<str>, name: &Arc<str>, joined: bool) -> bool {
         match self.pending_diff.get(user) {
             // A join and a leave within one window cancel out.
             Some((_, was_joined)) if *was_joined != joined => {
@@ -110,6 +118,7 @@ impl HomeRoom {
                     .insert(user.clone(), (name.clone(), joined));
             }
         }
+        !std::mem::replace(&mut self.presence_listed, true)
     }
 
     fn prune_history(&mut self, now: u64, ttl_ms: u64, size: usize) {
@@ -224,7 +233,7 @@ pub(crate) fn join(
                 .shared
                 .metrics
                 .room_full
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(1, Ordering::Relaxed);
             let empty = home.members == 0;
             if empty && home.ephemeral {
                 rooms.remove(room);
@@ -243,8 +252,11 @@ pub(crate) fn join(
         entry.1 += 1;
         // A personal room has one possible member: its diffs would tell the owner only about
         // itself, so none are sent (the `presence` query still answers).
-        if entry.1 == 1 && !room.is_personal() && home.presence_on {
-            home.note_presence(user, name, true);
+        if entry.1 == 1
+            && !room.is_personal()
+            && home.presence_on
+            && home.note_presence(user, name, true)
+        {
             shard.presence_dirty.borrow_mut().push(room.clone());
         }
     }
@@ -312,8 +324,7 @@ pub(crate) fn leave(
         entry.1 = entry.1.saturating_sub(1);
         if entry.1 == 0 {
             home.presence.remove(user);
-            if !room.is_personal() && home.presence_on {
-                home.note_presence(user, name, false);
+            if !room.is_personal() && home.presence_on && home.note_presence(user, name, false) {
                 shard.presence_dirty.borrow_mut().push(room.clone());
             }
         }
@@ -410,7 +421,15 @@ fn sequence(
     let seq = home.seq;
     let targets = home.member_shards();
     drop(rooms);
-    fan_out(shard, targets, Delivery { room, frames });
+    fan_out(
+        shard,
+        targets,
+        Delivery {
+            room,
+            frames,
+            sheddable: false,
+        },
+    );
     Ok(seq)
 }
 
@@ -481,6 +500,16 @@ pub(crate) fn history_query(
 
 /// Sends the coalesced presence diffs of rooms homed here.
 pub(crate) fn flush_presence(shard: &Rc<Shard>) {
+    // Under overload presence waits (SPEC §6): while this shard's mailbox holds a backlog of joins,
+    // leaves and publishes, the diffs keep coalescing in their rooms and go out once it drains.
+    if shard.shared.mailboxes[shard.id].len() > PRESENCE_DELAY_BACKLOG {
+        shard
+            .shared
+            .metrics
+            .presence_delayed
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     let dirty: Vec<RoomId> = std::mem::take(&mut *shard.presence_dirty.borrow_mut());
     if dirty.is_empty() {
         return;
@@ -496,6 +525,7 @@ pub(crate) fn flush_presence(shard: &Rc<Shard>) {
         let Some(home) = rooms.get_mut(room) else {
             continue;
         };
+        home.presence_listed = false;
         if home.pending_diff.is_empty() {
             continue;
         }
@@ -535,6 +565,7 @@ pub(crate) fn flush_presence(shard: &Rc<Shard>) {
             Delivery {
                 room: room.clone(),
                 frames,
+                sheddable: true,
             },
         );
     }

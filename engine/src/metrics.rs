@@ -57,6 +57,10 @@ pub struct Metrics {
     messages_in: [AtomicU64; OPS.len()],
     /// Messages queued to connections.
     pub deliveries: AtomicU64,
+    /// Presence diffs not delivered to a connection that was falling behind (SPEC §6 shedding).
+    pub presence_shed: AtomicU64,
+    /// Presence flushes put off because the shard's mailbox was backed up.
+    pub presence_delayed: AtomicU64,
     /// Bytes read from WebSockets.
     pub bytes_in: AtomicU64,
     /// Bytes written to WebSockets.
@@ -86,6 +90,8 @@ impl Metrics {
             disconnects: zeros(),
             messages_in: zeros(),
             deliveries: AtomicU64::new(0),
+            presence_shed: AtomicU64::new(0),
+            presence_delayed: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             rate_limited: zeros(),
@@ -177,6 +183,16 @@ impl Metrics {
             out,
             "# TYPE ringhub_deliveries_total counter\nringhub_deliveries_total {}",
             load(&self.deliveries)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE ringhub_presence_shed_total counter\nringhub_presence_shed_total {}",
+            load(&self.presence_shed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE ringhub_presence_delayed_total counter\nringhub_presence_delayed_total {}",
+            load(&self.presence_delayed)
         );
         let _ = writeln!(
             out,

@@ -146,6 +146,8 @@ pub(crate) struct Joined {
 pub(crate) struct Delivery {
     pub(crate) room: RoomId,
     pub(crate) frames: Frames,
+    /// A presence diff: shed for connections already falling behind (SPEC §6).
+    pub(crate) sheddable: bool,
 }
 
 /// An answer computed on a room's home, encoded on the connection's shard in its format.
@@ -633,11 +635,26 @@ impl Shard {
             return;
         };
         let mut count = 0u64;
+        let mut shed = 0u64;
+        // Presence is the first thing dropped under overload: a connection whose queue is already
+        // past half its bound gets no diff (it would only move it toward the 4011 close); the
+        // `presence` op still answers exactly.
+        let shed_above = self.shared.config.max_queued_bytes / 2;
         for conn in members {
             if let Some(frame) = delivery.frames.get(conn.key) {
+                if delivery.sheddable && conn.backlog() > shed_above {
+                    shed += 1;
+                    continue;
+                }
                 conn.enqueue(self, frame.clone());
                 count += 1;
             }
+        }
+        if shed > 0 {
+            self.shared
+                .metrics
+                .presence_shed
+                .fetch_add(shed, Ordering::Relaxed);
         }
         self.shared
             .metrics
