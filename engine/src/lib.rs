@@ -44,7 +44,7 @@ pub use pending::{PendingResponse, ResponseSender, pending_response};
 use protocol::http::RequestHead;
 pub use rooms::{OpenRooms, RoomAccess, RoomPolicy, RoomSettings};
 use shard::{Shard, ShardMsg, Shared};
-pub use sys::lower_thread_priority;
+pub use sys::{disable_transparent_huge_pages, lower_thread_priority};
 
 /// An HTTP request the engine does not handle itself.
 #[derive(Debug)]

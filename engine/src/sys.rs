@@ -73,6 +73,24 @@ pub(crate) fn stream_ref(stream: &Rc<UnsafeCell<TcpStream>>) -> &TcpStream {
     unsafe { &*stream.get() }
 }
 
+/// Stops the kernel from backing this process's memory with transparent huge pages (existing
+/// mappings included, from their next fault on). With THP set to `always`, the allocator's arenas
+/// were faulted in 2 MiB at a time: measured with `loadgen idle --conns 15000`, idle connections
+/// cost 4.5–4.7 KB of RSS each with THP and 2.7 KB without, the empty server 19 MB against 13.5 MB;
+/// fan-out showed no measurable difference.
+/// Failure (an old kernel) is logged.
+pub fn disable_transparent_huge_pages() {
+    // SAFETY: `prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)` takes plain integers and sets a flag on the
+    // calling process's memory descriptor; no memory of ours is passed.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        log::warn!(
+            "cannot disable transparent huge pages: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Lowers the calling thread's CPU priority to the least favourable nice value, so that work
 /// such as password hashing yields to the shards. Failure (a sandbox refusing it) is logged.
 pub fn lower_thread_priority() {

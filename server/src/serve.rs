@@ -105,6 +105,9 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), String> {
         config.log_format == crate::config::LogFormat::Pretty,
         &config.log_level,
     );
+    if !config.transparent_huge_pages {
+        engine::disable_transparent_huge_pages();
+    }
     if config.tls.is_some() {
         // Never fall back to plaintext silently when TLS was asked for.
         return Err(

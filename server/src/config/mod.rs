@@ -153,6 +153,8 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// TLS terminated in front.
     pub behind_proxy: bool,
+    /// Keep transparent huge pages for the process (off by default).
+    pub transparent_huge_pages: bool,
     /// Refresh token as cookie.
     pub refresh_cookie: bool,
     /// Largest client message.
@@ -580,6 +582,7 @@ impl Config {
             allow_missing_origin: raw.allow_missing_origin,
             tls,
             behind_proxy: raw.behind_proxy,
+            transparent_huge_pages: raw.transparent_huge_pages,
             refresh_cookie: raw.refresh_cookie,
             max_message_bytes: usize::try_from(max_message_bytes)
                 .map_err(|_| c.fail("max_message_bytes", "too large"))?,
