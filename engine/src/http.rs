@@ -364,7 +364,7 @@ async fn upgrade(
                 replaced,
                 id: conn_id,
             };
-            monoio::spawn(crate::ws::run(shard, accepted));
+            crate::ws::run(shard, accepted);
         }
         None => {
             let query_token = token;
@@ -384,7 +384,7 @@ async fn upgrade(
                         replaced,
                         id: conn_id,
                     };
-                    monoio::spawn(crate::ws::run(shard, accepted));
+                    crate::ws::run(shard, accepted);
                 }
                 Err(refused) => {
                     metrics.connect(cap_refusal(refused).metric);

@@ -55,8 +55,10 @@ pub(crate) struct Accepted {
     pub(crate) id: ConnId,
 }
 
-/// Registers an upgraded connection and runs it until it closes.
-pub(crate) async fn run(shard: Rc<Shard>, accepted: Accepted) {
+/// Registers an upgraded connection and spawns its reading task, which runs until it closes. The
+/// registration is not part of the task, so the task's future (kept by every idle connection)
+/// holds only what reading needs.
+pub(crate) fn run(shard: Rc<Shard>, accepted: Accepted) {
     let Accepted {
         stream,
         leftover,
@@ -102,8 +104,10 @@ pub(crate) async fn run(shard: Rc<Shard>, accepted: Accepted) {
         crate::sio::on_connected(&shard, &conn);
     }
     join_initial_rooms(&shard, &conn);
-    read_loop(&shard, &conn, reader, leftover, dialect).await;
-    cleanup(&shard, &conn);
+    monoio::spawn(async move {
+        read_loop(&shard, &conn, reader, leftover, dialect).await;
+        cleanup(&shard, &conn);
+    });
 }
 
 fn join_initial_rooms(shard: &Rc<Shard>, conn: &Rc<Conn>) {
