@@ -179,31 +179,15 @@ impl Metrics {
         for (op, c) in OPS.iter().zip(&self.messages_in) {
             let _ = writeln!(out, "ringhub_messages_in_total{{op=\"{op}\"}} {}", load(c));
         }
-        let _ = writeln!(
-            out,
-            "# TYPE ringhub_deliveries_total counter\nringhub_deliveries_total {}",
-            load(&self.deliveries)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE ringhub_presence_shed_total counter\nringhub_presence_shed_total {}",
-            load(&self.presence_shed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE ringhub_presence_delayed_total counter\nringhub_presence_delayed_total {}",
-            load(&self.presence_delayed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE ringhub_bytes_in_total counter\nringhub_bytes_in_total {}",
-            load(&self.bytes_in)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE ringhub_bytes_out_total counter\nringhub_bytes_out_total {}",
-            load(&self.bytes_out)
-        );
+        for (name, counter) in [
+            ("ringhub_deliveries_total", &self.deliveries),
+            ("ringhub_presence_shed_total", &self.presence_shed),
+            ("ringhub_presence_delayed_total", &self.presence_delayed),
+            ("ringhub_bytes_in_total", &self.bytes_in),
+            ("ringhub_bytes_out_total", &self.bytes_out),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", load(counter));
+        }
         let _ = writeln!(out, "# TYPE ringhub_rate_limited_total counter");
         for (limit, c) in LIMITS.iter().zip(&self.rate_limited) {
             let _ = writeln!(
