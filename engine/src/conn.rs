@@ -3,13 +3,11 @@
 //! queued in one submission. Nothing here decodes client input (see `ws` and `sio`).
 
 use std::cell::{Cell, RefCell, UnsafeCell};
-use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
 use monoio::io::{AsyncWriteRentExt, OwnedWriteHalf};
 use monoio::net::TcpStream;
 use protocol::CloseCode;
@@ -21,6 +19,9 @@ use crate::frames::FrameKey;
 use crate::limits::Bucket;
 use crate::shard::Shard;
 use crate::sys::{self, Shutdown};
+
+/// First capacity of a connection's outbound buffer (it grows by doubling while frames wait).
+const FIRST_OUT_CAPACITY: usize = 512;
 
 /// A connection id: the shard in the top 16 bits, a per-shard counter below. Never reused.
 pub(crate) type ConnId = u64;
@@ -51,8 +52,9 @@ pub(crate) struct Conn {
     pub(crate) key: FrameKey,
     stream: Rc<UnsafeCell<TcpStream>>,
     writer: RefCell<Option<OwnedWriteHalf<TcpStream>>>,
-    out: RefCell<VecDeque<Bytes>>,
-    queued: Cell<usize>,
+    /// Frames encoded and waiting, in order: a delivery is copied here once (no refcount per
+    /// member), and a flush writes the whole buffer. Empty with no capacity while idle.
+    out: RefCell<Vec<u8>>,
     writing: Cell<bool>,
     /// Set once a close has been decided; the code sent.
     pub(crate) closing: Cell<Option<CloseCode>>,
@@ -108,8 +110,7 @@ impl Conn {
             key: parts.key,
             stream: parts.stream,
             writer: RefCell::new(Some(parts.writer)),
-            out: RefCell::new(VecDeque::new()),
-            queued: Cell::new(0),
+            out: RefCell::new(Vec::new()),
             writing: Cell::new(false),
             closing: Cell::new(None),
             abnormal: Cell::new(false),
@@ -153,29 +154,38 @@ impl Conn {
 
     /// Bytes queued and not yet handed to the kernel.
     pub(crate) fn backlog(&self) -> usize {
-        self.queued.get()
+        self.out.borrow().len()
     }
 
     /// Queues a frame; starts the writer when the connection is ready. Past `max_queued_bytes`
     /// the connection is a slow consumer and is closed with 4011.
-    pub(crate) fn enqueue(self: &Rc<Self>, shard: &Rc<Shard>, frame: Bytes) {
+    pub(crate) fn enqueue(self: &Rc<Self>, shard: &Rc<Shard>, frame: &[u8]) {
         if self.closing.get().is_some() {
             return;
         }
-        let queued = self.queued.get() + frame.len();
-        if queued > shard.shared.config.max_queued_bytes {
-            self.close(shard, CloseCode::SLOW_CONSUMER);
-            return;
+        {
+            let mut out = self.out.borrow_mut();
+            if out.len() + frame.len() > shard.shared.config.max_queued_bytes {
+                drop(out);
+                self.close(shard, CloseCode::SLOW_CONSUMER);
+                return;
+            }
+            if out.capacity() == 0 {
+                // Sized to the need, not a pooled 16 KiB: a broadcast to every connection of a
+                // shard must not pin a scratch buffer per connection.
+                out.reserve(frame.len().max(FIRST_OUT_CAPACITY));
+            }
+            out.extend_from_slice(frame);
         }
-        self.queued.set(queued);
-        self.out.borrow_mut().push_back(frame);
         self.kick_writer(shard);
     }
 
     /// Queues a frame ahead of everything else (the welcome).
-    pub(crate) fn enqueue_first(self: &Rc<Self>, shard: &Rc<Shard>, frame: Bytes) {
-        self.queued.set(self.queued.get() + frame.len());
-        self.out.borrow_mut().push_front(frame);
+    pub(crate) fn enqueue_first(self: &Rc<Self>, shard: &Rc<Shard>, frame: &[u8]) {
+        {
+            let mut out = self.out.borrow_mut();
+            out.splice(0..0, frame.iter().copied());
+        }
         self.kick_writer(shard);
     }
 
@@ -200,17 +210,18 @@ impl Conn {
             return;
         }
         self.closing.set(Some(code));
-        if code == CloseCode::SLOW_CONSUMER {
-            self.out.borrow_mut().clear();
-            self.queued.set(0);
+        {
+            let mut out = self.out.borrow_mut();
+            if code == CloseCode::SLOW_CONSUMER {
+                // What waits is dropped; the buffer goes with it.
+                *out = Vec::new();
+            }
+            if self.key == FrameKey::SocketIo && code != CloseCode::SLOW_CONSUMER {
+                // Engine.IO close packet first, so that Socket.IO clients see a server disconnect.
+                ws::encode_frame(&mut out, ws::frame::TEXT, b"1");
+            }
+            ws::encode_close(&mut out, code);
         }
-        let mut frame = Vec::with_capacity(32);
-        if self.key == FrameKey::SocketIo && code != CloseCode::SLOW_CONSUMER {
-            // Engine.IO close packet first, so that Socket.IO clients see a server disconnect.
-            ws::encode_frame(&mut frame, ws::frame::TEXT, b"1");
-        }
-        ws::encode_close(&mut frame, code);
-        self.out.borrow_mut().push_back(Bytes::from(frame));
         self.ready.set(true);
         self.kick_writer(shard);
         // A slow consumer gets longer to drain what its kernel buffers hold and read the 4011: its
@@ -239,26 +250,20 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>) {
         conn.writing.set(false);
         return;
     };
-    let mut buf = shard.take_buffer();
     let mut failed = false;
     loop {
-        buf.clear();
-        {
-            let mut out = conn.out.borrow_mut();
-            while let Some(frame) = out.pop_front() {
-                buf.extend_from_slice(&frame);
-            }
-        }
-        conn.queued.set(0);
+        // Everything queued goes out in one write; frames queued meanwhile start a new buffer.
+        let buf = std::mem::take(&mut *conn.out.borrow_mut());
         if buf.is_empty() {
+            shard.put_buffer(buf);
             break;
         }
         let len = buf.len() as u64;
-        let (result, returned) = writer.write_all(buf).await;
-        buf = returned;
+        let (result, written) = writer.write_all(buf).await;
+        shard.put_buffer(written);
         if result.is_err() {
             failed = true;
-            conn.out.borrow_mut().clear();
+            *conn.out.borrow_mut() = Vec::new();
             break;
         }
         shard
@@ -267,7 +272,6 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>) {
             .bytes_out
             .fetch_add(len, Ordering::Relaxed);
     }
-    shard.put_buffer(buf);
     conn.writer.replace(Some(writer));
     conn.writing.set(false);
     if failed {

@@ -446,8 +446,10 @@ impl Shard {
 
     pub(crate) fn put_buffer(&self, mut buf: Vec<u8>) {
         let mut pool = self.buffers.borrow_mut();
-        // Oversized buffers (a large write batch) are not kept.
-        if pool.len() < POOLED_BUFFERS && buf.capacity() <= 4 * BUFFER_SIZE {
+        // Oversized buffers (a large write batch) are not kept, nor small ones (a read needs the
+        // whole scratch size: a `recv` into no spare room would read as end of stream).
+        if pool.len() < POOLED_BUFFERS && (BUFFER_SIZE..=4 * BUFFER_SIZE).contains(&buf.capacity())
+        {
             buf.clear();
             pool.push(buf);
         }
@@ -646,7 +648,7 @@ impl Shard {
                     shed += 1;
                     continue;
                 }
-                conn.enqueue(self, frame.clone());
+                conn.enqueue(self, frame);
                 count += 1;
             }
         }

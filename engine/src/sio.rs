@@ -135,7 +135,7 @@ pub(crate) async fn refuse(stream: &mut TcpStream, message: &str) {
 pub(crate) fn on_connected(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     conn.enqueue(
         shard,
-        socketio_frame(&socketio::encode_connect_ok(&conn.session)),
+        &socketio_frame(&socketio::encode_connect_ok(&conn.session)),
     );
 }
 
@@ -146,7 +146,7 @@ pub(crate) fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, bytes: &[u8]) {
     };
     match socketio::parse_engine_packet(text) {
         Ok(EnginePacket::Ping(payload)) => {
-            conn.enqueue(shard, socketio_frame(&format!("3{payload}")));
+            conn.enqueue(shard, &socketio_frame(&format!("3{payload}")));
         }
         Ok(
             EnginePacket::Pong(_) | EnginePacket::Noop | EnginePacket::Open | EnginePacket::Upgrade,
@@ -186,14 +186,14 @@ fn fail(shard: &Rc<Shard>, conn: &Rc<Conn>, ack: Option<u64>, code: ErrorCode, m
     match ack {
         Some(id) => conn.enqueue(
             shard,
-            socketio_frame(&socketio::encode_ack(
+            &socketio_frame(&socketio::encode_ack(
                 id,
                 &AckPayload::Failed { code, message },
             )),
         ),
         None => conn.enqueue(
             shard,
-            socketio_frame(&socketio::encode_error_event(code, message)),
+            &socketio_frame(&socketio::encode_error_event(code, message)),
         ),
     }
 }
@@ -206,7 +206,7 @@ pub(crate) fn send_ack(
     payload: &AckPayload<'_>,
 ) {
     if let Some(id) = ack {
-        conn.enqueue(shard, socketio_frame(&socketio::encode_ack(id, payload)));
+        conn.enqueue(shard, &socketio_frame(&socketio::encode_ack(id, payload)));
     }
 }
 
@@ -225,7 +225,7 @@ pub(crate) fn send_push(shard: &Rc<Shard>, conn: &Rc<Conn>, push: &Push<'_>) {
         }
         Push::Kicked { room, reason } => conn.enqueue(
             shard,
-            socketio_frame(&socketio::encode_kicked_event(room, reason)),
+            &socketio_frame(&socketio::encode_kicked_event(room, reason)),
         ),
         // No Socket.IO form (SPEC §8 maps four events only).
         _ => {}

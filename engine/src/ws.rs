@@ -261,7 +261,7 @@ fn send_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         },
     };
     if let Some(frame) = encode(shard, conn, &push) {
-        conn.enqueue_first(shard, frame);
+        conn.enqueue_first(shard, &frame);
     }
     conn.set_ready(shard);
     // A token that expires within the warning window is warned about at once, not at the next
@@ -302,7 +302,7 @@ fn send(shard: &Rc<Shard>, conn: &Rc<Conn>, push: &Push<'_>) {
         return;
     }
     if let Some(frame) = encode(shard, conn, push) {
-        conn.enqueue(shard, frame);
+        conn.enqueue(shard, &frame);
     }
 }
 
@@ -322,7 +322,7 @@ pub(crate) fn send_ping(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     } else {
         ws::frame_bytes(ws::frame::PING, b"")
     };
-    conn.enqueue(shard, frame);
+    conn.enqueue(shard, &frame);
 }
 
 pub(crate) fn send_refresh_required(shard: &Rc<Shard>, conn: &Rc<Conn>, expires_at: u64) {
@@ -441,7 +441,7 @@ fn process(
         };
         match message {
             Message::Ping(payload) => {
-                conn.enqueue(shard, ws::frame_bytes(ws::frame::PONG, payload));
+                conn.enqueue(shard, &ws::frame_bytes(ws::frame::PONG, payload));
             }
             Message::Pong(_) => {}
             Message::Close(code, _) => {
