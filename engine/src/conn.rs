@@ -255,7 +255,6 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>) {
         // Everything queued goes out in one write; frames queued meanwhile start a new buffer.
         let buf = std::mem::take(&mut *conn.out.borrow_mut());
         if buf.is_empty() {
-            shard.put_buffer(buf);
             break;
         }
         let len = buf.len() as u64;
