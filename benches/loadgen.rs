@@ -234,6 +234,7 @@ fn server_counters(addr: SocketAddr) -> String {
             "server_publishes",
         ),
         ("ringhub_connections ", "server_connections"),
+        ("ringhub_socket_writes_total ", "server_socket_writes"),
     ] {
         if let Some(v) = text.lines().find_map(|l| l.strip_prefix(name)) {
             out.push_str(&format!(",\"{key}\":{v}"));

@@ -76,6 +76,9 @@ pub struct EngineConfig {
     pub presence_batch: Duration,
     /// Grace after token expiry.
     pub expiry_grace: Duration,
+    /// Least time between two writes to one connection: frames queued meanwhile go out together
+    /// (zero: every flush goes out at once).
+    pub write_delay: Duration,
     /// Allowed origins (empty = any).
     pub allowed_origins: Vec<String>,
     /// Allow requests without `Origin`.
@@ -124,6 +127,7 @@ impl EngineConfig {
             heartbeat: Duration::from_secs(25),
             presence_batch: Duration::from_millis(100),
             expiry_grace: Duration::ZERO,
+            write_delay: Duration::ZERO,
             allowed_origins: Vec::new(),
             allow_missing_origin: true,
             trusted_proxies: Vec::new(),

@@ -102,6 +102,13 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Microseconds on a monotonic clock since the first call (for short intervals only).
+pub(crate) fn monotonic_us() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
 /// Yields once to the shard's other tasks.
 pub(crate) fn yield_now() -> impl Future<Output = ()> {
     struct YieldNow(bool);

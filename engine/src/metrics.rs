@@ -65,6 +65,8 @@ pub struct Metrics {
     pub bytes_in: AtomicU64,
     /// Bytes written to WebSockets.
     pub bytes_out: AtomicU64,
+    /// Writes to WebSocket sockets (deliveries / writes = frames per write: batching at work).
+    pub socket_writes: AtomicU64,
     rate_limited: [AtomicU64; LIMITS.len()],
     auth_failures: [AtomicU64; AuthFailure::ALL.len()],
     account_auth_failures: [AtomicU64; ACCOUNT_AUTH_FAILURES.len()],
@@ -94,6 +96,7 @@ impl Metrics {
             presence_delayed: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            socket_writes: AtomicU64::new(0),
             rate_limited: zeros(),
             auth_failures: zeros(),
             account_auth_failures: zeros(),
@@ -185,6 +188,7 @@ impl Metrics {
             ("ringhub_presence_delayed_total", &self.presence_delayed),
             ("ringhub_bytes_in_total", &self.bytes_in),
             ("ringhub_bytes_out_total", &self.bytes_out),
+            ("ringhub_socket_writes_total", &self.socket_writes),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", load(counter));
         }

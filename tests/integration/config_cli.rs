@@ -138,7 +138,7 @@ fn out_of_range_values_are_rejected_with_key_value_and_bound() {
     let dir = scratch_dir("range");
     /// (flags, environment, what the error must mention)
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
-    let cases: [Case<'_>; 5] = [
+    let cases: [Case<'_>; 6] = [
         (
             &["--bcrypt-cost", "3"],
             &[],
@@ -153,6 +153,11 @@ fn out_of_range_values_are_rejected_with_key_value_and_bound() {
             &["--expiry-grace", "6m"],
             &[],
             &["`expiry_grace`", "out of range", "5m"],
+        ),
+        (
+            &["--write-delay", "1s"],
+            &[],
+            &["`write_delay`", "out of range", "100ms"],
         ),
         (
             &["--rate-limits.login-per-ip", "lots"],

@@ -201,6 +201,63 @@ fn per_room_order_is_the_same_for_every_member_across_shards() {
 }
 
 #[test]
+fn write_delay_groups_frames_into_fewer_writes_and_loses_none() {
+    let server = Server::start(
+        "write_delay",
+        &[
+            "--write-delay",
+            "100ms",
+            "--rate-limits.publish-per-connection",
+            "0/1s",
+        ],
+    );
+    let mut member = server.connect(&server.token("reader"), None);
+    welcome(&mut member);
+    let id = member.request("join", &[("room", s("wd"))]);
+    member.expect("reply", Some(id));
+    let mut publisher = server.connect(&server.token("writer"), None);
+    welcome(&mut publisher);
+    let id = publisher.request("join", &[("room", s("wd"))]);
+    publisher.expect("reply", Some(id));
+    // 30 messages 10 ms apart, read as they come: without the delay each is its own write.
+    let (seen, arrivals) = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut seen = Vec::new();
+            let mut arrivals = Vec::new();
+            for _ in 0..30 {
+                let m = member.expect("message", None);
+                arrivals.push(std::time::Instant::now());
+                seen.push(u64_of(&m, "data"));
+            }
+            (seen, arrivals)
+        });
+        for k in 0..30u64 {
+            publisher.send_value(
+                &obj(&[("op", s("publish")), ("room", s("wd")), ("data", n(k))]),
+                false,
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        reader.join().expect("reader")
+    });
+    assert_eq!(seen, (0..30).collect::<Vec<_>>(), "lost or reordered");
+    // Writes are at least 100 ms apart, so 300 ms of messages come in a handful of bursts (a slow
+    // machine can only make them fewer).
+    let bursts = 1 + arrivals
+        .windows(2)
+        .filter(|w| w[1].duration_since(w[0]) > Duration::from_millis(5))
+        .count();
+    assert!(bursts <= 5, "{bursts} bursts for 30 messages over 300 ms");
+    let (status, metrics) =
+        server.http("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("ringhub_socket_writes_total "),
+        "{metrics}"
+    );
+}
+
+#[test]
 fn presence_diffs_and_queries() {
     let server = Server::start("presence", &["--shards", "2", "--presence-batch", "50ms"]);
     let mut alice = server.connect(&server.token("alice"), None);

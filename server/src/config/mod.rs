@@ -193,6 +193,8 @@ pub struct Config {
     pub presence_batch: Duration,
     /// Grace after token expiry.
     pub expiry_grace: Duration,
+    /// Least time between two writes to one connection.
+    pub write_delay: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// Log level.
@@ -502,6 +504,12 @@ impl Config {
             Duration::ZERO,
             Duration::from_secs(300),
         )?;
+        let write_delay = c.duration(
+            "write_delay",
+            &raw.write_delay,
+            Duration::ZERO,
+            Duration::from_millis(100),
+        )?;
         let log_format = c.choice(
             "log_format",
             &raw.log_format,
@@ -605,6 +613,7 @@ impl Config {
             heartbeat,
             presence_batch,
             expiry_grace,
+            write_delay,
             log_format,
             log_level: raw.log_level.clone(),
             rate_limits,

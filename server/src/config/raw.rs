@@ -65,6 +65,7 @@ defaults! {
     d_heartbeat: String = "25s".into();
     d_presence_batch: String = "100ms".into();
     d_expiry_grace: String = "0s".into();
+    d_write_delay: String = "0ms".into();
     d_log_format: String = "json".into();
     d_log_level: String = "info".into();
     d_login_per_ip: String = "30/1m".into();
@@ -264,6 +265,9 @@ pub struct RawConfig {
     /// Grace after token expiry before the 4001 close (at most 5m).
     #[serde(default = "d_expiry_grace")]
     pub expiry_grace: String,
+    /// Least time between two writes to one connection (at most 100ms).
+    #[serde(default = "d_write_delay")]
+    pub write_delay: String,
     /// `json` or `pretty`.
     #[serde(default = "d_log_format")]
     pub log_format: String,
