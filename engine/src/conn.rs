@@ -66,21 +66,24 @@ pub(crate) struct Conn {
     pub(crate) ready: Cell<bool>,
     pub(crate) identity: RefCell<Identity>,
     pub(crate) ip: IpAddr,
-    pub(crate) session: Box<str>,
+    /// The number in this connection's session id (see [`Conn::session`]).
+    session_number: u64,
     pub(crate) rooms: RefCell<Vec<(RoomId, Membership)>>,
     pub(crate) last_seen_ms: Cell<u64>,
     pub(crate) last_ping_ms: Cell<u64>,
     pub(crate) refresh_warned: Cell<bool>,
-    pub(crate) publish_bucket: Cell<Bucket>,
-    pub(crate) join_bucket: Cell<Bucket>,
-    pub(crate) query_bucket: Cell<Bucket>,
+    /// Rate buckets (publish, join, query), made on the first limited attempt: an idle
+    /// connection carries a pointer instead of three buckets.
+    pub(crate) buckets: Cell<Option<Box<[Bucket; 3]>>>,
     /// Initial joins (default rooms, personal room) still unanswered.
     pub(crate) pending_initial: Cell<u32>,
-    pub(crate) initial_rooms: RefCell<Vec<RoomId>>,
     /// Boxed: rare, and every idle connection would carry its size.
     pub(crate) resume: RefCell<Option<Box<PendingResume>>>,
-    /// Joined persistent rooms where this user may read but not publish (usually empty).
-    pub(crate) read_only: RefCell<Vec<RoomId>>,
+    /// Joined persistent rooms where this user may read but not publish; boxed because it is
+    /// usually absent and every idle connection would carry a vector's size.
+    // A thin pointer on purpose: `Box<Vec>` is 8 bytes where a `Vec` is 24.
+    #[allow(clippy::box_collection)]
+    pub(crate) read_only: RefCell<Option<Box<Vec<RoomId>>>>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -100,13 +103,12 @@ pub(crate) struct ConnParts {
     pub(crate) writer: OwnedWriteHalf<TcpStream>,
     pub(crate) identity: Identity,
     pub(crate) ip: IpAddr,
-    pub(crate) session: Box<str>,
+    pub(crate) session_number: u64,
 }
 
 impl Conn {
-    pub(crate) fn new(shard: &Shard, parts: ConnParts) -> Self {
+    pub(crate) fn new(parts: ConnParts) -> Self {
         let now = crate::now_ms();
-        let cfg = &shard.shared.config;
         Self {
             id: parts.id,
             key: parts.key,
@@ -120,19 +122,22 @@ impl Conn {
             ready: Cell::new(false),
             identity: RefCell::new(parts.identity),
             ip: parts.ip,
-            session: parts.session,
+            session_number: parts.session_number,
             rooms: RefCell::new(Vec::new()),
             last_seen_ms: Cell::new(now),
             last_ping_ms: Cell::new(now),
             refresh_warned: Cell::new(false),
-            publish_bucket: Cell::new(Bucket::new(&cfg.publish_per_connection, now)),
-            join_bucket: Cell::new(Bucket::new(&cfg.join_per_connection, now)),
-            query_bucket: Cell::new(Bucket::new(&cfg.query_per_connection, now)),
+            buckets: Cell::new(None),
             pending_initial: Cell::new(0),
-            initial_rooms: RefCell::new(Vec::new()),
             resume: RefCell::new(None),
-            read_only: RefCell::new(Vec::new()),
+            read_only: RefCell::new(None),
         }
+    }
+
+    /// The session id given in `welcome` (and the Socket.IO `sid`), formatted when asked for so
+    /// that an idle connection does not carry the string.
+    pub(crate) fn session(&self, shard: &Shard) -> String {
+        format!("c_{}{:x}", shard.shared.instance, self.session_number)
     }
 
     pub(crate) fn stream(&self) -> &Rc<UnsafeCell<TcpStream>> {

@@ -30,12 +30,13 @@ pub(crate) struct HomeRoom {
     members: u32,
     max_members: u32,
     /// Members per shard: where to deliver.
-    shard_members: Vec<u32>,
+    shard_members: Box<[u32]>,
     /// Members per wire format: what to encode.
     key_counts: [u32; FRAME_KEYS],
-    presence: HashMap<Arc<str>, (Arc<str>, u32)>,
+    presence: PresenceTable,
     /// Net presence changes since the last flush: user → (name, joined?).
-    pending_diff: HashMap<Arc<str>, (Arc<str>, bool)>,
+    /// Boxed while empty-prone: most rooms have no change waiting, and every room carries its size.
+    pending_diff: Option<Box<PresenceDiff>>,
     /// Listed in the shard's `presence_dirty` (once, however long a flush is put off).
     presence_listed: bool,
     /// Ephemeral rooms vanish with their last member.
@@ -47,6 +48,103 @@ pub(crate) struct HomeRoom {
     publish_bucket: Bucket,
 }
 
+/// Users present in one room with their connection counts. Most rooms (every personal room) hold
+/// one or a few users: up to [`SMALL_PRESENCE`] of them live in a vector grown one slot at a time
+/// (one 40-byte allocation for a personal room, where a hash map takes about 180); a larger room
+/// moves to a hash map for good.
+enum PresenceTable {
+    Small(Vec<(Arc<str>, Arc<str>, u32)>),
+    Large(Box<PresenceCounts>),
+}
+
+/// user → (name, connections).
+type PresenceCounts = HashMap<Arc<str>, (Arc<str>, u32)>;
+
+/// Net presence changes of a room since its last flush: user → (name, joined?).
+type PresenceDiff = HashMap<Arc<str>, (Arc<str>, bool)>;
+
+/// Users above which a room's presence is a hash map.
+const SMALL_PRESENCE: usize = 8;
+
+impl Default for PresenceTable {
+    fn default() -> Self {
+        Self::Small(Vec::new())
+    }
+}
+
+impl PresenceTable {
+    /// Counts one more connection of `user`; returns the user's count.
+    fn add(&mut self, user: &Arc<str>, name: &Arc<str>) -> u32 {
+        match self {
+            Self::Small(list) => {
+                if let Some(entry) = list.iter_mut().find(|(u, _, _)| u == user) {
+                    entry.2 += 1;
+                    return entry.2;
+                }
+                if list.len() < SMALL_PRESENCE {
+                    if list.is_empty() {
+                        list.reserve_exact(1);
+                    }
+                    list.push((user.clone(), name.clone(), 1));
+                    return 1;
+                }
+                let mut map: HashMap<_, _> = std::mem::take(list)
+                    .into_iter()
+                    .map(|(u, n, c)| (u, (n, c)))
+                    .collect();
+                map.insert(user.clone(), (name.clone(), 1));
+                *self = Self::Large(Box::new(map));
+                1
+            }
+            Self::Large(map) => {
+                let entry = map.entry(user.clone()).or_insert_with(|| (name.clone(), 0));
+                entry.1 += 1;
+                entry.1
+            }
+        }
+    }
+
+    /// Counts one connection fewer of `user`; returns its count left (`None`: it was not there).
+    /// A user whose count reaches 0 is removed.
+    fn remove(&mut self, user: &Arc<str>) -> Option<u32> {
+        match self {
+            Self::Small(list) => {
+                let pos = list.iter().position(|(u, _, _)| u == user)?;
+                let left = list[pos].2.saturating_sub(1);
+                list[pos].2 = left;
+                if left == 0 {
+                    list.swap_remove(pos);
+                }
+                Some(left)
+            }
+            Self::Large(map) => {
+                let entry = map.get_mut(user)?;
+                entry.1 = entry.1.saturating_sub(1);
+                let left = entry.1;
+                if left == 0 {
+                    map.remove(user);
+                }
+                Some(left)
+            }
+        }
+    }
+
+    /// Every user present, sorted by id.
+    fn entries(&self) -> Vec<PresenceEntry> {
+        let entry = |user: &Arc<str>, name: &Arc<str>, conns: u32| PresenceEntry {
+            user: user.to_string(),
+            name: name.to_string(),
+            conns,
+        };
+        let mut list: Vec<PresenceEntry> = match self {
+            Self::Small(list) => list.iter().map(|(u, n, c)| entry(u, n, *c)).collect(),
+            Self::Large(map) => map.iter().map(|(u, (n, c))| entry(u, n, *c)).collect(),
+        };
+        list.sort_by(|a, b| a.user.cmp(&b.user));
+        list
+    }
+}
+
 impl HomeRoom {
     fn new(shard: &Shard, ephemeral: bool) -> Self {
         let cfg = &shard.shared.config;
@@ -56,10 +154,10 @@ impl HomeRoom {
             history: VecDeque::new(),
             members: 0,
             max_members: cfg.max_room_members,
-            shard_members: vec![0; cfg.shards],
+            shard_members: vec![0; cfg.shards].into_boxed_slice(),
             key_counts: [0; FRAME_KEYS],
-            presence: HashMap::new(),
-            pending_diff: HashMap::new(),
+            presence: PresenceTable::default(),
+            pending_diff: None,
             presence_listed: false,
             ephemeral,
             presence_on: true,
@@ -78,7 +176,7 @@ impl HomeRoom {
             self.history.clear();
         }
         if !settings.presence {
-            self.pending_diff.clear();
+            self.pending_diff = None;
         }
     }
 
@@ -93,29 +191,19 @@ impl HomeRoom {
     }
 
     fn presence_list(&self) -> Vec<PresenceEntry> {
-        let mut list: Vec<PresenceEntry> = self
-            .presence
-            .iter()
-            .map(|(user, (name, conns))| PresenceEntry {
-                user: user.to_string(),
-                name: name.to_string(),
-                conns: *conns,
-            })
-            .collect();
-        list.sort_by(|a, b| a.user.cmp(&b.user));
-        list
+        self.presence.entries()
     }
 
     /// Records a presence change; true when the room must be listed for the next flush.
     fn note_presence(&mut self, user: &Arc<str>, name: &Arc<str>, joined: bool) -> bool {
-        match self.pending_diff.get(user) {
+        let diff = self.pending_diff.get_or_insert_default();
+        match diff.get(user) {
             // A join and a leave within one window cancel out.
             Some((_, was_joined)) if *was_joined != joined => {
-                self.pending_diff.remove(user);
+                diff.remove(user);
             }
             _ => {
-                self.pending_diff
-                    .insert(user.clone(), (name.clone(), joined));
+                diff.insert(user.clone(), (name.clone(), joined));
             }
         }
         !std::mem::replace(&mut self.presence_listed, true)
@@ -245,14 +333,10 @@ pub(crate) fn join(
         home.members += 1;
         home.shard_members[shard_of(conn)] += 1;
         home.key_counts[key.index()] += 1;
-        let entry = home
-            .presence
-            .entry(user.clone())
-            .or_insert_with(|| (name.clone(), 0));
-        entry.1 += 1;
+        let conns = home.presence.add(user, name);
         // A personal room has one possible member: its diffs would tell the owner only about
         // itself, so none are sent (the `presence` query still answers).
-        if entry.1 == 1
+        if conns == 1
             && !room.is_personal()
             && home.presence_on
             && home.note_presence(user, name, true)
@@ -320,14 +404,12 @@ pub(crate) fn leave(
     *s = s.saturating_sub(1);
     let k = &mut home.key_counts[key.index()];
     *k = k.saturating_sub(1);
-    if let Some(entry) = home.presence.get_mut(user) {
-        entry.1 = entry.1.saturating_sub(1);
-        if entry.1 == 0 {
-            home.presence.remove(user);
-            if !room.is_personal() && home.presence_on && home.note_presence(user, name, false) {
-                shard.presence_dirty.borrow_mut().push(room.clone());
-            }
-        }
+    if home.presence.remove(user) == Some(0)
+        && !room.is_personal()
+        && home.presence_on
+        && home.note_presence(user, name, false)
+    {
+        shard.presence_dirty.borrow_mut().push(room.clone());
     }
     if home.members == 0 && home.ephemeral {
         rooms.remove(room);
@@ -526,13 +608,13 @@ pub(crate) fn flush_presence(shard: &Rc<Shard>) {
             continue;
         };
         home.presence_listed = false;
-        if home.pending_diff.is_empty() {
+        // `take`: an idle room keeps no table.
+        let Some(diff) = home.pending_diff.take().filter(|d| !d.is_empty()) else {
             continue;
-        }
+        };
         let mut joined = Vec::new();
         let mut left = Vec::new();
-        // `take` rather than `drain`: an idle room keeps no table capacity.
-        for (user, (name, is_join)) in std::mem::take(&mut home.pending_diff) {
+        for (user, (name, is_join)) in *diff {
             let entry = PresenceUser {
                 user: user.to_string(),
                 name: name.to_string(),

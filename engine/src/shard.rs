@@ -317,6 +317,10 @@ impl Shared {
                 crate::config::ConflictPolicy::CloseOldest => replaced = Some(list.remove(0)),
             }
         }
+        // Most users hold one connection: one slot, not the four a first push reserves.
+        if list.is_empty() {
+            list.reserve_exact(1);
+        }
         list.push(conn);
         Ok(replaced)
     }

@@ -135,7 +135,7 @@ pub(crate) async fn refuse(stream: &mut TcpStream, message: &str) {
 pub(crate) fn on_connected(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     conn.enqueue(
         shard,
-        &socketio_frame(&socketio::encode_connect_ok(&conn.session)),
+        &socketio_frame(&socketio::encode_connect_ok(&conn.session(shard))),
     );
 }
 

@@ -20,7 +20,7 @@ use crate::auth::Identity;
 use crate::conn::{Conn, ConnId, ConnParts, Membership};
 use crate::frames::{FrameKey, encode_native, socketio_frame};
 use crate::home::{Recovery, ResumeFrom};
-use crate::limits::Verdict;
+use crate::limits::{Bucket, Verdict};
 use crate::now_ms;
 use crate::rooms::RoomAccess;
 use crate::shard::{Joined, Reply, Shard, ShardMsg};
@@ -70,20 +70,16 @@ pub(crate) fn run(shard: Rc<Shard>, accepted: Accepted) {
     } = accepted;
     let (reader, writer) = stream.into_split();
     let raw: Rc<UnsafeCell<TcpStream>> = reader.0.clone();
-    let counter = shard.shared.session_counter.fetch_add(1, Ordering::Relaxed);
-    let session: Box<str> = format!("c_{}{counter:x}", shard.shared.instance).into_boxed_str();
-    let conn = Rc::new(Conn::new(
-        &shard,
-        ConnParts {
-            id,
-            key: dialect.key(),
-            stream: raw,
-            writer,
-            identity,
-            ip,
-            session,
-        },
-    ));
+    let session_number = shard.shared.session_counter.fetch_add(1, Ordering::Relaxed);
+    let conn = Rc::new(Conn::new(ConnParts {
+        id,
+        key: dialect.key(),
+        stream: raw,
+        writer,
+        identity,
+        ip,
+        session_number,
+    }));
     shard.conns.borrow_mut().insert(id, conn.clone());
     shard
         .shared
@@ -104,10 +100,7 @@ pub(crate) fn run(shard: Rc<Shard>, accepted: Accepted) {
         crate::sio::on_connected(&shard, &conn);
     }
     join_initial_rooms(&shard, &conn);
-    monoio::spawn(async move {
-        read_loop(&shard, &conn, reader, leftover, dialect).await;
-        cleanup(&shard, &conn);
-    });
+    monoio::spawn(read_loop(shard, conn, reader, leftover, dialect));
 }
 
 fn join_initial_rooms(shard: &Rc<Shard>, conn: &Rc<Conn>) {
@@ -194,12 +187,19 @@ fn room_access(shard: &Rc<Shard>, conn: &Conn, room: &RoomId) -> RoomAccess {
 }
 
 fn set_read_only(conn: &Conn, room: &RoomId, read_only: bool) {
-    let mut list = conn.read_only.borrow_mut();
-    let pos = list.iter().position(|r| r == room);
+    let mut slot = conn.read_only.borrow_mut();
+    let pos = slot
+        .as_ref()
+        .and_then(|list| list.iter().position(|r| r == room));
     match (pos, read_only) {
-        (None, true) => list.push(room.clone()),
+        (None, true) => slot.get_or_insert_default().push(room.clone()),
         (Some(i), false) => {
-            list.swap_remove(i);
+            if let Some(list) = slot.as_mut() {
+                list.swap_remove(i);
+                if list.is_empty() {
+                    *slot = None;
+                }
+            }
         }
         _ => {}
     }
@@ -238,18 +238,25 @@ fn send_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     let cfg = &shard.shared.config;
     // In configured order (default rooms, then the personal room), whatever order the homes
     // answered in; rooms that refused the join (full) are left out.
-    let joined = std::mem::take(&mut *conn.initial_rooms.borrow_mut());
-    let mut rooms: Vec<RoomId> = cfg
-        .default_rooms
-        .iter()
-        .filter(|r| joined.contains(r))
-        .cloned()
-        .collect();
-    rooms.extend(joined.iter().filter(|r| r.is_personal()).cloned());
-    drop(joined);
+    let personal = RoomId::personal(&conn.user_id()).ok();
+    let rooms: Vec<RoomId> = {
+        let memberships = conn.rooms.borrow();
+        let joined = |room: &RoomId| {
+            memberships
+                .iter()
+                .any(|(r, m)| r == room && matches!(m, Membership::Joined(_)))
+        };
+        cfg.default_rooms
+            .iter()
+            .chain(personal.iter())
+            .filter(|r| joined(r))
+            .cloned()
+            .collect()
+    };
     let identity = conn.identity.borrow().clone();
+    let session = conn.session(shard);
     let push = Push::Welcome {
-        session: &conn.session,
+        session: &session,
         user_id: &identity.user_id,
         username: &identity.username,
         rooms: &rooms,
@@ -331,12 +338,15 @@ pub(crate) fn send_refresh_required(shard: &Rc<Shard>, conn: &Rc<Conn>, expires_
     }
 }
 
+/// The connection's task: reads and handles frames until the peer or the server ends the
+/// connection, then cleans up. It owns its arguments (no wrapping future holding copies of them):
+/// every idle connection carries this future's size.
 async fn read_loop(
-    shard: &Rc<Shard>,
-    conn: &Rc<Conn>,
+    shard: Rc<Shard>,
+    conn: Rc<Conn>,
     // Held (unused) for the connection's life: the stream is read through `Shard::read_ready`.
     _reader: OwnedReadHalf<TcpStream>,
-    leftover: Vec<u8>,
+    mut pending: Vec<u8>,
     dialect: Dialect,
 ) {
     let cfg = &shard.shared.config;
@@ -346,11 +356,10 @@ async fn read_loop(
         _ => max,
     };
     let mut decoder = MessageDecoder::new();
-    let mut pending: Vec<u8> = leftover;
     if !pending.is_empty() {
         let consumed = process(
-            shard,
-            conn,
+            &shard,
+            &conn,
             &mut decoder,
             &mut pending,
             frame_limit,
@@ -364,7 +373,7 @@ async fn read_loop(
             .await
         else {
             conn.abnormal.set(true);
-            return;
+            break;
         };
         let n = buf.len();
         if n == 0 {
@@ -372,7 +381,7 @@ async fn read_loop(
             if conn.closing.get().is_none() {
                 conn.abnormal.set(true);
             }
-            return;
+            break;
         }
         shard
             .shared
@@ -382,8 +391,8 @@ async fn read_loop(
         conn.last_seen_ms.set(now_ms());
         if pending.is_empty() {
             let consumed = process(
-                shard,
-                conn,
+                &shard,
+                &conn,
                 &mut decoder,
                 &mut buf[..n],
                 frame_limit,
@@ -395,8 +404,8 @@ async fn read_loop(
         } else {
             pending.extend_from_slice(&buf[..n]);
             let consumed = process(
-                shard,
-                conn,
+                &shard,
+                &conn,
                 &mut decoder,
                 &mut pending,
                 frame_limit,
@@ -409,9 +418,10 @@ async fn read_loop(
         }
         shard.put_buffer(buf);
         if conn.closing.get().is_some() && conn.abnormal.get() {
-            return;
+            break;
         }
     }
+    cleanup(&shard, &conn);
 }
 
 /// Decodes and handles every complete frame at the start of `data`; returns the bytes consumed.
@@ -574,14 +584,24 @@ fn token_still_valid(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
 fn rate(shard: &Rc<Shard>, conn: &Rc<Conn>, which: &'static str, id: Option<u64>) -> bool {
     let cfg = &shard.shared.config;
     let now = now_ms();
-    let (cell, spec) = match which {
-        "publish_per_connection" => (&conn.publish_bucket, &cfg.publish_per_connection),
-        "join_per_connection" => (&conn.join_bucket, &cfg.join_per_connection),
-        _ => (&conn.query_bucket, &cfg.query_per_connection),
+    let (index, spec) = match which {
+        "publish_per_connection" => (0, &cfg.publish_per_connection),
+        "join_per_connection" => (1, &cfg.join_per_connection),
+        _ => (2, &cfg.query_per_connection),
     };
-    let mut bucket = cell.get();
-    let verdict = bucket.attempt(spec, now);
-    cell.set(bucket);
+    if spec.count == 0 {
+        return true;
+    }
+    // Buckets made now are full, exactly as if made at connect and left to refill since.
+    let mut buckets = conn.buckets.take().unwrap_or_else(|| {
+        Box::new([
+            Bucket::new(&cfg.publish_per_connection, now),
+            Bucket::new(&cfg.join_per_connection, now),
+            Bucket::new(&cfg.query_per_connection, now),
+        ])
+    });
+    let verdict = buckets[index].attempt(spec, now);
+    conn.buckets.set(Some(buckets));
     match verdict {
         Verdict::Allow => true,
         Verdict::Limited => {
@@ -665,7 +685,12 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                 );
                 return;
             }
-            if conn.read_only.borrow().contains(&room) {
+            if conn
+                .read_only
+                .borrow()
+                .as_ref()
+                .is_some_and(|list| list.contains(&room))
+            {
                 send_error(
                     shard,
                     conn,
@@ -863,7 +888,9 @@ fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     shard.conns.borrow_mut().remove(&conn.id);
     shard.shared.release(conn.ip, &conn.user_id(), conn.id);
     if !shard.shared.config.resume_ttl.is_zero() {
-        shard.shared.store_resumable(&conn.session, &conn.user_id());
+        shard
+            .shared
+            .store_resumable(&conn.session(shard), &conn.user_id());
     }
     let metrics = &shard.shared.metrics;
     metrics.connections.fetch_sub(1, Ordering::Relaxed);
@@ -922,12 +949,14 @@ pub(crate) fn on_joined(shard: &Rc<Shard>, joined: Joined) {
         }
     }
     if newly_joined {
-        shard
-            .local_rooms
-            .borrow_mut()
-            .entry(room.clone())
-            .or_default()
-            .push(conn.clone());
+        let mut local_rooms = shard.local_rooms.borrow_mut();
+        let members = local_rooms.entry(room.clone()).or_default();
+        // A room with one member here (every personal room) holds one slot, not the four a
+        // first push reserves.
+        if members.is_empty() {
+            members.reserve_exact(1);
+        }
+        members.push(conn.clone());
     }
     if let Some(recovery) = recovery {
         resume_answered(
@@ -939,7 +968,6 @@ pub(crate) fn on_joined(shard: &Rc<Shard>, joined: Joined) {
         return;
     }
     if initial {
-        conn.initial_rooms.borrow_mut().push(room);
         initial_done(shard, &conn);
         return;
     }

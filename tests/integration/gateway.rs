@@ -311,6 +311,54 @@ fn presence_diffs_and_queries() {
     }
 }
 
+/// Presence past the few users a room keeps in a plain list (the table then becomes a map):
+/// every count stays exact through joins and leaves on both sides of the switch.
+#[test]
+fn presence_of_a_crowded_room_stays_exact() {
+    let server = Server::start("crowd", &["--shards", "2", "--default-rooms", ""]);
+    let names: Vec<String> = (0..12).map(|i| format!("u{i:02}")).collect();
+    let mut clients = Vec::new();
+    for name in &names {
+        let mut c = server.connect(&server.token(name), None);
+        welcome(&mut c);
+        let id = c.request("join", &[("room", s("crowd"))]);
+        c.expect("reply", Some(id));
+        clients.push(c);
+    }
+    // A second connection of u03.
+    let mut extra = server.connect(&server.token("u03"), None);
+    welcome(&mut extra);
+    let id = extra.request("join", &[("room", s("crowd"))]);
+    extra.expect("reply", Some(id));
+    let presence = |c: &mut Client| -> Vec<(String, u64)> {
+        let id = c.request("presence", &[("room", s("crowd"))]);
+        let reply = c.expect("reply", Some(id));
+        reply
+            .get("presence")
+            .and_then(Value::as_array)
+            .unwrap()
+            .iter()
+            .map(|e| (str_of(e, "user").to_owned(), u64_of(e, "conns")))
+            .collect()
+    };
+    let expected: Vec<(String, u64)> = names
+        .iter()
+        .map(|n| (n.clone(), if n == "u03" { 2 } else { 1 }))
+        .collect();
+    assert_eq!(presence(&mut clients[0]), expected);
+    // u03 leaves with one of two connections, u05 and u11 leave entirely.
+    for i in [3, 5, 11] {
+        let id = clients[i].request("leave", &[("room", s("crowd"))]);
+        clients[i].expect("reply", Some(id));
+    }
+    let expected: Vec<(String, u64)> = names
+        .iter()
+        .filter(|n| *n != "u05" && *n != "u11")
+        .map(|n| (n.clone(), 1))
+        .collect();
+    assert_eq!(presence(&mut clients[0]), expected);
+}
+
 #[test]
 fn history_returns_messages_after_since_oldest_first() {
     let server = Server::start("history", &["--history-size", "5"]);

@@ -369,6 +369,42 @@ fn silent_connections_close_with_4010() {
     );
 }
 
+/// `welcome.rooms` lists the default rooms actually joined, in configured order, then the
+/// personal room: a full default room is skipped, and listed again once there is space.
+#[test]
+fn welcome_lists_the_default_rooms_joined_in_order() {
+    let server = Server::start(
+        "welcomerooms",
+        &[
+            "--max-room-members",
+            "1",
+            "--default-rooms",
+            "b.room,a.room",
+        ],
+    );
+    let rooms = |c: &mut Client| -> Vec<String> {
+        c.expect("welcome", None)
+            .get("rooms")
+            .and_then(Value::as_array)
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut first = server.connect(&server.token("u0"), None);
+    assert_eq!(rooms(&mut first), ["b.room", "a.room", "user:u0"]);
+    let mut second = server.connect(&server.token("u1"), None);
+    assert_eq!(rooms(&mut second), ["user:u1"]);
+    let id = first.request("leave", &[("room", s("b.room"))]);
+    first.expect("reply", Some(id));
+    let mut third = server.connect(&server.token("u2"), None);
+    assert_eq!(rooms(&mut third), ["b.room", "user:u2"]);
+    // The server still serves the ones that were refused a room.
+    let id = second.request("ping", &[]);
+    second.expect("pong", Some(id));
+}
+
 #[test]
 fn room_size_limit_answers_room_full() {
     let server = Server::start(
