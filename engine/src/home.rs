@@ -25,7 +25,8 @@ const PRESENCE_DELAY_BACKLOG: usize = 4096;
 /// A room as its home shard knows it.
 pub(crate) struct HomeRoom {
     seq: u64,
-    epoch: Arc<str>,
+    /// See [`crate::shard::Shared::epoch_name`].
+    epoch: u64,
     history: VecDeque<Arc<MessageRecord>>,
     members: u32,
     max_members: u32,
@@ -351,7 +352,7 @@ pub(crate) fn join(
         id,
         initial,
         seq: home.seq,
-        epoch: home.epoch.clone(),
+        epoch: shard.shared.epoch_name(home.epoch),
         presence: if id.is_some() {
             home.presence_list()
         } else {
@@ -365,7 +366,7 @@ pub(crate) fn join(
 
 /// The messages a resuming client missed in `home`, if history still holds all of them.
 fn recover(home: &mut HomeRoom, from: &ResumeFrom, shard: &Shard) -> Recovery {
-    if !from.valid || *from.epoch != *home.epoch {
+    if !from.valid || *from.epoch != *shard.shared.epoch_name(home.epoch) {
         return Recovery::Lost;
     }
     let first = from.seq.saturating_add(1);
@@ -568,13 +569,13 @@ pub(crate) fn history_query(
             Reply::History {
                 id,
                 messages,
-                epoch: home.epoch.clone(),
+                epoch: shard.shared.epoch_name(home.epoch),
             }
         }
         None => Reply::History {
             id,
             messages: Vec::new(),
-            epoch: shard.shared.new_epoch(),
+            epoch: shard.shared.epoch_name(shard.shared.new_epoch()),
         },
     };
     shard.reply(conn, reply);

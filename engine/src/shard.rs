@@ -378,9 +378,15 @@ impl Shared {
         }
     }
 
-    pub(crate) fn new_epoch(&self) -> Arc<str> {
-        let n = self.epoch_counter.fetch_add(1, Ordering::Relaxed);
-        Arc::from(format!("{}{n:x}", self.instance))
+    /// A fresh epoch number, named by [`Shared::epoch_name`].
+    pub(crate) fn new_epoch(&self) -> u64 {
+        self.epoch_counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// An epoch as clients see it: this process's instance, then the number in hex. Rooms keep
+    /// the number and name it only in replies (every idle room would carry the string).
+    pub(crate) fn epoch_name(&self, epoch: u64) -> Arc<str> {
+        Arc::from(format!("{}{epoch:x}", self.instance))
     }
 }
 
