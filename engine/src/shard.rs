@@ -480,21 +480,30 @@ impl Shard {
                 stream.readable(false).await?;
             }
             wait = true;
-            let mut buf = self.take_buffer();
-            match crate::sys::recv_now(stream, &mut buf) {
-                Ok(_) => return Ok(buf),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    self.put_buffer(buf);
-                }
-                Err(e) => {
-                    self.put_buffer(buf);
-                    return Err(e);
-                }
+            if let Some(read) = self.try_read(stream) {
+                return read;
+            }
+        }
+    }
+
+    /// One non-blocking read into a pooled buffer: `None` while nothing has arrived. The caller
+    /// puts the buffer back.
+    pub(crate) fn try_read(&self, stream: &TcpStream) -> Option<std::io::Result<Vec<u8>>> {
+        let mut buf = self.take_buffer();
+        match crate::sys::recv_now(stream, &mut buf) {
+            Ok(_) => Some(Ok(buf)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                self.put_buffer(buf);
+                None
+            }
+            Err(e) => {
+                self.put_buffer(buf);
+                Some(Err(e))
             }
         }
     }

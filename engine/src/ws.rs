@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use monoio::io::{OwnedReadHalf, Splitable};
+use monoio::io::Splitable;
 use monoio::net::TcpStream;
 use protocol::compression::{ZstdError, compressed_bound, is_zstd};
 use protocol::envelope::{
@@ -68,8 +68,10 @@ pub(crate) fn run(shard: Rc<Shard>, accepted: Accepted) {
         replaced,
         id,
     } = accepted;
+    // The read half is only a handle on the shared stream (no drop action): the connection reads
+    // through `raw`, which it keeps for its life.
     let (reader, writer) = stream.into_split();
-    let raw: Rc<UnsafeCell<TcpStream>> = reader.0.clone();
+    let raw: Rc<UnsafeCell<TcpStream>> = reader.0;
     let session_number = shard.shared.session_counter.fetch_add(1, Ordering::Relaxed);
     let conn = Rc::new(Conn::new(ConnParts {
         id,
@@ -100,7 +102,7 @@ pub(crate) fn run(shard: Rc<Shard>, accepted: Accepted) {
         crate::sio::on_connected(&shard, &conn);
     }
     join_initial_rooms(&shard, &conn);
-    monoio::spawn(read_loop(shard, conn, reader, leftover, dialect));
+    monoio::spawn(read_loop(shard, conn, leftover, dialect));
 }
 
 fn join_initial_rooms(shard: &Rc<Shard>, conn: &Rc<Conn>) {
@@ -339,22 +341,9 @@ pub(crate) fn send_refresh_required(shard: &Rc<Shard>, conn: &Rc<Conn>, expires_
 }
 
 /// The connection's task: reads and handles frames until the peer or the server ends the
-/// connection, then cleans up. It owns its arguments (no wrapping future holding copies of them):
-/// every idle connection carries this future's size.
-async fn read_loop(
-    shard: Rc<Shard>,
-    conn: Rc<Conn>,
-    // Held (unused) for the connection's life: the stream is read through `Shard::read_ready`.
-    _reader: OwnedReadHalf<TcpStream>,
-    mut pending: Vec<u8>,
-    dialect: Dialect,
-) {
-    let cfg = &shard.shared.config;
-    let max = cfg.max_message_bytes;
-    let frame_limit = match dialect {
-        Dialect::Native(p) if p.zstd() => compressed_bound(max),
-        _ => max,
-    };
+/// connection, then cleans up. Every idle connection carries this future (200 bytes today), so
+/// it owns its arguments (no wrapping future holding copies) and keeps little across its await.
+async fn read_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut pending: Vec<u8>, dialect: Dialect) {
     let mut decoder = MessageDecoder::new();
     if !pending.is_empty() {
         let consumed = process(
@@ -362,16 +351,27 @@ async fn read_loop(
             &conn,
             &mut decoder,
             &mut pending,
-            frame_limit,
+            frame_limit(&shard, dialect),
             dialect,
         );
         pending.drain(..consumed);
     }
     loop {
-        let Ok(mut buf) = shard
-            .read_ready(sys::stream_ref(conn.stream()), false)
-            .await
-        else {
+        // `readable` inline rather than through `Shard::read_ready`: this await is where every
+        // idle connection waits, and each level of future nesting adds to its size.
+        let read = loop {
+            if sys::stream_ref(conn.stream())
+                .readable(false)
+                .await
+                .is_err()
+            {
+                break None;
+            }
+            if let Some(read) = shard.try_read(sys::stream_ref(conn.stream())) {
+                break read.ok();
+            }
+        };
+        let Some(mut buf) = read else {
             conn.abnormal.set(true);
             break;
         };
@@ -395,7 +395,7 @@ async fn read_loop(
                 &conn,
                 &mut decoder,
                 &mut buf[..n],
-                frame_limit,
+                frame_limit(&shard, dialect),
                 dialect,
             );
             if consumed < n {
@@ -408,7 +408,7 @@ async fn read_loop(
                 &conn,
                 &mut decoder,
                 &mut pending,
-                frame_limit,
+                frame_limit(&shard, dialect),
                 dialect,
             );
             pending.drain(..consumed);
@@ -422,6 +422,16 @@ async fn read_loop(
         }
     }
     cleanup(&shard, &conn);
+}
+
+/// The largest frame a connection may send (with zstd, the compressed bound of
+/// `max_message_bytes`).
+fn frame_limit(shard: &Shard, dialect: Dialect) -> usize {
+    let max = shard.shared.config.max_message_bytes;
+    match dialect {
+        Dialect::Native(p) if p.zstd() => compressed_bound(max),
+        _ => max,
+    }
 }
 
 /// Decodes and handles every complete frame at the start of `data`; returns the bytes consumed.
