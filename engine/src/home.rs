@@ -27,7 +27,6 @@ pub(crate) struct HomeRoom {
     seq: u64,
     /// See [`crate::shard::Shared::epoch_name`].
     epoch: u64,
-    history: VecDeque<Arc<MessageRecord>>,
     members: u32,
     max_members: u32,
     /// Members per shard: where to deliver.
@@ -46,6 +45,15 @@ pub(crate) struct HomeRoom {
     presence_on: bool,
     /// History kept (a persistent room may switch it off).
     history_on: bool,
+    /// Made on the first publish: many rooms (every idle personal room) never see one.
+    traffic: Option<Box<Traffic>>,
+}
+
+/// A room's history and publish bucket.
+struct Traffic {
+    history: VecDeque<Arc<MessageRecord>>,
+    /// Made full on the first publish, which is what a bucket made with the room would be by
+    /// then (it refills up to its capacity).
     publish_bucket: Bucket,
 }
 
@@ -152,7 +160,6 @@ impl HomeRoom {
         Self {
             seq: 0,
             epoch: shard.shared.new_epoch(),
-            history: VecDeque::new(),
             members: 0,
             max_members: cfg.max_room_members,
             shard_members: vec![0; cfg.shards].into_boxed_slice(),
@@ -163,7 +170,7 @@ impl HomeRoom {
             ephemeral,
             presence_on: true,
             history_on: true,
-            publish_bucket: Bucket::new(&cfg.publish_per_room, now_ms()),
+            traffic: None,
         }
     }
 
@@ -173,8 +180,10 @@ impl HomeRoom {
         self.max_members = settings.max_members;
         self.presence_on = settings.presence;
         self.history_on = settings.history;
-        if !settings.history {
-            self.history.clear();
+        if !settings.history
+            && let Some(traffic) = self.traffic.as_mut()
+        {
+            traffic.history.clear();
         }
         if !settings.presence {
             self.pending_diff = None;
@@ -210,16 +219,24 @@ impl HomeRoom {
         !std::mem::replace(&mut self.presence_listed, true)
     }
 
+    /// The messages kept, oldest first.
+    fn history(&self) -> impl Iterator<Item = &Arc<MessageRecord>> {
+        self.traffic.iter().flat_map(|t| t.history.iter())
+    }
+
     fn prune_history(&mut self, now: u64, ttl_ms: u64, size: usize) {
-        while self.history.len() > size {
-            self.history.pop_front();
+        let Some(traffic) = self.traffic.as_mut() else {
+            return;
+        };
+        let history = &mut traffic.history;
+        while history.len() > size {
+            history.pop_front();
         }
-        while self
-            .history
+        while history
             .front()
             .is_some_and(|m| now.saturating_sub(m.ts) > ttl_ms)
         {
-            self.history.pop_front();
+            history.pop_front();
         }
     }
 }
@@ -376,10 +393,9 @@ fn recover(home: &mut HomeRoom, from: &ResumeFrom, shard: &Shard) -> Recovery {
     }
     let cfg = &shard.shared.config;
     home.prune_history(now_ms(), ttl_ms(shard), cfg.history_size);
-    match home.history.front() {
+    match home.history().next() {
         Some(oldest) if oldest.seq <= first => Recovery::Recovered(
-            home.history
-                .iter()
+            home.history()
                 .filter(|m| m.seq >= first && m.seq <= last)
                 .cloned()
                 .collect(),
@@ -477,7 +493,13 @@ fn sequence(
     let Some(home) = rooms.get_mut(&room) else {
         return Err((ErrorCode::NotJoined, "not joined to this room"));
     };
-    if home.publish_bucket.attempt(&cfg.publish_per_room, now) != Verdict::Allow {
+    let traffic = home.traffic.get_or_insert_with(|| {
+        Box::new(Traffic {
+            history: VecDeque::new(),
+            publish_bucket: Bucket::new(&cfg.publish_per_room, now),
+        })
+    });
+    if traffic.publish_bucket.attempt(&cfg.publish_per_room, now) != Verdict::Allow {
         drop(rooms);
         shard.shared.metrics.rate_limited("publish_per_room");
         return Err((ErrorCode::RateLimited, "room publish rate exceeded"));
@@ -498,7 +520,9 @@ fn sequence(
         &mut shard.compressor.borrow_mut(),
     );
     if cfg.history_size > 0 && home.history_on {
-        home.history.push_back(record);
+        if let Some(traffic) = home.traffic.as_mut() {
+            traffic.history.push_back(record);
+        }
         home.prune_history(now, ttl_ms(shard), cfg.history_size);
     }
     let seq = home.seq;
@@ -560,8 +584,7 @@ pub(crate) fn history_query(
         Some(home) => {
             home.prune_history(now, ttl_ms(shard), cfg.history_size);
             let messages = home
-                .history
-                .iter()
+                .history()
                 .filter(|m| m.seq > since)
                 .take(usize::try_from(limit).unwrap_or(usize::MAX))
                 .map(|m| (**m).clone())
