@@ -1,6 +1,8 @@
 //! One live WebSocket connection's state on its shard: identity, joined rooms, rate buckets, and
-//! the bounded outbound queue with its writer. Frames are shared `Bytes`; a flush writes everything
-//! queued in one submission. Nothing here decodes client input (see `ws` and `sio`).
+//! the bounded outbound queue with its writer. Encoded frames are copied once into the
+//! connection's outbound buffer; a flush writes the whole buffer in one submission. Every idle
+//! connection carries this struct, so rarely used state is boxed on first use. Nothing here
+//! decodes client input (see `ws` and `sio`).
 
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::net::IpAddr;
