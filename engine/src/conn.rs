@@ -13,7 +13,7 @@ use std::time::Duration;
 use monoio::io::{AsyncWriteRentExt, OwnedWriteHalf};
 use monoio::net::TcpStream;
 use protocol::CloseCode;
-use protocol::envelope::RoomId;
+use protocol::envelope::{RoomId, Value};
 use protocol::ws;
 
 use crate::auth::Identity;
@@ -86,7 +86,24 @@ pub(crate) struct Conn {
     // A thin pointer on purpose: `Box<Vec>` is 8 bytes where a `Vec` is 24.
     #[allow(clippy::box_collection)]
     pub(crate) read_only: RefCell<Option<Box<Vec<RoomId>>>>,
+    /// Publishes waiting for their room's join to be answered (usually absent; thin for the
+    /// same reason as `read_only`).
+    #[allow(clippy::box_collection)]
+    held: RefCell<Option<Box<Vec<HeldPublish>>>>,
 }
+
+/// A publish sent while its room's join was still unanswered. It waits for the answer rather than
+/// going to the room at once, so that a refused join (`room_full`, `forbidden`) cannot let a
+/// non-member publish; a client may still pipeline `join` and `publish` without waiting.
+#[derive(Debug)]
+pub(crate) struct HeldPublish {
+    pub(crate) room: RoomId,
+    pub(crate) data: Value,
+    pub(crate) id: Option<u64>,
+}
+
+/// Publishes one connection may have waiting for joins; more are answered `rate_limited`.
+const MAX_HELD_PUBLISHES: usize = 64;
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -133,6 +150,7 @@ impl Conn {
             pending_initial: Cell::new(0),
             resume: RefCell::new(None),
             read_only: RefCell::new(None),
+            held: RefCell::new(None),
         }
     }
 
@@ -160,6 +178,34 @@ impl Conn {
             .iter()
             .find(|(r, _)| r == room)
             .map(|(_, m)| *m)
+    }
+
+    /// Holds a publish until its room's join is answered; false when too many already wait.
+    pub(crate) fn hold_publish(&self, publish: HeldPublish) -> bool {
+        let mut slot = self.held.borrow_mut();
+        let list = slot.get_or_insert_default();
+        if list.len() >= MAX_HELD_PUBLISHES {
+            return false;
+        }
+        list.push(publish);
+        true
+    }
+
+    /// Takes the publishes held for `room` (every room with `None`), in the order they were sent.
+    pub(crate) fn take_held(&self, room: Option<&RoomId>) -> Vec<HeldPublish> {
+        let mut slot = self.held.borrow_mut();
+        let Some(list) = slot.as_mut() else {
+            return Vec::new();
+        };
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut **list)
+            .into_iter()
+            .partition(|p| room.is_none_or(|r| p.room == *r));
+        if kept.is_empty() {
+            *slot = None;
+        } else {
+            **list = kept;
+        }
+        taken
     }
 
     /// Bytes queued and not yet handed to the kernel.

@@ -17,7 +17,7 @@ use protocol::ws::{self, Message, MessageDecoder, Subprotocol};
 use protocol::{CloseCode, ErrorCode};
 
 use crate::auth::Identity;
-use crate::conn::{Conn, ConnId, ConnParts, Membership};
+use crate::conn::{Conn, ConnId, ConnParts, HeldPublish, Membership};
 use crate::frames::{FrameKey, encode_native, socketio_frame};
 use crate::home::{Recovery, ResumeFrom};
 use crate::limits::{Bucket, Verdict};
@@ -710,16 +710,19 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                 );
                 return;
             }
-            let home = shard.shared.home_of(&room);
-            let msg = ShardMsg::Publish {
-                room,
-                conn: conn.id,
-                user: conn.user_id(),
-                name: conn.username(),
-                data,
-                id,
-            };
-            shard.dispatch(home, msg);
+            if conn.membership(&room) == Some(Membership::Pending) {
+                if !conn.hold_publish(HeldPublish { room, data, id }) {
+                    send_error(
+                        shard,
+                        conn,
+                        id,
+                        ErrorCode::RateLimited,
+                        "too many publishes waiting for a join",
+                    );
+                }
+                return;
+            }
+            dispatch_publish(shard, conn, HeldPublish { room, data, id });
         }
         Op::Presence { room } => {
             if !may_read_room(shard, conn, &room, "query_per_connection", id) {
@@ -863,8 +866,10 @@ fn detach(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) -> Option<(usize, S
         let pos = rooms.iter().position(|(r, _)| r == room)?;
         rooms.remove(pos).1
     };
-    if matches!(membership, Membership::Joined(_)) {
-        shard.drop_local_member(room, conn.id);
+    match membership {
+        Membership::Joined(_) => shard.drop_local_member(room, conn.id),
+        // Left before the join was answered: its held publishes were never in the room.
+        Membership::Pending => refuse_held(shard, conn, room),
     }
     let msg = ShardMsg::Leave {
         room: room.clone(),
@@ -885,7 +890,37 @@ fn leave_room(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) -> bool {
     true
 }
 
+/// Sends a publish to its room's home, which sequences it.
+fn dispatch_publish(shard: &Rc<Shard>, conn: &Conn, publish: HeldPublish) {
+    let HeldPublish { room, data, id } = publish;
+    let home = shard.shared.home_of(&room);
+    let msg = ShardMsg::Publish {
+        room,
+        conn: conn.id,
+        user: conn.user_id(),
+        name: conn.username(),
+        data,
+        id,
+    };
+    shard.dispatch(home, msg);
+}
+
+/// Answers `not_joined` to the publishes held for a room the connection did not get into.
+fn refuse_held(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) {
+    for held in conn.take_held(Some(room)) {
+        send_error(
+            shard,
+            conn,
+            held.id,
+            ErrorCode::NotJoined,
+            "join the room before publishing",
+        );
+    }
+}
+
 fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    // Nobody is left to answer.
+    drop(conn.take_held(None));
     let abnormal = conn.abnormal.get() && conn.closing.get().is_none();
     let rooms: Vec<RoomId> = conn.rooms.borrow().iter().map(|(r, _)| r.clone()).collect();
     for room in &rooms {
@@ -967,6 +1002,11 @@ pub(crate) fn on_joined(shard: &Rc<Shard>, joined: Joined) {
             members.reserve_exact(1);
         }
         members.push(conn.clone());
+        drop(local_rooms);
+        // Publishes sent behind the join go to the room now, in the order they were sent.
+        for held in conn.take_held(Some(&room)) {
+            dispatch_publish(shard, &conn, held);
+        }
     }
     if let Some(recovery) = recovery {
         resume_answered(
@@ -1045,6 +1085,7 @@ pub(crate) fn on_join_failed(
             rooms.remove(pos);
         }
     }
+    refuse_held(shard, &conn, room);
     if conn
         .resume
         .borrow()

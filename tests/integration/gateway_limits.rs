@@ -405,6 +405,78 @@ fn welcome_lists_the_default_rooms_joined_in_order() {
     second.expect("pong", Some(id));
 }
 
+/// A publish pipelined behind a join waits for the join's answer: behind a refused join it is
+/// `not_joined` and reaches nobody; behind an accepted one it goes out in order. Each outsider
+/// sends both frames in one TCP write, and there are eight of them so that some land on the shard
+/// that is not the room's home (where the join's answer comes later than the publish is read).
+#[test]
+fn publish_behind_a_refused_join_reaches_nobody() {
+    let server = Server::start(
+        "heldpublish",
+        &[
+            "--shards",
+            "2",
+            "--max-room-members",
+            "1",
+            "--default-rooms",
+            "",
+        ],
+    );
+    let mut member = server.connect(&server.token("member"), None);
+    welcome(&mut member);
+    let id = member.request("join", &[("room", s("full"))]);
+    member.expect("reply", Some(id));
+
+    let pipelined = |client: &mut Client, room: &str, publishes: u64| {
+        let text = |t: String| tungstenite::Message::Text(t.into());
+        client
+            .socket
+            .write(text(format!(r#"{{"op":"join","id":100,"room":"{room}"}}"#)))
+            .unwrap();
+        for i in 1..=publishes {
+            let frame = format!(
+                r#"{{"op":"publish","id":{},"room":"{room}","data":{{"x":{i}}}}}"#,
+                100 + i
+            );
+            client.socket.write(text(frame)).unwrap();
+        }
+        client.socket.flush().unwrap();
+    };
+    let code = |v: &Value| v.get("code").and_then(Value::as_str).map(str::to_owned);
+    let mut outsiders = Vec::new();
+    for i in 0..8 {
+        let mut outsider = server.connect(&server.token(&format!("outsider{i}")), None);
+        welcome(&mut outsider);
+        pipelined(&mut outsider, "full", 1);
+        outsiders.push(outsider);
+    }
+    for outsider in &mut outsiders {
+        let refused = outsider.expect("error", Some(100));
+        assert_eq!(code(&refused).as_deref(), Some("room_full"));
+        let refused = outsider.expect("error", Some(101));
+        assert_eq!(code(&refused).as_deref(), Some("not_joined"));
+    }
+    // Nothing reached the member: the next thing it sees is its own pong.
+    let id = member.request("ping", &[]);
+    let next = member.recv().unwrap();
+    assert_eq!(
+        next.get("op").and_then(Value::as_str),
+        Some("pong"),
+        "{next:?}"
+    );
+    assert_eq!(next.get("id").and_then(Value::as_u64), Some(id));
+
+    // Pipelined behind an accepted join, publishes are sequenced in the order sent.
+    for (i, outsider) in outsiders.iter_mut().enumerate() {
+        let room = format!("open{i}");
+        pipelined(outsider, &room, 2);
+        outsider.expect("reply", Some(100));
+        let seq = |v: Value| v.get("seq").and_then(Value::as_u64);
+        assert_eq!(seq(outsider.expect("reply", Some(101))), Some(1));
+        assert_eq!(seq(outsider.expect("reply", Some(102))), Some(2));
+    }
+}
+
 #[test]
 fn room_size_limit_answers_room_full() {
     let server = Server::start(
