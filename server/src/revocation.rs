@@ -1,6 +1,8 @@
 //! The in-memory revocation list checked on every authenticated request and WebSocket
 //! operation: a Bloom filter of atomic words (lock-free, no allocation) in front of the exact map
-//! of live revocations. The common case, a token of an unrevoked session, costs a few hashes and
+//! of live revocations. The filter is double-buffered: pruning refills the spare one from the
+//! map and swaps, so bits of forgotten revocations do not pile up; a reader that overlaps a
+//! refill (a generation counter, as in a seqlock) falls back to the map. The common case, a token of an unrevoked session, costs a few hashes and
 //! atomic loads. The map is filled from storage at start and on every revocation made here; the
 //! durable copy lives in storage (`Revocations`), so a restart forgets nothing. This module does
 //! no I/O.
@@ -8,7 +10,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 
 use storage::{Revocation, RevocationKind};
 
@@ -19,7 +21,11 @@ const HASHES: usize = 4;
 
 /// Revoked sessions and users.
 pub struct RevocationList {
-    filter: Box<[AtomicU64]>,
+    /// Readers use `filters[active]`; a refill writes the other one, then swaps.
+    filters: [Box<[AtomicU64]>; 2],
+    active: AtomicUsize,
+    /// Odd while a refill runs; a reader that sees it change checks the exact map instead.
+    generation: AtomicU64,
     exact: RwLock<HashMap<(RevocationKind, String), Revocation>>,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -42,7 +48,9 @@ impl RevocationList {
     /// An empty list.
     pub fn new() -> Self {
         Self {
-            filter: (0..FILTER_BITS / 64).map(|_| AtomicU64::new(0)).collect(),
+            filters: [empty_filter(), empty_filter()],
+            active: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
             exact: RwLock::new(HashMap::new()),
             hasher: std::collections::hash_map::RandomState::new(),
         }
@@ -66,9 +74,44 @@ impl RevocationList {
     }
 
     fn maybe(&self, kind: RevocationKind, subject: &str) -> bool {
-        self.positions(kind, subject)
+        let positions = self.positions(kind, subject);
+        let before = self.generation.load(Ordering::Acquire);
+        let filter = &self.filters[self.active.load(Ordering::Acquire) % 2];
+        let hit = positions
             .iter()
-            .all(|&bit| self.filter[bit / 64].load(Ordering::Acquire) & (1u64 << (bit % 64)) != 0)
+            .all(|&bit| filter[bit / 64].load(Ordering::Acquire) & (1u64 << (bit % 64)) != 0);
+        if hit || before % 2 == 1 {
+            return true;
+        }
+        // The bit loads happen before the second read of the generation (seqlock reader).
+        fence(Ordering::Acquire);
+        self.generation.load(Ordering::Relaxed) != before
+    }
+
+    fn set_bits(&self, filter: &[AtomicU64], kind: RevocationKind, subject: &str) {
+        for bit in self.positions(kind, subject) {
+            filter[bit / 64].fetch_or(1u64 << (bit % 64), Ordering::Release);
+        }
+    }
+
+    /// Refills the spare filter from `exact` and makes it the active one. Runs under the map's
+    /// write lock, so no insert lands in the map meanwhile (one that set its bits just before is
+    /// in the map, hence in the refill).
+    fn refill(&self, exact: &HashMap<(RevocationKind, String), Revocation>) {
+        let generation = self.generation.load(Ordering::Relaxed);
+        self.generation.store(generation + 1, Ordering::Relaxed);
+        // Readers that see any cleared word below also see the odd generation.
+        fence(Ordering::Release);
+        let spare = (self.active.load(Ordering::Relaxed) + 1) % 2;
+        let filter = &self.filters[spare];
+        for word in filter.iter() {
+            word.store(0, Ordering::Relaxed);
+        }
+        for (kind, subject) in exact.keys() {
+            self.set_bits(filter, *kind, subject);
+        }
+        self.active.store(spare, Ordering::Release);
+        self.generation.store(generation + 2, Ordering::Release);
     }
 
     /// Adds (or replaces) a revocation. The exact map is written before the filter bits are set,
@@ -79,8 +122,9 @@ impl RevocationList {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert((kind, subject.clone()), revocation);
-        for bit in self.positions(kind, &subject) {
-            self.filter[bit / 64].fetch_or(1u64 << (bit % 64), Ordering::Release);
+        // Both filters: whichever is active after a refill holds it.
+        for filter in &self.filters {
+            self.set_bits(filter, kind, &subject);
         }
     }
 
@@ -107,13 +151,18 @@ impl RevocationList {
         None
     }
 
-    /// Forgets revocations that can no longer matter. The filter keeps their bits (a false
-    /// positive only costs a map lookup); it is never cleared while readers run.
+    /// Forgets revocations that can no longer matter, and refills the filter without their bits
+    /// when any went.
     pub fn prune(&self, now_ms: i64) {
-        self.exact
+        let mut exact = self
+            .exact
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|_, r| r.keep_until_ms > now_ms);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = exact.len();
+        exact.retain(|_, r| r.keep_until_ms > now_ms);
+        if exact.len() != before {
+            self.refill(&exact);
+        }
     }
 
     /// Live revocations held.
@@ -128,6 +177,10 @@ impl RevocationList {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn empty_filter() -> Box<[AtomicU64]> {
+    (0..FILTER_BITS / 64).map(|_| AtomicU64::new(0)).collect()
 }
 
 #[cfg(test)]
@@ -160,6 +213,37 @@ mod tests {
         list.prune(1101);
         assert_eq!(list.check("u1", "s1", 10), None);
         assert!(list.is_empty());
+    }
+
+    fn bits_set(list: &RevocationList) -> u32 {
+        list.filters[list.active.load(Ordering::Relaxed)]
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones())
+            .sum()
+    }
+
+    #[test]
+    fn pruning_clears_the_filter_of_forgotten_revocations() {
+        let list = RevocationList::new();
+        for i in 0..1000 {
+            list.insert(revocation(RevocationKind::Session, &format!("old{i}"), 1));
+        }
+        list.insert(revocation(RevocationKind::Session, "kept", 5000));
+        assert!(bits_set(&list) > 1000);
+        list.prune(2000);
+        assert_eq!(list.len(), 1);
+        assert!(bits_set(&list) <= 4, "only the kept entry's bits");
+        assert!(list.check("u", "kept", 0).is_some());
+        assert!(list.check("u", "old1", 0).is_none());
+        // Entries survive refills into either filter.
+        list.insert(revocation(RevocationKind::User, "u9", 5000));
+        for now in [3000, 3001] {
+            list.insert(revocation(RevocationKind::Session, "brief", now - 2000));
+            list.prune(now);
+            assert_eq!(list.check("u9", "", 10), Some(engine::Revoked::Account));
+            assert!(list.check("u", "kept", 0).is_some());
+            assert!(list.check("u", "brief", 0).is_none());
+        }
     }
 
     #[test]
