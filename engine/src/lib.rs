@@ -387,6 +387,16 @@ impl Control {
         })
     }
 
+    /// Asks the policy again for every room the live connections of `user` hold (call it when
+    /// the user loses the admin role). Blocks like [`Control::kick`].
+    pub fn reauthorize_user(&self, user: &str) -> bool {
+        let user: Arc<str> = Arc::from(user);
+        self.every_shard(|done| ShardMsg::ReauthorizeUser {
+            user: user.clone(),
+            done,
+        })
+    }
+
     /// Kicks every member of a deleted room and forgets it (history included).
     pub fn delete_room(&self, room: &protocol::envelope::RoomId) -> bool {
         let kicked = self.kick(room, None, "room_deleted");

@@ -108,6 +108,12 @@ pub(crate) enum ShardMsg {
     /// To every shard: ask the policy again for every connection in `room` (its permission
     /// changed); those denied are kicked, the publish right of the others is updated.
     Reauthorize { room: RoomId, done: Arc<Countdown> },
+    /// To every shard: ask the policy again for every room each connection of `user` holds (the
+    /// user lost the admin role).
+    ReauthorizeUser {
+        user: Arc<str>,
+        done: Arc<Countdown>,
+    },
     /// To a room's home: forget the room (deleted), history included.
     DropRoom { room: RoomId, done: Arc<Countdown> },
     /// To a room's home: a publish from outside a connection (the HTTP API).
@@ -617,6 +623,23 @@ impl Shard {
             ShardMsg::Reauthorize { room, done } => {
                 for conn in self.conns_in(&room) {
                     crate::ws::reauthorize(self, &conn, &room);
+                }
+                done.tick();
+            }
+            ShardMsg::ReauthorizeUser { user, done } => {
+                let conns: Vec<Rc<Conn>> = self
+                    .conns
+                    .borrow()
+                    .values()
+                    .filter(|c| c.user_id() == user)
+                    .cloned()
+                    .collect();
+                for conn in conns {
+                    let rooms: Vec<RoomId> =
+                        conn.rooms.borrow().iter().map(|(r, _)| r.clone()).collect();
+                    for room in rooms {
+                        crate::ws::reauthorize(self, &conn, &room);
+                    }
                 }
                 done.tick();
             }

@@ -225,6 +225,13 @@ pub(crate) fn kick(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId, reason: &s
 
 /// Applies a changed permission to a connection in `room`.
 pub(crate) fn reauthorize(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) {
+    // Another user's personal room is open to admins only.
+    if is_foreign_personal(conn, room) {
+        if !shard.shared.policy.is_admin(&conn.user_id()) {
+            kick(shard, conn, room, "permission_changed");
+        }
+        return;
+    }
     match room_access(shard, conn, room) {
         RoomAccess::Denied => kick(shard, conn, room, "permission_changed"),
         RoomAccess::Granted { publish, .. } => set_read_only(conn, room, !publish),

@@ -153,12 +153,16 @@ impl RoomDirectory {
     }
 
     /// Replaces the admin set (reloaded periodically: `ringhub user set-role` runs in another
-    /// process).
-    pub fn set_admins(&self, admins: Vec<String>) {
-        *self
+    /// process). Returns the users who lost the role.
+    pub fn set_admins(&self, admins: Vec<String>) -> Vec<String> {
+        let admins: HashSet<String> = admins.into_iter().collect();
+        let mut current = self
             .admins
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = admins.into_iter().collect();
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let demoted = current.difference(&admins).cloned().collect();
+        *current = admins;
+        demoted
     }
 
     /// Whether `user` has the global admin role.
@@ -369,7 +373,14 @@ impl RoomService {
     /// Reloads the admin set from storage.
     pub fn reload_admins(&self) {
         match self.store.admins() {
-            Ok(admins) => self.directory.set_admins(admins),
+            Ok(admins) => {
+                // A former admin keeps no room that only the role let them into.
+                for user in self.directory.set_admins(admins) {
+                    if let Some(control) = self.control.get() {
+                        control.reauthorize_user(&user);
+                    }
+                }
+            }
             Err(e) => log::warn!("cannot reload admins: {e}"),
         }
     }

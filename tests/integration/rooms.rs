@@ -29,6 +29,7 @@ ringhub_tests::on_both!(
     permission_matrix_for_five_users_and_four_levels,
     removal_and_deletion_kick_and_stop_delivery,
     max_members_holds_under_a_join_race_across_shards,
+    a_demoted_admin_is_kicked_from_rooms_only_the_role_opened,
 );
 
 struct User {
@@ -92,6 +93,62 @@ fn wait_for_admin(server: &Server, owner: &User, admin: &User) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Losing the admin role (`ringhub user set-role ... user`, picked up by the periodic reload)
+/// takes a live connection out of the rooms only the role let it into: a private room it is not a
+/// member of and another user's personal room. A public room stays.
+fn a_demoted_admin_is_kicked_from_rooms_only_the_role_opened(db: Db) {
+    let f = start(db, "rooms-demote", &[]);
+    let server = &f.server;
+    let all = users(server);
+    let (owner, admin) = (&all[0], &all[4]);
+    wait_for_admin(server, owner, admin);
+    let body = r#"{"id":"vault","permission":"private"}"#;
+    assert_eq!(
+        server
+            .api_as(&owner.token, "POST", "/rooms", Some(body))
+            .status,
+        201
+    );
+    // The owner is online, so that their personal room exists.
+    let _owner_ws = server.connect_bound(&owner.token);
+    let personal = format!("user:{}", owner.id);
+    let mut ws = server.connect_bound(&admin.token);
+    for room in ["vault", personal.as_str(), "square"] {
+        call(&mut ws, "join", &[("room", s(room))]).unwrap();
+    }
+    let demoted = server.cli(&["user", "set-role", "admin@example.com", "user"]);
+    assert_eq!(demoted.code, 0, "{demoted:?}");
+    let mut kicked: Vec<String> = (0..2)
+        .map(|_| {
+            let v = ws.expect("kicked", None);
+            assert_eq!(
+                v.get("reason").and_then(Value::as_str),
+                Some("permission_changed")
+            );
+            v.get("room").and_then(Value::as_str).unwrap().to_owned()
+        })
+        .collect();
+    kicked.sort();
+    let mut expected = vec!["vault".to_owned(), personal.clone()];
+    expected.sort();
+    assert_eq!(kicked, expected);
+    // Still in the public room; no longer in the others.
+    call(
+        &mut ws,
+        "publish",
+        &[("room", s("square")), ("data", s("hi"))],
+    )
+    .unwrap();
+    assert_eq!(
+        call(
+            &mut ws,
+            "publish",
+            &[("room", s("vault")), ("data", s("hi"))]
+        ),
+        Err("not_joined".to_owned())
+    );
 }
 
 fn permission_matrix_for_five_users_and_four_levels(db: Db) {
