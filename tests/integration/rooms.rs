@@ -131,7 +131,7 @@ fn a_demoted_admin_is_kicked_from_rooms_only_the_role_opened(db: Db) {
         })
         .collect();
     kicked.sort();
-    let mut expected = vec!["vault".to_owned(), personal.clone()];
+    let mut expected = vec!["vault".to_owned(), personal];
     expected.sort();
     assert_eq!(kicked, expected);
     // Still in the public room; no longer in the others.
