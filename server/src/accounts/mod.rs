@@ -758,10 +758,12 @@ impl Accounts {
 
     // ---- revocation --------------------------------------------------------------------
 
-    /// Revokes `sessions` of `user` (durably, in memory, and on live connections, 4001).
+    /// Revokes `sessions` of `user` (durably, in memory, and on live connections, 4001). The
+    /// revocation is written before the session is ended: the writes are not one transaction, so
+    /// a failure between them leaves the session's access tokens refused (fail closed) with its
+    /// refresh token still live until the client's retry ends it.
     fn revoke_sessions(&self, user: &str, sessions: &[String], now: i64) -> Result<(), StoreError> {
         for sid in sessions {
-            self.store.revoke_session(sid, now)?;
             let revocation = Revocation {
                 kind: RevocationKind::Session,
                 subject: sid.clone(),
@@ -770,6 +772,7 @@ impl Accounts {
             };
             self.store.add_revocation(&revocation)?;
             self.revocations.insert(revocation);
+            self.store.revoke_session(sid, now)?;
         }
         if let Some(control) = self.control.get() {
             for sid in sessions {
@@ -795,9 +798,26 @@ impl Accounts {
         HttpResponse::json(204, Vec::new())
     }
 
-    /// `POST /logout/all`: every session; live connections close with 4510.
+    /// `POST /logout/all`: every session; live connections close with 4510. The account-wide
+    /// revocation is written first (it refuses every access token issued until now), so a
+    /// failure in a later write leaves none of them working; the client's retry ends the
+    /// sessions.
     pub fn logout_all(&self, identity: &Identity) -> HttpResponse {
         let now = now_ms();
+        // Tokens without a session (`ringhub token`) issued until now, for as long as any could
+        // still be valid.
+        let everything = Revocation {
+            kind: RevocationKind::User,
+            subject: identity.user_id.to_string(),
+            revoked_at_ms: now,
+            keep_until_ms: now.saturating_add(365 * 24 * 3600 * 1000),
+        };
+        store!(
+            self,
+            "add_revocation",
+            self.store.add_revocation(&everything)
+        );
+        self.revocations.insert(everything);
         let revoked = store!(
             self,
             "revoke_user_sessions",
@@ -818,20 +838,6 @@ impl Accounts {
             );
             self.revocations.insert(revocation);
         }
-        // Tokens without a session (`ringhub token`) issued until now, for as long as any could
-        // still be valid.
-        let everything = Revocation {
-            kind: RevocationKind::User,
-            subject: identity.user_id.to_string(),
-            revoked_at_ms: now,
-            keep_until_ms: now.saturating_add(365 * 24 * 3600 * 1000),
-        };
-        store!(
-            self,
-            "add_revocation",
-            self.store.add_revocation(&everything)
-        );
-        self.revocations.insert(everything);
         if let Some(control) = self.control.get() {
             control.close_revoked(&identity.user_id, None, Revoked::Account);
         }
