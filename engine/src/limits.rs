@@ -7,12 +7,10 @@ use crate::config::RateSpec;
 /// A token bucket with a fixed window counter for the 3× rule.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Bucket {
-    /// `f32` is ample for a count of at most a few thousand and keeps the bucket at 24 bytes
-    /// (three per connection).
-    tokens: f32,
-    window_attempts: u32,
+    tokens: f64,
     last_ms: u64,
     window_start_ms: u64,
+    window_attempts: u32,
 }
 
 /// The verdict on one attempt.
@@ -29,7 +27,7 @@ pub(crate) enum Verdict {
 impl Bucket {
     pub(crate) fn new(spec: &RateSpec, now_ms: u64) -> Self {
         Self {
-            tokens: to_f32(f64::from(capacity(spec))),
+            tokens: f64::from(capacity(spec)),
             last_ms: now_ms,
             window_start_ms: now_ms,
             window_attempts: 0,
@@ -50,24 +48,16 @@ impl Bucket {
         let elapsed = now_ms.saturating_sub(self.last_ms) as f64;
         self.last_ms = now_ms;
         let refill = elapsed * f64::from(spec.count) / per_ms as f64;
-        let tokens = (f64::from(self.tokens) + refill).min(f64::from(capacity(spec)));
-        if tokens >= 1.0 {
-            self.tokens = to_f32(tokens - 1.0);
-            return Verdict::Allow;
-        }
-        self.tokens = to_f32(tokens);
-        if self.window_attempts > spec.count.saturating_mul(3) {
+        self.tokens = (self.tokens + refill).min(f64::from(capacity(spec)));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Verdict::Allow
+        } else if self.window_attempts > spec.count.saturating_mul(3) {
             Verdict::Abusive
         } else {
             Verdict::Limited
         }
     }
-}
-
-/// A token count in `0.0..=u32::MAX`, stored in the bucket's `f32` (rounding is harmless here).
-#[allow(clippy::cast_possible_truncation)]
-fn to_f32(tokens: f64) -> f32 {
-    tokens as f32
 }
 
 fn capacity(spec: &RateSpec) -> u32 {

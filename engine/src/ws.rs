@@ -986,12 +986,21 @@ pub(crate) fn on_joined(shard: &Rc<Shard>, joined: Joined) {
         match rooms.iter_mut().find(|(r, _)| *r == room) {
             Some((_, m)) if *m == Membership::Pending => {
                 *m = Membership::Joined(seq);
-                true
+                Some(true)
             }
-            Some(_) => false,
-            // Left (or closed) while the join was in flight: its Leave follows this in order.
-            None => return,
+            Some(_) => Some(false),
+            // Left (or kicked, or closed) while the join was in flight: its Leave follows this
+            // in order.
+            None => None,
         }
+    };
+    let Some(newly_joined) = newly_joined else {
+        // An initial room left before its answer still counts as answered, or the welcome
+        // would never go out.
+        if initial {
+            initial_done(shard, &conn);
+        }
+        return;
     };
     // Missed messages go out before anything newer: the home answered this join in the same
     // ordered mailbox that carries the room's later messages.
