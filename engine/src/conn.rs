@@ -81,15 +81,15 @@ pub(crate) struct Conn {
     pub(crate) pending_initial: Cell<u32>,
     /// Boxed: rare, and every idle connection would carry its size.
     pub(crate) resume: RefCell<Option<Box<PendingResume>>>,
-    /// Joined persistent rooms where this user may read but not publish; boxed because it is
-    /// usually absent and every idle connection would carry a vector's size.
-    // A thin pointer on purpose: `Box<Vec>` is 8 bytes where a `Vec` is 24.
+    /// Joined persistent rooms where this user may read but not publish (usually absent). A thin
+    /// pointer in a `Cell` on purpose: 8 bytes where a `RefCell<Vec>` is 32, and the whole `Conn`
+    /// must stay within mimalloc's 320-byte size class with the `Rc` header.
     #[allow(clippy::box_collection)]
-    pub(crate) read_only: RefCell<Option<Box<Vec<RoomId>>>>,
+    read_only: Cell<Option<Box<Vec<RoomId>>>>,
     /// Publishes waiting for their room's join to be answered (usually absent; thin for the
     /// same reason as `read_only`).
     #[allow(clippy::box_collection)]
-    held: RefCell<Option<Box<Vec<HeldPublish>>>>,
+    held: Cell<Option<Box<Vec<HeldPublish>>>>,
 }
 
 /// A publish sent while its room's join was still unanswered. It waits for the answer rather than
@@ -149,8 +149,8 @@ impl Conn {
             buckets: Cell::new(None),
             pending_initial: Cell::new(0),
             resume: RefCell::new(None),
-            read_only: RefCell::new(None),
-            held: RefCell::new(None),
+            read_only: Cell::new(None),
+            held: Cell::new(None),
         }
     }
 
@@ -182,30 +182,57 @@ impl Conn {
 
     /// Holds a publish until its room's join is answered; false when too many already wait.
     pub(crate) fn hold_publish(&self, publish: HeldPublish) -> bool {
-        let mut slot = self.held.borrow_mut();
-        let list = slot.get_or_insert_default();
-        if list.len() >= MAX_HELD_PUBLISHES {
-            return false;
+        let mut list = self.held.take().unwrap_or_default();
+        let has_space = list.len() < MAX_HELD_PUBLISHES;
+        if has_space {
+            list.push(publish);
         }
-        list.push(publish);
-        true
+        self.held.set(Some(list));
+        has_space
     }
 
     /// Takes the publishes held for `room` (every room with `None`), in the order they were sent.
     pub(crate) fn take_held(&self, room: Option<&RoomId>) -> Vec<HeldPublish> {
-        let mut slot = self.held.borrow_mut();
-        let Some(list) = slot.as_mut() else {
+        let Some(mut list) = self.held.take() else {
             return Vec::new();
         };
-        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut **list)
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut *list)
             .into_iter()
             .partition(|p| room.is_none_or(|r| p.room == *r));
-        if kept.is_empty() {
-            *slot = None;
-        } else {
-            **list = kept;
+        if !kept.is_empty() {
+            *list = kept;
+            self.held.set(Some(list));
         }
         taken
+    }
+
+    /// Whether this user may read `room` but not publish in it.
+    pub(crate) fn is_read_only(&self, room: &RoomId) -> bool {
+        let list = self.read_only.take();
+        let read_only = list.as_ref().is_some_and(|l| l.contains(room));
+        self.read_only.set(list);
+        read_only
+    }
+
+    /// Records whether this user may only read `room`.
+    pub(crate) fn set_read_only(&self, room: &RoomId, read_only: bool) {
+        let mut slot = self.read_only.take();
+        let pos = slot
+            .as_ref()
+            .and_then(|list| list.iter().position(|r| r == room));
+        match (pos, read_only) {
+            (None, true) => slot.get_or_insert_default().push(room.clone()),
+            (Some(i), false) => {
+                if let Some(list) = slot.as_mut() {
+                    list.swap_remove(i);
+                    if list.is_empty() {
+                        slot = None;
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.read_only.set(slot);
     }
 
     /// Bytes queued and not yet handed to the kernel.

@@ -148,11 +148,11 @@ fn request_join_from(
             return;
         }
         RoomAccess::Granted { publish, settings } => {
-            set_read_only(conn, &room, !publish);
+            conn.set_read_only(&room, !publish);
             Some(settings)
         }
         RoomAccess::Unknown => {
-            set_read_only(conn, &room, false);
+            conn.set_read_only(&room, false);
             None
         }
     };
@@ -188,29 +188,10 @@ fn room_access(shard: &Rc<Shard>, conn: &Conn, room: &RoomId) -> RoomAccess {
     }
 }
 
-fn set_read_only(conn: &Conn, room: &RoomId, read_only: bool) {
-    let mut slot = conn.read_only.borrow_mut();
-    let pos = slot
-        .as_ref()
-        .and_then(|list| list.iter().position(|r| r == room));
-    match (pos, read_only) {
-        (None, true) => slot.get_or_insert_default().push(room.clone()),
-        (Some(i), false) => {
-            if let Some(list) = slot.as_mut() {
-                list.swap_remove(i);
-                if list.is_empty() {
-                    *slot = None;
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
 /// Removes the connection from `room` and tells it why (SPEC §5: a removed member, or a member
 /// of a deleted room, stops receiving the room's messages at once).
 pub(crate) fn kick(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId, reason: &str) {
-    set_read_only(conn, room, false);
+    conn.set_read_only(room, false);
     if leave_room(shard, conn, room) {
         send(
             shard,
@@ -234,8 +215,8 @@ pub(crate) fn reauthorize(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) {
     }
     match room_access(shard, conn, room) {
         RoomAccess::Denied => kick(shard, conn, room, "permission_changed"),
-        RoomAccess::Granted { publish, .. } => set_read_only(conn, room, !publish),
-        RoomAccess::Unknown => set_read_only(conn, room, false),
+        RoomAccess::Granted { publish, .. } => conn.set_read_only(room, !publish),
+        RoomAccess::Unknown => conn.set_read_only(room, false),
     }
 }
 
@@ -702,12 +683,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                 );
                 return;
             }
-            if conn
-                .read_only
-                .borrow()
-                .as_ref()
-                .is_some_and(|list| list.contains(&room))
-            {
+            if conn.is_read_only(&room) {
                 send_error(
                     shard,
                     conn,
