@@ -60,7 +60,7 @@ struct Traffic {
 /// Users present in one room with their connection counts. Most rooms (every personal room) hold
 /// one or a few users: up to [`SMALL_PRESENCE`] of them live in a vector grown one slot at a time
 /// (one 40-byte allocation for a personal room, where a hash map takes about 180); a larger room
-/// moves to a hash map for good.
+/// moves to a hash map, and back to a list once it is down to half that many users.
 enum PresenceTable {
     Small(Vec<(Arc<str>, Arc<str>, u32)>),
     Large(Box<PresenceCounts>),
@@ -132,6 +132,14 @@ impl PresenceTable {
                 let left = entry.1;
                 if left == 0 {
                     map.remove(user);
+                    // Back to a list once well below the switch (no flapping at the edge).
+                    if map.len() <= SMALL_PRESENCE / 2 {
+                        let list = std::mem::take(&mut **map)
+                            .into_iter()
+                            .map(|(u, (n, c))| (u, n, c))
+                            .collect();
+                        *self = Self::Small(list);
+                    }
                 }
                 Some(left)
             }
@@ -674,5 +682,45 @@ pub(crate) fn flush_presence(shard: &Rc<Shard>) {
                 sheddable: true,
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn users(table: &PresenceTable) -> Vec<(String, u32)> {
+        table
+            .entries()
+            .into_iter()
+            .map(|e| (e.user, e.conns))
+            .collect()
+    }
+
+    #[test]
+    fn presence_table_counts_across_the_list_and_map_switch() {
+        let mut table = PresenceTable::default();
+        let ids: Vec<Arc<str>> = (0..12).map(|i| Arc::from(format!("u{i:02}"))).collect();
+        let name: Arc<str> = Arc::from("n");
+        for id in &ids {
+            assert_eq!(table.add(id, &name), 1);
+        }
+        assert_eq!(table.add(&ids[3], &name), 2);
+        assert!(matches!(table, PresenceTable::Large(_)));
+        assert_eq!(table.remove(&ids[3]), Some(1));
+        for id in &ids[5..] {
+            assert_eq!(table.remove(id), Some(0));
+        }
+        assert_eq!(table.remove(&ids[11]), None);
+        // Five users left: above half the switch, still a map.
+        assert!(matches!(table, PresenceTable::Large(_)));
+        assert_eq!(table.remove(&ids[4]), Some(0));
+        assert!(matches!(table, PresenceTable::Small(_)));
+        assert_eq!(
+            users(&table),
+            [("u00", 1), ("u01", 1), ("u02", 1), ("u03", 1)].map(|(u, c)| (u.to_owned(), c))
+        );
+        assert_eq!(table.add(&ids[0], &name), 2);
+        assert_eq!(table.remove(&ids[0]), Some(1));
     }
 }
