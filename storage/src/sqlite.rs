@@ -68,9 +68,9 @@ impl SqliteStore {
         })?;
         let path = dir.join(FILE_NAME);
         let mut writer = connect(&path)?;
-        let mode: String = writer
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .map_err(map_err)?;
+        let mode: String =
+            retry_busy(|| writer.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)))
+                .map_err(map_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Internal(format!(
                 "{} refused WAL mode (journal_mode is {mode})",
@@ -119,6 +119,27 @@ impl SqliteStore {
             None => recover(self.readers[start % n].lock())?,
         };
         f(&guard).map_err(map_err)
+    }
+}
+
+/// Runs `step` again while SQLite answers busy or locked at once, for up to [`BUSY_TIMEOUT`] in
+/// all. SQLite skips the busy handler where waiting could deadlock, as when several connections
+/// switch a new file to WAL together (concurrent first starts), so the timeout alone does not
+/// cover that.
+fn retry_busy<T>(mut step: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match step() {
+            Err(rusqlite::Error::SqliteFailure(failure, _))
+                if matches!(
+                    failure.code,
+                    ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 
