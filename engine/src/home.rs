@@ -35,7 +35,8 @@ pub(crate) struct HomeRoom {
     key_counts: [u32; FRAME_KEYS],
     presence: PresenceTable,
     /// Net presence changes since the last flush: user → (name, joined?).
-    /// Boxed while empty-prone: most rooms have no change waiting, and every room carries its size.
+    /// Boxed, made on the first change: most rooms have none waiting, and every room carries
+    /// this field's size.
     pending_diff: Option<Box<PresenceDiff>>,
     /// Listed in the shard's `presence_dirty` (once, however long a flush is put off).
     presence_listed: bool,
@@ -208,10 +209,6 @@ impl HomeRoom {
             .collect()
     }
 
-    fn presence_list(&self) -> Vec<PresenceEntry> {
-        self.presence.entries()
-    }
-
     /// Records a presence change; true when the room must be listed for the next flush.
     fn note_presence(&mut self, user: &Arc<str>, name: &Arc<str>, joined: bool) -> bool {
         let diff = self.pending_diff.get_or_insert_default();
@@ -379,7 +376,7 @@ pub(crate) fn join(
         seq: home.seq,
         epoch: shard.shared.epoch_name(home.epoch),
         presence: if id.is_some() {
-            home.presence_list()
+            home.presence.entries()
         } else {
             Vec::new()
         },
@@ -554,7 +551,7 @@ pub(crate) fn presence_of(shard: &Rc<Shard>, room: &RoomId) -> Vec<PresenceEntry
         .home
         .borrow()
         .get(room)
-        .map(|home| home.presence_list())
+        .map(|home| home.presence.entries())
         .unwrap_or_default()
 }
 
@@ -568,7 +565,7 @@ pub(crate) fn presence_query(shard: &Rc<Shard>, room: &RoomId, conn: ConnId, id:
     let reply = match shard.home.borrow().get(room) {
         Some(home) => Reply::Presence {
             id,
-            presence: home.presence_list(),
+            presence: home.presence.entries(),
         },
         None => Reply::Presence {
             id,

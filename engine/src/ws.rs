@@ -673,7 +673,8 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
             if !token_still_valid(shard, conn) || !rate(shard, conn, "publish_per_connection", id) {
                 return;
             }
-            if conn.membership(&room).is_none() {
+            let membership = conn.membership(&room);
+            if membership.is_none() {
                 send_error(
                     shard,
                     conn,
@@ -693,7 +694,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                 );
                 return;
             }
-            if conn.membership(&room) == Some(Membership::Pending) {
+            if membership == Some(Membership::Pending) {
                 if !conn.hold_publish(HeldPublish { room, data, id }) {
                     send_error(
                         shard,
