@@ -2,6 +2,11 @@
 //! its member count checked against `max_members` and its presence aggregated. Every join, leave
 //! and publish of a room passes here in mailbox order, which is what gives every member the same
 //! order without a lock.
+//!
+//! A personal room (SPEC §5) holds its owner whenever the owner is connected, so its home never
+//! counts the owner: it asks [`crate::shard::Shared::online_user`] where the owner's connections
+//! are, and keeps state for the room only once a message, a history query, a resume, an explicit
+//! join or another member (an admin) needs it. An idle user costs its home nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -17,7 +22,7 @@ use crate::frames::{FRAME_KEYS, FrameKey, Frames};
 use crate::limits::{Bucket, Verdict};
 use crate::now_ms;
 use crate::rooms::RoomSettings;
-use crate::shard::{Delivery, Joined, Reply, Shard, ShardMsg};
+use crate::shard::{Delivery, Joined, OnlineUser, Reply, Shard, ShardMsg};
 
 /// Mailbox messages waiting on a shard above which its presence flushes are put off.
 const PRESENCE_DELAY_BACKLOG: usize = 4096;
@@ -254,6 +259,57 @@ fn to_conn(shard: &Rc<Shard>, conn: ConnId, msg: ShardMsg) {
     shard.dispatch(shard_of(conn), msg);
 }
 
+/// The owner of `room` when it is a personal room.
+fn owner_of(room: &RoomId) -> Option<&str> {
+    room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX)
+}
+
+/// The owner of personal room `room`, when it is one and its owner is connected.
+fn online_owner(shard: &Shard, room: &RoomId) -> Option<OnlineUser> {
+    owner_of(room).and_then(|owner| shard.shared.online_user(owner))
+}
+
+/// Brings up the state of personal room `room` if its owner is connected (the owner's last leave
+/// drops it again, see [`leave`]); true when the room has state afterwards.
+fn bring_up_personal(
+    shard: &Shard,
+    rooms: &mut HashMap<RoomId, Box<HomeRoom>>,
+    room: &RoomId,
+) -> bool {
+    if rooms.contains_key(room) {
+        return true;
+    }
+    if room.is_personal() && online_owner(shard, room).is_some() {
+        rooms.insert(room.clone(), Box::new(HomeRoom::new(shard, true)));
+        return true;
+    }
+    false
+}
+
+/// A room's presence, sorted by user: its counted members, plus a personal room's connected owner.
+fn presence_entries(
+    home: Option<&HomeRoom>,
+    owner: Option<(&str, &OnlineUser)>,
+) -> Vec<PresenceEntry> {
+    let mut list = home.map(|h| h.presence.entries()).unwrap_or_default();
+    if let Some((user, online)) = owner {
+        list.push(PresenceEntry {
+            user: user.to_owned(),
+            name: online.name.to_string(),
+            conns: online.conns,
+        });
+        list.sort_by(|a, b| a.user.cmp(&b.user));
+    }
+    list
+}
+
+/// `room`'s presence as its home answers it.
+fn presence_now(shard: &Shard, room: &RoomId, home: Option<&HomeRoom>) -> Vec<PresenceEntry> {
+    let online = online_owner(shard, room);
+    let owner = owner_of(room).zip(online.as_ref());
+    presence_entries(home, owner)
+}
+
 /// Hands one room's frames to every shard in `targets`.
 fn fan_out(shard: &Rc<Shard>, targets: Vec<usize>, delivery: Delivery) {
     let delivery = Arc::new(delivery);
@@ -323,14 +379,62 @@ pub(crate) fn join(
         message,
     };
     let mut rooms = shard.home.borrow_mut();
+    if owner_of(room) == Some(&**user) {
+        // The owner is never counted here (see the module doc). A join whose answer tells the
+        // client the room's `seq` and `epoch` (an explicit join, a resume) brings the room up, so
+        // that they stay true; the initial join at connect does not.
+        if id.is_some() || resume.is_some() {
+            bring_up_personal(shard, &mut rooms, room);
+        }
+        let home = rooms.get_mut(room);
+        let presence = if id.is_some() {
+            presence_now(shard, room, home.as_ref().map(|h| &***h))
+        } else {
+            Vec::new()
+        };
+        let reply = match home {
+            Some(home) => Joined {
+                room: room.clone(),
+                conn,
+                id,
+                initial,
+                seq: home.seq,
+                epoch: shard.shared.epoch_name(home.epoch),
+                presence,
+                recovery: resume.map(|from| recover(home, &from, shard)),
+            },
+            // No state: nothing was ever published while the owner has been connected.
+            None => Joined {
+                room: room.clone(),
+                conn,
+                id,
+                initial,
+                seq: 0,
+                epoch: Arc::from(""),
+                presence,
+                recovery: None,
+            },
+        };
+        drop(rooms);
+        to_conn(shard, conn, ShardMsg::Joined(Box::new(reply)));
+        return;
+    }
     if !rooms.contains_key(room) {
-        let personal_own = room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX) == Some(&**user);
-        if !(settings.is_some() || personal_own || (cfg.implicit_rooms && !room.is_personal())) {
+        let open = if room.is_personal() {
+            // Another user's personal room (an admin: checked before the join was sent) exists
+            // while its owner is connected.
+            bring_up_personal(shard, &mut rooms, room)
+        } else {
+            settings.is_some() || cfg.implicit_rooms
+        };
+        if !open {
             drop(rooms);
             to_conn(shard, conn, fail(ErrorCode::NotFound, "no such room"));
             return;
         }
-        rooms.insert(room.clone(), Box::new(HomeRoom::new(shard, true)));
+        rooms
+            .entry(room.clone())
+            .or_insert_with(|| Box::new(HomeRoom::new(shard, true)));
     }
     let Some(home) = rooms.get_mut(room) else {
         return;
@@ -368,6 +472,11 @@ pub(crate) fn join(
         }
     }
     let recovery = resume.map(|from| recover(home, &from, shard));
+    let presence = if id.is_some() {
+        presence_now(shard, room, Some(home))
+    } else {
+        Vec::new()
+    };
     let reply = ShardMsg::Joined(Box::new(Joined {
         room: room.clone(),
         conn,
@@ -375,11 +484,7 @@ pub(crate) fn join(
         initial,
         seq: home.seq,
         epoch: shard.shared.epoch_name(home.epoch),
-        presence: if id.is_some() {
-            home.presence.entries()
-        } else {
-            Vec::new()
-        },
+        presence,
         recovery,
     }));
     drop(rooms);
@@ -421,19 +526,28 @@ pub(crate) fn leave(
     let Some(home) = rooms.get_mut(room) else {
         return;
     };
-    home.members = home.members.saturating_sub(1);
-    let s = &mut home.shard_members[shard_of(conn)];
-    *s = s.saturating_sub(1);
-    let k = &mut home.key_counts[key.index()];
-    *k = k.saturating_sub(1);
-    if home.presence.remove(user) == Some(0)
-        && !room.is_personal()
-        && home.presence_on
-        && home.note_presence(user, name, false)
-    {
-        shard.presence_dirty.borrow_mut().push(room.clone());
+    let owner = owner_of(room);
+    // A personal room's owner was never counted (see the module doc).
+    if owner != Some(&**user) {
+        home.members = home.members.saturating_sub(1);
+        let s = &mut home.shard_members[shard_of(conn)];
+        *s = s.saturating_sub(1);
+        let k = &mut home.key_counts[key.index()];
+        *k = k.saturating_sub(1);
+        if home.presence.remove(user) == Some(0)
+            && owner.is_none()
+            && home.presence_on
+            && home.note_presence(user, name, false)
+        {
+            shard.presence_dirty.borrow_mut().push(room.clone());
+        }
     }
-    if home.members == 0 && home.ephemeral {
+    // A personal room lasts while its owner is connected (the connection that closed was
+    // released before its leaves were sent).
+    if home.members == 0
+        && home.ephemeral
+        && owner.is_none_or(|o| shard.shared.online_user(o).is_none())
+    {
         rooms.remove(room);
     }
 }
@@ -477,7 +591,11 @@ pub(crate) fn publish_external(
             }
             // A personal room whose owner is offline: the message has nobody to reach, and
             // there is no room to keep history in.
-            (None, None) => return Ok(0),
+            (None, None) => {
+                if !bring_up_personal(shard, &mut rooms, &room) {
+                    return Ok(0);
+                }
+            }
             (Some(_), None) => {}
         }
     }
@@ -495,6 +613,11 @@ fn sequence(
     let cfg = &shard.shared.config;
     let now = now_ms();
     let mut rooms = shard.home.borrow_mut();
+    // A personal room's owner may publish before anything brought the room up.
+    let online = online_owner(shard, &room);
+    if online.is_some() && !rooms.contains_key(&room) {
+        rooms.insert(room.clone(), Box::new(HomeRoom::new(shard, true)));
+    }
     let Some(home) = rooms.get_mut(&room) else {
         return Err((ErrorCode::NotJoined, "not joined to this room"));
     };
@@ -518,9 +641,16 @@ fn sequence(
         ts: now,
         data,
     });
+    // The owner's connections are not counted by wire format: a personal room's message is
+    // encoded in every format (such messages are rare; an idle user costs nothing instead).
+    let in_use = if room.is_personal() {
+        [1; FRAME_KEYS]
+    } else {
+        home.key_counts
+    };
     let frames = Frames::message(
         &record,
-        &home.key_counts,
+        &in_use,
         cfg.compression_threshold,
         &mut shard.compressor.borrow_mut(),
     );
@@ -531,7 +661,12 @@ fn sequence(
         home.prune_history(now, ttl_ms(shard), cfg.history_size);
     }
     let seq = home.seq;
-    let targets = home.member_shards();
+    let mut targets = home.member_shards();
+    if let Some(owner) = online {
+        targets.extend(owner.shards);
+        targets.sort_unstable();
+        targets.dedup();
+    }
     drop(rooms);
     fan_out(
         shard,
@@ -547,12 +682,7 @@ fn sequence(
 
 /// A room's presence for the HTTP API (empty when nobody is in it).
 pub(crate) fn presence_of(shard: &Rc<Shard>, room: &RoomId) -> Vec<PresenceEntry> {
-    shard
-        .home
-        .borrow()
-        .get(room)
-        .map(|home| home.presence.entries())
-        .unwrap_or_default()
+    presence_now(shard, room, shard.home.borrow().get(room).map(|h| &**h))
 }
 
 /// Forgets a deleted room. Its members were kicked first; their leaves that arrive later find
@@ -562,17 +692,8 @@ pub(crate) fn drop_room(shard: &Rc<Shard>, room: &RoomId) {
 }
 
 pub(crate) fn presence_query(shard: &Rc<Shard>, room: &RoomId, conn: ConnId, id: Option<u64>) {
-    let reply = match shard.home.borrow().get(room) {
-        Some(home) => Reply::Presence {
-            id,
-            presence: home.presence.entries(),
-        },
-        None => Reply::Presence {
-            id,
-            presence: Vec::new(),
-        },
-    };
-    shard.reply(conn, reply);
+    let presence = presence_now(shard, room, shard.home.borrow().get(room).map(|h| &**h));
+    shard.reply(conn, Reply::Presence { id, presence });
 }
 
 pub(crate) fn history_query(
@@ -585,7 +706,10 @@ pub(crate) fn history_query(
 ) {
     let cfg = &shard.shared.config;
     let now = now_ms();
-    let reply = match shard.home.borrow_mut().get_mut(room) {
+    let mut rooms = shard.home.borrow_mut();
+    // The answer names the epoch: a personal room is brought up so that it stays true.
+    bring_up_personal(shard, &mut rooms, room);
+    let reply = match rooms.get_mut(room) {
         Some(home) => {
             home.prune_history(now, ttl_ms(shard), cfg.history_size);
             let messages = home
@@ -606,6 +730,7 @@ pub(crate) fn history_query(
             epoch: shard.shared.epoch_name(shard.shared.new_epoch()),
         },
     };
+    drop(rooms);
     shard.reply(conn, reply);
 }
 

@@ -327,15 +327,20 @@ async fn upgrade(
     };
     let conn_id = shard.next_conn_id();
     let replaced = match &identity {
-        Some(identity) => match shard.shared.admit(ip, &identity.user_id, conn_id) {
-            Ok(replaced) => replaced,
-            Err(refused) => {
-                let r = cap_refusal(refused);
-                metrics.connect(r.metric);
-                respond_refusal(stream, &r, &request_id, &[]).await;
-                return;
+        Some(identity) => {
+            match shard
+                .shared
+                .admit(ip, &identity.user_id, &identity.username, conn_id)
+            {
+                Ok(replaced) => replaced,
+                Err(refused) => {
+                    let r = cap_refusal(refused);
+                    metrics.connect(r.metric);
+                    respond_refusal(stream, &r, &request_id, &[]).await;
+                    return;
+                }
             }
-        },
+        }
         None => None,
     };
     let mut accept = Vec::with_capacity(256);
@@ -373,7 +378,12 @@ async fn upgrade(
                 return;
             };
             let mut stream = connected.stream;
-            match shard.shared.admit(ip, &connected.identity.user_id, conn_id) {
+            match shard.shared.admit(
+                ip,
+                &connected.identity.user_id,
+                &connected.identity.username,
+                conn_id,
+            ) {
                 Ok(replaced) => {
                     let accepted = crate::ws::Accepted {
                         stream,

@@ -188,8 +188,9 @@ struct IpState {
 const STRIPES: usize = 16;
 
 /// State every shard reads: configuration, services, mailboxes, and the connect-time maps
-/// (per-user and per-IP connection counts). The maps are striped mutexes touched only at connect
-/// and disconnect, never per message.
+/// (per-user and per-IP connection counts). The maps are striped mutexes touched at connect and
+/// disconnect, and by a personal room's home (which learns its owner's connections there), never
+/// per message of any other room.
 pub(crate) struct Shared {
     pub(crate) config: EngineConfig,
     pub(crate) auth: Arc<dyn Authenticator>,
@@ -197,7 +198,7 @@ pub(crate) struct Shared {
     pub(crate) policy: Arc<dyn RoomPolicy>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) mailboxes: Vec<Mailbox<ShardMsg>>,
-    users: Vec<Mutex<HashMap<Arc<str>, Vec<ConnId>>>>,
+    users: Vec<Mutex<HashMap<Arc<str>, UserConns>>>,
     ips: Vec<Mutex<HashMap<IpAddr, IpState>>>,
     /// Closed sessions that may be resumed: session → (user, expiry in ms).
     resumable: Vec<Mutex<ResumableSessions>>,
@@ -206,6 +207,21 @@ pub(crate) struct Shared {
     pub(crate) instance: String,
     pub(crate) epoch_counter: AtomicU64,
     pub(crate) session_counter: AtomicU64,
+}
+
+/// One user's live connections (oldest first) and name.
+struct UserConns {
+    name: Arc<str>,
+    conns: Vec<ConnId>,
+}
+
+/// A connected user as its personal room's home sees it (SPEC §5: the owner is always in the
+/// room while connected, so the home keeps no count of its own for the owner).
+pub(crate) struct OnlineUser {
+    pub(crate) name: Arc<str>,
+    pub(crate) conns: u32,
+    /// The shards holding its connections, ascending, without repeats.
+    pub(crate) shards: Vec<usize>,
 }
 
 /// Closed sessions that may be resumed: session id → (user id, expiry in epoch ms).
@@ -291,6 +307,7 @@ impl Shared {
         &self,
         ip: IpAddr,
         user: &Arc<str>,
+        name: &Arc<str>,
         conn: ConnId,
     ) -> Result<Option<ConnId>, CapRefusal> {
         {
@@ -311,7 +328,13 @@ impl Shared {
         let mut users = self.users[stripe(&**user)]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = users.entry(user.clone()).or_default();
+        let list = &mut users
+            .entry(user.clone())
+            .or_insert_with(|| UserConns {
+                name: name.clone(),
+                conns: Vec::new(),
+            })
+            .conns;
         let mut replaced = None;
         if list.len() >= self.config.max_connections_per_user as usize {
             match self.config.session_conflict {
@@ -349,12 +372,28 @@ impl Shared {
         let mut users = self.users[stripe(&**user)]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(list) = users.get_mut(user) {
-            list.retain(|c| *c != conn);
-            if list.is_empty() {
+        if let Some(entry) = users.get_mut(user) {
+            entry.conns.retain(|c| *c != conn);
+            if entry.conns.is_empty() {
                 users.remove(user);
             }
         }
+    }
+
+    /// `user`'s live connections, for its personal room's home; None when it has none.
+    pub(crate) fn online_user(&self, user: &str) -> Option<OnlineUser> {
+        let users = self.users[stripe(user)]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = users.get(user)?;
+        let mut shards: Vec<usize> = entry.conns.iter().map(|c| shard_of(*c)).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        Some(OnlineUser {
+            name: entry.name.clone(),
+            conns: u32::try_from(entry.conns.len()).unwrap_or(u32::MAX),
+            shards,
+        })
     }
 
     /// Remembers a closed session for `resume_ttl`.

@@ -906,6 +906,9 @@ fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     // Nobody is left to answer.
     drop(conn.take_held(None));
     let abnormal = conn.abnormal.get() && conn.closing.get().is_none();
+    // Released first: the personal room's home, hearing this connection leave, looks here for
+    // the owner's other connections to decide whether the room goes.
+    shard.shared.release(conn.ip, &conn.user_id(), conn.id);
     let rooms: Vec<RoomId> = conn.rooms.borrow().iter().map(|(r, _)| r.clone()).collect();
     for room in &rooms {
         if abnormal {
@@ -915,7 +918,6 @@ fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         }
     }
     shard.conns.borrow_mut().remove(&conn.id);
-    shard.shared.release(conn.ip, &conn.user_id(), conn.id);
     if !shard.shared.config.resume_ttl.is_zero() {
         shard
             .shared

@@ -359,6 +359,111 @@ fn presence_of_a_crowded_room_stays_exact() {
     assert_eq!(presence(&mut clients[0]), expected);
 }
 
+/// The personal room holds its owner wherever the owner is connected, in every format, though
+/// its home keeps no state for an idle user: presence counts the owner's connections, a message
+/// reaches all of them, `seq` and `epoch` stay the same across history and an explicit join, and
+/// the room's lifetime ends with the owner's last connection.
+#[test]
+fn a_personal_room_follows_its_owner_on_every_shard() {
+    let server = Server::start("personal", &["--shards", "2", "--default-rooms", ""]);
+    let token = server.token("pat");
+    let formats = [
+        None,
+        Some("ringhub.v1.msgpack"),
+        None,
+        Some("ringhub.v1.msgpack"),
+    ];
+    let mut conns: Vec<Client> = formats
+        .iter()
+        .map(|f| {
+            let mut c = server.connect(&token, *f);
+            welcome(&mut c);
+            c
+        })
+        .collect();
+    let presence = |c: &mut Client| -> Vec<(String, u64)> {
+        let id = c.request("presence", &[("room", s("user:pat"))]);
+        let reply = c.expect("reply", Some(id));
+        reply
+            .get("presence")
+            .and_then(Value::as_array)
+            .unwrap()
+            .iter()
+            .map(|p| (str_of(p, "user").to_owned(), u64_of(p, "conns")))
+            .collect()
+    };
+    assert_eq!(presence(&mut conns[0]), [("pat".to_owned(), 4)]);
+    // Nothing published yet: an empty history under some epoch.
+    let id = conns[1].request("history", &[("room", s("user:pat"))]);
+    let before = conns[1].expect("reply", Some(id));
+    assert!(
+        before
+            .get("messages")
+            .and_then(Value::as_array)
+            .unwrap()
+            .is_empty()
+    );
+    let epoch = str_of(&before, "epoch").to_owned();
+    let id = conns[0].request("publish", &[("room", s("user:pat")), ("data", s("note"))]);
+    assert_eq!(u64_of(&conns[0].expect("reply", Some(id)), "seq"), 1);
+    for c in &mut conns {
+        let m = c.expect("message", None);
+        assert_eq!((str_of(&m, "room"), u64_of(&m, "seq")), ("user:pat", 1));
+        assert_eq!(m.get("data"), Some(&s("note")));
+    }
+    let id = conns[2].request("join", &[("room", s("user:pat"))]);
+    let joined = conns[2].expect("reply", Some(id));
+    assert_eq!(
+        (u64_of(&joined, "seq"), str_of(&joined, "epoch")),
+        (1, epoch.as_str())
+    );
+    let id = conns[3].request("history", &[("room", s("user:pat"))]);
+    let after = conns[3].expect("reply", Some(id));
+    assert_eq!(str_of(&after, "epoch"), epoch);
+    assert_eq!(
+        after
+            .get("messages")
+            .and_then(Value::as_array)
+            .unwrap()
+            .len(),
+        1
+    );
+    // Clean closes count out at once.
+    for mut c in conns.drain(1..) {
+        c.socket.close(None).unwrap();
+        assert_eq!(c.ended(), Ended::Closed(1000));
+    }
+    let mut left = conns.pop().unwrap();
+    let mut seen = presence(&mut left);
+    for _ in 0..50 {
+        if seen == [("pat".to_owned(), 1)] {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        seen = presence(&mut left);
+    }
+    assert_eq!(seen, [("pat".to_owned(), 1)]);
+    left.socket.close(None).unwrap();
+    assert_eq!(left.ended(), Ended::Closed(1000));
+    drop(left);
+    // The owner's last connection ended the room's lifetime: a new connection finds no history
+    // and another epoch.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = server.connect(&token, None);
+    welcome(&mut again);
+    let id = again.request("history", &[("room", s("user:pat"))]);
+    let fresh = again.expect("reply", Some(id));
+    assert!(
+        fresh
+            .get("messages")
+            .and_then(Value::as_array)
+            .unwrap()
+            .is_empty()
+    );
+    assert_ne!(str_of(&fresh, "epoch"), epoch);
+    assert_eq!(presence(&mut again), [("pat".to_owned(), 1)]);
+}
+
 #[test]
 fn history_returns_messages_after_since_oldest_first() {
     let server = Server::start("history", &["--history-size", "5"]);
