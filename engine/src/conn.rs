@@ -10,7 +10,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use monoio::io::{AsyncWriteRentExt, OwnedWriteHalf};
 use monoio::net::TcpStream;
 use protocol::CloseCode;
 use protocol::envelope::{RoomId, Value};
@@ -52,14 +51,16 @@ pub(crate) struct PendingResume {
 pub(crate) struct Conn {
     pub(crate) id: ConnId,
     pub(crate) key: FrameKey,
+    /// Shared by the read loop (readiness and non-blocking `recv`) and the writer (io_uring
+    /// writes): see [`crate::sys::stream_ref`].
     stream: Rc<UnsafeCell<TcpStream>>,
-    writer: RefCell<Option<OwnedWriteHalf<TcpStream>>>,
     /// Frames encoded and waiting, in order: a delivery is copied here once (no refcount per
     /// member), and a flush writes the whole buffer. Empty with no capacity while idle.
     out: RefCell<Vec<u8>>,
     writing: Cell<bool>,
-    /// When the last write started ([`crate::monotonic_us`]); kept only with `write_delay`.
-    last_write_us: Cell<u64>,
+    /// When the last write started: [`crate::monotonic_us`] in 32 bits (it wraps every 71
+    /// minutes; only differences are read); kept only with `write_delay`.
+    last_write_us: Cell<u32>,
     /// Set once a close has been decided; the code sent.
     pub(crate) closing: Cell<Option<CloseCode>>,
     /// Whether the peer went away without a close handshake (drives presence's 5 s delay later).
@@ -68,28 +69,41 @@ pub(crate) struct Conn {
     pub(crate) ready: Cell<bool>,
     pub(crate) identity: RefCell<Identity>,
     pub(crate) ip: IpAddr,
-    /// The number in this connection's session id (see [`Conn::session`]).
-    session_number: u64,
     pub(crate) rooms: RefCell<Vec<(RoomId, Membership)>>,
-    pub(crate) last_seen_ms: Cell<u64>,
-    pub(crate) last_ping_ms: Cell<u64>,
+    /// When a frame last arrived and a ping last went out, as [`crate::monotonic_ms32`].
+    pub(crate) last_seen_ms: Cell<u32>,
+    pub(crate) last_ping_ms: Cell<u32>,
     pub(crate) refresh_warned: Cell<bool>,
-    /// Rate buckets (publish, join, query), made on the first limited attempt: an idle
-    /// connection carries a pointer instead of three buckets.
-    pub(crate) buckets: Cell<Option<Box<[Bucket; 3]>>>,
     /// Initial joins (default rooms, personal room) still unanswered.
     pub(crate) pending_initial: Cell<u32>,
-    /// Boxed: rare, and every idle connection would carry its size.
-    pub(crate) resume: RefCell<Option<Box<PendingResume>>>,
-    /// Joined persistent rooms where this user may read but not publish (usually absent). A thin
-    /// pointer in a `Cell` on purpose: 8 bytes where a `RefCell<Vec>` is 32, and the whole `Conn`
-    /// must stay within mimalloc's 320-byte size class with the `Rc` header.
-    #[allow(clippy::box_collection)]
-    read_only: Cell<Option<Box<Vec<RoomId>>>>,
-    /// Publishes waiting for their room's join to be answered (usually absent; thin for the
-    /// same reason as `read_only`).
-    #[allow(clippy::box_collection)]
-    held: Cell<Option<Box<Vec<HeldPublish>>>>,
+    /// What most connections never need, boxed on first use (see [`Rare`]). Every idle
+    /// connection carries this struct: with its `Rc` header it must stay within 248 bytes, the
+    /// allocator's 256-byte class (measured: each step past a class costs the whole step).
+    rare: Cell<Option<Box<Rare>>>,
+}
+
+/// A connection's rarely used state: made on the first rate-limited op, read-only room, publish
+/// held behind a join, or resume, and dropped again once empty.
+#[derive(Default)]
+pub(crate) struct Rare {
+    /// Rate buckets (publish, join, query), made full on the first limited attempt (exactly
+    /// what buckets made at connect would hold by then).
+    pub(crate) buckets: Option<[Bucket; 3]>,
+    /// Joined persistent rooms where this user may read but not publish.
+    read_only: Vec<RoomId>,
+    /// Publishes waiting for their room's join to be answered.
+    held: Vec<HeldPublish>,
+    /// A `resume` waiting for its rooms' homes.
+    pub(crate) resume: Option<Box<PendingResume>>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.buckets.is_none()
+            && self.read_only.is_empty()
+            && self.held.is_empty()
+            && self.resume.is_none()
+    }
 }
 
 /// A publish sent while its room's join was still unanswered. It waits for the answer rather than
@@ -119,45 +133,91 @@ pub(crate) struct ConnParts {
     pub(crate) id: ConnId,
     pub(crate) key: FrameKey,
     pub(crate) stream: Rc<UnsafeCell<TcpStream>>,
-    pub(crate) writer: OwnedWriteHalf<TcpStream>,
     pub(crate) identity: Identity,
     pub(crate) ip: IpAddr,
-    pub(crate) session_number: u64,
 }
 
 impl Conn {
     pub(crate) fn new(parts: ConnParts) -> Self {
-        let now = crate::now_ms();
+        let now = crate::monotonic_ms32();
         Self {
             id: parts.id,
             key: parts.key,
             stream: parts.stream,
-            writer: RefCell::new(Some(parts.writer)),
             out: RefCell::new(Vec::new()),
             writing: Cell::new(false),
-            last_write_us: Cell::new(0),
+            // Long enough ago that the first write is not delayed.
+            last_write_us: Cell::new(monotonic_us32().wrapping_sub(1 << 31)),
             closing: Cell::new(None),
             abnormal: Cell::new(false),
             ready: Cell::new(false),
             identity: RefCell::new(parts.identity),
             ip: parts.ip,
-            session_number: parts.session_number,
             rooms: RefCell::new(Vec::new()),
             last_seen_ms: Cell::new(now),
             last_ping_ms: Cell::new(now),
             refresh_warned: Cell::new(false),
-            buckets: Cell::new(None),
             pending_initial: Cell::new(0),
-            resume: RefCell::new(None),
-            read_only: Cell::new(None),
-            held: Cell::new(None),
+            rare: Cell::new(None),
         }
+    }
+
+    /// Runs `f` on the rare state, making it first.
+    pub(crate) fn with_rare<R>(&self, f: impl FnOnce(&mut Rare) -> R) -> R {
+        let mut rare = self.rare.take().unwrap_or_default();
+        let result = f(&mut rare);
+        if !rare.is_empty() {
+            self.rare.set(Some(rare));
+        }
+        result
+    }
+
+    /// Runs `f` on the rare state when it exists (without making it).
+    fn peek_rare<R>(&self, f: impl FnOnce(&mut Rare) -> R) -> Option<R> {
+        let mut rare = self.rare.take()?;
+        let result = f(&mut rare);
+        if !rare.is_empty() {
+            self.rare.set(Some(rare));
+        }
+        Some(result)
+    }
+
+    /// Whether a `resume` is waiting for answers.
+    pub(crate) fn resume_pending(&self) -> bool {
+        self.peek_rare(|r| r.resume.is_some()).unwrap_or(false)
+    }
+
+    /// Whether a pending `resume` waits for `room`.
+    pub(crate) fn resume_waits_for(&self, room: &RoomId) -> bool {
+        self.peek_rare(|r| r.resume.as_ref().is_some_and(|p| p.waiting.contains(room)))
+            .unwrap_or(false)
+    }
+
+    /// Records `room`'s outcome in the pending `resume`; returns the resume once every room has
+    /// answered.
+    pub(crate) fn resume_answered(
+        &self,
+        room: &RoomId,
+        recovered: bool,
+    ) -> Option<Box<PendingResume>> {
+        self.peek_rare(|rare| {
+            let p = rare.resume.as_mut()?;
+            let pos = p.waiting.iter().position(|r| r == room)?;
+            p.waiting.remove(pos);
+            p.results.push((room.clone(), recovered));
+            if p.waiting.is_empty() {
+                rare.resume.take()
+            } else {
+                None
+            }
+        })
+        .flatten()
     }
 
     /// The session id given in `welcome` (and the Socket.IO `sid`), formatted when asked for so
     /// that an idle connection does not carry the string.
     pub(crate) fn session(&self, shard: &Shard) -> String {
-        format!("c_{}{:x}", shard.shared.instance, self.session_number)
+        format!("c_{}{:x}", shard.shared.instance, self.id)
     }
 
     pub(crate) fn stream(&self) -> &Rc<UnsafeCell<TcpStream>> {
@@ -182,57 +242,44 @@ impl Conn {
 
     /// Holds a publish until its room's join is answered; false when too many already wait.
     pub(crate) fn hold_publish(&self, publish: HeldPublish) -> bool {
-        let mut list = self.held.take().unwrap_or_default();
-        let has_space = list.len() < MAX_HELD_PUBLISHES;
-        if has_space {
-            list.push(publish);
-        }
-        self.held.set(Some(list));
-        has_space
+        self.with_rare(|rare| {
+            let has_space = rare.held.len() < MAX_HELD_PUBLISHES;
+            if has_space {
+                rare.held.push(publish);
+            }
+            has_space
+        })
     }
 
     /// Takes the publishes held for `room` (every room with `None`), in the order they were sent.
     pub(crate) fn take_held(&self, room: Option<&RoomId>) -> Vec<HeldPublish> {
-        let Some(mut list) = self.held.take() else {
-            return Vec::new();
-        };
-        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut *list)
-            .into_iter()
-            .partition(|p| room.is_none_or(|r| p.room == *r));
-        if !kept.is_empty() {
-            *list = kept;
-            self.held.set(Some(list));
-        }
-        taken
+        self.peek_rare(|rare| {
+            let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut rare.held)
+                .into_iter()
+                .partition(|p| room.is_none_or(|r| p.room == *r));
+            rare.held = kept;
+            taken
+        })
+        .unwrap_or_default()
     }
 
     /// Whether this user may read `room` but not publish in it.
     pub(crate) fn is_read_only(&self, room: &RoomId) -> bool {
-        let list = self.read_only.take();
-        let read_only = list.as_ref().is_some_and(|l| l.contains(room));
-        self.read_only.set(list);
-        read_only
+        self.peek_rare(|rare| rare.read_only.contains(room))
+            .unwrap_or(false)
     }
 
     /// Records whether this user may only read `room`.
     pub(crate) fn set_read_only(&self, room: &RoomId, read_only: bool) {
-        let mut slot = self.read_only.take();
-        let pos = slot
-            .as_ref()
-            .and_then(|list| list.iter().position(|r| r == room));
-        match (pos, read_only) {
-            (None, true) => slot.get_or_insert_default().push(room.clone()),
-            (Some(i), false) => {
-                if let Some(list) = slot.as_mut() {
-                    list.swap_remove(i);
-                    if list.is_empty() {
-                        slot = None;
-                    }
+        if read_only {
+            self.with_rare(|rare| {
+                if !rare.read_only.contains(room) {
+                    rare.read_only.push(room.clone());
                 }
-            }
-            _ => {}
+            });
+        } else {
+            self.peek_rare(|rare| rare.read_only.retain(|r| r != room));
         }
-        self.read_only.set(slot);
     }
 
     /// Bytes queued and not yet handed to the kernel.
@@ -327,12 +374,12 @@ impl Conn {
     }
 }
 
+/// The low 32 bits of [`crate::monotonic_us`].
+fn monotonic_us32() -> u32 {
+    u32::try_from(crate::monotonic_us() & u64::from(u32::MAX)).unwrap_or_default()
+}
+
 async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>) {
-    let taken = conn.writer.borrow_mut().take();
-    let Some(mut writer) = taken else {
-        conn.writing.set(false);
-        return;
-    };
     let mut failed = false;
     let delay_us = u64::try_from(shard.shared.config.write_delay.as_micros()).unwrap_or(u64::MAX);
     loop {
@@ -340,12 +387,11 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>) {
             // At most one write per `write_delay`: what arrives meanwhile joins this write, which
             // means fewer, larger writes for the kernel and for the reader. A connection not
             // written to for that long is written at once.
-            let due = conn.last_write_us.get().saturating_add(delay_us);
-            let now = crate::monotonic_us();
-            if due > now {
-                monoio::time::sleep(Duration::from_micros(due - now)).await;
+            let since = u64::from(monotonic_us32().wrapping_sub(conn.last_write_us.get()));
+            if since < delay_us {
+                monoio::time::sleep(Duration::from_micros(delay_us - since)).await;
             }
-            conn.last_write_us.set(crate::monotonic_us());
+            conn.last_write_us.set(monotonic_us32());
         }
         // Everything queued goes out in one write; frames queued meanwhile start a new buffer.
         let buf = std::mem::take(&mut *conn.out.borrow_mut());
@@ -353,7 +399,7 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>) {
             break;
         }
         let len = buf.len() as u64;
-        let (result, written) = writer.write_all(buf).await;
+        let (result, written) = sys::write_all(&conn.stream, buf).await;
         shard.put_buffer(written);
         if result.is_err() {
             failed = true;
@@ -364,12 +410,21 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>) {
         metrics.bytes_out.fetch_add(len, Ordering::Relaxed);
         metrics.socket_writes.fetch_add(1, Ordering::Relaxed);
     }
-    conn.writer.replace(Some(writer));
     conn.writing.set(false);
     if failed {
         conn.abnormal.set(true);
         conn.abort();
     } else if conn.closing.get().is_some() {
         sys::shutdown(&conn.stream, Shutdown::Write);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every idle connection carries a `Conn` in an `Rc`: 16 bytes of counts, and the whole must
+    /// stay within the allocator's 256-byte class (see the `rare` field).
+    #[test]
+    fn a_connection_fits_the_256_byte_class() {
+        assert!(size_of::<super::Conn>() + 16 <= 248);
     }
 }

@@ -109,6 +109,12 @@ pub(crate) fn monotonic_us() -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
+/// Milliseconds on the monotonic clock of [`monotonic_us`] in 32 bits: it wraps every 49 days, so
+/// only differences of recent times are meaningful (`wrapping_sub`).
+pub(crate) fn monotonic_ms32() -> u32 {
+    u32::try_from((monotonic_us() / 1000) & u64::from(u32::MAX)).unwrap_or_default()
+}
+
 /// Yields once to the shard's other tasks.
 pub(crate) fn yield_now() -> impl Future<Output = ()> {
     struct YieldNow(bool);

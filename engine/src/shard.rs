@@ -206,7 +206,6 @@ pub(crate) struct Shared {
     /// Distinguishes room epochs across restarts of this process.
     pub(crate) instance: String,
     pub(crate) epoch_counter: AtomicU64,
-    pub(crate) session_counter: AtomicU64,
 }
 
 /// One user's live connections (oldest first) and name.
@@ -271,7 +270,6 @@ impl Shared {
             shutting_down: AtomicBool::new(false),
             instance: nonce.iter().map(|b| format!("{b:02x}")).collect(),
             epoch_counter: AtomicU64::new(0),
-            session_counter: AtomicU64::new(0),
         }
     }
 
@@ -813,7 +811,8 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
             if conn.closing.get().is_some() || !conn.ready.get() {
                 continue;
             }
-            if now.saturating_sub(conn.last_seen_ms.get()) > idle_limit {
+            let mono = crate::monotonic_ms32();
+            if u64::from(mono.wrapping_sub(conn.last_seen_ms.get())) > idle_limit {
                 conn.close(&shard, CloseCode::IDLE_TIMEOUT);
                 continue;
             }
@@ -835,8 +834,8 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
                 conn.close(&shard, CloseCode::UNAUTHORIZED);
                 continue;
             }
-            if now.saturating_sub(conn.last_ping_ms.get()) >= heartbeat {
-                conn.last_ping_ms.set(now);
+            if u64::from(mono.wrapping_sub(conn.last_ping_ms.get())) >= heartbeat {
+                conn.last_ping_ms.set(mono);
                 crate::ws::send_ping(&shard, &conn);
             }
         }

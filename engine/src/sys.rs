@@ -1,5 +1,6 @@
-//! The engine's only `unsafe`: socket shutdown by descriptor, readiness on a split stream, the
-//! non-blocking read into a shard's scratch buffer, and the thread priority of blocking pools.
+//! The engine's only `unsafe`: socket shutdown by descriptor, readiness and writes on a stream
+//! shared by a connection's reader and writer, the non-blocking read into a shard's scratch
+//! buffer, and the thread priority of blocking pools.
 //! Each function states why it is sound.
 #![allow(unsafe_code)]
 
@@ -71,6 +72,21 @@ pub(crate) fn stream_ref(stream: &Rc<UnsafeCell<TcpStream>>) -> &TcpStream {
     // `as_raw_fd`) only clone or read the stream's descriptor handle; they never observe state that
     // the write half mutates, and the shard is a single thread, so no data race exists.
     unsafe { &*stream.get() }
+}
+
+/// Writes all of `buf` to a connection's stream (one io_uring write, more if the kernel takes
+/// part of it). The caller must be the connection's only writer (`Conn::writing`).
+pub(crate) async fn write_all(
+    stream: &Rc<UnsafeCell<TcpStream>>,
+    buf: Vec<u8>,
+) -> (std::io::Result<usize>, Vec<u8>) {
+    use monoio::io::AsyncWriteRentExt;
+    // SAFETY: the aliasing monoio's own split halves rely on (`OwnedWriteHalf::write` does exactly
+    // this): the read loop reaches the same `TcpStream` through `stream_ref` only for readiness
+    // and the descriptor, which this write does not change; the caller is the one writer; the
+    // shard is a single thread, so no data race exists.
+    let stream = unsafe { &mut *stream.get() };
+    stream.write_all(buf).await
 }
 
 /// Stops the kernel from backing this process's memory with transparent huge pages (existing

@@ -6,7 +6,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use monoio::io::Splitable;
 use monoio::net::TcpStream;
 use protocol::compression::{ZstdError, compressed_bound, is_zstd};
 use protocol::envelope::{
@@ -68,19 +67,14 @@ pub(crate) fn run(shard: Rc<Shard>, accepted: Accepted) {
         replaced,
         id,
     } = accepted;
-    // The read half is only a handle on the shared stream (no drop action): the connection reads
-    // through `raw`, which it keeps for its life.
-    let (reader, writer) = stream.into_split();
-    let raw: Rc<UnsafeCell<TcpStream>> = reader.0;
-    let session_number = shard.shared.session_counter.fetch_add(1, Ordering::Relaxed);
+    // One handle on the stream, shared by the read loop and the writer (see `sys::stream_ref`).
+    let raw: Rc<UnsafeCell<TcpStream>> = Rc::new(UnsafeCell::new(stream));
     let conn = Rc::new(Conn::new(ConnParts {
         id,
         key: dialect.key(),
         stream: raw,
-        writer,
         identity,
         ip,
-        session_number,
     }));
     shard.conns.borrow_mut().insert(id, conn.clone());
     shard
@@ -376,7 +370,7 @@ async fn read_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut pending: Vec<u8>, diale
             .metrics
             .bytes_in
             .fetch_add(n as u64, Ordering::Relaxed);
-        conn.last_seen_ms.set(now_ms());
+        conn.last_seen_ms.set(crate::monotonic_ms32());
         if pending.is_empty() {
             let consumed = process(
                 &shard,
@@ -591,15 +585,16 @@ fn rate(shard: &Rc<Shard>, conn: &Rc<Conn>, which: &'static str, id: Option<u64>
         return true;
     }
     // Buckets made now are full, exactly as if made at connect and left to refill since.
-    let mut buckets = conn.buckets.take().unwrap_or_else(|| {
-        Box::new([
-            Bucket::new(&cfg.publish_per_connection, now),
-            Bucket::new(&cfg.join_per_connection, now),
-            Bucket::new(&cfg.query_per_connection, now),
-        ])
+    let verdict = conn.with_rare(|rare| {
+        let buckets = rare.buckets.get_or_insert_with(|| {
+            [
+                Bucket::new(&cfg.publish_per_connection, now),
+                Bucket::new(&cfg.join_per_connection, now),
+                Bucket::new(&cfg.query_per_connection, now),
+            ]
+        });
+        buckets[index].attempt(spec, now)
     });
-    let verdict = buckets[index].attempt(spec, now);
-    conn.buckets.set(Some(buckets));
     match verdict {
         Verdict::Allow => true,
         Verdict::Limited => {
@@ -778,7 +773,7 @@ fn resume(
     session: &str,
     rooms: Vec<(RoomId, protocol::envelope::ResumePoint)>,
 ) {
-    if conn.resume.borrow().is_some() {
+    if conn.resume_pending() {
         send_error(
             shard,
             conn,
@@ -826,11 +821,13 @@ fn resume(
         return;
     }
     let waiting = joins.iter().map(|(r, _)| r.clone()).collect();
-    *conn.resume.borrow_mut() = Some(Box::new(crate::conn::PendingResume {
-        id,
-        waiting,
-        results,
-    }));
+    conn.with_rare(|rare| {
+        rare.resume = Some(Box::new(crate::conn::PendingResume {
+            id,
+            waiting,
+            results,
+        }));
+    });
     for (room, from) in joins {
         request_join_from(shard, conn, room, None, false, Some(from));
     }
@@ -1035,21 +1032,7 @@ pub(crate) fn on_joined(shard: &Rc<Shard>, joined: Joined) {
 
 /// Records one room's outcome of a pending `resume`; the reply goes once every room answered.
 fn resume_answered(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId, recovered: bool) {
-    let done = {
-        let mut pending = conn.resume.borrow_mut();
-        let Some(p) = pending.as_mut() else { return };
-        let Some(pos) = p.waiting.iter().position(|r| r == room) else {
-            return;
-        };
-        p.waiting.remove(pos);
-        p.results.push((room.clone(), recovered));
-        if p.waiting.is_empty() {
-            pending.take()
-        } else {
-            None
-        }
-    };
-    if let Some(done) = done {
+    if let Some(done) = conn.resume_answered(room, recovered) {
         send(
             shard,
             conn,
@@ -1081,12 +1064,7 @@ pub(crate) fn on_join_failed(
         }
     }
     refuse_held(shard, &conn, room);
-    if conn
-        .resume
-        .borrow()
-        .as_ref()
-        .is_some_and(|p| p.waiting.contains(room))
-    {
+    if conn.resume_waits_for(room) {
         resume_answered(shard, &conn, room, false);
         return;
     }
