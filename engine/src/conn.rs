@@ -76,6 +76,11 @@ pub(crate) struct Conn {
     pub(crate) refresh_warned: Cell<bool>,
     /// Initial joins (default rooms, personal room) still unanswered.
     pub(crate) pending_initial: Cell<u32>,
+    /// The personal room's membership (see [`Conn::membership`]): the room's `seq` when the
+    /// initial join was answered, [`PERSONAL_PENDING`] until then, [`NO_PERSONAL_ROOM`] when
+    /// the user id makes no valid room id. The personal room is in no room list: its owner is in
+    /// it while connected (SPEC §5), and an idle connection carries nothing more for it.
+    personal: Cell<u64>,
     /// What most connections never need, boxed on first use (see [`Rare`]). Every idle
     /// connection carries this struct: with its `Rc` header it must stay within 248 bytes, the
     /// allocator's 256-byte class (measured: each step past a class costs the whole step).
@@ -105,6 +110,11 @@ impl Rare {
             && self.resume.is_none()
     }
 }
+
+/// [`Conn::personal`] while the initial join of the personal room is unanswered.
+const PERSONAL_PENDING: u64 = u64::MAX;
+/// [`Conn::personal`] of a user whose id makes no valid room id.
+const NO_PERSONAL_ROOM: u64 = u64::MAX - 1;
 
 /// A publish sent while its room's join was still unanswered. It waits for the answer rather than
 /// going to the room at once, so that a refused join (`room_full`, `forbidden`) cannot let a
@@ -140,6 +150,7 @@ pub(crate) struct ConnParts {
 impl Conn {
     pub(crate) fn new(parts: ConnParts) -> Self {
         let now = crate::monotonic_ms32();
+        let personal_room_valid = RoomId::personal(&parts.identity.user_id).is_ok();
         Self {
             id: parts.id,
             key: parts.key,
@@ -158,6 +169,11 @@ impl Conn {
             last_ping_ms: Cell::new(now),
             refresh_warned: Cell::new(false),
             pending_initial: Cell::new(0),
+            personal: Cell::new(if personal_room_valid {
+                PERSONAL_PENDING
+            } else {
+                NO_PERSONAL_ROOM
+            }),
             rare: Cell::new(None),
         }
     }
@@ -233,11 +249,53 @@ impl Conn {
     }
 
     pub(crate) fn membership(&self, room: &RoomId) -> Option<Membership> {
+        if self.is_own_personal(room) {
+            return match self.personal.get() {
+                NO_PERSONAL_ROOM => None,
+                PERSONAL_PENDING => Some(Membership::Pending),
+                seq => Some(Membership::Joined(seq)),
+            };
+        }
         self.rooms
             .borrow()
             .iter()
             .find(|(r, _)| r == room)
             .map(|(_, m)| *m)
+    }
+
+    /// Whether `room` is this connection's user's personal room.
+    pub(crate) fn is_own_personal(&self, room: &RoomId) -> bool {
+        room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX)
+            == Some(&*self.identity.borrow().user_id)
+    }
+
+    /// This user's personal room, when its id is valid.
+    pub(crate) fn personal_room(&self) -> Option<RoomId> {
+        if self.personal.get() == NO_PERSONAL_ROOM {
+            return None;
+        }
+        RoomId::personal(&self.identity.borrow().user_id).ok()
+    }
+
+    /// Records the answer to the personal room's initial join; false when it was answered before.
+    pub(crate) fn personal_joined(&self, seq: u64) -> bool {
+        if self.personal.get() != PERSONAL_PENDING {
+            return false;
+        }
+        // A seq this large cannot happen (one per message); kept below the markers regardless.
+        self.personal.set(seq.min(NO_PERSONAL_ROOM - 1));
+        true
+    }
+
+    /// Whether messages of the personal room reach this connection (its join was answered).
+    pub(crate) fn receives_personal(&self) -> bool {
+        !matches!(self.personal.get(), PERSONAL_PENDING | NO_PERSONAL_ROOM)
+    }
+
+    /// Rooms joined or joining, the personal room included (SPEC §4: every joined room counts
+    /// toward `max_rooms_per_connection`).
+    pub(crate) fn room_count(&self) -> usize {
+        self.rooms.borrow().len() + usize::from(self.personal.get() != NO_PERSONAL_ROOM)
     }
 
     /// Holds a publish until its room's join is answered; false when too many already wait.

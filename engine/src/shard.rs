@@ -378,6 +378,14 @@ impl Shared {
         }
     }
 
+    /// `user`'s live connections (oldest first).
+    pub(crate) fn user_conns(&self, user: &str) -> Vec<ConnId> {
+        let users = self.users[stripe(user)]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        users.get(user).map(|e| e.conns.clone()).unwrap_or_default()
+    }
+
     /// `user`'s live connections, for its personal room's home; None when it has none.
     pub(crate) fn online_user(&self, user: &str) -> Option<OnlineUser> {
         let users = self.users[stripe(user)]
@@ -709,19 +717,34 @@ impl Shard {
     }
 
     fn deliver(self: &Rc<Self>, delivery: &Delivery) {
+        // A personal room's owner is in no member list (see `Conn::personal`): its connections
+        // here are found by user, once their initial join was answered.
+        let owner: Vec<Rc<Conn>> =
+            match delivery.room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX) {
+                Some(user) => {
+                    let conns = self.conns.borrow();
+                    self.shared
+                        .user_conns(user)
+                        .iter()
+                        .filter(|id| shard_of(**id) == self.id)
+                        .filter_map(|id| conns.get(id))
+                        .filter(|c| c.receives_personal())
+                        .cloned()
+                        .collect()
+                }
+                None => Vec::new(),
+            };
         // Iterating under the borrow (no copy of the member list): `enqueue` and what it may call
         // (`close`, spawning a writer) never touch `local_rooms`.
         let rooms = self.local_rooms.borrow();
-        let Some(members) = rooms.get(&delivery.room) else {
-            return;
-        };
+        let listed = rooms.get(&delivery.room).map_or(&[][..], |m| &m[..]);
         let mut count = 0u64;
         let mut shed = 0u64;
         // Presence is the first thing dropped under overload: a connection whose queue is already
         // past half its bound gets no diff (it would only move it toward the 4011 close); the
         // `presence` op still answers exactly.
         let shed_above = self.shared.config.max_queued_bytes / 2;
-        for conn in members {
+        for conn in listed.iter().chain(&owner) {
             if let Some(frame) = delivery.frames.get(conn.key) {
                 if delivery.sheddable && conn.backlog() > shed_above {
                     shed += 1;

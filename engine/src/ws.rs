@@ -102,7 +102,7 @@ pub(crate) fn run(shard: Rc<Shard>, accepted: Accepted) {
 fn join_initial_rooms(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     let cfg = &shard.shared.config;
     let mut rooms: Vec<RoomId> = cfg.default_rooms.clone();
-    if let Ok(personal) = RoomId::personal(&conn.user_id()) {
+    if let Some(personal) = conn.personal_room() {
         rooms.push(personal);
     }
     conn.pending_initial
@@ -151,6 +151,7 @@ fn request_join_from(
         }
     };
     let already = conn.membership(&room).is_some();
+    // The personal room is never listed (see `Conn::personal`); its membership is always known.
     if !already {
         let mut rooms = conn.rooms.borrow_mut();
         // Most connections hold one or two rooms: grow one at a time (a plain push reserves four).
@@ -222,21 +223,14 @@ fn send_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     let cfg = &shard.shared.config;
     // In configured order (default rooms, then the personal room), whatever order the homes
     // answered in; rooms that refused the join (full) are left out.
-    let personal = RoomId::personal(&conn.user_id()).ok();
-    let rooms: Vec<RoomId> = {
-        let memberships = conn.rooms.borrow();
-        let joined = |room: &RoomId| {
-            memberships
-                .iter()
-                .any(|(r, m)| r == room && matches!(m, Membership::Joined(_)))
-        };
-        cfg.default_rooms
-            .iter()
-            .chain(personal.iter())
-            .filter(|r| joined(r))
-            .cloned()
-            .collect()
-    };
+    let personal = conn.personal_room();
+    let rooms: Vec<RoomId> = cfg
+        .default_rooms
+        .iter()
+        .chain(personal.iter())
+        .filter(|r| matches!(conn.membership(r), Some(Membership::Joined(_))))
+        .cloned()
+        .collect();
     let identity = conn.identity.borrow().clone();
     let session = conn.session(shard);
     let push = Push::Welcome {
@@ -629,7 +623,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
             }
             let already = conn.membership(&room).is_some();
             let max = shard.shared.config.max_rooms_per_connection as usize;
-            if !already && conn.rooms.borrow().len() >= max {
+            if !already && conn.room_count() >= max {
                 send_error(
                     shard,
                     conn,
@@ -790,7 +784,7 @@ fn resume(
     for (room, point) in rooms {
         let foreign_personal = is_foreign_personal(conn, &room);
         let membership = conn.membership(&room);
-        let full = membership.is_none() && conn.rooms.borrow().len() + joins.len() >= max;
+        let full = membership.is_none() && conn.room_count() + joins.len() >= max;
         if foreign_personal || full || membership == Some(Membership::Pending) {
             results.push((room, false));
             continue;
@@ -852,14 +846,18 @@ fn detach(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) -> Option<(usize, S
         // Left before the join was answered: its held publishes were never in the room.
         Membership::Pending => refuse_held(shard, conn, room),
     }
-    let msg = ShardMsg::Leave {
-        room: room.clone(),
+    Some((shard.shared.home_of(room), leave_msg(conn, room.clone())))
+}
+
+/// What a room's home hears when `conn` leaves `room`.
+fn leave_msg(conn: &Conn, room: RoomId) -> ShardMsg {
+    ShardMsg::Leave {
+        room,
         conn: conn.id,
         user: conn.user_id(),
         name: conn.username(),
         key: conn.key,
-    };
-    Some((shard.shared.home_of(room), msg))
+    }
 }
 
 /// Removes `room` from the connection and tells the home. False when it was not a member.
@@ -914,6 +912,16 @@ fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
             leave_room(shard, conn, room);
         }
     }
+    // The personal room's home hears of it too: the owner's last connection ends the room.
+    if let Some(room) = conn.personal_room() {
+        let home = shard.shared.home_of(&room);
+        let msg = leave_msg(conn, room);
+        if abnormal {
+            send_later(shard, home, msg);
+        } else {
+            shard.dispatch(home, msg);
+        }
+    }
     shard.conns.borrow_mut().remove(&conn.id);
     if !shard.shared.config.resume_ttl.is_zero() {
         shard
@@ -935,6 +943,11 @@ fn leave_room_later(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) {
     let Some((home, msg)) = detach(shard, conn, room) else {
         return;
     };
+    send_later(shard, home, msg);
+}
+
+/// Sends `msg` to shard `home` after [`PRESENCE_GRACE`].
+fn send_later(shard: &Rc<Shard>, home: usize, msg: ShardMsg) {
     let shard = shard.clone();
     monoio::spawn(async move {
         monoio::time::sleep(PRESENCE_GRACE).await;
@@ -957,7 +970,10 @@ pub(crate) fn on_joined(shard: &Rc<Shard>, joined: Joined) {
         recovery,
     } = joined;
     let Some(conn) = shard.conn(conn) else { return };
-    let newly_joined = {
+    let newly_joined = if conn.is_own_personal(&room) {
+        // Its messages reach the connection from now on (`Shard::deliver`), in no member list.
+        Some(conn.personal_joined(seq))
+    } else {
         let mut rooms = conn.rooms.borrow_mut();
         match rooms.iter_mut().find(|(r, _)| *r == room) {
             Some((_, m)) if *m == Membership::Pending => {
@@ -986,15 +1002,15 @@ pub(crate) fn on_joined(shard: &Rc<Shard>, joined: Joined) {
         }
     }
     if newly_joined {
-        let mut local_rooms = shard.local_rooms.borrow_mut();
-        let members = local_rooms.entry(room.clone()).or_default();
-        // A room with one member here (every personal room) holds one slot, not the four a
-        // first push reserves.
-        if members.is_empty() {
-            members.reserve_exact(1);
+        if !conn.is_own_personal(&room) {
+            let mut local_rooms = shard.local_rooms.borrow_mut();
+            let members = local_rooms.entry(room.clone()).or_default();
+            // A room with one member here holds one slot, not the four a first push reserves.
+            if members.is_empty() {
+                members.reserve_exact(1);
+            }
+            members.push(conn.clone());
         }
-        members.push(conn.clone());
-        drop(local_rooms);
         // Publishes sent behind the join go to the room now, in the order they were sent.
         for held in conn.take_held(Some(&room)) {
             dispatch_publish(shard, &conn, held);

@@ -464,6 +464,53 @@ fn a_personal_room_follows_its_owner_on_every_shard() {
     assert_eq!(presence(&mut again), [("pat".to_owned(), 1)]);
 }
 
+/// A resume recovers a personal room exactly like any other: the messages published while the
+/// owner's connection was away, none twice, though the room is in no member list.
+#[test]
+fn a_personal_room_resumes_without_gap_or_duplicate() {
+    let server = Server::start("personal-resume", &["--shards", "2", "--default-rooms", ""]);
+    let token = server.token("pat");
+    let mut first = server.connect(&token, None);
+    let session = str_of(&welcome(&mut first), "session").to_owned();
+    let mut other = server.connect(&token, Some("ringhub.v1.msgpack"));
+    welcome(&mut other);
+    let publish = |c: &mut Client, v: u64| {
+        let id = c.request("publish", &[("room", s("user:pat")), ("data", n(v))]);
+        u64_of(&c.expect("reply", Some(id)), "seq")
+    };
+    let id = first.request("history", &[("room", s("user:pat"))]);
+    let epoch = str_of(&first.expect("reply", Some(id)), "epoch").to_owned();
+    assert_eq!(publish(&mut other, 1), 1);
+    assert_eq!(u64_of(&first.expect("message", None), "seq"), 1);
+    // An abnormal drop; two messages missed; a new connection resumes.
+    drop(first);
+    assert_eq!(publish(&mut other, 2), 2);
+    assert_eq!(publish(&mut other, 3), 3);
+    let mut again = server.connect(&token, None);
+    welcome(&mut again);
+    let rooms = obj(&[("user:pat", obj(&[("seq", n(1)), ("epoch", s(&epoch))]))]);
+    let id = again.request("resume", &[("session", s(&session)), ("rooms", rooms)]);
+    let mut seqs = Vec::new();
+    let reply = loop {
+        let v = again.recv().unwrap();
+        match v.get("op").and_then(Value::as_str) {
+            Some("message") => seqs.push(u64_of(&v, "seq")),
+            Some("reply") if v.get("id").and_then(Value::as_u64) == Some(id) => break v,
+            _ => {}
+        }
+    };
+    assert_eq!(seqs, [2, 3]);
+    assert_eq!(
+        reply.get("recovered"),
+        Some(&obj(&[("user:pat", Value::Bool(true))]))
+    );
+    assert_eq!(publish(&mut other, 4), 4);
+    let next = again.expect("message", None);
+    assert_eq!((u64_of(&next, "seq"), next.get("data")), (4, Some(&n(4))));
+    again.set_timeout(Duration::from_millis(300));
+    assert!(again.recv().is_err(), "nothing twice");
+}
+
 #[test]
 fn history_returns_messages_after_since_oldest_first() {
     let server = Server::start("history", &["--history-size", "5"]);
