@@ -208,10 +208,65 @@ pub(crate) struct Shared {
     pub(crate) epoch_counter: AtomicU64,
 }
 
-/// One user's live connections (oldest first) and name.
-struct UserConns {
+/// One user's live connections (oldest first) and name. Most users hold one connection, kept in
+/// the map's slot itself (24 bytes, no allocation); more move to a box.
+enum UserConns {
+    One { conn: ConnId, name: Arc<str> },
+    Many(Box<ManyConns>),
+}
+
+struct ManyConns {
     name: Arc<str>,
     conns: Vec<ConnId>,
+}
+
+impl UserConns {
+    fn name(&self) -> &Arc<str> {
+        match self {
+            Self::One { name, .. } => name,
+            Self::Many(many) => &many.name,
+        }
+    }
+
+    fn conns(&self) -> &[ConnId] {
+        match self {
+            Self::One { conn, .. } => std::slice::from_ref(conn),
+            Self::Many(many) => &many.conns,
+        }
+    }
+
+    fn push(&mut self, conn: ConnId) {
+        match self {
+            Self::One { conn: first, name } => {
+                *self = Self::Many(Box::new(ManyConns {
+                    name: name.clone(),
+                    conns: vec![*first, conn],
+                }));
+            }
+            Self::Many(many) => many.conns.push(conn),
+        }
+    }
+
+    /// Removes `conn`; true when no connection is left.
+    fn remove(&mut self, conn: ConnId) -> bool {
+        match self {
+            Self::One { conn: only, .. } => *only == conn,
+            Self::Many(many) => {
+                many.conns.retain(|c| *c != conn);
+                match many.conns.as_slice() {
+                    [] => true,
+                    [last] => {
+                        *self = Self::One {
+                            conn: *last,
+                            name: many.name.clone(),
+                        };
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
 }
 
 /// A connected user as its personal room's home sees it (SPEC §5: the owner is always in the
@@ -326,29 +381,38 @@ impl Shared {
         let mut users = self.users[stripe(&**user)]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = &mut users
-            .entry(user.clone())
-            .or_insert_with(|| UserConns {
-                name: name.clone(),
-                conns: Vec::new(),
-            })
-            .conns;
+        let held = users.get(user).map_or(0, |e| e.conns().len());
         let mut replaced = None;
-        if list.len() >= self.config.max_connections_per_user as usize {
+        if held >= self.config.max_connections_per_user as usize {
             match self.config.session_conflict {
                 crate::config::ConflictPolicy::RejectNew => {
                     drop(users);
                     self.release_ip(ip);
                     return Err(CapRefusal::TooManyForUser);
                 }
-                crate::config::ConflictPolicy::CloseOldest => replaced = Some(list.remove(0)),
+                crate::config::ConflictPolicy::CloseOldest => {
+                    if let Some(entry) = users.get_mut(user) {
+                        let oldest = entry.conns()[0];
+                        replaced = Some(oldest);
+                        if entry.remove(oldest) {
+                            users.remove(user);
+                        }
+                    }
+                }
             }
         }
-        // Most users hold one connection: one slot, not the four a first push reserves.
-        if list.is_empty() {
-            list.reserve_exact(1);
+        match users.get_mut(user) {
+            Some(entry) => entry.push(conn),
+            None => {
+                users.insert(
+                    user.clone(),
+                    UserConns::One {
+                        conn,
+                        name: name.clone(),
+                    },
+                );
+            }
         }
-        list.push(conn);
         Ok(replaced)
     }
 
@@ -370,11 +434,8 @@ impl Shared {
         let mut users = self.users[stripe(&**user)]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(entry) = users.get_mut(user) {
-            entry.conns.retain(|c| *c != conn);
-            if entry.conns.is_empty() {
-                users.remove(user);
-            }
+        if users.get_mut(user).is_some_and(|entry| entry.remove(conn)) {
+            users.remove(user);
         }
     }
 
@@ -383,7 +444,10 @@ impl Shared {
         let users = self.users[stripe(user)]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        users.get(user).map(|e| e.conns.clone()).unwrap_or_default()
+        users
+            .get(user)
+            .map(|e| e.conns().to_vec())
+            .unwrap_or_default()
     }
 
     /// `user`'s live connections, for its personal room's home; None when it has none.
@@ -392,12 +456,12 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = users.get(user)?;
-        let mut shards: Vec<usize> = entry.conns.iter().map(|c| shard_of(*c)).collect();
+        let mut shards: Vec<usize> = entry.conns().iter().map(|c| shard_of(*c)).collect();
         shards.sort_unstable();
         shards.dedup();
         Some(OnlineUser {
-            name: entry.name.clone(),
-            conns: u32::try_from(entry.conns.len()).unwrap_or(u32::MAX),
+            name: entry.name().clone(),
+            conns: u32::try_from(entry.conns().len()).unwrap_or(u32::MAX),
             shards,
         })
     }
@@ -885,5 +949,29 @@ pub(crate) async fn dispatcher(shard: Rc<Shard>) {
         if shard.stopping.get() && shard.conns.borrow().is_empty() && mailbox.len() == 0 {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_with_one_connection_fits_a_map_slot_and_more_move_to_a_box() {
+        assert_eq!(size_of::<UserConns>(), 24);
+        let mut entry = UserConns::One {
+            conn: 1,
+            name: Arc::from("ann"),
+        };
+        entry.push(2);
+        entry.push(3);
+        assert!(matches!(entry, UserConns::Many(_)));
+        assert_eq!(entry.conns(), [1, 2, 3]);
+        assert!(!entry.remove(1));
+        assert!(!entry.remove(9));
+        assert!(!entry.remove(3));
+        assert!(matches!(entry, UserConns::One { conn: 2, .. }));
+        assert_eq!(&**entry.name(), "ann");
+        assert!(entry.remove(2));
     }
 }
