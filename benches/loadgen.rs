@@ -208,10 +208,16 @@ fn tokens(server: &ServerProc, count: usize, users: usize) -> Vec<String> {
             .unwrap();
     let secrets = secrets.expect("secrets");
     let svc = server::tokens::TokenService::hs256(&secrets.jwt_secret, &[]);
+    // Shaped like the tokens a login issues: a UUID user id, a username, a UUID session id
+    // (each connection its own session), so that idle memory counts what real identities cost.
     (0..count)
         .map(|i| {
-            let name = format!("lg{}", if users == 0 { i } else { i % users });
-            svc.mint(&name, &name, "", 3600, None).unwrap().0
+            let user = if users == 0 { i } else { i % users };
+            let id = format!("{user:08x}-7e1d-4c2a-9b3f-{user:012x}");
+            let session = format!("{i:08x}-5a0c-4e6b-8d21-{i:012x}");
+            svc.mint(&id, &format!("user{user}"), &session, 3600, None)
+                .unwrap()
+                .0
         })
         .collect()
 }
