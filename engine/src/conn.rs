@@ -51,7 +51,7 @@ pub(crate) struct PendingResume {
 pub(crate) struct Conn {
     pub(crate) id: ConnId,
     pub(crate) key: FrameKey,
-    /// Shared by the read loop (readiness and non-blocking `recv`) and the writer (io_uring
+    /// Shared by the shard's reader (non-blocking `recv`) and the writer (io_uring
     /// writes): see [`crate::sys::stream_ref`].
     stream: Rc<UnsafeCell<TcpStream>>,
     /// Frames encoded and waiting, in order: a delivery is copied here once (no refcount per
@@ -75,7 +75,10 @@ pub(crate) struct Conn {
     pub(crate) last_ping_ms: Cell<u32>,
     pub(crate) refresh_warned: Cell<bool>,
     /// Initial joins (default rooms, personal room) still unanswered.
-    pub(crate) pending_initial: Cell<u32>,
+    pub(crate) pending_initial: Cell<u16>,
+    /// Bytes read but not yet a whole frame, and a fragmented message in progress; made only
+    /// while there are some (a whole frame per read is the usual case).
+    partial: Cell<Option<Box<PartialRead>>>,
     /// The personal room's membership (see [`Conn::membership`]): the room's `seq` when the
     /// initial join was answered, [`PERSONAL_PENDING`] until then, [`NO_PERSONAL_ROOM`] when
     /// the user id makes no valid room id. The personal room is in no room list: its owner is in
@@ -85,6 +88,12 @@ pub(crate) struct Conn {
     /// connection carries this struct: with its `Rc` header it must stay within 248 bytes, the
     /// allocator's 256-byte class (measured: each step past a class costs the whole step).
     rare: Cell<Option<Box<Rare>>>,
+}
+
+/// What a connection has read that is not yet a whole message.
+pub(crate) struct PartialRead {
+    pub(crate) decoder: ws::MessageDecoder,
+    pub(crate) pending: Vec<u8>,
 }
 
 /// A connection's rarely used state: made on the first rate-limited op, read-only room, publish
@@ -169,12 +178,25 @@ impl Conn {
             last_ping_ms: Cell::new(now),
             refresh_warned: Cell::new(false),
             pending_initial: Cell::new(0),
+            partial: Cell::new(None),
             personal: Cell::new(if personal_room_valid {
                 PERSONAL_PENDING
             } else {
                 NO_PERSONAL_ROOM
             }),
             rare: Cell::new(None),
+        }
+    }
+
+    /// Takes what an earlier read left unfinished.
+    pub(crate) fn take_partial(&self) -> Option<Box<PartialRead>> {
+        self.partial.take()
+    }
+
+    /// Keeps what this read left unfinished, if anything.
+    pub(crate) fn keep_partial(&self, partial: Box<PartialRead>) {
+        if partial.decoder.in_message() || !partial.pending.is_empty() {
+            self.partial.set(Some(partial));
         }
     }
 

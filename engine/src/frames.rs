@@ -42,6 +42,17 @@ impl FrameKey {
         self as usize
     }
 
+    /// The dialect a connection of this key speaks.
+    pub(crate) const fn dialect(self) -> crate::ws::Dialect {
+        match self {
+            FrameKey::Json => crate::ws::Dialect::Native(Subprotocol::Json),
+            FrameKey::JsonZstd => crate::ws::Dialect::Native(Subprotocol::JsonZstd),
+            FrameKey::MsgPack => crate::ws::Dialect::Native(Subprotocol::Msgpack),
+            FrameKey::MsgPackZstd => crate::ws::Dialect::Native(Subprotocol::MsgpackZstd),
+            FrameKey::SocketIo => crate::ws::Dialect::SocketIo,
+        }
+    }
+
     const fn native(self) -> Option<(Format, bool)> {
         match self {
             FrameKey::Json => Some((Format::Json, false)),

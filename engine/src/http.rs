@@ -369,7 +369,7 @@ async fn upgrade(
                 replaced,
                 id: conn_id,
             };
-            crate::ws::run(shard, accepted);
+            crate::ws::run(&shard, accepted);
         }
         None => {
             let query_token = token;
@@ -394,7 +394,7 @@ async fn upgrade(
                         replaced,
                         id: conn_id,
                     };
-                    crate::ws::run(shard, accepted);
+                    crate::ws::run(&shard, accepted);
                 }
                 Err(refused) => {
                     metrics.connect(cap_refusal(refused).metric);

@@ -25,6 +25,7 @@ use crate::limits::Bucket;
 use crate::mailbox::Mailbox;
 use crate::metrics::Metrics;
 use crate::rooms::{Answer, Countdown, RoomPolicy, RoomSettings};
+use crate::sys::ReadySet;
 use crate::{HttpRoutes, now_ms};
 
 /// A message between shards.
@@ -530,6 +531,8 @@ pub(crate) struct Shard {
     buffers: RefCell<Vec<Vec<u8>>>,
     pub(crate) stopping: Cell<bool>,
     pub(crate) stop_waker: RefCell<Option<std::task::Waker>>,
+    /// The WebSocket connections, read by [`reader`] as they turn readable.
+    pub(crate) ready_set: ReadySet,
 }
 
 /// Size of the buffers a shard lends for reads and writes.
@@ -553,6 +556,7 @@ impl Shard {
             buffers: RefCell::new(Vec::new()),
             stopping: Cell::new(false),
             stop_waker: RefCell::new(None),
+            ready_set: ReadySet::new()?,
         })
     }
 
@@ -925,6 +929,32 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
                 conn.last_ping_ms.set(mono);
                 crate::ws::send_ping(&shard, &conn);
             }
+        }
+    }
+}
+
+/// Reads the shard's WebSocket connections as they turn readable: one task for all of them, so
+/// that an idle connection costs no task and no operation in flight (see [`ReadySet`]).
+pub(crate) async fn reader(shard: Rc<Shard>) {
+    let mut tokens = Vec::new();
+    loop {
+        if let Err(e) = shard.ready_set.wait().await {
+            log::error!("shard {}: waiting for readable connections: {e}", shard.id);
+            monoio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        loop {
+            shard.ready_set.ready(&mut tokens);
+            for &id in &tokens {
+                if let Some(conn) = shard.conn(id) {
+                    crate::ws::on_readable(&shard, &conn);
+                }
+            }
+            if !ReadySet::batch_full(&tokens) {
+                break;
+            }
+            // A long burst: let writers and the mailbox run between batches.
+            crate::yield_now().await;
         }
     }
 }

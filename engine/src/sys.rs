@@ -1,6 +1,7 @@
 //! The engine's only `unsafe`: socket shutdown by descriptor, readiness and writes on a stream
 //! shared by a connection's reader and writer, the non-blocking read into a shard's scratch
-//! buffer, and the thread priority of blocking pools.
+//! buffer, a shard's epoll set of readable connections, and the thread priority of blocking
+//! pools.
 //! Each function states why it is sound.
 #![allow(unsafe_code)]
 
@@ -82,11 +83,111 @@ pub(crate) async fn write_all(
 ) -> (std::io::Result<usize>, Vec<u8>) {
     use monoio::io::AsyncWriteRentExt;
     // SAFETY: the aliasing monoio's own split halves rely on (`OwnedWriteHalf::write` does exactly
-    // this): the read loop reaches the same `TcpStream` through `stream_ref` only for readiness
-    // and the descriptor, which this write does not change; the caller is the one writer; the
-    // shard is a single thread, so no data race exists.
+    // this): the shard's reader reaches the same `TcpStream` through `stream_ref` only for its
+    // descriptor, which this write does not change; the caller is the one writer; the shard is a
+    // single thread, so no data race exists.
     let stream = unsafe { &mut *stream.get() };
     stream.write_all(buf).await
+}
+
+/// A shard's set of WebSocket connections waiting to be readable: one epoll instance, awaited as
+/// a whole through the runtime (one io_uring poll on it, or a registration with the epoll driver),
+/// so that an idle connection has no task and no operation in flight, only its entry in the
+/// kernel's set. Level-triggered: a connection with bytes left unread is reported again.
+pub(crate) struct ReadySet {
+    /// Owned by `watcher`, which closes it.
+    epfd: RawFd,
+    watcher: monoio::net::UnixStream,
+    events: std::cell::RefCell<Vec<libc::epoll_event>>,
+}
+
+/// Connections reported by one look at a [`ReadySet`].
+const READY_BATCH: usize = 256;
+
+impl ReadySet {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        // SAFETY: `epoll_create1` takes a flag and returns a new descriptor, or -1.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `epfd` was just created and nothing else owns it; the `UnixStream` takes
+        // ownership (closing it on drop). It is only ever polled for readability (the runtime's
+        // `readable`), never used as a socket, and an epoll descriptor is pollable.
+        let owned = unsafe {
+            <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(epfd)
+        };
+        let watcher = monoio::net::UnixStream::from_std(owned)?;
+        Ok(Self {
+            epfd,
+            watcher,
+            events: std::cell::RefCell::new(Vec::with_capacity(READY_BATCH)),
+        })
+    }
+
+    /// Waits until some connection in the set is readable (or has hung up).
+    pub(crate) async fn wait(&self) -> std::io::Result<()> {
+        self.watcher.readable(false).await
+    }
+
+    /// Adds a connection's stream under `token`.
+    pub(crate) fn add(
+        &self,
+        stream: &Rc<UnsafeCell<TcpStream>>,
+        token: u64,
+    ) -> std::io::Result<()> {
+        let fd: RawFd = std::os::fd::AsRawFd::as_raw_fd(stream_ref(stream));
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            u64: token,
+        };
+        // SAFETY: `epoll_ctl` reads the event struct we pass for the duration of the call; both
+        // descriptors are open (the set's own, and the stream's, kept by the `Rc`).
+        let rc = unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, &raw mut event) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Removes a connection's stream (before its socket is shut, so that a level-triggered end of
+    /// stream is not reported over and over).
+    pub(crate) fn remove(&self, stream: &Rc<UnsafeCell<TcpStream>>) {
+        let fd: RawFd = std::os::fd::AsRawFd::as_raw_fd(stream_ref(stream));
+        // SAFETY: as in `add`; the event argument may be null for EPOLL_CTL_DEL (Linux 2.6.9+).
+        // An error (the stream was never added) changes nothing.
+        let _ =
+            unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+    }
+
+    /// The tokens of connections readable now (at most [`READY_BATCH`]; none when nothing is),
+    /// without waiting.
+    pub(crate) fn ready(&self, tokens: &mut Vec<u64>) {
+        tokens.clear();
+        let mut events = self.events.borrow_mut();
+        events.clear();
+        // SAFETY: the kernel writes at most `capacity` events into the vector's buffer, which is
+        // valid and exclusively borrowed for the call; a timeout of 0 never blocks.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epfd,
+                events.as_mut_ptr(),
+                i32::try_from(events.capacity()).unwrap_or(i32::MAX),
+                0,
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            return;
+        };
+        // SAFETY: `epoll_wait` initialised the first `n` events (n <= capacity).
+        unsafe { events.set_len(n) };
+        tokens.extend(events.iter().map(|e| e.u64));
+    }
+
+    /// Whether the last look filled a whole batch (more may be waiting).
+    pub(crate) fn batch_full(tokens: &[u64]) -> bool {
+        tokens.len() >= READY_BATCH
+    }
 }
 
 /// Stops the kernel from backing this process's memory with transparent huge pages (existing

@@ -16,7 +16,7 @@ use protocol::ws::{self, Message, MessageDecoder, Subprotocol};
 use protocol::{CloseCode, ErrorCode};
 
 use crate::auth::Identity;
-use crate::conn::{Conn, ConnId, ConnParts, HeldPublish, Membership};
+use crate::conn::{Conn, ConnId, ConnParts, HeldPublish, Membership, PartialRead};
 use crate::frames::{FrameKey, encode_native, socketio_frame};
 use crate::home::{Recovery, ResumeFrom};
 use crate::limits::{Bucket, Verdict};
@@ -54,10 +54,9 @@ pub(crate) struct Accepted {
     pub(crate) id: ConnId,
 }
 
-/// Registers an upgraded connection and spawns its reading task, which runs until it closes. The
-/// registration is not part of the task, so the task's future (kept by every idle connection)
-/// holds only what reading needs.
-pub(crate) fn run(shard: Rc<Shard>, accepted: Accepted) {
+/// Registers an upgraded connection and hands it to its shard's reader (see
+/// [`crate::sys::ReadySet`]): from here on it has no task of its own.
+pub(crate) fn run(shard: &Rc<Shard>, accepted: Accepted) {
     let Accepted {
         stream,
         leftover,
@@ -67,7 +66,8 @@ pub(crate) fn run(shard: Rc<Shard>, accepted: Accepted) {
         replaced,
         id,
     } = accepted;
-    // One handle on the stream, shared by the read loop and the writer (see `sys::stream_ref`).
+    // One handle on the stream, shared by the shard's reader and the writer (see
+    // `sys::stream_ref`).
     let raw: Rc<UnsafeCell<TcpStream>> = Rc::new(UnsafeCell::new(stream));
     let conn = Rc::new(Conn::new(ConnParts {
         id,
@@ -93,10 +93,22 @@ pub(crate) fn run(shard: Rc<Shard>, accepted: Accepted) {
         );
     }
     if dialect == Dialect::SocketIo {
-        crate::sio::on_connected(&shard, &conn);
+        crate::sio::on_connected(shard, &conn);
     }
-    join_initial_rooms(&shard, &conn);
-    monoio::spawn(read_loop(shard, conn, leftover, dialect));
+    join_initial_rooms(shard, &conn);
+    if let Err(e) = shard.ready_set.add(conn.stream(), conn.id) {
+        log::warn!("shard {}: cannot watch a connection: {e}", shard.id);
+        conn.abnormal.set(true);
+        cleanup(shard, &conn);
+        return;
+    }
+    let mut leftover = leftover;
+    if !leftover.is_empty() {
+        feed(shard, &conn, &mut leftover);
+        if conn.closing.get().is_some() && conn.abnormal.get() {
+            finish(shard, &conn);
+        }
+    }
 }
 
 fn join_initial_rooms(shard: &Rc<Shard>, conn: &Rc<Conn>) {
@@ -105,8 +117,9 @@ fn join_initial_rooms(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     if let Some(personal) = conn.personal_room() {
         rooms.push(personal);
     }
+    // At most 9,999 default rooms (configuration bounds `max_rooms_per_connection`).
     conn.pending_initial
-        .set(u32::try_from(rooms.len()).unwrap_or(u32::MAX));
+        .set(u16::try_from(rooms.len()).unwrap_or(u16::MAX));
     if rooms.is_empty() {
         send_welcome(shard, conn);
         return;
@@ -316,88 +329,77 @@ pub(crate) fn send_refresh_required(shard: &Rc<Shard>, conn: &Rc<Conn>, expires_
     }
 }
 
-/// The connection's task: reads and handles frames until the peer or the server ends the
-/// connection, then cleans up. Every idle connection carries this future (200 bytes today), so
-/// it owns its arguments (no wrapping future holding copies) and keeps little across its await.
-async fn read_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut pending: Vec<u8>, dialect: Dialect) {
-    let mut decoder = MessageDecoder::new();
-    if !pending.is_empty() {
-        let consumed = process(
-            &shard,
-            &conn,
-            &mut decoder,
-            &mut pending,
-            frame_limit(&shard, dialect),
-            dialect,
-        );
-        pending.drain(..consumed);
-    }
-    loop {
-        // `readable` inline rather than through `Shard::read_ready`: this await is where every
-        // idle connection waits, and each level of future nesting adds to its size.
-        let read = loop {
-            if sys::stream_ref(conn.stream())
-                .readable(false)
-                .await
-                .is_err()
-            {
-                break None;
-            }
-            if let Some(read) = shard.try_read(sys::stream_ref(conn.stream())) {
-                break read.ok();
-            }
-        };
-        let Some(mut buf) = read else {
-            conn.abnormal.set(true);
-            break;
-        };
-        let n = buf.len();
-        if n == 0 {
-            shard.put_buffer(buf);
-            if conn.closing.get().is_none() {
-                conn.abnormal.set(true);
-            }
-            break;
-        }
-        shard
-            .shared
-            .metrics
-            .bytes_in
-            .fetch_add(n as u64, Ordering::Relaxed);
-        conn.last_seen_ms.set(crate::monotonic_ms32());
-        if pending.is_empty() {
-            let consumed = process(
-                &shard,
-                &conn,
-                &mut decoder,
-                &mut buf[..n],
-                frame_limit(&shard, dialect),
-                dialect,
-            );
-            if consumed < n {
-                pending.extend_from_slice(&buf[consumed..n]);
-            }
-        } else {
-            pending.extend_from_slice(&buf[..n]);
-            let consumed = process(
-                &shard,
-                &conn,
-                &mut decoder,
-                &mut pending,
-                frame_limit(&shard, dialect),
-                dialect,
-            );
-            pending.drain(..consumed);
-            if pending.is_empty() {
-                pending = Vec::new();
-            }
-        }
+/// Reads what a readable connection holds (one non-blocking `recv` into a pooled buffer) and
+/// handles every whole frame; ends the connection at the end of its stream or on an error.
+pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    let Some(read) = shard.try_read(sys::stream_ref(conn.stream())) else {
+        return;
+    };
+    let Ok(mut buf) = read else {
+        conn.abnormal.set(true);
+        finish(shard, conn);
+        return;
+    };
+    let n = buf.len();
+    if n == 0 {
         shard.put_buffer(buf);
-        if conn.closing.get().is_some() && conn.abnormal.get() {
-            break;
+        if conn.closing.get().is_none() {
+            conn.abnormal.set(true);
+        }
+        finish(shard, conn);
+        return;
+    }
+    shard
+        .shared
+        .metrics
+        .bytes_in
+        .fetch_add(n as u64, Ordering::Relaxed);
+    conn.last_seen_ms.set(crate::monotonic_ms32());
+    feed(shard, conn, &mut buf[..n]);
+    shard.put_buffer(buf);
+    if conn.closing.get().is_some() && conn.abnormal.get() {
+        finish(shard, conn);
+    }
+}
+
+/// Handles the whole frames in what an earlier read left plus `data`; keeps the rest.
+fn feed(shard: &Rc<Shard>, conn: &Rc<Conn>, data: &mut [u8]) {
+    let dialect = conn.key.dialect();
+    let limit = frame_limit(shard, dialect);
+    match conn.take_partial() {
+        // The usual case: nothing waiting, the frames are handled where they were read, and
+        // nothing is allocated unless a frame is cut short.
+        None => {
+            let mut decoder = MessageDecoder::new();
+            let consumed = process(shard, conn, &mut decoder, data, limit, dialect);
+            let rest = &data[consumed.min(data.len())..];
+            if !rest.is_empty() || decoder.in_message() {
+                conn.keep_partial(Box::new(PartialRead {
+                    decoder,
+                    pending: rest.to_vec(),
+                }));
+            }
+        }
+        Some(mut partial) => {
+            partial.pending.extend_from_slice(data);
+            let consumed = process(
+                shard,
+                conn,
+                &mut partial.decoder,
+                &mut partial.pending,
+                limit,
+                dialect,
+            );
+            partial.pending.drain(..consumed.min(partial.pending.len()));
+            conn.keep_partial(partial);
         }
     }
-    cleanup(&shard, &conn);
+}
+
+/// The connection's stream has ended: it leaves its shard's reader, then everything else.
+fn finish(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    shard.ready_set.remove(conn.stream());
+    cleanup(shard, conn);
 }
 
 /// The largest frame a connection may send (with zstd, the compressed bound of
