@@ -652,3 +652,61 @@ fn socketio_client_shares_rooms_with_native_clients() {
         .unwrap();
     assert_eq!(read_text(&mut bad), r#"44{"message":"unauthorized"}"#);
 }
+
+/// Reads the raw stream until its text holds `needle`; panics with what arrived otherwise.
+fn read_until(stream: &mut TcpStream, needle: &str) -> String {
+    use std::io::Read;
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&data).into_owned();
+        if text.contains(needle) {
+            return text;
+        }
+        match stream.read(&mut buf) {
+            Ok(n) if n > 0 => data.extend_from_slice(&buf[..n]),
+            other => panic!("waiting for {needle} ({other:?}): {text}"),
+        }
+    }
+}
+
+/// A frame that arrives one byte per read, and a message fragmented over frames written one at a
+/// time with a control frame between them, are assembled exactly: a shard's reader keeps what a
+/// read leaves unfinished, per connection, until the rest arrives.
+#[test]
+fn frames_split_across_reads_and_fragmented_messages_are_reassembled() {
+    let server = Server::start("trickle", &["--default-rooms", ""]);
+    let mut stream = raw_ws(&server);
+    read_until(&mut stream, r#""op":"welcome""#);
+    let mut ping = Vec::new();
+    ws::encode_masked_frame(
+        &mut ping,
+        ws::frame::TEXT,
+        true,
+        br#"{"op":"ping","id":7}"#,
+        [9, 8, 7, 6],
+    );
+    for byte in &ping {
+        stream.write_all(&[*byte]).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    read_until(&mut stream, r#"{"op":"pong","id":7}"#);
+    let parts: [(ws::OpCode, bool, &[u8]); 4] = [
+        (ws::frame::TEXT, false, br#"{"op":"pi"#),
+        (ws::frame::CONTINUE, false, b"ng\",\"id\""),
+        (ws::frame::PING, true, b"mid"),
+        (ws::frame::CONTINUE, true, b":8}"),
+    ];
+    for (opcode, fin, payload) in parts {
+        let mut frame = Vec::new();
+        ws::encode_masked_frame(&mut frame, opcode, fin, payload, [1, 2, 3, 4]);
+        stream.write_all(&frame).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = read_until(&mut stream, r#"{"op":"pong","id":8}"#);
+    assert!(
+        text.contains("mid"),
+        "the control frame between fragments is answered"
+    );
+    still_serves(&server);
+}
