@@ -387,6 +387,123 @@ fn slow_consumer_is_closed_with_4011_and_others_keep_receiving() {
     fast.expect("pong", Some(id));
 }
 
+/// The server's `ringhub_presence_shed_total`.
+fn presence_shed(server: &Server) -> u64 {
+    let (_, text) = server.http("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    text.lines()
+        .find_map(|l| l.strip_prefix("ringhub_presence_shed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Under overload presence goes first (SPEC §6): a member whose queue is past half its bound gets
+/// no presence diffs, while every message still reaches it, in order, and the `presence` query
+/// still answers exactly. Members that keep up get every diff.
+#[test]
+fn presence_diffs_are_shed_for_a_lagging_member_and_nothing_else_is() {
+    let server = Server::start(
+        "shed",
+        &[
+            "--max-queued-bytes",
+            "524288",
+            "--presence-batch",
+            "20ms",
+            "--rate-limits.publish-per-connection",
+            "0/1s",
+            "--rate-limits.publish-per-room",
+            "0/1s",
+            "--default-rooms",
+            "",
+        ],
+    );
+    let join = |c: &mut Client, room: &str| {
+        let id = c.request("join", &[("room", s(room))]);
+        c.expect("reply", Some(id));
+    };
+    let mut lagging = server.connect(&server.token("lagging"), None);
+    welcome(&mut lagging);
+    join(&mut lagging, "hose");
+    let mut fast = server.connect(&server.token("fast"), None);
+    welcome(&mut fast);
+    join(&mut fast, "hose");
+    let mut toggler = server.connect(&server.token("toggler"), None);
+    welcome(&mut toggler);
+    let chunk = "z".repeat(16 * 1024);
+    let mut published = 0u64;
+    let mut inside = false;
+    // Fill the kernel's buffers and then `lagging`'s queue, changing presence every 8 messages,
+    // until a diff has been shed (the queue is then past 256 KiB and below 384 KiB: no 4011).
+    while presence_shed(&server) == 0 {
+        assert!(published < 2000, "no diff was shed");
+        for _ in 0..8 {
+            fast.send_value(
+                &obj(&[
+                    ("op", s("publish")),
+                    ("room", s("hose")),
+                    ("data", obj(&[("i", n(published)), ("t", s(&chunk))])),
+                ]),
+                false,
+            );
+            fast.expect("message", None);
+            published += 1;
+        }
+        let op = if inside { "leave" } else { "join" };
+        let id = toggler.request(op, &[("room", s("hose"))]);
+        toggler.expect("reply", Some(id));
+        inside = !inside;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // One more change, seen by the member that keeps up and shed for the lagging one.
+    let mut late = server.connect(&server.token("late"), None);
+    welcome(&mut late);
+    join(&mut late, "hose");
+    loop {
+        let diff = fast.expect("presence", None);
+        let joined = diff.get("joined").and_then(Value::as_array).unwrap();
+        if joined
+            .iter()
+            .any(|u| u.get("user").and_then(Value::as_str) == Some("late"))
+        {
+            break;
+        }
+    }
+    // The lagging member drains: every message, in order, and no diff naming `late`.
+    lagging.set_timeout(Duration::from_secs(10));
+    let mut next = 0u64;
+    while next < published {
+        let v = lagging.recv().unwrap();
+        match v.get("op").and_then(Value::as_str) {
+            Some("message") => {
+                let i = v
+                    .get("data")
+                    .and_then(|d| d.get("i"))
+                    .and_then(Value::as_u64);
+                assert_eq!(i, Some(next));
+                next += 1;
+            }
+            Some("presence") => {
+                let text = format!("{v:?}");
+                assert!(!text.contains("late"), "a shed diff arrived: {text}");
+            }
+            _ => {}
+        }
+    }
+    let id = lagging.request("presence", &[("room", s("hose"))]);
+    let reply = lagging.expect("reply", Some(id));
+    let users: Vec<&str> = reply
+        .get("presence")
+        .and_then(Value::as_array)
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.get("user").and_then(Value::as_str))
+        .collect();
+    assert!(
+        users.contains(&"late") && users.contains(&"lagging"),
+        "{users:?}"
+    );
+    assert!(presence_shed(&server) >= 2);
+}
+
 #[test]
 fn silent_connections_close_with_4010() {
     let server = Server::start("idle", &["--heartbeat", "1s"]);
