@@ -531,6 +531,9 @@ pub(crate) struct Shard {
     buffers: RefCell<Vec<Vec<u8>>>,
     pub(crate) stopping: Cell<bool>,
     pub(crate) stop_waker: RefCell<Option<std::task::Waker>>,
+    /// Messages to send once due ([`crate::monotonic_us`]), oldest first: the leaves of
+    /// connections dropped abnormally, held for presence's grace (SPEC §6). Sent by [`ticker`].
+    pub(crate) delayed: RefCell<std::collections::VecDeque<(u64, usize, ShardMsg)>>,
     /// The WebSocket connections, read by [`reader`] as they turn readable.
     pub(crate) ready_set: ReadySet,
 }
@@ -550,6 +553,7 @@ impl Shard {
             local_rooms: RefCell::new(HashMap::new()),
             home: RefCell::new(HashMap::new()),
             presence_dirty: RefCell::new(Vec::new()),
+            delayed: RefCell::new(std::collections::VecDeque::new()),
             next_conn: Cell::new(1),
             compressor: RefCell::new(Compressor::new(DEFAULT_LEVEL).map_err(zstd)?),
             decompressor: RefCell::new(Decompressor::new().map_err(zstd)?),
@@ -888,6 +892,7 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
         if shard.stopping.get() && shard.conns.borrow().is_empty() {
             return;
         }
+        send_due(&shard);
         crate::home::flush_presence(&shard);
         let now = now_ms();
         if now.saturating_sub(last_scan) < 250 {
@@ -930,6 +935,22 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
                 crate::ws::send_ping(&shard, &conn);
             }
         }
+    }
+}
+
+/// Sends the delayed messages that are due (they were queued with one fixed delay, so in order).
+fn send_due(shard: &Rc<Shard>) {
+    let now = crate::monotonic_us();
+    loop {
+        let next = {
+            let mut delayed = shard.delayed.borrow_mut();
+            match delayed.front() {
+                Some((due, _, _)) if *due <= now => delayed.pop_front(),
+                _ => None,
+            }
+        };
+        let Some((_, home, msg)) = next else { break };
+        shard.dispatch(home, msg);
     }
 }
 
