@@ -1,6 +1,7 @@
 //! One live WebSocket connection's state on its shard: identity, joined rooms, rate buckets, and
 //! the bounded outbound queue with its writer. Encoded frames are copied once into the
-//! connection's outbound buffer; a flush writes the whole buffer in one submission. Every idle
+//! connection's outbound buffer; the shard's flush sends the whole buffer with one non-blocking
+//! `send`, and only what the kernel does not take waits in an io_uring write. Every idle
 //! connection carries this struct, so rarely used state is boxed on first use. Nothing here
 //! decodes client input (see `ws` and `sio`).
 
@@ -57,7 +58,7 @@ pub(crate) struct Conn {
     /// Frames encoded and waiting, in order: a delivery is copied here once (no refcount per
     /// member), and a flush writes the whole buffer. Empty with no capacity while idle.
     out: RefCell<Vec<u8>>,
-    writing: Cell<bool>,
+    writing: Cell<WriteState>,
     /// When the last write started: [`crate::monotonic_us`] in 32 bits (it wraps every 71
     /// minutes; only differences are read); kept only with `write_delay`.
     last_write_us: Cell<u32>,
@@ -120,6 +121,17 @@ impl Rare {
     }
 }
 
+/// Where a connection's queued frames stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteState {
+    /// Nothing being written.
+    Idle,
+    /// Listed for the shard's next flush (a direct non-blocking send).
+    Listed,
+    /// An io_uring write is in flight (what the kernel did not take at once, or `write_delay`).
+    Writing,
+}
+
 /// [`Conn::personal`] while the initial join of the personal room is unanswered.
 const PERSONAL_PENDING: u64 = u64::MAX;
 /// [`Conn::personal`] of a user whose id makes no valid room id.
@@ -165,7 +177,7 @@ impl Conn {
             key: parts.key,
             stream: parts.stream,
             out: RefCell::new(Vec::new()),
-            writing: Cell::new(false),
+            writing: Cell::new(WriteState::Idle),
             // Long enough ago that the first write is not delayed.
             last_write_us: Cell::new(monotonic_us32().wrapping_sub(1 << 31)),
             closing: Cell::new(None),
@@ -406,9 +418,17 @@ impl Conn {
     }
 
     fn kick_writer(self: &Rc<Self>, shard: &Rc<Shard>) {
-        if self.ready.get() && !self.writing.get() && !self.out.borrow().is_empty() {
-            self.writing.set(true);
-            monoio::spawn(write_loop(shard.clone(), self.clone()));
+        if self.ready.get()
+            && self.writing.get() == WriteState::Idle
+            && !self.out.borrow().is_empty()
+        {
+            if shard.shared.config.write_delay.is_zero() {
+                self.writing.set(WriteState::Listed);
+                shard.list_for_flush(self.clone());
+            } else {
+                self.writing.set(WriteState::Writing);
+                monoio::spawn(write_loop(shard.clone(), self.clone()));
+            }
         }
     }
 
@@ -459,6 +479,56 @@ fn monotonic_us32() -> u32 {
     u32::try_from(crate::monotonic_us() & u64::from(u32::MAX)).unwrap_or_default()
 }
 
+impl Conn {
+    /// The shard's flush: sends the whole queue with one non-blocking `send`; what the kernel does
+    /// not take goes to an io_uring write that waits for room.
+    pub(crate) fn flush_now(self: &Rc<Self>, shard: &Rc<Shard>) {
+        if self.writing.get() != WriteState::Listed {
+            return;
+        }
+        let sent = {
+            let out = self.out.borrow();
+            if out.is_empty() {
+                Ok(0)
+            } else {
+                sys::send_now(&self.stream, &out)
+            }
+        };
+        let metrics = &shard.shared.metrics;
+        match sent {
+            Ok(n) => {
+                if n > 0 {
+                    metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    metrics.socket_writes.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut out = self.out.borrow_mut();
+                if n >= out.len() {
+                    // Written: the buffer goes (an idle connection keeps none).
+                    *out = Vec::new();
+                    drop(out);
+                    self.writing.set(WriteState::Idle);
+                    if self.closing.get().is_some() {
+                        sys::shutdown(&self.stream, Shutdown::Write);
+                    }
+                    return;
+                }
+                out.drain(..n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                *self.out.borrow_mut() = Vec::new();
+                self.writing.set(WriteState::Idle);
+                self.abnormal.set(true);
+                self.abort();
+                return;
+            }
+        }
+        self.writing.set(WriteState::Writing);
+        monoio::spawn(write_loop(shard.clone(), self.clone()));
+    }
+}
+
 async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>) {
     let mut failed = false;
     let delay_us = u64::try_from(shard.shared.config.write_delay.as_micros()).unwrap_or(u64::MAX);
@@ -490,7 +560,7 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>) {
         metrics.bytes_out.fetch_add(len, Ordering::Relaxed);
         metrics.socket_writes.fetch_add(1, Ordering::Relaxed);
     }
-    conn.writing.set(false);
+    conn.writing.set(WriteState::Idle);
     if failed {
         conn.abnormal.set(true);
         conn.abort();

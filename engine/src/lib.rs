@@ -260,6 +260,7 @@ async fn shard_main(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
     monoio::spawn(shard::dispatcher(shard.clone()));
     monoio::spawn(shard::ticker(shard.clone()));
     monoio::spawn(shard::reader(shard.clone()));
+    monoio::spawn(shard::flusher(shard.clone()));
     loop {
         let stopped = StopSignal(shard.clone());
         monoio::select! {

@@ -534,6 +534,9 @@ pub(crate) struct Shard {
     /// Messages to send once due ([`crate::monotonic_us`]), oldest first: the leaves of
     /// connections dropped abnormally, held for presence's grace (SPEC §6). Sent by [`ticker`].
     pub(crate) delayed: RefCell<std::collections::VecDeque<(u64, usize, ShardMsg)>>,
+    /// Connections with frames queued since the last flush, for [`flusher`].
+    to_flush: RefCell<Vec<Rc<Conn>>>,
+    flusher_waker: RefCell<Option<std::task::Waker>>,
     /// The WebSocket connections, read by [`reader`] as they turn readable.
     pub(crate) ready_set: ReadySet,
 }
@@ -554,6 +557,8 @@ impl Shard {
             home: RefCell::new(HashMap::new()),
             presence_dirty: RefCell::new(Vec::new()),
             delayed: RefCell::new(std::collections::VecDeque::new()),
+            to_flush: RefCell::new(Vec::new()),
+            flusher_waker: RefCell::new(None),
             next_conn: Cell::new(1),
             compressor: RefCell::new(Compressor::new(DEFAULT_LEVEL).map_err(zstd)?),
             decompressor: RefCell::new(Decompressor::new().map_err(zstd)?),
@@ -628,6 +633,17 @@ impl Shard {
                 self.put_buffer(buf);
                 Some(Err(e))
             }
+        }
+    }
+
+    /// Lists a connection for the next flush (see [`flusher`]).
+    pub(crate) fn list_for_flush(&self, conn: Rc<Conn>) {
+        let mut list = self.to_flush.borrow_mut();
+        list.push(conn);
+        if list.len() == 1
+            && let Some(waker) = self.flusher_waker.borrow_mut().take()
+        {
+            waker.wake();
         }
     }
 
@@ -934,6 +950,36 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
                 conn.last_ping_ms.set(mono);
                 crate::ws::send_ping(&shard, &conn);
             }
+        }
+    }
+}
+
+/// Writes what every listed connection has queued, once the task that queued it (the mailbox,
+/// the reader, a handshake) yields: everything queued for a connection in that time goes out in
+/// one non-blocking `send`, with no task and no io_uring round trip unless the kernel's buffer is
+/// full.
+pub(crate) async fn flusher(shard: Rc<Shard>) {
+    struct Listed<'a>(&'a Shard);
+    impl Future for Listed<'_> {
+        type Output = ();
+        fn poll(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<()> {
+            if self.0.to_flush.borrow().is_empty() {
+                *self.0.flusher_waker.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        }
+    }
+    let mut batch = Vec::new();
+    loop {
+        Listed(&shard).await;
+        std::mem::swap(&mut batch, &mut *shard.to_flush.borrow_mut());
+        for conn in batch.drain(..) {
+            conn.flush_now(&shard);
         }
     }
 }

@@ -75,6 +75,23 @@ pub(crate) fn stream_ref(stream: &Rc<UnsafeCell<TcpStream>>) -> &TcpStream {
     unsafe { &*stream.get() }
 }
 
+/// Sends what it can of `buf` on a connection's stream now, without waiting (`MSG_DONTWAIT`):
+/// the bytes taken by the kernel, `WouldBlock` when its buffer is full.
+pub(crate) fn send_now(stream: &Rc<UnsafeCell<TcpStream>>, buf: &[u8]) -> std::io::Result<usize> {
+    let fd: RawFd = std::os::fd::AsRawFd::as_raw_fd(stream_ref(stream));
+    // SAFETY: `send(2)` reads at most `buf.len()` bytes from `buf`, valid for the call; the `Rc`
+    // keeps the descriptor open. MSG_NOSIGNAL: a closed peer is an error, not a SIGPIPE.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
 /// Writes all of `buf` to a connection's stream (one io_uring write, more if the kernel takes
 /// part of it). The caller must be the connection's only writer (`Conn::writing`).
 pub(crate) async fn write_all(
