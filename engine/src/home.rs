@@ -392,30 +392,26 @@ pub(crate) fn join(
         } else {
             Vec::new()
         };
-        let reply = match home {
-            Some(home) => Joined {
-                room: room.clone(),
-                conn,
-                id,
-                initial,
-                seq: home.seq,
-                epoch: shard.shared.epoch_name(home.epoch),
-                presence,
-                recovery: resume.map(|from| recover(home, &from, shard)),
-            },
+        let (seq, epoch, recovery) = match home {
+            Some(home) => (
+                home.seq,
+                shard.shared.epoch_name(home.epoch),
+                resume.map(|from| recover(home, &from, shard)),
+            ),
             // No state: nothing was ever published while the owner has been connected.
-            None => Joined {
-                room: room.clone(),
-                conn,
-                id,
-                initial,
-                seq: 0,
-                epoch: Arc::from(""),
-                presence,
-                recovery: None,
-            },
+            None => (0, Arc::from(""), None),
         };
         drop(rooms);
+        let reply = Joined {
+            room: room.clone(),
+            conn,
+            id,
+            initial,
+            seq,
+            epoch,
+            presence,
+            recovery,
+        };
         to_conn(shard, conn, ShardMsg::Joined(Box::new(reply)));
         return;
     }
