@@ -18,6 +18,19 @@ fn u64_of(v: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{key} missing in {v:?}"))
 }
 
+/// A room's `presence` answer as (user, connections) pairs.
+fn presence_counts(client: &mut Client, room: &str) -> Vec<(String, u64)> {
+    let id = client.request("presence", &[("room", s(room))]);
+    let reply = client.expect("reply", Some(id));
+    reply
+        .get("presence")
+        .and_then(Value::as_array)
+        .unwrap()
+        .iter()
+        .map(|e| (str_of(e, "user").to_owned(), u64_of(e, "conns")))
+        .collect()
+}
+
 fn welcome(client: &mut Client) -> Value {
     let w = client.expect("welcome", None);
     assert!(str_of(&w, "session").starts_with("c_"));
@@ -330,17 +343,7 @@ fn presence_of_a_crowded_room_stays_exact() {
     welcome(&mut extra);
     let id = extra.request("join", &[("room", s("crowd"))]);
     extra.expect("reply", Some(id));
-    let presence = |c: &mut Client| -> Vec<(String, u64)> {
-        let id = c.request("presence", &[("room", s("crowd"))]);
-        let reply = c.expect("reply", Some(id));
-        reply
-            .get("presence")
-            .and_then(Value::as_array)
-            .unwrap()
-            .iter()
-            .map(|e| (str_of(e, "user").to_owned(), u64_of(e, "conns")))
-            .collect()
-    };
+    let presence = |c: &mut Client| presence_counts(c, "crowd");
     let expected: Vec<(String, u64)> = names
         .iter()
         .map(|n| (n.clone(), if n == "u03" { 2 } else { 1 }))
@@ -381,17 +384,7 @@ fn a_personal_room_follows_its_owner_on_every_shard() {
             c
         })
         .collect();
-    let presence = |c: &mut Client| -> Vec<(String, u64)> {
-        let id = c.request("presence", &[("room", s("user:pat"))]);
-        let reply = c.expect("reply", Some(id));
-        reply
-            .get("presence")
-            .and_then(Value::as_array)
-            .unwrap()
-            .iter()
-            .map(|p| (str_of(p, "user").to_owned(), u64_of(p, "conns")))
-            .collect()
-    };
+    let presence = |c: &mut Client| presence_counts(c, "user:pat");
     assert_eq!(presence(&mut conns[0]), [("pat".to_owned(), 4)]);
     // Nothing published yet: an empty history under some epoch.
     let id = conns[1].request("history", &[("room", s("user:pat"))]);
