@@ -175,7 +175,7 @@ pub(crate) struct ConnParts {
 impl Conn {
     pub(crate) fn new(parts: ConnParts) -> Self {
         let now = crate::monotonic_ms32();
-        let personal_room_valid = RoomId::personal(&parts.identity.user_id).is_ok();
+        let personal_room_valid = RoomId::personal_is_valid(&parts.identity.user_id);
         Self {
             id: parts.id,
             key: parts.key,

@@ -40,13 +40,22 @@ impl RoomId {
         if !bytes[0].is_ascii_alphanumeric() {
             return Err(RoomIdError::Character);
         }
-        let allowed =
-            |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-');
-        if bytes[1..].iter().all(|&b| allowed(b)) {
+        if bytes[1..].iter().all(|&b| Self::allowed_after_first(b)) {
             Ok(())
         } else {
             Err(RoomIdError::Character)
         }
+    }
+
+    /// Whether `b` may appear after a room id's first character.
+    fn allowed_after_first(b: u8) -> bool {
+        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-')
+    }
+
+    /// Whether `user_id` makes a valid personal room id, without building it.
+    pub fn personal_is_valid(user_id: &str) -> bool {
+        Self::PERSONAL_PREFIX.len() + user_id.len() <= Self::MAX_LEN
+            && user_id.bytes().all(Self::allowed_after_first)
     }
 
     /// The personal room of a user.
@@ -103,5 +112,12 @@ mod tests {
             assert_eq!(RoomId::check(bad), Err(RoomIdError::Character), "{bad}");
         }
         assert!(RoomId::personal("abc").unwrap().is_personal());
+        for user in ["abc", "", "a b", "é", &"x".repeat(123), &"x".repeat(124)] {
+            assert_eq!(
+                RoomId::personal_is_valid(user),
+                RoomId::personal(user).is_ok(),
+                "{user:?}"
+            );
+        }
     }
 }
