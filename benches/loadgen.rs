@@ -212,14 +212,19 @@ fn tokens(server: &ServerProc, count: usize, users: usize) -> Vec<String> {
     // (each connection its own session), so that idle memory counts what real identities cost.
     (0..count)
         .map(|i| {
-            let user = if users == 0 { i } else { i % users };
-            let id = format!("{user:08x}-7e1d-4c2a-9b3f-{user:012x}");
+            let (id, name) = identity(if users == 0 { i } else { i % users });
             let session = format!("{i:08x}-5a0c-4e6b-8d21-{i:012x}");
-            svc.mint(&id, &format!("user{user}"), &session, 3600, None)
-                .unwrap()
-                .0
+            svc.mint(&id, &name, &session, 3600, None).unwrap().0
         })
         .collect()
+}
+
+/// The user id and username of the load generator's user number `user`.
+fn identity(user: usize) -> (String, String) {
+    (
+        format!("{user:08x}-7e1d-4c2a-9b3f-{user:012x}"),
+        format!("user{user}"),
+    )
 }
 
 /// The server's counters of interest, as `"name":value` JSON fields.
@@ -541,6 +546,8 @@ fn scenario_connect(o: &Opts) {
 #[derive(Default)]
 struct Tally {
     delivered: u64,
+    /// Payload bytes of the counted messages (to check that `ceiling` writes what `fanout` gets).
+    payload_bytes: u64,
     latencies_us: Vec<u32>,
 }
 
@@ -550,6 +557,7 @@ fn note_message(payload: &[u8], measuring: bool, tally: &RefCell<Tally>) {
         return;
     }
     t.delivered += 1;
+    t.payload_bytes += payload.len() as u64;
     if t.delivered.is_multiple_of(8)
         && let Some(pos) = payload.windows(2).position(|w| w == b"|T")
     {
@@ -566,6 +574,7 @@ fn note_message(payload: &[u8], measuring: bool, tally: &RefCell<Tally>) {
 
 fn report_fanout(name: &str, o: &Opts, secs: f64, tallies: Vec<Tally>, extra: &str) {
     let delivered: u64 = tallies.iter().map(|t| t.delivered).sum();
+    let payload_bytes: u64 = tallies.iter().map(|t| t.payload_bytes).sum();
     let mut lat: Vec<u32> = tallies.into_iter().flat_map(|t| t.latencies_us).collect();
     lat.sort_unstable();
     let pct = |p: f64| {
@@ -574,7 +583,7 @@ fn report_fanout(name: &str, o: &Opts, secs: f64, tallies: Vec<Tally>, extra: &s
             .unwrap_or(0)
     };
     println!(
-        "{{\"scenario\":\"{name}\",\"shards\":{},\"rooms\":{},\"room_size\":{},\"publishers_per_room\":{},\"payload\":{},\"format\":\"{}\",\"secs\":{secs:.2},\"deliveries\":{delivered},\"deliveries_per_sec\":{:.0},\"latency_us_p50\":{},\"latency_us_p99\":{},\"latency_us_max\":{}{extra}}}",
+        "{{\"scenario\":\"{name}\",\"shards\":{},\"rooms\":{},\"room_size\":{},\"publishers_per_room\":{},\"payload\":{},\"format\":\"{}\",\"secs\":{secs:.2},\"deliveries\":{delivered},\"deliveries_per_sec\":{:.0},\"payload_bytes_per_delivery\":{:.1},\"latency_us_p50\":{},\"latency_us_p99\":{},\"latency_us_max\":{}{extra}}}",
         o.shards,
         o.rooms,
         o.room_size,
@@ -582,6 +591,7 @@ fn report_fanout(name: &str, o: &Opts, secs: f64, tallies: Vec<Tally>, extra: &s
         o.payload,
         protocol_name(o),
         delivered as f64 / secs,
+        payload_bytes as f64 / delivered.max(1) as f64,
         pct(0.5),
         pct(0.99),
         lat.last().copied().unwrap_or(0)
@@ -863,6 +873,37 @@ impl Storm {
     }
 }
 
+/// Eight `message` frames of room `room` exactly as the engine sends them to a member: the same
+/// encoding (JSON text or MessagePack binary frames), room, publisher identity (the room's first
+/// member, as in `fanout`), epoch-millisecond `ts`, a `seq` of the same magnitude, and the same
+/// `data` (padding and send timestamp). zstd is not applied: the ceiling is for plain frames.
+fn ceiling_batch(o: &Opts, room: usize, seq: u64) -> Vec<u8> {
+    use protocol::envelope::{Format, MessageRecord, Push, RoomId, Value, encode_push};
+    let (from, name) = identity(room * o.room_size);
+    let (format, opcode) = if o.msgpack {
+        (Format::MsgPack, ws::frame::BINARY)
+    } else {
+        (Format::Json, ws::frame::TEXT)
+    };
+    let pad = "x".repeat(o.payload.saturating_sub(24));
+    let mut record = MessageRecord {
+        room: RoomId::parse(&format!("r{room}")).unwrap(),
+        seq,
+        from: Some(from),
+        name,
+        ts: now_us() / 1000,
+        data: Value::Null,
+    };
+    let mut batch = Vec::new();
+    for k in 0..8 {
+        record.seq = seq + k;
+        record.data = Value::str(&format!("{pad}|T{}", now_us()));
+        let payload = encode_push(&Push::Message(&record), format).unwrap();
+        batch.extend_from_slice(&ws::frame_bytes(opcode, &payload));
+    }
+    batch
+}
+
 /// The raw ceiling: `shards` writer threads each own an equal share of R × S loopback sockets and
 /// write the same message frame to every socket in turn, as a broadcast would; the receivers are
 /// the same code as in `fanout`.
@@ -930,28 +971,29 @@ fn scenario_ceiling(o: &Opts) {
         })
         .collect();
     let per_writer = accepted.len().div_ceil(o.shards.max(1));
-    let pad = "x".repeat(o.payload.saturating_sub(24));
     let writers: Vec<_> = accepted
         .chunks(per_writer)
-        .map(|chunk| {
-            let socks: Vec<std::net::TcpStream> = chunk.iter().map(|s| s.try_clone().unwrap()).collect();
-            let (stop, pad) = (stop.clone(), pad.clone());
-            let rooms = o.rooms;
+        .enumerate()
+        .map(|(w, chunk)| {
+            let socks: Vec<std::net::TcpStream> =
+                chunk.iter().map(|s| s.try_clone().unwrap()).collect();
+            let (stop, o) = (stop.clone(), o.clone());
             std::thread::spawn(move || {
                 use std::io::Write;
                 let mut socks = socks;
+                let mut seq = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    // One "message" per room, written to that room's members in this writer's share.
-                    // Eight messages per write, as the engine writes what a connection has queued.
-                    let mut batch = Vec::new();
-                    for _ in 0..8 {
-                        let json = format!(r#"{{"op":"message","room":"r0","seq":1,"from":"u","name":"u","ts":0,"data":"{pad}|T{}"}}"#, now_us());
-                        batch.extend_from_slice(&ws::frame_bytes(ws::frame::TEXT, json.as_bytes()));
+                    // One "message" per room, written to that room's members in this writer's
+                    // share. Eight messages per write, as the engine writes what a connection has
+                    // queued (it averages more per write: see `server_socket_writes`).
+                    seq += 8;
+                    let batches: Vec<Vec<u8>> = (0..o.rooms)
+                        .map(|room| ceiling_batch(&o, room, seq))
+                        .collect();
+                    for (k, s) in socks.iter_mut().enumerate() {
+                        let room = (w * per_writer + k) / o.room_size;
+                        let _ = s.write_all(&batches[room.min(o.rooms - 1)]);
                     }
-                    for s in &mut socks {
-                        let _ = s.write_all(&batch);
-                    }
-                    let _ = rooms;
                 }
             })
         })
