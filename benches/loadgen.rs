@@ -246,6 +246,15 @@ fn server_counters(addr: SocketAddr) -> String {
         ),
         ("ringhub_connections ", "server_connections"),
         ("ringhub_socket_writes_total ", "server_socket_writes"),
+        ("ringhub_deferred_flushes_total ", "server_deferred_flushes"),
+        (
+            "ringhub_shard_write_delay_us{shard=\"0\"} ",
+            "server_write_delay_us_shard0",
+        ),
+        (
+            "ringhub_shard_write_delay_us{shard=\"1\"} ",
+            "server_write_delay_us_shard1",
+        ),
     ] {
         if let Some(v) = text.lines().find_map(|l| l.strip_prefix(name)) {
             out.push_str(&format!(",\"{key}\":{v}"));
@@ -266,6 +275,31 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU time (user + system) that process `pid` ("self" for the load generator) has used, in
+/// clock ticks of `/proc/PID/stat` (100 per second here).
+fn cpu_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is the first, utime the 12th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// CPU ticks used during the measuring window by the server (0 for `ceiling`) and the load
+/// generator, reported per delivery: a steadier figure of cost than throughput on a shared machine.
+#[derive(Default, Clone, Copy)]
+struct WindowCpu {
+    server_ticks: u64,
+    client_ticks: u64,
 }
 
 fn now_us() -> u64 {
@@ -548,6 +582,8 @@ struct Tally {
     delivered: u64,
     /// Payload bytes of the counted messages (to check that `ceiling` writes what `fanout` gets).
     payload_bytes: u64,
+    /// Reads that returned data while measuring (fewer, larger reads cost the receiver less).
+    reads: u64,
     latencies_us: Vec<u32>,
 }
 
@@ -572,9 +608,17 @@ fn note_message(payload: &[u8], measuring: bool, tally: &RefCell<Tally>) {
     }
 }
 
-fn report_fanout(name: &str, o: &Opts, secs: f64, tallies: Vec<Tally>, extra: &str) {
+fn report_fanout(
+    name: &str,
+    o: &Opts,
+    secs: f64,
+    cpu: WindowCpu,
+    tallies: Vec<Tally>,
+    extra: &str,
+) {
     let delivered: u64 = tallies.iter().map(|t| t.delivered).sum();
     let payload_bytes: u64 = tallies.iter().map(|t| t.payload_bytes).sum();
+    let reads: u64 = tallies.iter().map(|t| t.reads).sum();
     let mut lat: Vec<u32> = tallies.into_iter().flat_map(|t| t.latencies_us).collect();
     lat.sort_unstable();
     let pct = |p: f64| {
@@ -583,7 +627,7 @@ fn report_fanout(name: &str, o: &Opts, secs: f64, tallies: Vec<Tally>, extra: &s
             .unwrap_or(0)
     };
     println!(
-        "{{\"scenario\":\"{name}\",\"shards\":{},\"rooms\":{},\"room_size\":{},\"publishers_per_room\":{},\"payload\":{},\"format\":\"{}\",\"secs\":{secs:.2},\"deliveries\":{delivered},\"deliveries_per_sec\":{:.0},\"payload_bytes_per_delivery\":{:.1},\"latency_us_p50\":{},\"latency_us_p99\":{},\"latency_us_max\":{}{extra}}}",
+        "{{\"scenario\":\"{name}\",\"shards\":{},\"rooms\":{},\"room_size\":{},\"publishers_per_room\":{},\"payload\":{},\"format\":\"{}\",\"secs\":{secs:.2},\"deliveries\":{delivered},\"deliveries_per_sec\":{:.0},\"payload_bytes_per_delivery\":{:.1},\"deliveries_per_read\":{:.1},\"latency_us_p50\":{},\"latency_us_p99\":{},\"latency_us_max\":{},\"server_cpu_ns_per_delivery\":{:.0},\"client_cpu_ns_per_delivery\":{:.0}{extra}}}",
         o.shards,
         o.rooms,
         o.room_size,
@@ -592,9 +636,12 @@ fn report_fanout(name: &str, o: &Opts, secs: f64, tallies: Vec<Tally>, extra: &s
         protocol_name(o),
         delivered as f64 / secs,
         payload_bytes as f64 / delivered.max(1) as f64,
+        delivered as f64 / reads.max(1) as f64,
         pct(0.5),
         pct(0.99),
-        lat.last().copied().unwrap_or(0)
+        lat.last().copied().unwrap_or(0),
+        cpu.server_ticks as f64 * 1e7 / delivered.max(1) as f64,
+        cpu.client_ticks as f64 * 1e7 / delivered.max(1) as f64,
     );
 }
 
@@ -684,6 +731,7 @@ fn scenario_fanout(o: &Opts) {
                                     break;
                                 }
                                 let m = measuring.load(Ordering::Relaxed);
+                                tally.borrow_mut().reads += u64::from(m);
                                 reader.drain(|op, payload| {
                                     if op == 1 || op == 2 {
                                         note_message(payload, m, &tally);
@@ -712,11 +760,17 @@ fn scenario_fanout(o: &Opts) {
     // Publishers start when their connection is up; measure a steady window after a warm-up.
     std::thread::sleep(Duration::from_secs(1));
     let storm = storm.map(|s| s.run(o.duration));
+    let server_pid = server.child.id().to_string();
+    let cpu_before = (cpu_ticks(&server_pid), cpu_ticks("self"));
     measuring.store(true, Ordering::Relaxed);
     let window = Instant::now();
     std::thread::sleep(Duration::from_secs(o.duration));
     measuring.store(false, Ordering::Relaxed);
     let secs = window.elapsed().as_secs_f64();
+    let cpu = WindowCpu {
+        server_ticks: cpu_ticks(&server_pid) - cpu_before.0,
+        client_ticks: cpu_ticks("self") - cpu_before.1,
+    };
     let mut counters = server_counters(server.addr);
     if let Some(storm) = storm {
         counters.push_str(&storm.finish());
@@ -727,7 +781,7 @@ fn scenario_fanout(o: &Opts) {
         .into_iter()
         .map(|h| h.join().unwrap_or_default())
         .collect();
-    report_fanout(&o.scenario, o, secs, tallies, &counters);
+    report_fanout(&o.scenario, o, secs, cpu, tallies, &counters);
 }
 
 /// One blocking HTTP/1.1 request; returns the status and how long the answer took.
@@ -955,6 +1009,7 @@ fn scenario_ceiling(o: &Opts) {
                                         break;
                                     }
                                     let m = measuring.load(Ordering::Relaxed);
+                                    tally.borrow_mut().reads += u64::from(m);
                                     reader.drain(|_, payload| note_message(payload, m, &tally));
                                 }
                             })
@@ -999,11 +1054,16 @@ fn scenario_ceiling(o: &Opts) {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(1));
+    let cpu_before = cpu_ticks("self");
     measuring.store(true, Ordering::Relaxed);
     let window = Instant::now();
     std::thread::sleep(Duration::from_secs(o.duration));
     measuring.store(false, Ordering::Relaxed);
     let secs = window.elapsed().as_secs_f64();
+    let cpu = WindowCpu {
+        server_ticks: 0,
+        client_ticks: cpu_ticks("self") - cpu_before,
+    };
     stop.store(true, Ordering::Relaxed);
     drop(accepted);
     for w in writers {
@@ -1013,7 +1073,7 @@ fn scenario_ceiling(o: &Opts) {
         .into_iter()
         .map(|h| h.join().unwrap_or_default())
         .collect();
-    report_fanout("ceiling", o, secs, tallies, "");
+    report_fanout("ceiling", o, secs, cpu, tallies, "");
 }
 
 fn main() {

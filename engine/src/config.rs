@@ -79,6 +79,9 @@ pub struct EngineConfig {
     /// Least time between two writes to one connection: frames queued meanwhile go out together
     /// (zero: every flush goes out at once).
     pub write_delay: Duration,
+    /// The most that frames to a busy connection wait to share a write while a shard is
+    /// saturated (the delay adapts to the shard's load; zero: never).
+    pub busy_write_delay: Duration,
     /// Allowed origins (empty = any).
     pub allowed_origins: Vec<String>,
     /// Allow requests without `Origin`.
@@ -128,6 +131,7 @@ impl EngineConfig {
             presence_batch: Duration::from_millis(100),
             expiry_grace: Duration::ZERO,
             write_delay: Duration::ZERO,
+            busy_write_delay: Duration::from_millis(20),
             allowed_origins: Vec::new(),
             allow_missing_origin: true,
             trusted_proxies: Vec::new(),

@@ -60,7 +60,7 @@ pub(crate) struct Conn {
     out: RefCell<Vec<u8>>,
     writing: Cell<WriteState>,
     /// When the last write started: [`crate::monotonic_us`] in 32 bits (it wraps every 71
-    /// minutes; only differences are read); kept only with `write_delay`.
+    /// minutes; only differences are read), for the write delay ([`Shard::write_delay_us`]).
     last_write_us: Cell<u32>,
     /// Set once a close has been decided; the code sent.
     pub(crate) closing: Cell<Option<CloseCode>>,
@@ -130,9 +130,10 @@ const DIRECT_SEND_MAX: usize = 16 * 1024;
 enum WriteState {
     /// Nothing being written.
     Idle,
-    /// Listed for the shard's next flush (a direct non-blocking send).
+    /// Listed for the shard's next flush (a direct non-blocking send), or waiting in the shard's
+    /// deferred queue for the write delay to pass.
     Listed,
-    /// An io_uring write is in flight (what the kernel did not take at once, or `write_delay`).
+    /// An io_uring write is in flight (what the kernel did not take at once).
     Writing,
 }
 
@@ -426,13 +427,8 @@ impl Conn {
             && self.writing.get() == WriteState::Idle
             && !self.out.borrow().is_empty()
         {
-            if shard.shared.config.write_delay.is_zero() {
-                self.writing.set(WriteState::Listed);
-                shard.list_for_flush(self.clone());
-            } else {
-                self.writing.set(WriteState::Writing);
-                monoio::spawn(write_loop(shard.clone(), self.clone()));
-            }
+            self.writing.set(WriteState::Listed);
+            shard.list_for_flush(self.clone());
         }
     }
 
@@ -490,6 +486,28 @@ impl Conn {
         if self.writing.get() != WriteState::Listed {
             return;
         }
+        let delay = shard.write_delay_us();
+        if delay > 0 && self.closing.get().is_none() {
+            // Written less than the delay ago: what is queued waits for the rest of it, unless
+            // the queue is already large (so the delay never brings a connection near its bound).
+            let since = monotonic_us32().wrapping_sub(self.last_write_us.get());
+            let queued = self.out.borrow().len();
+            if since < delay
+                && queued < DIRECT_SEND_MAX.min(shard.shared.config.max_queued_bytes / 4)
+            {
+                shard.defer_flush(self.clone(), u64::from(delay - since));
+                return;
+            }
+        }
+        self.send_queued(shard);
+    }
+
+    /// Sends what is queued now (see [`Self::flush_now`]).
+    pub(crate) fn send_queued(self: &Rc<Self>, shard: &Rc<Shard>) {
+        if self.writing.get() != WriteState::Listed {
+            return;
+        }
+        self.last_write_us.set(monotonic_us32());
         let sent = {
             let out = self.out.borrow();
             if out.is_empty() {
@@ -537,18 +555,7 @@ impl Conn {
 
 async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>) {
     let mut failed = false;
-    let delay_us = u64::try_from(shard.shared.config.write_delay.as_micros()).unwrap_or(u64::MAX);
     loop {
-        if delay_us > 0 && conn.closing.get().is_none() {
-            // At most one write per `write_delay`: what arrives meanwhile joins this write, which
-            // means fewer, larger writes for the kernel and for the reader. A connection not
-            // written to for that long is written at once.
-            let since = u64::from(monotonic_us32().wrapping_sub(conn.last_write_us.get()));
-            if since < delay_us {
-                monoio::time::sleep(Duration::from_micros(delay_us - since)).await;
-            }
-            conn.last_write_us.set(monotonic_us32());
-        }
         // Everything queued goes out in one write; frames queued meanwhile start a new buffer.
         let buf = std::mem::take(&mut *conn.out.borrow_mut());
         if buf.is_empty() {

@@ -261,6 +261,11 @@ async fn shard_main(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
     monoio::spawn(shard::ticker(shard.clone()));
     monoio::spawn(shard::reader(shard.clone()));
     monoio::spawn(shard::flusher(shard.clone()));
+    monoio::spawn(shard::deferred_flusher(shard.clone()));
+    shard
+        .shared
+        .metrics
+        .write_delay(shard.id, shard.write_delay_us());
     loop {
         let stopped = StopSignal(shard.clone());
         monoio::select! {

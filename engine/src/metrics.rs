@@ -67,12 +67,15 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     /// Writes to WebSocket sockets (deliveries / writes = frames per write: batching at work).
     pub socket_writes: AtomicU64,
+    /// Flushes held back by the write delay (fixed, or grown by a saturated shard).
+    pub deferred_flushes: AtomicU64,
     rate_limited: [AtomicU64; LIMITS.len()],
     auth_failures: [AtomicU64; AuthFailure::ALL.len()],
     account_auth_failures: [AtomicU64; ACCOUNT_AUTH_FAILURES.len()],
     /// Joins refused with `room_full`.
     pub room_full: AtomicU64,
     shard_queue_depth: Vec<AtomicI64>,
+    shard_write_delay_us: Vec<AtomicU64>,
 }
 
 fn zeros<const N: usize>() -> [AtomicU64; N] {
@@ -97,11 +100,13 @@ impl Metrics {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             socket_writes: AtomicU64::new(0),
+            deferred_flushes: AtomicU64::new(0),
             rate_limited: zeros(),
             auth_failures: zeros(),
             account_auth_failures: zeros(),
             room_full: AtomicU64::new(0),
             shard_queue_depth: (0..shards).map(|_| AtomicI64::new(0)).collect(),
+            shard_write_delay_us: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -154,6 +159,13 @@ impl Metrics {
         }
     }
 
+    /// Sets a shard's current write delay gauge (µs).
+    pub fn write_delay(&self, shard: usize, us: u32) {
+        if let Some(g) = self.shard_write_delay_us.get(shard) {
+            g.store(u64::from(us), Ordering::Relaxed);
+        }
+    }
+
     /// Appends the Prometheus text of every engine metric.
     pub fn render(&self, out: &mut String) {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -189,6 +201,7 @@ impl Metrics {
             ("ringhub_bytes_in_total", &self.bytes_in),
             ("ringhub_bytes_out_total", &self.bytes_out),
             ("ringhub_socket_writes_total", &self.socket_writes),
+            ("ringhub_deferred_flushes_total", &self.deferred_flushes),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", load(counter));
         }
@@ -229,6 +242,14 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "ringhub_shard_queue_depth{{shard=\"{shard}\"}} {}",
+                g.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# TYPE ringhub_shard_write_delay_us gauge");
+        for (shard, g) in self.shard_write_delay_us.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringhub_shard_write_delay_us{{shard=\"{shard}\"}} {}",
                 g.load(Ordering::Relaxed)
             );
         }

@@ -536,6 +536,13 @@ pub(crate) struct Shard {
     pub(crate) delayed: RefCell<std::collections::VecDeque<(u64, usize, ShardMsg)>>,
     /// Connections with frames queued since the last flush, for [`flusher`].
     to_flush: RefCell<Vec<Rc<Conn>>>,
+    /// Connections whose flush waits for the write delay, with when it is due
+    /// ([`crate::monotonic_us`]); sent by [`deferred_flusher`].
+    deferred: RefCell<std::collections::VecDeque<(u64, Rc<Conn>)>>,
+    deferred_waker: RefCell<Option<std::task::Waker>>,
+    /// The write delay that this shard's load calls for now (see [`Self::probe_load`]), in µs.
+    busy_delay_us: Cell<u32>,
+    load: RefCell<LoadProbe>,
     flusher_waker: RefCell<Option<std::task::Waker>>,
     /// The WebSocket connections, read by [`reader`] as they turn readable.
     pub(crate) ready_set: ReadySet,
@@ -558,6 +565,10 @@ impl Shard {
             presence_dirty: RefCell::new(Vec::new()),
             delayed: RefCell::new(std::collections::VecDeque::new()),
             to_flush: RefCell::new(Vec::new()),
+            deferred: RefCell::new(std::collections::VecDeque::new()),
+            deferred_waker: RefCell::new(None),
+            busy_delay_us: Cell::new(0),
+            load: RefCell::new(LoadProbe::default()),
             flusher_waker: RefCell::new(None),
             next_conn: Cell::new(1),
             compressor: RefCell::new(Compressor::new(DEFAULT_LEVEL).map_err(zstd)?),
@@ -633,6 +644,69 @@ impl Shard {
                 self.put_buffer(buf);
                 Some(Err(e))
             }
+        }
+    }
+
+    /// How long a connection written to less than this ago waits before its next write, in µs:
+    /// `write_delay`, or more while the shard is saturated (up to `busy_write_delay`).
+    pub(crate) fn write_delay_us(&self) -> u32 {
+        let fixed = u32::try_from(self.shared.config.write_delay.as_micros()).unwrap_or(u32::MAX);
+        fixed.max(self.busy_delay_us.get())
+    }
+
+    /// Holds a listed connection's flush for `wait_us` (see [`deferred_flusher`]).
+    pub(crate) fn defer_flush(&self, conn: Rc<Conn>, wait_us: u64) {
+        self.shared
+            .metrics
+            .deferred_flushes
+            .fetch_add(1, Ordering::Relaxed);
+        let mut deferred = self.deferred.borrow_mut();
+        deferred.push_back((crate::monotonic_us() + wait_us, conn));
+        if deferred.len() == 1
+            && let Some(waker) = self.deferred_waker.borrow_mut().take()
+        {
+            waker.wake();
+        }
+    }
+
+    /// Sets the write delay that the shard's load calls for, at most every [`LOAD_PROBE_US`]:
+    /// from the share of wall time that this shard's thread spent running or waiting to run
+    /// (`/proc/thread-self/schedstat`). A thread that wants the CPU nearly all the time (≥ 90 %)
+    /// is saturated: the delay doubles (from 1 ms, up to `busy_write_delay`), so that frames to a
+    /// busy connection leave in fewer, larger writes, which costs the kernel and the clients
+    /// less per message. Under 30 % (the delay itself cuts the CPU a saturated shard needs by
+    /// about 40 %, so a higher floor would undo it at once) it halves back to zero, and a pause
+    /// in flushing resets it.
+    /// Costs one `pread` of a procfs file per probe, made only while the shard flushes.
+    pub(crate) fn probe_load(&self) {
+        let max =
+            u32::try_from(self.shared.config.busy_write_delay.as_micros()).unwrap_or(u32::MAX);
+        if max == 0 {
+            return;
+        }
+        let now = crate::monotonic_us();
+        let mut probe = self.load.borrow_mut();
+        let elapsed = now.saturating_sub(probe.at_us);
+        if elapsed < LOAD_PROBE_US {
+            return;
+        }
+        let Some(demand_ns) = probe.read_demand_ns() else {
+            return;
+        };
+        let used_ns = demand_ns.saturating_sub(probe.demand_ns);
+        let first = probe.at_us == 0;
+        (probe.at_us, probe.demand_ns) = (now, demand_ns);
+        if first {
+            return;
+        }
+        let permille = used_ns.saturating_mul(1000) / elapsed.saturating_mul(1000).max(1);
+        let current = self.busy_delay_us.get();
+        let next = next_busy_delay(current, permille, elapsed, max);
+        if next != current {
+            self.busy_delay_us.set(next);
+            self.shared
+                .metrics
+                .write_delay(self.id, self.write_delay_us());
         }
     }
 
@@ -981,6 +1055,94 @@ pub(crate) async fn flusher(shard: Rc<Shard>) {
         for conn in batch.drain(..) {
             conn.flush_now(&shard);
         }
+        shard.probe_load();
+    }
+}
+
+/// Sends the flushes held for the write delay once due (see [`Shard::defer_flush`]).
+pub(crate) async fn deferred_flusher(shard: Rc<Shard>) {
+    loop {
+        std::future::poll_fn(|cx| {
+            if shard.deferred.borrow().is_empty() {
+                *shard.deferred_waker.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        let now = crate::monotonic_us();
+        let front = shard.deferred.borrow().front().map(|(due, _)| *due);
+        if let Some(due) = front
+            && due > now
+        {
+            monoio::time::sleep(Duration::from_micros(due - now)).await;
+            continue;
+        }
+        loop {
+            let next = {
+                let mut deferred = shard.deferred.borrow_mut();
+                match deferred.front() {
+                    Some((due, _)) if *due <= now => deferred.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((_, conn)) = next else { break };
+            conn.send_queued(&shard);
+        }
+    }
+}
+
+/// The busy write delay after a probe that found the shard's thread wanting the CPU `permille`
+/// of the `elapsed_us` since the last one (see [`Shard::probe_load`]).
+fn next_busy_delay(current: u32, permille: u64, elapsed_us: u64, max: u32) -> u32 {
+    if elapsed_us > 10 * LOAD_PROBE_US {
+        // The shard stopped flushing for a while: whatever load there was has passed.
+        0
+    } else if permille >= 900 {
+        current.saturating_mul(2).clamp(1000.min(max), max)
+    } else if permille < 300 {
+        if current / 2 < 500 { 0 } else { current / 2 }
+    } else {
+        current
+    }
+}
+
+/// How often a flushing shard looks at its load ([`Shard::probe_load`]), in µs.
+const LOAD_PROBE_US: u64 = 20_000;
+
+/// The shard thread's CPU demand so far, from `/proc/thread-self/schedstat` (opened on the shard's
+/// thread at the first probe; a kernel without it leaves the busy write delay at zero).
+#[derive(Default)]
+pub(crate) struct LoadProbe {
+    file: Option<std::fs::File>,
+    unavailable: bool,
+    at_us: u64,
+    demand_ns: u64,
+}
+
+impl LoadProbe {
+    /// Nanoseconds this thread has run plus waited to run.
+    fn read_demand_ns(&mut self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        if self.unavailable {
+            return None;
+        }
+        if self.file.is_none() {
+            self.file = std::fs::File::open("/proc/thread-self/schedstat").ok();
+        }
+        let mut buf = [0u8; 96];
+        let parsed = self.file.as_ref().and_then(|f| {
+            let n = f.read_at(&mut buf, 0).ok()?;
+            let text = std::str::from_utf8(&buf[..n]).ok()?;
+            let mut fields = text.split_ascii_whitespace().map(|v| v.parse::<u64>().ok());
+            let (run, wait) = (fields.next()??, fields.next()??);
+            Some(run.saturating_add(wait))
+        });
+        if parsed.is_none() {
+            self.unavailable = true;
+        }
+        parsed
     }
 }
 
@@ -1052,6 +1214,47 @@ pub(crate) async fn dispatcher(shard: Rc<Shard>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_busy_write_delay_doubles_under_saturation_holds_then_halves_away() {
+        let max = 20_000;
+        let mut delay = 0;
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            delay = next_busy_delay(delay, 950, LOAD_PROBE_US, max);
+            seen.push(delay);
+        }
+        assert_eq!(seen, [1000, 2000, 4000, 8000, 16000, 20000, 20000]);
+        // Between the thresholds (the delay itself lowers the load) it holds.
+        assert_eq!(next_busy_delay(delay, 600, LOAD_PROBE_US, max), 20_000);
+        assert_eq!(next_busy_delay(delay, 300, LOAD_PROBE_US, max), 20_000);
+        // Under 30 % it halves, and under half a millisecond it is off.
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            delay = next_busy_delay(delay, 100, LOAD_PROBE_US, max);
+            seen.push(delay);
+        }
+        assert_eq!(seen, [10_000, 5000, 2500, 1250, 625, 0]);
+        // A pause in flushing resets it at once; a smaller cap bounds the first step too.
+        assert_eq!(next_busy_delay(20_000, 1000, 11 * LOAD_PROBE_US, max), 0);
+        assert_eq!(next_busy_delay(0, 1000, LOAD_PROBE_US, 300), 300);
+    }
+
+    #[test]
+    fn the_load_probe_reads_a_growing_demand_or_turns_itself_off() {
+        let mut probe = LoadProbe::default();
+        let Some(first) = probe.read_demand_ns() else {
+            // No schedstat on this kernel: the probe stays off for good.
+            assert!(probe.read_demand_ns().is_none());
+            return;
+        };
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(20) {
+            std::hint::black_box(0u64);
+        }
+        let second = probe.read_demand_ns().expect("read again");
+        assert!(second >= first + 10_000_000, "{first} then {second}");
+    }
 
     #[test]
     fn a_user_with_one_connection_fits_a_map_slot_and_more_move_to_a_box() {

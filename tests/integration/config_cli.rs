@@ -138,7 +138,7 @@ fn out_of_range_values_are_rejected_with_key_value_and_bound() {
     let dir = scratch_dir("range");
     /// (flags, environment, what the error must mention)
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
-    let cases: [Case<'_>; 6] = [
+    let cases: [Case<'_>; 7] = [
         (
             &["--bcrypt-cost", "3"],
             &[],
@@ -158,6 +158,11 @@ fn out_of_range_values_are_rejected_with_key_value_and_bound() {
             &["--write-delay", "1s"],
             &[],
             &["`write_delay`", "out of range", "100ms"],
+        ),
+        (
+            &[],
+            &[("RINGHUB_BUSY_WRITE_DELAY", "101ms")],
+            &["`busy_write_delay`", "out of range", "100ms"],
         ),
         (
             &["--rate-limits.login-per-ip", "lots"],

@@ -268,6 +268,18 @@ fn write_delay_groups_frames_into_fewer_writes_and_loses_none() {
         metrics.contains("ringhub_socket_writes_total "),
         "{metrics}"
     );
+    // The delay shows on the shard's gauge, and the held flushes are counted.
+    assert!(
+        metrics.contains("ringhub_shard_write_delay_us{shard=\"0\"} 100000\n"),
+        "{metrics}"
+    );
+    let deferred = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ringhub_deferred_flushes_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("deferred flushes counter");
+    // One held flush per delay window at least (300 ms of messages, windows of 100 ms).
+    assert!(deferred >= 2, "{deferred} flushes held for 30 messages");
 }
 
 #[test]

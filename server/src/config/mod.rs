@@ -195,6 +195,8 @@ pub struct Config {
     pub expiry_grace: Duration,
     /// Least time between two writes to one connection.
     pub write_delay: Duration,
+    /// The most the write delay grows to while a shard is saturated.
+    pub busy_write_delay: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// Log level.
@@ -510,6 +512,12 @@ impl Config {
             Duration::ZERO,
             Duration::from_millis(100),
         )?;
+        let busy_write_delay = c.duration(
+            "busy_write_delay",
+            &raw.busy_write_delay,
+            Duration::ZERO,
+            Duration::from_millis(100),
+        )?;
         let log_format = c.choice(
             "log_format",
             &raw.log_format,
@@ -614,6 +622,7 @@ impl Config {
             presence_batch,
             expiry_grace,
             write_delay,
+            busy_write_delay,
             log_format,
             log_level: raw.log_level.clone(),
             rate_limits,

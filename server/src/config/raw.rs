@@ -66,6 +66,7 @@ defaults! {
     d_presence_batch: String = "100ms".into();
     d_expiry_grace: String = "0s".into();
     d_write_delay: String = "0ms".into();
+    d_busy_write_delay: String = "20ms".into();
     d_log_format: String = "json".into();
     d_log_level: String = "info".into();
     d_login_per_ip: String = "30/1m".into();
@@ -268,6 +269,9 @@ pub struct RawConfig {
     /// Least time between two writes to one connection (at most 100ms).
     #[serde(default = "d_write_delay")]
     pub write_delay: String,
+    /// The most the write delay grows to while a shard is saturated (at most 100ms; 0 = never).
+    #[serde(default = "d_busy_write_delay")]
+    pub busy_write_delay: String,
     /// `json` or `pretty`.
     #[serde(default = "d_log_format")]
     pub log_format: String,
