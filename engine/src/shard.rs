@@ -674,9 +674,9 @@ impl Shard {
     /// (`/proc/thread-self/schedstat`). A thread that wants the CPU nearly all the time (≥ 90 %)
     /// is saturated: the delay doubles (from 1 ms, up to `busy_write_delay`), so that frames to a
     /// busy connection leave in fewer, larger writes, which costs the kernel and the clients
-    /// less per message. Under 30 % (the delay itself cuts the CPU a saturated shard needs by
-    /// about 40 %, so a higher floor would undo it at once) it halves back to zero, and a pause
-    /// in flushing resets it.
+    /// less per message. Under 70 % it halves back towards zero (measured on 2 cores shared with
+    /// the load generator: 90–99 % near saturation without the delay, 72–78 % at saturation with
+    /// it, ~60 % at a third of the peak either way), and a pause in flushing resets it.
     /// Costs one `pread` of a procfs file per probe, made only while the shard flushes.
     pub(crate) fn probe_load(&self) {
         let max =
@@ -700,8 +700,14 @@ impl Shard {
             return;
         }
         let permille = used_ns.saturating_mul(1000) / elapsed.saturating_mul(1000).max(1);
+        // Smoothed over about four probes (~80 ms): one 20 ms sample is too noisy to act on.
+        probe.demand_permille = if elapsed > 10 * LOAD_PROBE_US {
+            permille
+        } else {
+            probe.demand_permille - probe.demand_permille / 4 + permille / 4
+        };
         let current = self.busy_delay_us.get();
-        let next = next_busy_delay(current, permille, elapsed, max);
+        let next = next_busy_delay(current, probe.demand_permille, elapsed, max);
         if next != current {
             self.busy_delay_us.set(next);
             self.shared
@@ -1094,7 +1100,7 @@ pub(crate) async fn deferred_flusher(shard: Rc<Shard>) {
 }
 
 /// The busy write delay after a probe that found the shard's thread wanting the CPU `permille`
-/// of the `elapsed_us` since the last one (see [`Shard::probe_load`]).
+/// of the time (smoothed), `elapsed_us` after the last probe (see [`Shard::probe_load`]).
 fn next_busy_delay(current: u32, permille: u64, elapsed_us: u64, max: u32) -> u32 {
     if elapsed_us > 10 * LOAD_PROBE_US {
         // The shard stopped flushing for a while: whatever load there was has passed.
@@ -1119,6 +1125,8 @@ pub(crate) struct LoadProbe {
     unavailable: bool,
     at_us: u64,
     demand_ns: u64,
+    /// The demand's moving average, in thousandths of wall time.
+    demand_permille: u64,
 }
 
 impl LoadProbe {
@@ -1226,12 +1234,12 @@ mod tests {
         }
         assert_eq!(seen, [1000, 2000, 4000, 8000, 16000, 20000, 20000]);
         // Between the thresholds (the delay itself lowers the load) it holds.
-        assert_eq!(next_busy_delay(delay, 600, LOAD_PROBE_US, max), 20_000);
-        assert_eq!(next_busy_delay(delay, 300, LOAD_PROBE_US, max), 20_000);
-        // Under 30 % it halves, and under half a millisecond it is off.
+        assert_eq!(next_busy_delay(delay, 899, LOAD_PROBE_US, max), 20_000);
+        assert_eq!(next_busy_delay(delay, 700, LOAD_PROBE_US, max), 20_000);
+        // Under 70 % it halves, and under half a millisecond it is off.
         let mut seen = Vec::new();
         for _ in 0..6 {
-            delay = next_busy_delay(delay, 100, LOAD_PROBE_US, max);
+            delay = next_busy_delay(delay, 699, LOAD_PROBE_US, max);
             seen.push(delay);
         }
         assert_eq!(seen, [10_000, 5000, 2500, 1250, 625, 0]);
