@@ -674,9 +674,11 @@ impl Shard {
     /// (`/proc/thread-self/schedstat`). A thread that wants the CPU nearly all the time (≥ 90 %)
     /// is saturated: the delay doubles (from 1 ms, up to `busy_write_delay`), so that frames to a
     /// busy connection leave in fewer, larger writes, which costs the kernel and the clients
-    /// less per message. Under 70 % it halves back towards zero (measured on 2 cores shared with
-    /// the load generator: 90–99 % near saturation without the delay, 72–78 % at saturation with
-    /// it, ~60 % at a third of the peak either way), and a pause in flushing resets it.
+    /// less per message. Under 50 % it halves back towards zero, and a pause in flushing resets
+    /// it. The demand is smoothed over about four probes. Measured on 2 cores shared with the load
+    /// generator: 90–99 % near saturation without the delay, 72–78 % at saturation with it (a
+    /// floor of 70 % made the delay flap and lost ~15 % of the peak), ~60 % at a third of the
+    /// peak (where the delay stays off).
     /// Costs one `pread` of a procfs file per probe, made only while the shard flushes.
     pub(crate) fn probe_load(&self) {
         let max =
@@ -1107,7 +1109,7 @@ fn next_busy_delay(current: u32, permille: u64, elapsed_us: u64, max: u32) -> u3
         0
     } else if permille >= 900 {
         current.saturating_mul(2).clamp(1000.min(max), max)
-    } else if permille < 300 {
+    } else if permille < 500 {
         if current / 2 < 500 { 0 } else { current / 2 }
     } else {
         current
@@ -1235,11 +1237,11 @@ mod tests {
         assert_eq!(seen, [1000, 2000, 4000, 8000, 16000, 20000, 20000]);
         // Between the thresholds (the delay itself lowers the load) it holds.
         assert_eq!(next_busy_delay(delay, 899, LOAD_PROBE_US, max), 20_000);
-        assert_eq!(next_busy_delay(delay, 700, LOAD_PROBE_US, max), 20_000);
-        // Under 70 % it halves, and under half a millisecond it is off.
+        assert_eq!(next_busy_delay(delay, 500, LOAD_PROBE_US, max), 20_000);
+        // Under 50 % it halves, and under half a millisecond it is off.
         let mut seen = Vec::new();
         for _ in 0..6 {
-            delay = next_busy_delay(delay, 699, LOAD_PROBE_US, max);
+            delay = next_busy_delay(delay, 499, LOAD_PROBE_US, max);
             seen.push(delay);
         }
         assert_eq!(seen, [10_000, 5000, 2500, 1250, 625, 0]);
