@@ -125,6 +125,12 @@ impl Rare {
 /// (measured: with 4 KiB zstd messages, direct sends of large queues cut fan-out by a third).
 const DIRECT_SEND_MAX: usize = 16 * 1024;
 
+/// The most a connection's queue holds back for the write delay: past it, frames go out at the
+/// next flush (so the delay never brings a connection near its `max_queued_bytes`).
+fn hold_limit(shard: &Shard) -> usize {
+    DIRECT_SEND_MAX.min(shard.shared.config.max_queued_bytes / 4)
+}
+
 /// Where a connection's queued frames stand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WriteState {
@@ -402,7 +408,16 @@ impl Conn {
                 // shard must not pin a scratch buffer per connection.
                 out.reserve(frame.len().max(FIRST_OUT_CAPACITY));
             }
+            let limit = hold_limit(shard);
+            let below = out.len() < limit;
             out.extend_from_slice(frame);
+            if below && out.len() >= limit && self.writing.get() == WriteState::Listed {
+                // Held for the write delay and now large: listed again, the next flush sends it
+                // (a second listing of a connection already due is harmless).
+                drop(out);
+                shard.list_for_flush(self.clone());
+                return;
+            }
         }
         self.kick_writer(shard);
     }
@@ -491,10 +506,7 @@ impl Conn {
             // Written less than the delay ago: what is queued waits for the rest of it, unless
             // the queue is already large (so the delay never brings a connection near its bound).
             let since = monotonic_us32().wrapping_sub(self.last_write_us.get());
-            let queued = self.out.borrow().len();
-            if since < delay
-                && queued < DIRECT_SEND_MAX.min(shard.shared.config.max_queued_bytes / 4)
-            {
+            if since < delay && self.out.borrow().len() < hold_limit(shard) {
                 shard.defer_flush(self.clone(), u64::from(delay - since));
                 return;
             }

@@ -283,6 +283,58 @@ fn write_delay_groups_frames_into_fewer_writes_and_loses_none() {
 }
 
 #[test]
+fn a_write_delay_never_holds_a_queue_past_a_quarter_of_its_bound() {
+    // 100 ms of delay and a 64 KiB bound: a burst of 180 KiB within the delay must go out in
+    // pieces (16 KiB held at most), not pile up into a slow-consumer close.
+    let server = Server::start(
+        "write_delay_bound",
+        &[
+            "--write-delay",
+            "100ms",
+            "--max-queued-bytes",
+            "65536",
+            "--rate-limits.publish-per-connection",
+            "0/1s",
+            "--rate-limits.publish-per-room",
+            "0/1s",
+        ],
+    );
+    let mut member = server.connect(&server.token("reader"), None);
+    welcome(&mut member);
+    let id = member.request("join", &[("room", s("burst"))]);
+    member.expect("reply", Some(id));
+    let mut publisher = server.connect(&server.token("writer"), None);
+    welcome(&mut publisher);
+    let id = publisher.request("join", &[("room", s("burst"))]);
+    publisher.expect("reply", Some(id));
+    let chunk = "z".repeat(3 * 1024);
+    for i in 0..60u64 {
+        publisher.send_value(
+            &obj(&[
+                ("op", s("publish")),
+                ("room", s("burst")),
+                ("data", obj(&[("i", n(i)), ("t", s(&chunk))])),
+            ]),
+            false,
+        );
+    }
+    for reader in [&mut member, &mut publisher] {
+        for i in 0..60u64 {
+            let m = reader.expect("message", None);
+            assert_eq!(
+                m.get("data")
+                    .and_then(|d| d.get("i"))
+                    .and_then(Value::as_u64),
+                Some(i),
+                "lost or reordered"
+            );
+        }
+        let id = reader.request("ping", &[]);
+        reader.expect("pong", Some(id));
+    }
+}
+
+#[test]
 fn presence_diffs_and_queries() {
     let server = Server::start("presence", &["--shards", "2", "--presence-batch", "50ms"]);
     let mut alice = server.connect(&server.token("alice"), None);
