@@ -396,9 +396,16 @@ impl Conn {
         if self.closing.get().is_some() {
             return;
         }
+        let max = shard.shared.config.max_queued_bytes;
+        if self.out.borrow().len() + frame.len() > max && self.writing.get() == WriteState::Listed {
+            // Over the bound before the flush came round (a burst handled in one go, or a queue
+            // held for the write delay): the kernel may take what waits, so it is offered first,
+            // and only what it does not take counts against the bound.
+            self.send_queued(shard);
+        }
         {
             let mut out = self.out.borrow_mut();
-            if out.len() + frame.len() > shard.shared.config.max_queued_bytes {
+            if out.len() + frame.len() > max {
                 drop(out);
                 self.close(shard, CloseCode::SLOW_CONSUMER);
                 return;

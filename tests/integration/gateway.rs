@@ -284,21 +284,25 @@ fn write_delay_groups_frames_into_fewer_writes_and_loses_none() {
 
 #[test]
 fn a_write_delay_never_holds_a_queue_past_a_quarter_of_its_bound() {
-    // 100 ms of delay and a 64 KiB bound: a burst of 180 KiB within the delay must go out in
-    // pieces (16 KiB held at most), not pile up into a slow-consumer close.
+    // 100 ms of delay and the smallest bound (4 KiB): a 6 KiB burst inside the delay must go out
+    // in pieces (1 KiB held at most), not pile up into a slow-consumer close. Small, so that the
+    // kernel's buffers hold what is sent even while a client is not scheduled (a 40 KiB burst
+    // against 32 KiB was closed, rightly, when the reader was starved); the publisher reads its
+    // own copies afterwards.
     let server = Server::start(
         "write_delay_bound",
         &[
             "--write-delay",
             "100ms",
             "--max-queued-bytes",
-            "65536",
+            "4096",
             "--rate-limits.publish-per-connection",
             "0/1s",
             "--rate-limits.publish-per-room",
             "0/1s",
         ],
     );
+    const COUNT: u64 = 6;
     let mut member = server.connect(&server.token("reader"), None);
     welcome(&mut member);
     let id = member.request("join", &[("room", s("burst"))]);
@@ -307,31 +311,43 @@ fn a_write_delay_never_holds_a_queue_past_a_quarter_of_its_bound() {
     welcome(&mut publisher);
     let id = publisher.request("join", &[("room", s("burst"))]);
     publisher.expect("reply", Some(id));
-    let chunk = "z".repeat(3 * 1024);
-    for i in 0..60u64 {
-        publisher.send_value(
-            &obj(&[
-                ("op", s("publish")),
-                ("room", s("burst")),
-                ("data", obj(&[("i", n(i)), ("t", s(&chunk))])),
-            ]),
-            false,
-        );
-    }
-    for reader in [&mut member, &mut publisher] {
-        for i in 0..60u64 {
-            let m = reader.expect("message", None);
-            assert_eq!(
-                m.get("data")
-                    .and_then(|d| d.get("i"))
-                    .and_then(Value::as_u64),
-                Some(i),
-                "lost or reordered"
+    let chunk = "z".repeat(1000);
+    let index = |m: &Value| {
+        m.get("data")
+            .and_then(|d| d.get("i"))
+            .and_then(Value::as_u64)
+    };
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let seen: Vec<Option<u64>> = (0..COUNT)
+                .map(|_| index(&member.expect("message", None)))
+                .collect();
+            let id = member.request("ping", &[]);
+            member.expect("pong", Some(id));
+            seen
+        });
+        for i in 0..COUNT {
+            publisher.send_value(
+                &obj(&[
+                    ("op", s("publish")),
+                    ("room", s("burst")),
+                    ("data", obj(&[("i", n(i)), ("t", s(&chunk))])),
+                ]),
+                false,
             );
         }
-        let id = reader.request("ping", &[]);
-        reader.expect("pong", Some(id));
+        let seen = reader.join().expect("reader");
+        assert_eq!(
+            seen,
+            (0..COUNT).map(Some).collect::<Vec<_>>(),
+            "lost or reordered"
+        );
+    });
+    for i in 0..COUNT {
+        assert_eq!(index(&publisher.expect("message", None)), Some(i));
     }
+    let id = publisher.request("ping", &[]);
+    publisher.expect("pong", Some(id));
 }
 
 #[test]
