@@ -89,6 +89,8 @@ pub struct Server {
     flags: Vec<String>,
     /// The caller's flags, for a restart.
     extra: Vec<String>,
+    /// The server's `listening` log line (address, shards, I/O driver, storage).
+    pub listening: String,
 }
 
 impl Server {
@@ -143,6 +145,7 @@ impl Server {
             dir,
             flags: all,
             extra: flags.to_vec(),
+            listening: line,
         }
     }
 

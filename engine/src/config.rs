@@ -82,6 +82,9 @@ pub struct EngineConfig {
     /// The most that frames to a busy connection wait to share a write while a shard is
     /// saturated (the delay adapts to the shard's load; zero: never).
     pub busy_write_delay: Duration,
+    /// Run the shards on the epoll driver even where io_uring is allowed (the fallback's path,
+    /// chosen by itself where the kernel refuses io_uring).
+    pub force_epoll: bool,
     /// Allowed origins (empty = any).
     pub allowed_origins: Vec<String>,
     /// Allow requests without `Origin`.
@@ -132,6 +135,7 @@ impl EngineConfig {
             expiry_grace: Duration::ZERO,
             write_delay: Duration::ZERO,
             busy_write_delay: Duration::from_millis(20),
+            force_epoll: false,
             allowed_origins: Vec::new(),
             allow_missing_origin: true,
             trusted_proxies: Vec::new(),

@@ -220,11 +220,19 @@ fn run_shard(
     listener: std::net::TcpListener,
     ready: &std::sync::mpsc::Sender<std::io::Result<&'static str>>,
 ) {
-    let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .with_entries(4096)
-        .attach_thread_pool(Box::new(monoio::blocking::DefaultThreadPool::new(1)))
-        .build();
+    let runtime = if shared.config.force_epoll {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .attach_thread_pool(Box::new(monoio::blocking::DefaultThreadPool::new(1)))
+            .build()
+            .map(monoio::FusionRuntime::from)
+    } else {
+        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .with_entries(4096)
+            .attach_thread_pool(Box::new(monoio::blocking::DefaultThreadPool::new(1)))
+            .build()
+    };
     let mut runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {

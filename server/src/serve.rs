@@ -54,6 +54,7 @@ pub fn engine_config(config: &Config) -> EngineConfig {
         expiry_grace: config.expiry_grace,
         write_delay: config.write_delay,
         busy_write_delay: config.busy_write_delay,
+        force_epoll: config.force_epoll,
         allowed_origins: config.allowed_origins.clone(),
         allow_missing_origin: config.allow_missing_origin,
         trusted_proxies: config.trusted_proxies.clone(),

@@ -351,6 +351,73 @@ fn a_write_delay_never_holds_a_queue_past_a_quarter_of_its_bound() {
 }
 
 #[test]
+fn the_epoll_driver_serves_the_same_protocol() {
+    // `io_driver = "epoll"` takes the path a kernel that refuses io_uring gets: the same reader
+    // (epoll set), direct sends, and the runtime's write for what a socket does not take at once.
+    let server = Server::start(
+        "epoll",
+        &[
+            "--io-driver",
+            "epoll",
+            "--shards",
+            "2",
+            "--rate-limits.publish-per-connection",
+            "0/1s",
+        ],
+    );
+    assert!(
+        server.listening.contains("\"driver\":\"epoll\""),
+        "{}",
+        server.listening
+    );
+    let mut json = server.connect(&server.token("ann"), None);
+    welcome(&mut json);
+    let mut packed = server.connect(&server.token("bob"), Some("ringhub.v1.msgpack+zstd"));
+    welcome(&mut packed);
+    for client in [&mut json, &mut packed] {
+        let id = client.request("join", &[("room", s("fallback"))]);
+        client.expect("reply", Some(id));
+    }
+    // Small messages from both, then one of 40 KiB (more than a direct send takes at once).
+    let big = "w".repeat(40 * 1024);
+    for k in 0..20u64 {
+        let (from, data) = if k == 19 {
+            (&mut json, obj(&[("k", n(k)), ("big", s(&big))]))
+        } else if k % 2 == 0 {
+            (&mut json, obj(&[("k", n(k))]))
+        } else {
+            (&mut packed, obj(&[("k", n(k))]))
+        };
+        let id = from.request("publish", &[("room", s("fallback")), ("data", data)]);
+        from.expect("reply", Some(id));
+    }
+    for client in [&mut json, &mut packed] {
+        let mut seen = Vec::new();
+        while seen.len() < 20 {
+            let m = client.expect("message", None);
+            let data = m.get("data").expect("data");
+            seen.push(u64_of(data, "k"));
+            if seen.len() == 20 {
+                assert_eq!(data.get("big").and_then(Value::as_str), Some(big.as_str()));
+            }
+        }
+        assert_eq!(seen, (0..20).collect::<Vec<_>>());
+        let id = client.request("history", &[("room", s("fallback")), ("since", n(0))]);
+        let reply = client.expect("reply", Some(id));
+        assert_eq!(
+            reply
+                .get("messages")
+                .and_then(Value::as_array)
+                .map(|m| m.len()),
+            Some(20)
+        );
+    }
+    // A clean close is answered with its code on this driver too.
+    json.socket.close(None).expect("close");
+    assert_eq!(json.ended(), Ended::Closed(1000));
+}
+
+#[test]
 fn presence_diffs_and_queries() {
     let server = Server::start("presence", &["--shards", "2", "--presence-batch", "50ms"]);
     let mut alice = server.connect(&server.token("alice"), None);

@@ -197,6 +197,8 @@ pub struct Config {
     pub write_delay: Duration,
     /// The most the write delay grows to while a shard is saturated.
     pub busy_write_delay: Duration,
+    /// `epoll`: the shards use the epoll driver even where io_uring is allowed.
+    pub force_epoll: bool,
     /// Log format.
     pub log_format: LogFormat,
     /// Log level.
@@ -518,6 +520,11 @@ impl Config {
             Duration::ZERO,
             Duration::from_millis(100),
         )?;
+        let force_epoll = c.choice(
+            "io_driver",
+            &raw.io_driver,
+            &[("auto", false), ("epoll", true)],
+        )?;
         let log_format = c.choice(
             "log_format",
             &raw.log_format,
@@ -623,6 +630,7 @@ impl Config {
             expiry_grace,
             write_delay,
             busy_write_delay,
+            force_epoll,
             log_format,
             log_level: raw.log_level.clone(),
             rate_limits,

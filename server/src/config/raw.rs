@@ -67,6 +67,7 @@ defaults! {
     d_expiry_grace: String = "0s".into();
     d_write_delay: String = "0ms".into();
     d_busy_write_delay: String = "20ms".into();
+    d_io_driver: String = "auto".into();
     d_log_format: String = "json".into();
     d_log_level: String = "info".into();
     d_login_per_ip: String = "30/1m".into();
@@ -272,6 +273,9 @@ pub struct RawConfig {
     /// The most the write delay grows to while a shard is saturated (at most 100ms; 0 = never).
     #[serde(default = "d_busy_write_delay")]
     pub busy_write_delay: String,
+    /// `auto` (io_uring where the kernel allows it, else epoll) or `epoll`.
+    #[serde(default = "d_io_driver")]
+    pub io_driver: String,
     /// `json` or `pretty`.
     #[serde(default = "d_log_format")]
     pub log_format: String,
