@@ -940,35 +940,72 @@ impl Storm {
     }
 }
 
-/// Eight `message` frames of room `room` exactly as the engine sends them to a member: the same
+/// The `message` frames of the ceiling, exactly as the engine sends them to a member: the same
 /// encoding (JSON text or MessagePack binary frames), room, publisher identity (the room's first
 /// member, as in `fanout`), epoch-millisecond `ts`, a `seq` of the same magnitude, and the same
 /// `data` (padding and send timestamp). zstd is not applied: the ceiling is for plain frames.
-fn ceiling_batch(o: &Opts, room: usize, seq: u64) -> Vec<u8> {
-    use protocol::envelope::{Format, MessageRecord, Push, RoomId, Value, encode_push};
-    let (from, name) = identity(room * o.room_size);
-    let (format, opcode) = if o.msgpack {
-        (Format::MsgPack, ws::frame::BINARY)
-    } else {
-        (Format::Json, ws::frame::TEXT)
-    };
-    let pad = "x".repeat(o.payload.saturating_sub(24));
-    let mut record = MessageRecord {
-        room: RoomId::parse(&format!("r{room}")).unwrap(),
-        seq,
-        from: Some(from),
-        name,
-        ts: now_us() / 1000,
-        data: Value::Null,
-    };
-    let mut batch = Vec::new();
-    for k in 0..8 {
-        record.seq = seq + k;
-        record.data = Value::str(&format!("{pad}|T{}", now_us()));
-        let payload = encode_push(&Push::Message(&record), format).unwrap();
-        batch.extend_from_slice(&ws::frame_bytes(opcode, &payload));
+/// Each writer keeps one record per room of its share and its batch buffers, so that a round
+/// only encodes (as the engine encodes each publish once).
+struct CeilingFrames {
+    format: protocol::envelope::Format,
+    opcode: ws::OpCode,
+    pad: String,
+    /// The rooms of this writer's share, first room's index and one record each.
+    first_room: usize,
+    records: Vec<protocol::envelope::MessageRecord>,
+    batches: Vec<Vec<u8>>,
+}
+
+impl CeilingFrames {
+    fn new(o: &Opts, rooms: std::ops::RangeInclusive<usize>) -> Self {
+        use protocol::envelope::{Format, MessageRecord, RoomId, Value};
+        let (format, opcode) = if o.msgpack {
+            (Format::MsgPack, ws::frame::BINARY)
+        } else {
+            (Format::Json, ws::frame::TEXT)
+        };
+        let first_room = *rooms.start();
+        let records: Vec<MessageRecord> = rooms
+            .map(|room| {
+                let (from, name) = identity(room * o.room_size);
+                MessageRecord {
+                    room: RoomId::parse(&format!("r{room}")).unwrap(),
+                    seq: 0,
+                    from: Some(from),
+                    name,
+                    ts: 0,
+                    data: Value::Null,
+                }
+            })
+            .collect();
+        Self {
+            format,
+            opcode,
+            pad: "x".repeat(o.payload.saturating_sub(24)),
+            first_room,
+            batches: vec![Vec::new(); records.len()],
+            records,
+        }
     }
-    batch
+
+    /// Encodes eight messages per room, numbered from `seq`.
+    fn encode_round(&mut self, seq: u64) {
+        use protocol::envelope::{Push, Value, encode_push};
+        for (record, batch) in self.records.iter_mut().zip(&mut self.batches) {
+            batch.clear();
+            record.ts = now_us() / 1000;
+            for k in 0..8 {
+                record.seq = seq + k;
+                record.data = Value::str(&format!("{}|T{}", self.pad, now_us()));
+                let payload = encode_push(&Push::Message(record), self.format).unwrap();
+                ws::encode_frame(batch, self.opcode, &payload);
+            }
+        }
+    }
+
+    fn batch(&self, room: usize) -> &[u8] {
+        &self.batches[room - self.first_room]
+    }
 }
 
 /// The raw ceiling: `shards` writer threads each own an equal share of R × S loopback sockets and
@@ -1049,18 +1086,18 @@ fn scenario_ceiling(o: &Opts) {
             std::thread::spawn(move || {
                 use std::io::Write;
                 let mut socks = socks;
+                let room_of = |k: usize| ((w * per_writer + k) / o.room_size).min(o.rooms - 1);
+                let mut frames =
+                    CeilingFrames::new(&o, room_of(0)..=room_of(socks.len().saturating_sub(1)));
                 let mut seq = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    // One "message" per room, written to that room's members in this writer's
+                    // Eight messages per room, written to that room's members in this writer's
                     // share. Eight messages per write, as the engine writes what a connection has
                     // queued (it averages more per write: see `server_socket_writes`).
+                    frames.encode_round(seq + 1);
                     seq += 8;
-                    let batches: Vec<Vec<u8>> = (0..o.rooms)
-                        .map(|room| ceiling_batch(&o, room, seq))
-                        .collect();
                     for (k, s) in socks.iter_mut().enumerate() {
-                        let room = (w * per_writer + k) / o.room_size;
-                        let _ = s.write_all(&batches[room.min(o.rooms - 1)]);
+                        let _ = s.write_all(frames.batch(room_of(k)));
                     }
                 }
             })
