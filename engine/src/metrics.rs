@@ -237,21 +237,27 @@ impl Metrics {
             "# TYPE ringhub_room_full_total counter\nringhub_room_full_total {}",
             load(&self.room_full)
         );
-        let _ = writeln!(out, "# TYPE ringhub_shard_queue_depth gauge");
-        for (shard, g) in self.shard_queue_depth.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "ringhub_shard_queue_depth{{shard=\"{shard}\"}} {}",
-                g.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(out, "# TYPE ringhub_shard_write_delay_us gauge");
-        for (shard, g) in self.shard_write_delay_us.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "ringhub_shard_write_delay_us{{shard=\"{shard}\"}} {}",
-                g.load(Ordering::Relaxed)
-            );
-        }
+        render_per_shard(
+            out,
+            "ringhub_shard_queue_depth",
+            self.shard_queue_depth
+                .iter()
+                .map(|g| i128::from(g.load(Ordering::Relaxed))),
+        );
+        render_per_shard(
+            out,
+            "ringhub_shard_write_delay_us",
+            self.shard_write_delay_us
+                .iter()
+                .map(|g| i128::from(g.load(Ordering::Relaxed))),
+        );
+    }
+}
+
+/// One gauge with a `shard` label per value, in shard order.
+fn render_per_shard(out: &mut String, name: &str, values: impl Iterator<Item = i128>) {
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    for (shard, value) in values.enumerate() {
+        let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {value}");
     }
 }
