@@ -94,6 +94,10 @@ pub trait Users {
     fn user_by_email_index(&self, index: &[u8]) -> StoreResult<Option<UserRecord>>;
     /// Replaces the password hash of a live user; false when there is none.
     fn set_password(&self, id: &str, password_hash: &str) -> StoreResult<bool>;
+    /// Replaces a live user's password hash only while it is still `old_hash` (a re-hash of the
+    /// same password at another cost must never undo a concurrent password change); false when
+    /// it changed or there is no such user.
+    fn rehash_password(&self, id: &str, old_hash: &str, new_hash: &str) -> StoreResult<bool>;
     /// Sets the role of a live user; false when there is none.
     fn set_role(&self, id: &str, role: Role) -> StoreResult<bool>;
     /// Soft-deletes a live user: marks it deleted at `now_ms`, erases its e-mail cipher and
@@ -190,6 +194,9 @@ pub trait Sessions {
     /// Deletes the sessions that expired, or were revoked, before `before_ms`, with their
     /// refresh tokens; returns how many sessions.
     fn prune_sessions(&self, before_ms: i64) -> StoreResult<u64>;
+    /// Erases the encrypted child pair of every token rotated before `rotated_before_ms` (the
+    /// reuse window has passed: only hashes stay at rest); returns how many.
+    fn clear_refresh_children(&self, rotated_before_ms: i64) -> StoreResult<u64>;
 }
 
 /// What a revocation covers.

@@ -15,12 +15,20 @@
 pub const SQLITE: &[(u32, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../migrations/sqlite/0002_rooms.sql")),
+    (
+        3,
+        include_str!("../migrations/sqlite/0003_refresh_children.sql"),
+    ),
 ];
 
 /// The PostgreSQL migrations, in order.
 pub const POSTGRES: &[(u32, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_init.sql")),
     (2, include_str!("../migrations/postgres/0002_rooms.sql")),
+    (
+        3,
+        include_str!("../migrations/postgres/0003_refresh_children.sql"),
+    ),
 ];
 
 /// The bookkeeping table, created (if missing) before any migration runs. SQLite and

@@ -522,6 +522,18 @@ impl Users for PgStore {
         })
     }
 
+    fn rehash_password(&self, id: &str, old_hash: &str, new_hash: &str) -> StoreResult<bool> {
+        self.primary.run(|conn| {
+            let update = conn.statement(
+                "UPDATE users SET password_hash = $3 \
+                 WHERE id = $1 AND password_hash = $2 AND deleted_at_ms IS NULL",
+            )?;
+            conn.client
+                .execute(&update, &[&id, &old_hash, &new_hash])
+                .map(|n| n == 1)
+        })
+    }
+
     fn set_role(&self, id: &str, role: Role) -> StoreResult<bool> {
         self.primary.run(|conn| {
             let update = conn
@@ -722,6 +734,16 @@ impl Sessions for PgStore {
             let delete = conn
                 .statement("DELETE FROM sessions WHERE expires_at_ms < $1 OR revoked_at_ms < $1")?;
             conn.client.execute(&delete, &[&before_ms])
+        })
+    }
+
+    fn clear_refresh_children(&self, rotated_before_ms: i64) -> StoreResult<u64> {
+        self.primary.run(|conn| {
+            let clear = conn.statement(
+                "UPDATE refresh_tokens SET child_cipher = NULL \
+                 WHERE child_cipher IS NOT NULL AND rotated_at_ms < $1",
+            )?;
+            conn.client.execute(&clear, &[&rotated_before_ms])
         })
     }
 }

@@ -333,6 +333,17 @@ impl Users for SqliteStore {
         })
     }
 
+    fn rehash_password(&self, id: &str, old_hash: &str, new_hash: &str) -> StoreResult<bool> {
+        self.write(|conn| {
+            conn.prepare_cached(
+                "UPDATE users SET password_hash = ?3 \
+                 WHERE id = ?1 AND password_hash = ?2 AND deleted_at_ms IS NULL",
+            )?
+            .execute([id, old_hash, new_hash])
+            .map(|n| n == 1)
+        })
+    }
+
     fn set_role(&self, id: &str, role: Role) -> StoreResult<bool> {
         self.write(|conn| {
             conn.prepare_cached(
@@ -518,6 +529,17 @@ impl Sessions for SqliteStore {
                 "DELETE FROM sessions WHERE expires_at_ms < ?1 OR revoked_at_ms < ?1",
             )?
             .execute([before_ms])
+        })
+        .map(|n| n as u64)
+    }
+
+    fn clear_refresh_children(&self, rotated_before_ms: i64) -> StoreResult<u64> {
+        self.write(|conn| {
+            conn.prepare_cached(
+                "UPDATE refresh_tokens SET child_cipher = NULL \
+                 WHERE child_cipher IS NOT NULL AND rotated_at_ms < ?1",
+            )?
+            .execute([rotated_before_ms])
         })
         .map(|n| n as u64)
     }

@@ -132,6 +132,7 @@ both!(
     idempotency_put_get_conflict_since_prune,
     idempotency_expired_record_is_replaced,
     prune_sessions_drops_expired_and_revoked,
+    refresh_children_are_erased_after_their_window,
     admins_are_live_admins,
     rooms_create_get_conflict_and_list,
     update_room_is_partial,
@@ -217,7 +218,7 @@ fn open_reports_kind_and_schema_version(env: &Env) {
         Env::Sqlite { .. } => migrations::SQLITE,
         Env::Postgres { .. } => migrations::POSTGRES,
     });
-    assert_eq!(latest, 2);
+    assert_eq!(latest, 3);
     assert_eq!(store.schema_version().unwrap(), latest);
 }
 
@@ -253,7 +254,7 @@ fn concurrent_opens_migrate_once(env: &Env) {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert!(versions.iter().all(|&v| v == 2), "{versions:?}");
+    assert!(versions.iter().all(|&v| v == 3), "{versions:?}");
 }
 
 /// Builds, without the store, the database a version-1 build left: the shipped first migration,
@@ -337,7 +338,7 @@ fn create_version_1(env: &Env) {
 fn version_1_database_is_upgraded(env: &Env) {
     create_version_1(env);
     let store = env.open();
-    assert_eq!(store.schema_version().unwrap(), 2);
+    assert_eq!(store.schema_version().unwrap(), 3);
     // Version 1's data is intact and the new index serves it.
     let alice = store.user_by_id("u1").unwrap().unwrap();
     assert_eq!(
@@ -357,7 +358,7 @@ fn version_1_database_is_upgraded(env: &Env) {
     drop(store);
     // Reopening applies nothing again.
     let again = env.open();
-    assert_eq!(again.schema_version().unwrap(), 2);
+    assert_eq!(again.schema_version().unwrap(), 3);
     assert_eq!(again.members("lobby").unwrap().len(), 1);
     assert!(again.delete_room("lobby").unwrap());
     assert_eq!(again.all_members().unwrap(), vec![]);
@@ -484,6 +485,22 @@ fn set_password_and_role(env: &Env) {
     assert_eq!(store.user_by_id("u1").unwrap().unwrap().role, Role::User);
     assert!(!store.set_password("nobody", "x").unwrap());
     assert!(!store.set_role("nobody", Role::Admin).unwrap());
+    // A re-hash applies only over the hash it was made from.
+    assert!(
+        !store
+            .rehash_password("u1", "$2b$04$old", "$2b$13$x")
+            .unwrap()
+    );
+    assert!(
+        store
+            .rehash_password("u1", "$2b$12$new", "$2b$13$x")
+            .unwrap()
+    );
+    assert_eq!(
+        store.user_by_id("u1").unwrap().unwrap().password_hash,
+        "$2b$13$x"
+    );
+    assert!(!store.rehash_password("nobody", "$2b$13$x", "y").unwrap());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -677,6 +694,33 @@ fn prune_sessions_drops_expired_and_revoked(env: &Env) {
     }
     assert_eq!(store.prune_sessions(before).unwrap(), 0);
     assert_eq!(store.live_sessions("u1", before).unwrap().len(), 1, "live");
+}
+
+fn refresh_children_are_erased_after_their_window(env: &Env) {
+    let store = env.open();
+    user_with_session(&*store);
+    assert!(
+        store
+            .rotate(&rotation(b"t0", b"t1", 1_000, b"first"))
+            .unwrap()
+    );
+    assert!(
+        store
+            .rotate(&rotation(b"t1", b"t2", 3_000, b"second"))
+            .unwrap()
+    );
+    let child = |token: &[u8]| store.refresh_token(token).unwrap().unwrap().child_cipher;
+    // Rotated strictly before 3_000: only t0's pair goes; hashes and rotation times stay.
+    assert_eq!(store.clear_refresh_children(3_000).unwrap(), 1);
+    assert_eq!(child(b"t0"), None);
+    assert_eq!(child(b"t1").as_deref(), Some(&b"second"[..]));
+    let t0 = store.refresh_token(b"t0").unwrap().unwrap();
+    assert_eq!(t0.rotated_at_ms, Some(1_000));
+    assert_eq!(store.clear_refresh_children(3_000).unwrap(), 0);
+    assert_eq!(store.clear_refresh_children(3_001).unwrap(), 1);
+    assert_eq!(child(b"t1"), None);
+    // The current token has no pair to erase.
+    assert_eq!(child(b"t2"), None);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1522,7 +1566,7 @@ fn pg_broken_connection_is_replaced() {
         Err(other) => panic!("a dropped connection is Unavailable, got {other:?}"),
     }
     store.ping().unwrap();
-    assert_eq!(store.schema_version().unwrap(), 2);
+    assert_eq!(store.schema_version().unwrap(), 3);
     assert_eq!(Store::kind(&store), "postgres");
 }
 
