@@ -168,6 +168,8 @@ fn start_server(o: &Opts) -> ServerProc {
             "0/1s",
             "--max-connections-per-ip",
             "10000000",
+            "--max-pending-per-ip",
+            "1000000",
             "--max-connections-per-user",
             "100000",
         ])

@@ -107,6 +107,22 @@ write(
 )
 
 # ---------------------------------------------------------------------------------------------
+# http_chunked: the bytes after a head with `Transfer-Encoding: chunked` (RFC 9112 §7.1)
+
+write("http_chunked", "two_chunks.bin", "4\r\nWiki\r\n5\r\npedia\r\n0\r\n\r\n")
+write("http_chunked", "extensions.bin", "4;name=value;x\r\nWiki\r\n0;last\r\n\r\n")
+write("http_chunked", "trailers.bin", "3\r\nabc\r\n0\r\nX-Checksum: 1\r\nX-More: 2\r\n\r\n")
+write("http_chunked", "next_request_follows.bin", "1\r\na\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+write("http_chunked", "uppercase_hex_and_space.bin", "A \r\n0123456789\r\n0\r\n\r\n")
+write("http_chunked", "empty_body.bin", "0\r\n\r\n")
+write("http_chunked", "over_the_bound.bin", "401\r\n" + "x" * 16 + "\r\n")
+write("http_chunked", "huge_size.bin", "ffffffffffffffffff\r\n")
+write("http_chunked", "bare_lf.bin", "3\nabc\n0\n\n")
+write("http_chunked", "data_longer_than_size.bin", "2\r\nabc\r\n0\r\n\r\n")
+write("http_chunked", "not_hex.bin", "zz\r\nab\r\n")
+write("http_chunked", "incomplete.bin", "5\r\nab")
+
+# ---------------------------------------------------------------------------------------------
 # ws_frame: client frames, masked (RFC 6455 §5.3)
 
 

@@ -5,7 +5,7 @@
 #   bash fuzz/run.sh [target|all] [secs]   # fuzz one target (or each in turn) for secs (default 60)
 #   bash fuzz/run.sh all 120 -dict=x.dict  # anything after secs goes to libFuzzer as is
 #
-# Targets: http_head ws_frame envelope_json envelope_msgpack zstd socketio.
+# Targets: http_head http_chunked ws_frame envelope_json envelope_msgpack zstd socketio.
 # Each run works on a scratch copy of fuzz/corpus/<target> in fuzz/target/scratch/<target>, so the
 # committed corpus does not grow; crashes land in fuzz/artifacts/<target>/ (both are gitignored).
 # Environment: JOBS (cargo -j, default 2), MAX_LEN (default 4096).
@@ -15,7 +15,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-all_targets=(http_head ws_frame envelope_json envelope_msgpack zstd socketio)
+all_targets=(http_head http_chunked ws_frame envelope_json envelope_msgpack zstd socketio)
 
 what="${1:-all}"
 secs="${2:-60}"

@@ -149,6 +149,54 @@ impl Server {
         }
     }
 
+    /// Opens the server's own database beside it (SQLite in its data directory, or its
+    /// PostgreSQL schema), to look at what it keeps at rest.
+    pub fn open_store(&self) -> std::sync::Arc<dyn storage::Store> {
+        let url = self
+            .flags
+            .iter()
+            .position(|f| f == "--database-url")
+            .and_then(|i| self.flags.get(i + 1));
+        let data = self.dir.join("data");
+        let backend = match url {
+            Some(url) => storage::Backend::Postgres {
+                url,
+                read_url: None,
+                pool: 1,
+            },
+            None => storage::Backend::Sqlite { dir: &data },
+        };
+        storage::open(&backend).expect("open the server's store")
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's resident memory in bytes (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    }
+
+    /// The sum of every sample of a metric in `/metrics` (labels ignored); `None` when absent.
+    pub fn metric_sum(&self, name: &str) -> Option<f64> {
+        let (_, text) = self.http("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let samples: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!samples.is_empty()).then(|| samples.iter().sum())
+    }
+
     /// Runs another `ringhub` command against this server's configuration (data directory,
     /// database).
     pub fn cli(&self, args: &[&str]) -> Run {
@@ -164,6 +212,17 @@ impl Server {
         // The old handle must not delete the directory the new process uses.
         let dir = std::mem::take(&mut old.dir);
         Self::start_in(dir, &old.extra)
+    }
+
+    /// Stops the server (SIGTERM) and starts it again on the same data with `more` flags after
+    /// its own (a later flag wins).
+    pub fn restart_with(self, more: &[&str]) -> Server {
+        let mut old = self;
+        assert_eq!(old.terminate(), Some(0), "clean exit before restart");
+        let dir = std::mem::take(&mut old.dir);
+        let mut flags = old.extra.clone();
+        flags.extend(more.iter().map(|f| (*f).to_owned()));
+        Self::start_in(dir, &flags)
     }
 
     /// One JSON API call. `User-Agent: ringhub-tests` and, with a body, `Content-Type:

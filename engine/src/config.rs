@@ -68,6 +68,16 @@ pub struct EngineConfig {
     pub history_size: usize,
     /// History lifetime.
     pub history_ttl: Duration,
+    /// Most bytes of encoded messages one room's history keeps.
+    pub history_room_bytes: usize,
+    /// Most bytes of encoded messages all histories keep, split evenly among shards.
+    pub history_total_bytes: usize,
+    /// A request head must be complete this long after its first byte (slow-loris).
+    pub http_head_timeout: Duration,
+    /// A request body must be complete this long after its head.
+    pub http_body_timeout: Duration,
+    /// Connections per IP that are not (yet) an authenticated WebSocket.
+    pub max_pending_per_ip: u32,
     /// Resume window.
     pub resume_ttl: Duration,
     /// Server ping interval.
@@ -129,6 +139,11 @@ impl EngineConfig {
             max_queued_bytes: 1 << 20,
             history_size: 100,
             history_ttl: Duration::from_secs(300),
+            history_room_bytes: 1 << 20,
+            history_total_bytes: 256 << 20,
+            http_head_timeout: Duration::from_secs(10),
+            http_body_timeout: Duration::from_secs(10),
+            max_pending_per_ip: 64,
             resume_ttl: Duration::from_secs(300),
             heartbeat: Duration::from_secs(25),
             presence_batch: Duration::from_millis(100),

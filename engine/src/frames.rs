@@ -1,12 +1,15 @@
 //! Outbound frames encoded once per wire format in use and shared by every recipient: a push is
-//! serialized once for each of JSON, JSON+zstd, MessagePack, MessagePack+zstd and Socket.IO that
-//! has a reader, each result a complete WebSocket frame in one `Bytes`.
+//! serialized once for each of JSON and MessagePack that has a reader (plain and zstd keys share
+//! the one encoding) and once for Socket.IO, each result a complete WebSocket frame in one
+//! `Bytes`. A message's plain encodings are also what its room's history keeps.
 
 use bytes::Bytes;
 use protocol::compression::{Compressor, should_compress};
 use protocol::envelope::{Format, MessageRecord, Push, encode_push};
 use protocol::socketio;
 use protocol::ws::{self, Subprotocol};
+
+use crate::history::StoredMessage;
 
 /// The wire formats a frame is encoded for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,6 +56,14 @@ impl FrameKey {
         }
     }
 
+    /// The native format a connection of this key reads (`None` for Socket.IO).
+    pub(crate) const fn format(self) -> Option<Format> {
+        match self.native() {
+            Some((format, _)) => Some(format),
+            None => None,
+        }
+    }
+
     const fn native(self) -> Option<(Format, bool)> {
         match self {
             FrameKey::Json => Some((Format::Json, false)),
@@ -72,18 +83,34 @@ pub(crate) fn encode_native(
     threshold: usize,
     compressor: &mut Compressor,
 ) -> Option<Bytes> {
-    let (format, zstd) = key.native()?;
+    let (format, _) = key.native()?;
     let payload = encode_push(push, format).ok()?;
+    frame_payload(&payload, key, threshold, compressor)
+}
+
+/// Frames a payload already encoded in `key`'s format: a text (JSON) or binary (MessagePack)
+/// frame, or for a zstd key above the threshold a binary frame of its compression. `None` for
+/// Socket.IO, or if compression failed.
+pub(crate) fn frame_payload(
+    payload: &[u8],
+    key: FrameKey,
+    threshold: usize,
+    compressor: &mut Compressor,
+) -> Option<Bytes> {
+    let (format, zstd) = key.native()?;
     if zstd && should_compress(payload.len(), threshold) {
-        let compressed = compressor.compress(&payload).ok()?;
+        let compressed = compressor.compress(payload).ok()?;
         return Some(ws::frame_bytes(ws::frame::BINARY, &compressed));
     }
-    let opcode = if format == Format::Json {
+    Some(ws::frame_bytes(opcode(format), payload))
+}
+
+fn opcode(format: Format) -> ws::frame::OpCode {
+    if format == Format::Json {
         ws::frame::TEXT
     } else {
         ws::frame::BINARY
-    };
-    Some(ws::frame_bytes(opcode, &payload))
+    }
 }
 
 /// A Socket.IO text packet as a frame.
@@ -98,25 +125,70 @@ pub(crate) struct Frames {
 }
 
 impl Frames {
-    /// Encodes `record` for each key whose count in `in_use` is not zero.
+    /// Encodes `record` for each key whose count in `in_use` is not zero; with `keep`, also
+    /// the message as history keeps it: the plain payloads of the formats encoded (sharing the
+    /// frames' bytes where a plain frame was made), or its MessagePack encoding when no native
+    /// format was in use.
     pub(crate) fn message(
         record: &MessageRecord,
         in_use: &[u32; FRAME_KEYS],
         threshold: usize,
         compressor: &mut Compressor,
-    ) -> Self {
+        keep: bool,
+    ) -> (Self, Option<StoredMessage>) {
         let push = Push::Message(record);
-        let by_key = std::array::from_fn(|i| {
-            let key = FrameKey::ALL[i];
-            if in_use[i] == 0 {
-                return None;
+        let mut by_key: [Option<Bytes>; FRAME_KEYS] = Default::default();
+        let mut kept: [Option<Bytes>; 2] = [None, None];
+        for (f, format) in Format::ALL.into_iter().enumerate() {
+            let (plain, zstd) = match format {
+                Format::Json => (FrameKey::Json, FrameKey::JsonZstd),
+                Format::MsgPack => (FrameKey::MsgPack, FrameKey::MsgPackZstd),
+            };
+            let wanted = in_use[plain.index()] > 0 || in_use[zstd.index()] > 0;
+            if !wanted {
+                continue;
             }
-            match key {
-                FrameKey::SocketIo => Some(socketio_frame(&socketio::encode_message_event(record))),
-                _ => encode_native(&push, key, threshold, compressor),
+            let Ok(mut payload) = encode_push(&push, format) else {
+                continue;
+            };
+            let plain_frame = (in_use[plain.index()] > 0
+                || !should_compress(payload.len(), threshold))
+            .then(|| ws::frame_bytes(opcode(format), &payload));
+            if in_use[zstd.index()] > 0 {
+                by_key[zstd.index()] = match &plain_frame {
+                    Some(frame) if !should_compress(payload.len(), threshold) => {
+                        Some(frame.clone())
+                    }
+                    _ => frame_payload(&payload, zstd, threshold, compressor),
+                };
             }
+            if keep {
+                kept[f] = Some(match &plain_frame {
+                    // The frame's payload, shared: history costs no copy.
+                    Some(frame) => frame.slice(frame.len() - payload.len()..),
+                    None => {
+                        payload.shrink_to_fit();
+                        Bytes::from(payload)
+                    }
+                });
+            }
+            if in_use[plain.index()] > 0 {
+                by_key[plain.index()] = plain_frame;
+            }
+        }
+        if in_use[FrameKey::SocketIo.index()] > 0 {
+            by_key[FrameKey::SocketIo.index()] =
+                Some(socketio_frame(&socketio::encode_message_event(record)));
+        }
+        let stored = keep.then(|| {
+            let [json, mut msgpack] = kept;
+            if json.is_none() && msgpack.is_none() {
+                msgpack = encode_push(&push, Format::MsgPack).ok().map(Bytes::from);
+            }
+            (json.is_some() || msgpack.is_some())
+                .then(|| StoredMessage::new(record.seq, record.ts, json, msgpack))
         });
-        Self { by_key }
+        (Self { by_key }, stored.flatten())
     }
 
     /// Encodes a native push (and its Socket.IO twin, built by `sio`) for the keys in use.

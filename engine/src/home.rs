@@ -8,7 +8,7 @@
 //! are, and keeps state for the room only once a message, a history query, a resume, an explicit
 //! join or another member (an admin) needs it. An idle user costs its home nothing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -19,6 +19,7 @@ use protocol::socketio;
 
 use crate::conn::{ConnId, shard_of};
 use crate::frames::{FRAME_KEYS, FrameKey, Frames};
+use crate::history::{HistoryRooms, RoomBounds, RoomHistory, StoredMessage};
 use crate::limits::{Bucket, Verdict};
 use crate::now_ms;
 use crate::rooms::RoomSettings;
@@ -57,10 +58,20 @@ pub(crate) struct HomeRoom {
 
 /// A room's history and publish bucket.
 struct Traffic {
-    history: VecDeque<Arc<MessageRecord>>,
+    history: RoomHistory,
+    /// Tells this room's entry in the shard's eviction order from one of an earlier room of the
+    /// same id.
+    generation: u64,
     /// Made full on the first publish, which is what a bucket made with the room would be by
     /// then (it refills up to its capacity).
     publish_bucket: Bucket,
+}
+
+impl HistoryRooms for HashMap<RoomId, Box<HomeRoom>> {
+    fn history_of(&mut self, room: &RoomId, generation: u64) -> Option<&mut RoomHistory> {
+        let traffic = self.get_mut(room)?.traffic.as_mut()?;
+        (traffic.generation == generation).then_some(&mut traffic.history)
+    }
 }
 
 /// Users present in one room with their connection counts. Most rooms (every personal room) hold
@@ -230,29 +241,68 @@ impl HomeRoom {
     }
 
     /// The messages kept, oldest first.
-    fn history(&self) -> impl Iterator<Item = &Arc<MessageRecord>> {
+    fn history(&self) -> impl Iterator<Item = &Arc<StoredMessage>> {
         self.traffic.iter().flat_map(|t| t.history.iter())
     }
 
-    fn prune_history(&mut self, now: u64, ttl_ms: u64, size: usize) {
-        let Some(traffic) = self.traffic.as_mut() else {
-            return;
-        };
-        let history = &mut traffic.history;
-        while history.len() > size {
-            history.pop_front();
-        }
-        while history
-            .front()
-            .is_some_and(|m| now.saturating_sub(m.ts) > ttl_ms)
-        {
-            history.pop_front();
+    /// Drops what the room's bounds no longer allow at `now` (before answering from history).
+    fn prune_history(&mut self, now: u64, bounds: RoomBounds) {
+        if let Some(traffic) = self.traffic.as_mut() {
+            traffic.history.prune(bounds, now);
         }
     }
 }
 
-fn ttl_ms(shard: &Shard) -> u64 {
-    u64::try_from(shard.shared.config.history_ttl.as_millis()).unwrap_or(u64::MAX)
+/// The bounds of one room's history.
+fn room_bounds(shard: &Shard) -> RoomBounds {
+    let cfg = &shard.shared.config;
+    RoomBounds {
+        max_len: cfg.history_size,
+        max_bytes: cfg.history_room_bytes,
+        ttl_ms: u64::try_from(cfg.history_ttl.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// This shard's share of `history_total_bytes`.
+fn shard_budget(shard: &Shard) -> usize {
+    let cfg = &shard.shared.config;
+    cfg.history_total_bytes / cfg.shards.max(1)
+}
+
+/// Drops the oldest messages of the rooms homed here while the shard is past its share of
+/// `history_total_bytes`.
+fn enforce_budget(shard: &Shard, rooms: &mut HashMap<RoomId, Box<HomeRoom>>) {
+    let budget = shard_budget(shard);
+    let ledger = &shard.history_ledger;
+    if ledger.used() <= budget {
+        return;
+    }
+    let dropped = shard
+        .eviction
+        .borrow_mut()
+        .drop_oldest(rooms, |_| ledger.used() > budget);
+    shard
+        .shared
+        .metrics
+        .history_evicted
+        .fetch_add(dropped as u64, Ordering::Relaxed);
+}
+
+/// Drops every message older than `history_ttl`, in every room homed here, idle or not (the
+/// ticker calls this), and publishes the shard's history bytes.
+pub(crate) fn expire_history(shard: &Rc<Shard>) {
+    let ttl = room_bounds(shard).ttl_ms;
+    let now = now_ms();
+    let mut rooms = shard.home.borrow_mut();
+    shard
+        .eviction
+        .borrow_mut()
+        .drop_oldest(&mut *rooms, |oldest| now.saturating_sub(oldest) > ttl);
+    drop(rooms);
+    shard
+        .shared
+        .metrics
+        .history_bytes(shard.id, shard.history_ledger.used());
 }
 
 fn to_conn(shard: &Rc<Shard>, conn: ConnId, msg: ShardMsg) {
@@ -348,7 +398,7 @@ pub(crate) struct ResumeFrom {
 #[derive(Debug)]
 pub(crate) enum Recovery {
     /// Every missed message, in order.
-    Recovered(Vec<Arc<MessageRecord>>),
+    Recovered(Vec<Arc<StoredMessage>>),
     /// History no longer covers the gap, or the epoch differs: the client must reload.
     Lost,
 }
@@ -497,15 +547,23 @@ fn recover(home: &mut HomeRoom, from: &ResumeFrom, shard: &Shard) -> Recovery {
     if first > last {
         return Recovery::Recovered(Vec::new());
     }
-    let cfg = &shard.shared.config;
-    home.prune_history(now_ms(), ttl_ms(shard), cfg.history_size);
+    home.prune_history(now_ms(), room_bounds(shard));
     match home.history().next() {
-        Some(oldest) if oldest.seq <= first => Recovery::Recovered(
-            home.history()
+        Some(oldest) if oldest.seq <= first => {
+            let missed: Vec<Arc<StoredMessage>> = home
+                .history()
                 .filter(|m| m.seq >= first && m.seq <= last)
                 .cloned()
-                .collect(),
-        ),
+                .collect();
+            // What is recovered goes to the connection's queue at once: more than half its bound
+            // would close it as a slow consumer, so the client is told to reload instead.
+            let bytes: usize = missed.iter().map(|m| m.cost()).sum();
+            if bytes > shard.shared.config.max_queued_bytes / 2 {
+                Recovery::Lost
+            } else {
+                Recovery::Recovered(missed)
+            }
+        }
         _ => Recovery::Lost,
     }
 }
@@ -619,7 +677,8 @@ fn sequence(
     };
     let traffic = home.traffic.get_or_insert_with(|| {
         Box::new(Traffic {
-            history: VecDeque::new(),
+            history: RoomHistory::new(shard.history_ledger.clone()),
+            generation: shard.next_history_generation(),
             publish_bucket: Bucket::new(&cfg.publish_per_room, now),
         })
     });
@@ -629,14 +688,14 @@ fn sequence(
         return Err((ErrorCode::RateLimited, "room publish rate exceeded"));
     }
     home.seq += 1;
-    let record = Arc::new(MessageRecord {
+    let record = MessageRecord {
         room: room.clone(),
         seq: home.seq,
         from: Some(user.to_string()),
         name: name.to_string(),
         ts: now,
         data,
-    });
+    };
     // The owner's connections are not counted by wire format: a personal room's message is
     // encoded in every format (such messages are rare; an idle user costs nothing instead).
     let in_use = if room.is_personal() {
@@ -644,17 +703,26 @@ fn sequence(
     } else {
         home.key_counts
     };
-    let frames = Frames::message(
+    let keep = cfg.history_size > 0 && home.history_on;
+    let (frames, stored) = Frames::message(
         &record,
         &in_use,
         cfg.compression_threshold,
         &mut shard.compressor.borrow_mut(),
+        keep,
     );
-    if cfg.history_size > 0 && home.history_on {
-        if let Some(traffic) = home.traffic.as_mut() {
-            traffic.history.push_back(record);
-        }
-        home.prune_history(now, ttl_ms(shard), cfg.history_size);
+    // The decoded value is not kept: history holds the encoded message.
+    drop(record);
+    let mut listing = None;
+    if let (Some(stored), Some(traffic)) = (stored, home.traffic.as_mut())
+        && traffic
+            .history
+            .push(Arc::new(stored), room_bounds(shard), now)
+    {
+        listing = traffic
+            .history
+            .oldest_ts()
+            .map(|ts| (traffic.generation, ts));
     }
     let seq = home.seq;
     let mut targets = home.member_shards();
@@ -663,6 +731,16 @@ fn sequence(
         targets.sort_unstable();
         targets.dedup();
     }
+    if let Some((generation, ts)) = listing {
+        shard.eviction.borrow_mut().track(
+            room.clone(),
+            generation,
+            ts,
+            &mut *rooms,
+            &shard.history_ledger,
+        );
+    }
+    enforce_budget(shard, &mut rooms);
     drop(rooms);
     fan_out(
         shard,
@@ -700,19 +778,18 @@ pub(crate) fn history_query(
     since: u64,
     limit: u64,
 ) {
-    let cfg = &shard.shared.config;
     let now = now_ms();
     let mut rooms = shard.home.borrow_mut();
     // The answer names the epoch: a personal room is brought up so that it stays true.
     bring_up_personal(shard, &mut rooms, room);
     let reply = match rooms.get_mut(room) {
         Some(home) => {
-            home.prune_history(now, ttl_ms(shard), cfg.history_size);
+            home.prune_history(now, room_bounds(shard));
             let messages = home
                 .history()
                 .filter(|m| m.seq > since)
                 .take(usize::try_from(limit).unwrap_or(usize::MAX))
-                .map(|m| (**m).clone())
+                .cloned()
                 .collect();
             Reply::History {
                 id,

@@ -10,25 +10,28 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use protocol::ErrorCode;
 use protocol::http::{
-    HttpError, HttpLimits, RequestHead, parse_request_head, write_error, write_response,
+    ChunkedDecoder, HttpError, HttpLimits, RequestHead, parse_request_head, write_error,
+    write_response,
 };
 use protocol::ws::{check_upgrade, select_subprotocol, write_accept};
 
 use crate::auth::{AuthFailure, ClientInfo};
-use crate::shard::{CapRefusal, Shard};
+use crate::shard::{CapRefusal, PendingSlot, Shard};
 use crate::ws::Dialect;
 use crate::{HttpRequest, HttpResponse, Routed};
 
-/// How long a keep-alive connection may sit between requests, and a request take to arrive.
+/// How long a keep-alive connection may sit between requests (a request, once its first byte is
+/// here, has `http_head_timeout` and `http_body_timeout`).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a deferred route (storage, hashing) may take before the client gets 503.
 const ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn resolve_client_ip(shard: &Shard, peer: SocketAddr, head: &RequestHead) -> IpAddr {
+    let lines: Vec<&[u8]> = head.headers_named("x-forwarded-for").collect();
     crate::net::client_ip(
         peer.ip(),
-        head.header_str("x-forwarded-for"),
+        lines.into_iter(),
         &shard.shared.config.trusted_proxies,
     )
 }
@@ -50,59 +53,138 @@ fn refusal(status: u16, code: ErrorCode, message: &'static str, metric: &'static
 }
 
 /// Serves one accepted TCP connection until it closes or upgrades.
+///
+/// Every request is bounded in time as well as size: its head must be complete within
+/// `http_head_timeout` of its first byte and its body within `http_body_timeout` of the head,
+/// however slowly the bytes trickle in (slow-loris); between requests a keep-alive connection may
+/// idle for [`IDLE_TIMEOUT`]. Until it is an authenticated WebSocket the connection holds a
+/// [`PendingSlot`] of its peer's address (for a trusted proxy, of the forwarded client, taken at
+/// the upgrade request).
 pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let cfg = &shard.shared.config;
+    let from_proxy = cfg
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(peer.ip()));
+    let mut slot = None;
+    if !from_proxy {
+        match shard.shared.pending_enter(peer.ip()) {
+            Some(taken) => slot = Some(taken),
+            None => {
+                refuse_pending(&shard, &mut stream, None).await;
+                return;
+            }
+        }
+    }
     let limits = HttpLimits::default();
+    let head_timeout = micros(cfg.http_head_timeout);
+    let body_timeout = micros(cfg.http_body_timeout);
     let mut data: Vec<u8> = Vec::new();
     loop {
+        if data.is_empty() {
+            let idle_until = crate::monotonic_us().saturating_add(micros(IDLE_TIMEOUT));
+            if !read_more(&shard, &mut stream, &mut data, idle_until).await {
+                return;
+            }
+        }
+        // The request's first byte is here: its head has `http_head_timeout` from now.
+        let head_until = crate::monotonic_us().saturating_add(head_timeout);
         let head = loop {
             match parse_request_head(&data, &limits) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {
-                    if !read_more(&shard, &mut stream, &mut data).await {
+                    if !read_more(&shard, &mut stream, &mut data, head_until).await {
                         return;
                     }
                 }
                 Err(e) => {
-                    let status = e.status();
-                    let code = match e {
-                        HttpError::BodyTooLarge(_)
-                        | HttpError::HeadTooLarge(_)
-                        | HttpError::TooManyHeaders(_) => ErrorCode::TooLarge,
-                        HttpError::TransferEncodingUnsupported => ErrorCode::Unsupported,
-                        _ => ErrorCode::BadRequest,
-                    };
-                    let mut out = Vec::new();
-                    write_error(&mut out, status, code, &e.to_string(), &[], false);
-                    let _ = stream.write_all(out).await;
+                    refuse_request(&mut stream, &e).await;
                     return;
                 }
             }
         };
-        let total = head.head_len + head.content_length;
-        while data.len() < total {
-            if !read_more(&shard, &mut stream, &mut data).await {
+        data.drain(..head.head_len);
+        let has_body = head.chunked || head.content_length > 0;
+        if has_body && data.is_empty() && head.header_has_token("expect", "100-continue") {
+            let (result, _) = stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())
+                .await;
+            if result.is_err() {
                 return;
             }
         }
+        let body_until = crate::monotonic_us().saturating_add(body_timeout);
+        // A chunked body is decoded out of `data` as it arrives (only the decoded body is kept);
+        // a `Content-Length` body is read into `data` and used in place.
+        let mut chunked_body = None;
+        if head.chunked {
+            let mut decoder = ChunkedDecoder::new(limits.max_body_bytes);
+            loop {
+                match decoder.feed(&data) {
+                    Ok(used) => {
+                        data.drain(..used);
+                    }
+                    Err(e) => {
+                        refuse_request(&mut stream, &e).await;
+                        return;
+                    }
+                }
+                if decoder.is_done() {
+                    break;
+                }
+                if !read_more(&shard, &mut stream, &mut data, body_until).await {
+                    return;
+                }
+            }
+            chunked_body = Some(decoder.into_body());
+        } else {
+            while data.len() < head.content_length {
+                if !read_more(&shard, &mut stream, &mut data, body_until).await {
+                    return;
+                }
+            }
+        }
+        let consumed = if chunked_body.is_some() {
+            0
+        } else {
+            head.content_length
+        };
         let request_id = request_id(&shard, &head);
-        match head.path() {
-            "/ws" => {
-                let leftover = data[total..].to_vec();
-                upgrade(shard, stream, peer, head, leftover, request_id, false).await;
-                return;
-            }
-            "/socket.io/" | "/socket.io" => {
-                let leftover = data[total..].to_vec();
-                upgrade(shard, stream, peer, head, leftover, request_id, true).await;
-                return;
-            }
-            _ => {}
+        let socketio = match head.path() {
+            "/ws" => Some(false),
+            "/socket.io/" | "/socket.io" => Some(true),
+            _ => None,
+        };
+        if let Some(socketio) = socketio {
+            let ip = resolve_client_ip(&shard, peer, &head);
+            let slot = match slot.take() {
+                Some(slot) => slot,
+                None => match shard.shared.pending_enter(ip) {
+                    Some(slot) => slot,
+                    None => {
+                        refuse_pending(&shard, &mut stream, Some(&request_id)).await;
+                        return;
+                    }
+                },
+            };
+            let leftover = data[consumed..].to_vec();
+            let request = Upgrade {
+                peer,
+                head,
+                leftover,
+                request_id,
+                socketio,
+                slot,
+            };
+            upgrade(shard, stream, request).await;
+            return;
         }
         let client_ip = resolve_client_ip(&shard, peer, &head);
+        let body = chunked_body.as_deref().unwrap_or(&data[..consumed]);
         let routed = shard.shared.routes.handle(&HttpRequest {
             head: &head,
-            body: &data[head.head_len..total],
+            body,
             peer,
             client_ip,
             request_id: &request_id,
@@ -133,13 +215,56 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
         if result.is_err() || !keep_alive {
             return;
         }
-        data.drain(..total);
+        data.drain(..consumed);
     }
 }
 
-async fn read_more(shard: &Shard, stream: &mut TcpStream, data: &mut Vec<u8>) -> bool {
-    let Ok(result) = monoio::time::timeout(IDLE_TIMEOUT, shard.read_ready(stream, true)).await
-    else {
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Answers a request that cannot be served (a bad head or body) and closes.
+async fn refuse_request(stream: &mut TcpStream, e: &HttpError) {
+    let status = e.status();
+    let code = match e {
+        HttpError::BodyTooLarge(_) | HttpError::HeadTooLarge(_) | HttpError::TooManyHeaders(_) => {
+            ErrorCode::TooLarge
+        }
+        _ => ErrorCode::BadRequest,
+    };
+    let mut out = Vec::new();
+    write_error(&mut out, status, code, &e.to_string(), &[], false);
+    let _ = stream.write_all(out).await;
+}
+
+/// Answers a connection past `max_pending_per_ip` with 429 and closes it.
+async fn refuse_pending(shard: &Shard, stream: &mut TcpStream, request_id: Option<&str>) {
+    shard.shared.metrics.rate_limited("pending_per_ip");
+    let mut headers = vec![("Retry-After", "1")];
+    if let Some(id) = request_id {
+        headers.push(("X-Request-Id", id));
+    }
+    let mut out = Vec::new();
+    write_error(
+        &mut out,
+        429,
+        ErrorCode::RateLimited,
+        "too many connections in progress from this address",
+        &headers,
+        false,
+    );
+    let _ = stream.write_all(out).await;
+}
+
+/// Reads what arrives into `data`, waiting until `until` ([`crate::monotonic_us`]) at most;
+/// false at the end of the stream, on an error, or past `until`.
+async fn read_more(shard: &Shard, stream: &mut TcpStream, data: &mut Vec<u8>, until: u64) -> bool {
+    let left = until.saturating_sub(crate::monotonic_us());
+    if left == 0 {
+        return false;
+    }
+    let wait = Duration::from_micros(left).min(IDLE_TIMEOUT);
+    let Ok(result) = monoio::time::timeout(wait, shard.read_ready(stream, true)).await else {
         return false;
     };
     let Ok(buf) = result else { return false };
@@ -209,15 +334,27 @@ async fn respond_refusal(
     let _ = stream.write_all(out).await;
 }
 
-async fn upgrade(
-    shard: Rc<Shard>,
-    mut stream: TcpStream,
+/// An upgrade request as the request loop hands it over.
+struct Upgrade {
     peer: SocketAddr,
     head: RequestHead,
+    /// Bytes read after the request (the client's first frames).
     leftover: Vec<u8>,
     request_id: String,
     socketio: bool,
-) {
+    /// Held until the connection is an authenticated WebSocket.
+    slot: PendingSlot,
+}
+
+async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, request: Upgrade) {
+    let Upgrade {
+        peer,
+        head,
+        leftover,
+        request_id,
+        socketio,
+        slot,
+    } = request;
     let metrics = &shard.shared.metrics;
     // Protocol validity first (it is not a policy decision), then SPEC §4's order.
     let upgrade = match check_upgrade(&head) {
@@ -358,6 +495,7 @@ async fn upgrade(
     }
     match identity {
         Some(identity) => {
+            drop(slot);
             // A task of its own: the HTTP phase (request head, buffers, token) is freed when this
             // function returns, so an idle connection keeps only its session state.
             let accepted = crate::ws::Accepted {
@@ -378,6 +516,7 @@ async fn upgrade(
                 return;
             };
             let mut stream = connected.stream;
+            drop(slot);
             match shard.shared.admit(
                 ip,
                 &connected.identity.user_id,

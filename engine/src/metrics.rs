@@ -26,8 +26,10 @@ pub const OPS: [&str; 9] = [
 ];
 /// Limits counted by `ringhub_rate_limited_total{limit}` (the HTTP ones are counted by the
 /// server's routes).
-pub const LIMITS: [&str; 9] = [
+pub const LIMITS: [&str; 11] = [
     "connect_per_ip",
+    "pending_per_ip",
+    "publish_per_user",
     "publish_per_connection",
     "publish_per_room",
     "query_per_connection",
@@ -74,8 +76,15 @@ pub struct Metrics {
     account_auth_failures: [AtomicU64; ACCOUNT_AUTH_FAILURES.len()],
     /// Joins refused with `room_full`.
     pub room_full: AtomicU64,
+    /// Entries of the per-IP table behind the WebSocket caps (bounded by sweeping).
+    pub ip_entries: AtomicI64,
+    /// Connections not (yet) an authenticated WebSocket (`max_pending_per_ip` counts these).
+    pub pending_connections: AtomicI64,
+    /// Messages dropped from room histories to keep within `history_total_bytes`.
+    pub history_evicted: AtomicU64,
     shard_queue_depth: Vec<AtomicI64>,
     shard_write_delay_us: Vec<AtomicU64>,
+    shard_history_bytes: Vec<AtomicU64>,
 }
 
 fn zeros<const N: usize>() -> [AtomicU64; N] {
@@ -105,8 +114,12 @@ impl Metrics {
             auth_failures: zeros(),
             account_auth_failures: zeros(),
             room_full: AtomicU64::new(0),
+            ip_entries: AtomicI64::new(0),
+            pending_connections: AtomicI64::new(0),
+            history_evicted: AtomicU64::new(0),
             shard_queue_depth: (0..shards).map(|_| AtomicI64::new(0)).collect(),
             shard_write_delay_us: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            shard_history_bytes: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -166,6 +179,13 @@ impl Metrics {
         }
     }
 
+    /// Sets a shard's history bytes gauge (encoded messages kept by the rooms homed there).
+    pub fn history_bytes(&self, shard: usize, bytes: usize) {
+        if let Some(g) = self.shard_history_bytes.get(shard) {
+            g.store(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+    }
+
     /// Appends the Prometheus text of every engine metric.
     pub fn render(&self, out: &mut String) {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -202,6 +222,7 @@ impl Metrics {
             ("ringhub_bytes_out_total", &self.bytes_out),
             ("ringhub_socket_writes_total", &self.socket_writes),
             ("ringhub_deferred_flushes_total", &self.deferred_flushes),
+            ("ringhub_history_evicted_total", &self.history_evicted),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", load(counter));
         }
@@ -237,6 +258,16 @@ impl Metrics {
             "# TYPE ringhub_room_full_total counter\nringhub_room_full_total {}",
             load(&self.room_full)
         );
+        for (name, gauge) in [
+            ("ringhub_ip_table_entries", &self.ip_entries),
+            ("ringhub_pending_connections", &self.pending_connections),
+        ] {
+            let _ = writeln!(
+                out,
+                "# TYPE {name} gauge\n{name} {}",
+                gauge.load(Ordering::Relaxed)
+            );
+        }
         render_per_shard(
             out,
             "ringhub_shard_queue_depth",
@@ -248,6 +279,13 @@ impl Metrics {
             out,
             "ringhub_shard_write_delay_us",
             self.shard_write_delay_us
+                .iter()
+                .map(|g| i128::from(g.load(Ordering::Relaxed))),
+        );
+        render_per_shard(
+            out,
+            "ringhub_shard_history_bytes",
+            self.shard_history_bytes
                 .iter()
                 .map(|g| i128::from(g.load(Ordering::Relaxed))),
         );

@@ -60,25 +60,52 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// The group a per-IP limit counts an address under: the address itself for IPv4 (an
+/// IPv4-mapped IPv6 address counts as its IPv4 address), the /64 for IPv6 (one host usually holds
+/// a whole /64, so per-address keys would be no limit at all).
+pub fn ip_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
 /// The client's address: the TCP peer, unless the peer is a trusted proxy, in which case
 /// `X-Forwarded-For` is read from the right, skipping trusted hops; the first untrusted address is
-/// the client. A malformed entry stops the walk at the last address believed.
-pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[Cidr]) -> IpAddr {
+/// the client. `forwarded_for` holds every header line in the order received: they are one list
+/// (RFC 9110 §5.3), so a proxy that appends its own line cannot be outflanked by a line the client
+/// wrote before it. A malformed entry (or a line that is not UTF-8) stops the walk at the last
+/// address believed.
+pub fn client_ip<'a>(
+    peer: IpAddr,
+    forwarded_for: impl DoubleEndedIterator<Item = &'a [u8]>,
+    trusted: &[Cidr],
+) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
     if trusted.is_empty() || !is_trusted(peer) {
         return peer;
     }
-    let Some(header) = forwarded_for else {
-        return peer;
-    };
     let mut client = peer;
-    for hop in header.rsplit(',').take(32) {
-        let Ok(ip) = hop.trim().parse::<IpAddr>() else {
-            break;
+    let mut hops = 0;
+    for line in forwarded_for.rev() {
+        let Ok(line) = std::str::from_utf8(line) else {
+            return client;
         };
-        client = ip;
-        if !is_trusted(ip) {
-            break;
+        for hop in line.rsplit(',') {
+            hops += 1;
+            if hops > 32 {
+                return client;
+            }
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                return client;
+            };
+            client = ip;
+            if !is_trusted(ip) {
+                return client;
+            }
         }
     }
     client
@@ -93,17 +120,55 @@ mod tests {
         let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
         let proxy: IpAddr = "10.0.0.5".parse().unwrap();
         let stranger: IpAddr = "192.0.2.7".parse().unwrap();
-        let xff = Some("203.0.113.9, 10.0.0.4");
+        let one = |v: &'static str| [v.as_bytes()].into_iter();
+        let xff = "203.0.113.9, 10.0.0.4";
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(client_ip(proxy, one(xff), &trusted), ip("203.0.113.9"));
+        assert_eq!(client_ip(stranger, one(xff), &trusted), stranger);
+        assert_eq!(client_ip(proxy, one(xff), &[]), proxy);
+        assert_eq!(client_ip(proxy, std::iter::empty(), &trusted), proxy);
         assert_eq!(
-            client_ip(proxy, xff, &trusted),
-            "203.0.113.9".parse::<IpAddr>().unwrap()
+            client_ip(proxy, one("garbage, 198.51.100.1"), &trusted),
+            ip("198.51.100.1")
         );
-        assert_eq!(client_ip(stranger, xff, &trusted), stranger);
-        assert_eq!(client_ip(proxy, xff, &[]), proxy);
-        assert_eq!(client_ip(proxy, None, &trusted), proxy);
+    }
+
+    #[test]
+    fn every_forwarded_for_line_counts_in_order() {
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = "10.0.0.5".parse().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // The client wrote the first line; the proxy appended the second: the client is the
+        // address the proxy saw, not the one the client claimed.
+        let lines: [&[u8]; 2] = [b"198.51.100.1", b"203.0.113.66"];
         assert_eq!(
-            client_ip(proxy, Some("garbage, 198.51.100.1"), &trusted),
-            "198.51.100.1".parse::<IpAddr>().unwrap()
+            client_ip(proxy, lines.into_iter(), &trusted),
+            ip("203.0.113.66")
+        );
+        // Trusted hops are skipped across lines too.
+        let lines: [&[u8]; 3] = [b"203.0.113.66", b"10.0.0.7, 10.0.0.8", b"10.0.0.9"];
+        assert_eq!(
+            client_ip(proxy, lines.into_iter(), &trusted),
+            ip("203.0.113.66")
+        );
+        // A line that is not UTF-8 stops the walk where it is.
+        let lines: [&[u8]; 2] = [b"198.51.100.1", b"\xff\xfe"];
+        assert_eq!(client_ip(proxy, lines.into_iter(), &trusted), proxy);
+    }
+
+    #[test]
+    fn ipv6_groups_by_64_and_mapped_ipv4_as_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(ip_group(ip("192.0.2.1")), ip("192.0.2.1"));
+        assert_eq!(ip_group(ip("::ffff:192.0.2.1")), ip("192.0.2.1"));
+        assert_eq!(ip_group(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            ip_group(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            ip_group(ip("2001:db8:1:2::7"))
+        );
+        assert_ne!(
+            ip_group(ip("2001:db8:1:3::1")),
+            ip_group(ip("2001:db8:1:2::1"))
         );
     }
 

@@ -13,13 +13,14 @@ use std::time::Duration;
 use monoio::net::TcpStream;
 
 use protocol::compression::{Compressor, DEFAULT_LEVEL, Decompressor};
-use protocol::envelope::{MessageRecord, PresenceEntry, RoomId, Value};
+use protocol::envelope::{PresenceEntry, RoomId, Value};
 use protocol::{CloseCode, ErrorCode};
 
 use crate::auth::Authenticator;
 use crate::config::EngineConfig;
 use crate::conn::{Conn, ConnId, shard_of};
 use crate::frames::{FrameKey, Frames};
+use crate::history::{EvictionOrder, HistoryLedger, StoredMessage};
 use crate::home::{HomeRoom, Recovery, ResumeFrom};
 use crate::limits::Bucket;
 use crate::mailbox::Mailbox;
@@ -169,7 +170,7 @@ pub(crate) enum Reply {
     },
     History {
         id: Option<u64>,
-        messages: Vec<MessageRecord>,
+        messages: Vec<Arc<StoredMessage>>,
         epoch: Arc<str>,
     },
     Error {
@@ -179,11 +180,42 @@ pub(crate) enum Reply {
     },
 }
 
-/// Connect-time bookkeeping of one IP.
+/// Connect-time bookkeeping of one IP group ([`crate::net::ip_group`]): its admitted
+/// WebSockets, its connections not yet authenticated, and its connect-rate bucket. An entry that
+/// says nothing a new one would not (no connection, a full bucket) is dropped by [`Shared::sweep_ips`]
+/// or when its last connection ends.
 #[derive(Debug)]
 struct IpState {
     conns: u32,
+    pending: u32,
     bucket: Bucket,
+}
+
+impl IpState {
+    fn new(spec: &crate::config::RateSpec, now_ms: u64) -> Self {
+        Self {
+            conns: 0,
+            pending: 0,
+            bucket: Bucket::new(spec, now_ms),
+        }
+    }
+
+    fn is_idle(&self, spec: &crate::config::RateSpec, now_ms: u64) -> bool {
+        self.conns == 0 && self.pending == 0 && self.bucket.is_full(spec, now_ms)
+    }
+}
+
+/// A connection counted against `max_pending_per_ip` until it becomes an authenticated WebSocket
+/// (or ends): dropping the slot gives it back.
+pub(crate) struct PendingSlot {
+    shared: Arc<Shared>,
+    group: IpAddr,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.shared.pending_leave(self.group);
+    }
 }
 
 const STRIPES: usize = 16;
@@ -341,18 +373,91 @@ impl Shared {
         hash(room.as_str()) % self.config.shards
     }
 
+    /// Runs `f` on the stripe of the per-IP table that holds `group`, keeping the entries gauge.
+    fn with_ips<R>(&self, group: IpAddr, f: impl FnOnce(&mut HashMap<IpAddr, IpState>) -> R) -> R {
+        let mut ips = self.ips[stripe(&group)]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = ips.len();
+        let result = f(&mut ips);
+        self.count_ip_entries(before, ips.len());
+        result
+    }
+
+    fn count_ip_entries(&self, before: usize, after: usize) {
+        let delta = i64::try_from(after).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(0);
+        if delta != 0 {
+            self.metrics.ip_entries.fetch_add(delta, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a connection from `ip` that is not yet an authenticated WebSocket; `None` when its
+    /// group already has `max_pending_per_ip` of them.
+    pub(crate) fn pending_enter(self: &Arc<Self>, ip: IpAddr) -> Option<PendingSlot> {
+        let group = crate::net::ip_group(ip);
+        let spec = &self.config.connect_per_ip;
+        let max = self.config.max_pending_per_ip;
+        let admitted = self.with_ips(group, |ips| {
+            let state = ips
+                .entry(group)
+                .or_insert_with(|| IpState::new(spec, now_ms()));
+            if state.pending >= max {
+                return false;
+            }
+            state.pending += 1;
+            true
+        });
+        if !admitted {
+            return None;
+        }
+        self.metrics
+            .pending_connections
+            .fetch_add(1, Ordering::Relaxed);
+        Some(PendingSlot {
+            shared: self.clone(),
+            group,
+        })
+    }
+
+    fn pending_leave(&self, group: IpAddr) {
+        let spec = &self.config.connect_per_ip;
+        self.metrics
+            .pending_connections
+            .fetch_sub(1, Ordering::Relaxed);
+        self.with_ips(group, |ips| {
+            if let Some(state) = ips.get_mut(&group) {
+                state.pending = state.pending.saturating_sub(1);
+                if state.is_idle(spec, now_ms()) {
+                    ips.remove(&group);
+                }
+            }
+        });
+    }
+
+    /// Drops the entries of one stripe of the per-IP table that carry nothing (no connection, a
+    /// full bucket): a refused upgrade leaves its spent bucket behind until it has refilled.
+    pub(crate) fn sweep_ips(&self, stripe_index: usize) {
+        let spec = &self.config.connect_per_ip;
+        let now = now_ms();
+        if let Some(ips) = self.ips.get(stripe_index % STRIPES) {
+            let mut ips = ips
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let before = ips.len();
+            ips.retain(|_, state| !state.is_idle(spec, now));
+            self.count_ip_entries(before, ips.len());
+        }
+    }
+
     /// The connect-rate check of SPEC §9 (before anything else at upgrade).
     pub(crate) fn check_connect_rate(&self, ip: IpAddr) -> bool {
         let now = now_ms();
+        let group = crate::net::ip_group(ip);
         let spec = &self.config.connect_per_ip;
-        let mut ips = self.ips[stripe(&ip)]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let state = ips.entry(ip).or_insert_with(|| IpState {
-            conns: 0,
-            bucket: Bucket::new(spec, now),
-        });
-        state.bucket.attempt(spec, now) == crate::limits::Verdict::Allow
+        self.with_ips(group, |ips| {
+            let state = ips.entry(group).or_insert_with(|| IpState::new(spec, now));
+            state.bucket.attempt(spec, now) == crate::limits::Verdict::Allow
+        })
     }
 
     /// Counts a new connection against the per-IP and per-user caps. Returns the connection to
@@ -364,21 +469,19 @@ impl Shared {
         name: &Arc<str>,
         conn: ConnId,
     ) -> Result<Option<ConnId>, CapRefusal> {
-        {
-            let mut ips = self.ips[stripe(&ip)]
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let now = now_ms();
-            let spec = &self.config.connect_per_ip;
-            let state = ips.entry(ip).or_insert_with(|| IpState {
-                conns: 0,
-                bucket: Bucket::new(spec, now),
-            });
-            if state.conns >= self.config.max_connections_per_ip {
+        let group = crate::net::ip_group(ip);
+        let spec = &self.config.connect_per_ip;
+        let max_per_ip = self.config.max_connections_per_ip;
+        self.with_ips(group, |ips| {
+            let state = ips
+                .entry(group)
+                .or_insert_with(|| IpState::new(spec, now_ms()));
+            if state.conns >= max_per_ip {
                 return Err(CapRefusal::TooManyForIp);
             }
             state.conns += 1;
-        }
+            Ok(())
+        })?;
         let mut users = self.users[stripe(&**user)]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -418,15 +521,16 @@ impl Shared {
     }
 
     fn release_ip(&self, ip: IpAddr) {
-        let mut ips = self.ips[stripe(&ip)]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(state) = ips.get_mut(&ip) {
-            state.conns = state.conns.saturating_sub(1);
-            if state.conns == 0 && state.bucket_is_full(&self.config.connect_per_ip) {
-                ips.remove(&ip);
+        let group = crate::net::ip_group(ip);
+        let spec = &self.config.connect_per_ip;
+        self.with_ips(group, |ips| {
+            if let Some(state) = ips.get_mut(&group) {
+                state.conns = state.conns.saturating_sub(1);
+                if state.is_idle(spec, now_ms()) {
+                    ips.remove(&group);
+                }
             }
-        }
+        });
     }
 
     /// Undoes [`Shared::admit`] when a connection ends.
@@ -506,16 +610,6 @@ impl Shared {
     }
 }
 
-impl IpState {
-    fn bucket_is_full(&self, spec: &crate::config::RateSpec) -> bool {
-        let mut probe = self.bucket;
-        // A bucket that would allow a full burst right now carries no information worth keeping.
-        let now = now_ms();
-        (0..spec.burst.max(spec.count))
-            .all(|_| probe.attempt(spec, now) == crate::limits::Verdict::Allow)
-    }
-}
-
 /// One shard's own state.
 pub(crate) struct Shard {
     pub(crate) id: usize,
@@ -524,6 +618,11 @@ pub(crate) struct Shard {
     pub(crate) local_rooms: RefCell<HashMap<RoomId, Vec<Rc<Conn>>>>,
     /// Boxed: the map holds thousands of (personal) rooms, and its spare buckets stay small.
     pub(crate) home: RefCell<HashMap<RoomId, Box<HomeRoom>>>,
+    /// The bytes the histories of the rooms homed here hold.
+    pub(crate) history_ledger: Rc<HistoryLedger>,
+    /// Those rooms by their oldest kept message (TTL and byte budget drop from there).
+    pub(crate) eviction: RefCell<EvictionOrder>,
+    history_generation: Cell<u64>,
     pub(crate) presence_dirty: RefCell<Vec<RoomId>>,
     next_conn: Cell<u64>,
     pub(crate) compressor: RefCell<Compressor>,
@@ -562,6 +661,9 @@ impl Shard {
             conns: RefCell::new(HashMap::new()),
             local_rooms: RefCell::new(HashMap::new()),
             home: RefCell::new(HashMap::new()),
+            history_ledger: Rc::new(HistoryLedger::default()),
+            eviction: RefCell::new(EvictionOrder::default()),
+            history_generation: Cell::new(0),
             presence_dirty: RefCell::new(Vec::new()),
             delayed: RefCell::new(std::collections::VecDeque::new()),
             to_flush: RefCell::new(Vec::new()),
@@ -578,6 +680,13 @@ impl Shard {
             stop_waker: RefCell::new(None),
             ready_set: ReadySet::new()?,
         })
+    }
+
+    /// A number no other room history of this shard had.
+    pub(crate) fn next_history_generation(&self) -> u64 {
+        let n = self.history_generation.get();
+        self.history_generation.set(n + 1);
+        n
     }
 
     pub(crate) fn next_conn_id(&self) -> ConnId {
@@ -985,6 +1094,7 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
         .presence_batch
         .clamp(Duration::from_millis(20), Duration::from_millis(500));
     let mut last_scan = 0u64;
+    let mut scans = 0usize;
     loop {
         monoio::time::sleep(tick).await;
         if shard.stopping.get() && shard.conns.borrow().is_empty() {
@@ -997,6 +1107,13 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
             continue;
         }
         last_scan = now;
+        // Each shard sweeps its share of the per-IP table's stripes, one per scan: every stripe
+        // is swept about every `STRIPES / shards` scans (2 s on 2 shards).
+        scans = scans.wrapping_add(1);
+        crate::home::expire_history(&shard);
+        shard
+            .shared
+            .sweep_ips(scans.wrapping_mul(shard.shared.config.shards) + shard.id);
         let heartbeat = u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX);
         let idle_limit = heartbeat.saturating_mul(2).saturating_add(10_000);
         let grace = u64::try_from(cfg.expiry_grace.as_millis()).unwrap_or(0);

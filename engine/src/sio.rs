@@ -33,9 +33,14 @@ pub(crate) struct Connected {
     pub(crate) identity: Identity,
 }
 
-/// After the 101: sends the Engine.IO open packet and waits (at most 20 s) for the Socket.IO
-/// CONNECT on `/`, whose auth payload (or the `token` query parameter) must hold a valid access
-/// token. On failure a CONNECT_ERROR is sent and `None` returned.
+/// Most bytes buffered from a socket before its CONNECT: a CONNECT packet with the longest token
+/// accepted (8 KiB) fits with room to spare, and an unauthenticated socket holds no more.
+const MAX_BEFORE_CONNECT: usize = 16 * 1024;
+
+/// After the 101: sends the Engine.IO open packet and waits (at most `http_head_timeout`, like a
+/// request head) for the Socket.IO CONNECT on `/`, whose auth payload (or the `token` query
+/// parameter) must hold a valid access token; at most [`MAX_BEFORE_CONNECT`] bytes are buffered
+/// meanwhile. On failure a CONNECT_ERROR is sent and `None` returned.
 pub(crate) async fn handshake(
     shard: &Rc<Shard>,
     mut stream: TcpStream,
@@ -55,13 +60,14 @@ pub(crate) async fn handshake(
     result.ok()?;
     let mut decoder = MessageDecoder::new();
     let mut pending: Vec<u8> = Vec::new();
-    let deadline = crate::now_ms() + 20_000;
+    let wait_ms = u64::try_from(cfg.http_head_timeout.as_millis()).unwrap_or(10_000);
+    let deadline = crate::now_ms() + wait_ms;
     loop {
         // Parse what we have.
         let mut offset = 0;
         while offset < pending.len() {
             let decoded = decoder
-                .decode(&mut pending[offset..], cfg.max_message_bytes)
+                .decode(&mut pending[offset..], MAX_BEFORE_CONNECT)
                 .ok()?;
             if decoded.consumed == 0 {
                 break;
@@ -107,7 +113,7 @@ pub(crate) async fn handshake(
         }
         pending.drain(..offset);
         let remaining = deadline.saturating_sub(crate::now_ms());
-        if remaining == 0 || pending.len() > cfg.max_message_bytes + 16 {
+        if remaining == 0 || pending.len() > MAX_BEFORE_CONNECT {
             return None;
         }
         let read = monoio::time::timeout(

@@ -3,13 +3,15 @@
 
 use std::cell::UnsafeCell;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use monoio::net::TcpStream;
 use protocol::compression::{ZstdError, compressed_bound, is_zstd};
 use protocol::envelope::{
-    DecodeLimits, Format, MessageRecord, Op, Push, Request, RoomId, WelcomeLimits, decode_request,
+    DecodeLimits, Format, Op, Push, Request, RoomId, WelcomeLimits, decode_request,
+    encode_history_reply,
 };
 use protocol::socketio::{self, AckPayload};
 use protocol::ws::{self, Message, MessageDecoder, Subprotocol};
@@ -17,7 +19,8 @@ use protocol::{CloseCode, ErrorCode};
 
 use crate::auth::Identity;
 use crate::conn::{Conn, ConnId, ConnParts, HeldPublish, Membership, PartialRead};
-use crate::frames::{FrameKey, encode_native, socketio_frame};
+use crate::frames::{FrameKey, encode_native, frame_payload, socketio_frame};
+use crate::history::StoredMessage;
 use crate::home::{Recovery, ResumeFrom};
 use crate::limits::{Bucket, Verdict};
 use crate::now_ms;
@@ -570,6 +573,17 @@ fn token_still_valid(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
 }
 
 fn rate(shard: &Rc<Shard>, conn: &Rc<Conn>, which: &'static str, id: Option<u64>) -> bool {
+    rate_n(shard, conn, which, id, 1)
+}
+
+/// [`rate`] for a request that costs `tokens` (see [`Bucket::attempt_n`]).
+fn rate_n(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    which: &'static str,
+    id: Option<u64>,
+    tokens: u32,
+) -> bool {
     let cfg = &shard.shared.config;
     let now = now_ms();
     let (index, spec) = match which {
@@ -589,7 +603,7 @@ fn rate(shard: &Rc<Shard>, conn: &Rc<Conn>, which: &'static str, id: Option<u64>
                 Bucket::new(&cfg.query_per_connection, now),
             ]
         });
-        buckets[index].attempt(spec, now)
+        buckets[index].attempt_n(spec, now, tokens)
     });
     match verdict {
         Verdict::Allow => true,
@@ -726,7 +740,12 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
             shard.dispatch(home, msg);
         }
         Op::Resume { session, rooms } => {
-            if !token_still_valid(shard, conn) {
+            // Every room it names is a join: charged to the join bucket (one request, so one
+            // attempt toward the 3× close).
+            let joins = u32::try_from(rooms.len()).unwrap_or(u32::MAX);
+            if !token_still_valid(shard, conn)
+                || !rate_n(shard, conn, "join_per_connection", id, joins)
+            {
                 return;
             }
             resume(shard, conn, id, &session, rooms);
@@ -998,8 +1017,8 @@ pub(crate) fn on_joined(shard: &Rc<Shard>, joined: Joined) {
     // Missed messages go out before anything newer: the home answered this join in the same
     // ordered mailbox that carries the room's later messages.
     if let Some(Recovery::Recovered(missed)) = &recovery {
-        for record in missed {
-            send(shard, &conn, &Push::Message(record));
+        for message in missed {
+            send_stored(shard, &conn, message);
         }
     }
     if newly_joined {
@@ -1044,6 +1063,72 @@ pub(crate) fn on_joined(shard: &Rc<Shard>, joined: Joined) {
                 presence: &presence,
             },
         );
+    }
+}
+
+/// Sends a message kept in history (a recovered one) in the connection's format. Socket.IO
+/// connections have neither `resume` nor `history`.
+fn send_stored(shard: &Rc<Shard>, conn: &Rc<Conn>, message: &StoredMessage) {
+    let Some(format) = conn.key.format() else {
+        return;
+    };
+    let cfg = &shard.shared.config;
+    let Some(payload) = message.encoded(format, cfg.max_json_depth) else {
+        log::error!("history message seq={} does not transcode", message.seq);
+        return;
+    };
+    let frame = frame_payload(
+        &payload,
+        conn.key,
+        cfg.compression_threshold,
+        &mut shard.compressor.borrow_mut(),
+    );
+    if let Some(frame) = frame {
+        conn.enqueue(shard, &frame);
+    }
+}
+
+/// Answers `history` with the kept messages spliced into the reply in the connection's format.
+fn send_history(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    id: Option<u64>,
+    messages: &[Arc<StoredMessage>],
+    epoch: &str,
+) {
+    let Some(format) = conn.key.format() else {
+        return;
+    };
+    let cfg = &shard.shared.config;
+    // A reply must fit the connection's queue: it holds the oldest messages asked for up to half
+    // of `max_queued_bytes` (at least one), and the client pages on with `since`.
+    let room_for = cfg.max_queued_bytes / 2;
+    let mut size = 0;
+    let mut encoded: Vec<std::borrow::Cow<'_, [u8]>> = Vec::with_capacity(messages.len());
+    for message in messages {
+        let Some(bytes) = message.encoded(format, cfg.max_json_depth) else {
+            continue;
+        };
+        size += bytes.len();
+        if size > room_for && !encoded.is_empty() {
+            break;
+        }
+        encoded.push(bytes);
+    }
+    let parts: Vec<&[u8]> = encoded.iter().map(|m| &**m).collect();
+    let frame = encode_history_reply(id, &parts, epoch, format)
+        .ok()
+        .and_then(|payload| {
+            frame_payload(
+                &payload,
+                conn.key,
+                cfg.compression_threshold,
+                &mut shard.compressor.borrow_mut(),
+            )
+        });
+    match frame {
+        Some(frame) => conn.enqueue(shard, &frame),
+        None => send_error(shard, conn, id, ErrorCode::Internal, "internal error"),
     }
 }
 
@@ -1116,18 +1201,7 @@ pub(crate) fn on_reply(shard: &Rc<Shard>, conn: ConnId, reply: Reply) {
             id,
             messages,
             epoch,
-        } => {
-            let messages: Vec<MessageRecord> = messages;
-            send(
-                shard,
-                &conn,
-                &Push::HistoryReply {
-                    id,
-                    messages: &messages,
-                    epoch: &epoch,
-                },
-            );
-        }
+        } => send_history(shard, &conn, id, &messages, &epoch),
         Reply::Error { id, code, message } => send_error(shard, &conn, id, code, message),
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::compression::{Compressor, Decompressor, ZstdError};
 use crate::envelope::{DecodeLimits, Format, decode_request, decode_value, encode_request};
-use crate::http::{HttpLimits, parse_request_head};
+use crate::http::{ChunkedDecoder, HttpError, HttpLimits, parse_request_head};
 use crate::socketio;
 use crate::ws::MessageDecoder;
 
@@ -22,6 +22,40 @@ pub fn http_head(data: &[u8]) {
         let mut longer = data[..head.head_len].to_vec();
         longer.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
         assert_eq!(parse_request_head(&longer, &limits), Ok(Some(head)));
+    }
+}
+
+/// Chunked bodies: the decoded body never passes its bound, the decoder uses no byte past the end
+/// of the body, and feeding the input in two pieces (split anywhere) ends exactly as feeding it
+/// whole: same error, or same body and same bytes used.
+pub fn http_chunked(data: &[u8]) {
+    const MAX: usize = 1024;
+    let run = |pieces: &[&[u8]]| -> (Result<usize, HttpError>, bool, Vec<u8>) {
+        let mut decoder = ChunkedDecoder::new(MAX);
+        let mut used = 0;
+        for piece in pieces {
+            if decoder.is_done() {
+                break;
+            }
+            match decoder.feed(piece) {
+                Ok(n) => {
+                    assert!(n <= piece.len());
+                    assert!(n == piece.len() || decoder.is_done(), "stopped early");
+                    used += n;
+                }
+                Err(e) => return (Err(e), false, Vec::new()),
+            }
+        }
+        let done = decoder.is_done();
+        let body = decoder.into_body();
+        assert!(body.len() <= MAX);
+        (Ok(used), done, body)
+    };
+    let whole = run(&[data]);
+    for split in [1, data.len() / 2, data.len().saturating_sub(1)] {
+        let split = split.min(data.len());
+        let pieces = run(&[&data[..split], &data[split..]]);
+        assert_eq!(pieces, whole, "split at {split}");
     }
 }
 

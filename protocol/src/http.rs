@@ -1,8 +1,10 @@
 //! HTTP/1.1 request heads (parsed with httparse, bounded) and the response writer.
 //!
-//! Owns the bytes of one request head and one response; knows nothing of routes, bodies' meaning
-//! or sockets. Bodies are framed by `Content-Length` only: `Transfer-Encoding` is refused, which
-//! also closes the request-smuggling door of a head that carries both.
+//! Owns the bytes of one request head, the framing of its body and one response; knows nothing of
+//! routes, bodies' meaning or sockets. Bodies are framed by `Content-Length` or by
+//! `Transfer-Encoding: chunked` (RFC 9112 §7.1, decoded incrementally by [`ChunkedDecoder`] under
+//! the same bound). A head that carries both, or any other transfer coding, is refused: that is
+//! the request-smuggling door, closed.
 
 use std::borrow::Cow;
 
@@ -50,9 +52,13 @@ pub enum HttpError {
     /// `Content-Length` above `max_body_bytes` (413).
     #[error("body larger than {0} bytes")]
     BodyTooLarge(usize),
-    /// `Transfer-Encoding` (chunked bodies) is not supported (501).
-    #[error("Transfer-Encoding is not supported")]
-    TransferEncodingUnsupported,
+    /// `Transfer-Encoding` other than one `chunked`, or together with `Content-Length` (400; the
+    /// connection is closed).
+    #[error("Transfer-Encoding must be exactly `chunked`, without Content-Length")]
+    BadTransferEncoding,
+    /// A chunked body that breaks RFC 9112 §7.1 or its bounds (400).
+    #[error("malformed chunked body: {0}")]
+    BadChunk(&'static str),
 }
 
 impl HttpError {
@@ -60,9 +66,11 @@ impl HttpError {
     pub const fn status(&self) -> u16 {
         match self {
             Self::HeadTooLarge(_) | Self::TooManyHeaders(_) => 431,
-            Self::Malformed(_) | Self::BadContentLength => 400,
+            Self::Malformed(_)
+            | Self::BadContentLength
+            | Self::BadTransferEncoding
+            | Self::BadChunk(_) => 400,
             Self::BodyTooLarge(_) => 413,
-            Self::TransferEncodingUnsupported => 501,
         }
     }
 }
@@ -89,8 +97,10 @@ pub struct RequestHead {
     pub headers: Vec<Header>,
     /// Bytes of the head, CRLFCRLF included: the body (if any) starts here.
     pub head_len: usize,
-    /// The validated `Content-Length` (0 when absent).
+    /// The validated `Content-Length` (0 when absent, and for a chunked body).
     pub content_length: usize,
+    /// The body is `Transfer-Encoding: chunked`: decode it with a [`ChunkedDecoder`].
+    pub chunked: bool,
 }
 
 impl RequestHead {
@@ -255,12 +265,219 @@ pub fn parse_request_head(
         headers,
         head_len,
         content_length: 0,
+        chunked: false,
     };
     if head.header("transfer-encoding").is_some() {
-        return Err(HttpError::TransferEncodingUnsupported);
+        // Exactly one coding, `chunked`, over however many lines; never with a length, and never
+        // in HTTP/1.0, which has no transfer codings (RFC 9112 §6.1).
+        let only_chunked = {
+            let mut codings = head
+                .headers_named("transfer-encoding")
+                .flat_map(|v| v.split(|&b| b == b','))
+                .map(<[u8]>::trim_ascii)
+                .filter(|c| !c.is_empty());
+            codings
+                .next()
+                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+                && codings.next().is_none()
+        };
+        if !only_chunked || head.header("content-length").is_some() || head.minor_version == 0 {
+            return Err(HttpError::BadTransferEncoding);
+        }
+        head.chunked = true;
+        return Ok(Some(head));
     }
     head.content_length = content_length(&head, limits)?;
     Ok(Some(head))
+}
+
+/// Most bytes of chunk extensions on one chunk-size line (they are read and ignored).
+pub const MAX_CHUNK_EXT_LINE: usize = 1024;
+/// Most bytes of chunk extensions in one body.
+pub const MAX_CHUNK_EXT_TOTAL: usize = 8 * 1024;
+/// Most bytes of trailer fields after the last chunk (read and ignored).
+pub const MAX_TRAILER_BYTES: usize = 8 * 1024;
+/// Most hex digits of a chunk size (leading zeros included).
+const MAX_SIZE_DIGITS: u8 = 16;
+
+/// Where a [`ChunkedDecoder`] is in the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading a chunk size's hex digits.
+    Size { size: u64, digits: u8 },
+    /// Past the size, in its extensions (or whitespace), until CR.
+    Ext { size: u64, line: usize },
+    /// Expecting the LF that ends the size line.
+    SizeLf { size: u64 },
+    /// Copying this many more data bytes.
+    Data { left: u64 },
+    /// Expecting the CR after a chunk's data.
+    DataCr,
+    /// Expecting the LF after a chunk's data.
+    DataLf,
+    /// In a trailer line (after the last chunk) of this many bytes so far.
+    Trailer { line: usize },
+    /// Expecting the LF that ends a trailer line (or the body, after an empty one).
+    TrailerLf { line: usize },
+    /// The body is complete.
+    Done,
+}
+
+/// Decodes a `Transfer-Encoding: chunked` body incrementally (RFC 9112 §7.1): feed it the bytes
+/// that follow the head as they arrive; it keeps only the decoded body, which never grows past
+/// `max_body` (a chunk that would pass it is refused before any of its data is copied).
+/// Extensions and trailers are bounded and ignored.
+#[derive(Debug)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    body: Vec<u8>,
+    max_body: usize,
+    ext_total: usize,
+    trailer_total: usize,
+}
+
+impl ChunkedDecoder {
+    /// A decoder for a body of at most `max_body` bytes.
+    pub fn new(max_body: usize) -> Self {
+        Self {
+            state: ChunkState::Size { size: 0, digits: 0 },
+            body: Vec::new(),
+            max_body,
+            ext_total: 0,
+            trailer_total: 0,
+        }
+    }
+
+    /// Whether the whole body (last chunk and trailers) has been read.
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// The decoded body (complete once [`Self::is_done`]).
+    pub fn into_body(self) -> Vec<u8> {
+        self.body
+    }
+
+    /// Consumes what it can of `input`; returns how many bytes it used. Bytes after the end of
+    /// the body are not used (they start the next request). Errors are final.
+    pub fn feed(&mut self, input: &[u8]) -> Result<usize, HttpError> {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            self.state = match self.state {
+                ChunkState::Done => return Ok(i),
+                ChunkState::Data { left } => {
+                    let available = input.len() - i;
+                    let take = usize::try_from(left).map_or(available, |l| l.min(available));
+                    self.body.extend_from_slice(&input[i..i + take]);
+                    i += take;
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataCr
+                    } else {
+                        ChunkState::Data { left }
+                    };
+                    continue;
+                }
+                ChunkState::Size { size, digits } => match hex_value(b) {
+                    Some(d) => {
+                        if digits >= MAX_SIZE_DIGITS {
+                            return Err(HttpError::BadChunk("chunk size too long"));
+                        }
+                        ChunkState::Size {
+                            size: (size << 4) | u64::from(d),
+                            digits: digits + 1,
+                        }
+                    }
+                    None if digits == 0 => {
+                        return Err(HttpError::BadChunk("chunk size is not hexadecimal"));
+                    }
+                    None => match b {
+                        b'\r' => ChunkState::SizeLf { size },
+                        b';' | b' ' | b'\t' => self.ext(size, 0)?,
+                        _ => return Err(HttpError::BadChunk("chunk size is not hexadecimal")),
+                    },
+                },
+                ChunkState::Ext { size, line } => match b {
+                    b'\r' => ChunkState::SizeLf { size },
+                    b'\n' => return Err(HttpError::BadChunk("bare LF in a chunk-size line")),
+                    _ => self.ext(size, line)?,
+                },
+                ChunkState::SizeLf { size } => {
+                    if b != b'\n' {
+                        return Err(HttpError::BadChunk("chunk-size line not ended by CRLF"));
+                    }
+                    if size == 0 {
+                        ChunkState::Trailer { line: 0 }
+                    } else {
+                        let room = (self.max_body - self.body.len()) as u64;
+                        if size > room {
+                            return Err(HttpError::BodyTooLarge(self.max_body));
+                        }
+                        // Reserved once the size is known to fit: at most `max_body` in all.
+                        self.body.reserve(usize::try_from(size).unwrap_or(0));
+                        ChunkState::Data { left: size }
+                    }
+                }
+                ChunkState::DataCr => {
+                    if b != b'\r' {
+                        return Err(HttpError::BadChunk("chunk data longer than its size"));
+                    }
+                    ChunkState::DataLf
+                }
+                ChunkState::DataLf => {
+                    if b != b'\n' {
+                        return Err(HttpError::BadChunk("chunk data not ended by CRLF"));
+                    }
+                    ChunkState::Size { size: 0, digits: 0 }
+                }
+                ChunkState::Trailer { line } => match b {
+                    b'\r' => ChunkState::TrailerLf { line },
+                    b'\n' => return Err(HttpError::BadChunk("bare LF in a trailer")),
+                    _ => {
+                        self.trailer_total += 1;
+                        if self.trailer_total > MAX_TRAILER_BYTES {
+                            return Err(HttpError::BadChunk("trailers too large"));
+                        }
+                        ChunkState::Trailer { line: line + 1 }
+                    }
+                },
+                ChunkState::TrailerLf { line } => {
+                    if b != b'\n' {
+                        return Err(HttpError::BadChunk("trailer line not ended by CRLF"));
+                    }
+                    if line == 0 {
+                        ChunkState::Done
+                    } else {
+                        ChunkState::Trailer { line: 0 }
+                    }
+                }
+            };
+            i += 1;
+        }
+        Ok(i)
+    }
+
+    /// One more byte of a chunk-size line's extensions, bounded per line and per body.
+    fn ext(&mut self, size: u64, line: usize) -> Result<ChunkState, HttpError> {
+        self.ext_total += 1;
+        if line + 1 > MAX_CHUNK_EXT_LINE || self.ext_total > MAX_CHUNK_EXT_TOTAL {
+            return Err(HttpError::BadChunk("chunk extensions too long"));
+        }
+        Ok(ChunkState::Ext {
+            size,
+            line: line + 1,
+        })
+    }
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 fn content_length(head: &RequestHead, limits: &HttpLimits) -> Result<usize, HttpError> {
@@ -475,8 +692,118 @@ mod tests {
             parse(b"POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n"),
             Err(HttpError::BodyTooLarge(65536))
         );
-        let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
-        assert_eq!(parse(chunked), Err(HttpError::TransferEncodingUnsupported));
+    }
+
+    #[test]
+    fn transfer_encoding_is_one_chunked_without_a_length() {
+        let ok = parse(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(ok.chunked);
+        assert_eq!(ok.content_length, 0);
+        for bad in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: \r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(bad),
+                Err(HttpError::BadTransferEncoding),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    fn dechunk(wire: &[u8], max: usize) -> Result<(Vec<u8>, usize), HttpError> {
+        let mut d = ChunkedDecoder::new(max);
+        let used = d.feed(wire)?;
+        assert!(d.is_done(), "not done after {used} bytes");
+        Ok((d.into_body(), used))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whole_or_byte_by_byte() {
+        let wire = b"4;ext=1\r\nWiki\r\n5 \r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-Trailer: y\r\n\r\nNEXT";
+        let expected = b"Wikipedia in\r\n\r\nchunks.";
+        let (body, used) = dechunk(wire, 1024).unwrap();
+        assert_eq!(body, expected);
+        assert_eq!(&wire[used..], b"NEXT");
+        let mut d = ChunkedDecoder::new(1024);
+        let mut used = 0;
+        for (i, b) in wire.iter().enumerate() {
+            if d.is_done() {
+                break;
+            }
+            used += d.feed(std::slice::from_ref(b)).unwrap();
+            assert!(used == i + 1 || d.is_done());
+        }
+        assert!(d.is_done());
+        assert_eq!(d.into_body(), expected);
+        // An empty body.
+        assert_eq!(dechunk(b"0\r\n\r\n", 0).unwrap().0, b"");
+    }
+
+    #[test]
+    fn chunked_bodies_are_bounded_before_their_data_arrives() {
+        let mut d = ChunkedDecoder::new(8);
+        assert_eq!(d.feed(b"5\r\nhello\r\n"), Ok(10));
+        assert_eq!(d.feed(b"4\r\n"), Err(HttpError::BodyTooLarge(8)));
+        let mut d = ChunkedDecoder::new(65536);
+        assert_eq!(
+            d.feed(b"ffffffffffffffff\r\n"),
+            Err(HttpError::BodyTooLarge(65536))
+        );
+        let mut d = ChunkedDecoder::new(65536);
+        assert!(matches!(
+            d.feed(b"00000000000000001\r\n"),
+            Err(HttpError::BadChunk(_))
+        ));
+        let long_ext = format!("1;{}\r\n", "a".repeat(MAX_CHUNK_EXT_LINE));
+        assert!(matches!(
+            ChunkedDecoder::new(10).feed(long_ext.as_bytes()),
+            Err(HttpError::BadChunk(_))
+        ));
+        let mut many_ext = String::new();
+        for _ in 0..20 {
+            many_ext.push_str(&format!("1;{}\r\nx\r\n", "a".repeat(500)));
+        }
+        assert!(matches!(
+            ChunkedDecoder::new(100).feed(many_ext.as_bytes()),
+            Err(HttpError::BadChunk(_))
+        ));
+        let trailers = format!("0\r\nX: {}\r\n\r\n", "a".repeat(MAX_TRAILER_BYTES));
+        assert!(matches!(
+            ChunkedDecoder::new(10).feed(trailers.as_bytes()),
+            Err(HttpError::BadChunk(_))
+        ));
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"3\nabc\r\n",
+            b"3\r\nabcd\r\n",
+            b"3\r\nabc\n",
+            b"3;a\nabc",
+            b"0\r\nX: y\n",
+            b"0\r\n\rx",
+        ] {
+            assert!(
+                matches!(
+                    ChunkedDecoder::new(100).feed(bad),
+                    Err(HttpError::BadChunk(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

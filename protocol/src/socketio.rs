@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use crate::ErrorCode;
 use crate::envelope::{
-    DecodeLimits, MessageRecord, Op, PresenceEntry, PresenceUser, Request, RoomId, Value,
-    ValueSeed, deserialize_seed,
+    DecodeLimits, MessageRecord, Op, PresenceEntry, PresenceUser, Request, RoomId, Strings, Value,
+    ValueSeed, deserialize_seed, has_control,
 };
 
 /// Why a packet or event was refused.
@@ -156,7 +156,7 @@ pub fn connect_token(packet: &SocketPacket<'_>, limits: &DecodeLimits) -> Option
     value
         .get("token")
         .and_then(Value::as_str)
-        .filter(|t| !t.is_empty() && t.len() <= 8192)
+        .filter(|t| !t.is_empty() && t.len() <= 8192 && !has_control(t))
         .map(str::to_owned)
 }
 
@@ -201,6 +201,12 @@ pub fn decode_event(
         .first()
         .and_then(Value::as_str)
         .ok_or_else(|| fail(ErrorCode::InvalidMessage, "missing event name"))?;
+    if has_control(name) {
+        return Err(fail(
+            ErrorCode::InvalidMessage,
+            "event name holds a control character",
+        ));
+    }
     let args = items.get(1);
     let room = || -> Result<RoomId, EventError> {
         let id = args
@@ -215,10 +221,12 @@ pub fn decode_event(
         "presence" => Op::Presence { room: room()? },
         "message" => {
             let room = room()?;
-            let message = args
+            let mut message = args
                 .and_then(|a| a.get("message"))
                 .cloned()
                 .ok_or_else(|| fail(ErrorCode::InvalidMessage, "missing message"))?;
+            // The payload is `data`: cleaned like it. Everything else was read as sent.
+            message.strip_c0_in_place();
             Op::Publish {
                 room,
                 data: message,
@@ -233,9 +241,12 @@ fn parse_json(data: &str, level: usize, limits: &DecodeLimits) -> Result<Value, 
     deserialize_seed(
         data.as_bytes(),
         crate::envelope::Format::Json,
+        // Kept as sent: the event name and `room_id` are refused when they hold a control
+        // character; only the `message` payload is cleaned (`decode_event`).
         ValueSeed {
             level,
             max_depth: limits.max_depth,
+            strings: Strings::Keep,
         },
     )
 }
@@ -583,6 +594,25 @@ mod tests {
             decode_event(&p, &LIMITS).unwrap_err().code,
             ErrorCode::InvalidMessage
         );
+    }
+
+    #[test]
+    fn room_ids_and_event_names_with_control_characters_are_refused() {
+        for packet in [
+            r#"27["join",{"room_id":"lob\u0000by"}]"#,
+            r#"27["message",{"room_id":"a\u0007b","message":"x"}]"#,
+            r#"27["mess\u0000age",{"room_id":"lobby","message":"x"}]"#,
+        ] {
+            let p = parse_socket_packet(packet).unwrap();
+            let err = decode_event(&p, &LIMITS).unwrap_err();
+            assert_eq!(
+                (err.code, err.ack_id),
+                (ErrorCode::InvalidMessage, Some(7)),
+                "{packet}"
+            );
+        }
+        let p = parse_socket_packet(r#"0{"token":"ab\u0000c"}"#).unwrap();
+        assert_eq!(connect_token(&p, &LIMITS), None);
     }
 
     #[test]

@@ -62,6 +62,11 @@ fn http_head_corpus() {
 }
 
 #[test]
+fn http_chunked_corpus() {
+    replay("http_chunked", fuzz_props::http_chunked);
+}
+
+#[test]
 fn ws_frame_corpus() {
     replay("ws_frame", fuzz_props::ws_frames);
 }

@@ -256,6 +256,8 @@ pub struct RoomService {
     control: OnceLock<engine::Control>,
     /// Room changes per user: each one makes every shard look at its connections.
     changes_per_user: BucketTable,
+    /// `POST /rooms/{id}/messages` per user: the per-connection publish limit of a WebSocket.
+    publish_per_user: BucketTable,
     default_rooms: Vec<RoomId>,
     default_max_members: u32,
     max_message_bytes: usize,
@@ -349,11 +351,16 @@ impl RoomService {
         default_max_members: u32,
         max_message_bytes: usize,
         max_json_depth: usize,
+        publish_per_user: crate::config::BurstRate,
     ) -> Self {
         Self {
             store,
             directory,
             control: OnceLock::new(),
+            publish_per_user: BucketTable::with_burst(
+                publish_per_user.rate,
+                publish_per_user.burst,
+            ),
             changes_per_user: BucketTable::new(Rate {
                 count: ROOM_CHANGES_PER_MINUTE,
                 per: std::time::Duration::from_secs(60),
@@ -383,6 +390,16 @@ impl RoomService {
             }
             Err(e) => log::warn!("cannot reload admins: {e}"),
         }
+    }
+
+    /// One token of the caller's publish budget (`POST /rooms/{id}/messages`), or 429: the same
+    /// rate and burst as a WebSocket publisher's, counted per user (checked on the shard before
+    /// any work is queued).
+    pub fn take_publish(&self, who: &Identity) -> Result<(), HttpResponse> {
+        let now = u64::try_from(now_ms()).unwrap_or(0);
+        self.publish_per_user
+            .take(who.user_id.as_bytes(), now)
+            .map_err(rate_limited)
     }
 
     /// One token of the caller's room-change budget, or 429.

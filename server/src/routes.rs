@@ -488,6 +488,10 @@ impl Routes {
                     .get("data")
                     .ok_or_else(|| invalid_input("data", "is required"))?;
                 let raw = sonic_rs::to_vec(data).unwrap_or_default();
+                if let Err(refused) = self.rooms.take_publish(&caller) {
+                    self.metrics.engine.rate_limited("publish_per_user");
+                    return Err(refused);
+                }
                 self.room_job(request, caller, move |r, who| r.publish(who, &room, &raw))
             }
             ("PUT", ["members", user]) => {

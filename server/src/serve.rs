@@ -48,6 +48,11 @@ pub fn engine_config(config: &Config) -> EngineConfig {
         max_queued_bytes: config.max_queued_bytes,
         history_size: config.history_size as usize,
         history_ttl: config.history_ttl,
+        history_room_bytes: config.history_room_bytes,
+        history_total_bytes: config.history_total_bytes,
+        http_head_timeout: config.http_head_timeout,
+        http_body_timeout: config.http_body_timeout,
+        max_pending_per_ip: config.max_pending_per_ip,
         resume_ttl: config.resume_ttl,
         heartbeat: config.heartbeat,
         presence_batch: config.presence_batch,
@@ -111,6 +116,15 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), String> {
     if !config.transparent_huge_pages {
         engine::disable_transparent_huge_pages();
     }
+    if config.redis_url.is_some() {
+        // A configured key is never ignored: until several nodes are built, a Redis URL would
+        // promise shared state that this node does not share.
+        return Err(
+            "redis_url: Redis (several nodes acting as one) is not built yet; this node keeps \
+             presence, limits and history in process memory. Remove redis_url to run a single node"
+                .into(),
+        );
+    }
     if config.tls.is_some() {
         // Never fall back to plaintext silently when TLS was asked for.
         return Err(
@@ -169,6 +183,7 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), String> {
         config.max_room_members,
         config.max_message_bytes,
         config.max_json_depth,
+        config.rate_limits.publish_per_connection,
     ));
     let warm = accounts.clone();
     let _ = hash_pool.submit(move || warm.warm_up());
@@ -201,6 +216,7 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), String> {
             for tick in 1u64.. {
                 std::thread::sleep(std::time::Duration::from_secs(2));
                 rooms.reload_admins();
+                pruner.erase_refresh_children();
                 if tick % 30 == 0 {
                     pruner.prune();
                 }

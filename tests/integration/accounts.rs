@@ -59,7 +59,135 @@ ringhub_tests::on_both!(
     failed_logins_lock_the_account_even_for_the_right_password,
     logout_all_password_change_and_deletion_close_live_connections,
     migrate_set_role_and_token_commands,
+    a_forwarded_for_line_appended_by_the_proxy_decides_the_client,
+    refresh_pairs_are_erased_once_their_reuse_window_has_passed,
+    a_login_rehashes_a_password_made_at_another_cost,
 );
+
+fn sha256(text: &str) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes()).to_vec()
+}
+
+fn a_forwarded_for_line_appended_by_the_proxy_decides_the_client(db: Db) {
+    let f = start(db, "acc-xff", &["--trusted-proxies", "127.0.0.1/32"]);
+    let server = &f.server;
+    assert_eq!(
+        register(server, "xena", "xena@example.com", "correct horse").status,
+        201
+    );
+    // Logged in through the proxy from 198.51.100.1: the token is bound to that address.
+    let bound = ("X-Forwarded-For", "198.51.100.1");
+    let answer = try_login(server, "xena@example.com", "correct horse", &[bound]);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let auth = format!("Bearer {}", answer.str_at("access_token"));
+    let me = |lines: &[(&str, &str)]| {
+        let mut headers = vec![("Authorization", auth.as_str())];
+        headers.extend_from_slice(lines);
+        server.api("GET", "/me", &headers, None)
+    };
+    assert_eq!(me(&[bound]).status, 200);
+    // A thief at 203.0.113.66 writes the bound address; the proxy appends the address it saw, on
+    // a line of its own or on the same one: the client is the address the proxy appended.
+    for lines in [
+        &[bound, ("X-Forwarded-For", "203.0.113.66")][..],
+        &[("X-Forwarded-For", "198.51.100.1, 203.0.113.66")],
+    ] {
+        let stolen = me(lines);
+        assert_eq!(
+            (stolen.status, stolen.code().as_str()),
+            (401, "invalid_token"),
+            "{lines:?}"
+        );
+    }
+    let upgrade = |xff: &str| {
+        server.upgrade_raw(
+            "/ws",
+            &format!("Authorization: {auth}\r\nUser-Agent: ringhub-tests\r\n{xff}"),
+        )
+    };
+    let (status, text) =
+        upgrade("X-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 203.0.113.66\r\n");
+    assert_eq!(status, 401, "{text}");
+    let (status, text) = upgrade("X-Forwarded-For: 198.51.100.1\r\n");
+    assert_eq!(status, 101, "{text}");
+    // Trusted hops are skipped across lines too.
+    let hops = me(&[bound, ("X-Forwarded-For", "127.0.0.1")]);
+    assert_eq!(hops.status, 200, "{hops:?}");
+}
+
+fn refresh_pairs_are_erased_once_their_reuse_window_has_passed(db: Db) {
+    let f = start(db, "acc-child", &["--refresh-reuse-interval", "1s"]);
+    let server = &f.server;
+    assert_eq!(
+        register(server, "yuri", "yuri@example.com", "correct horse").status,
+        201
+    );
+    let (_, first) = login(server, "yuri@example.com", "correct horse");
+    let rotated = refresh(server, &first);
+    assert_eq!(rotated.status, 200, "{rotated:?}");
+    let second = rotated.str_at("refresh_token");
+    // Within the window another tab gets the same pair: it is held, encrypted, meanwhile.
+    let again = refresh(server, &first);
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(again.str_at("refresh_token"), second);
+    let store = server.open_store();
+    let row = |token: &str| {
+        store
+            .refresh_token(&sha256(token))
+            .expect("read")
+            .expect("row")
+    };
+    assert!(row(&first).child_cipher.is_some());
+    // Past the window (and one upkeep tick of 2 s), only the hash and the rotation time remain.
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while row(&first).child_cipher.is_some() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let kept = row(&first);
+    assert_eq!(kept.child_cipher, None, "the pair is still at rest");
+    assert!(kept.rotated_at_ms.is_some());
+    // A reuse now is theft: the session goes.
+    let reused = refresh(server, &first);
+    assert_eq!(
+        (reused.status, reused.code().as_str()),
+        (401, "token_reused")
+    );
+    assert_eq!(refresh(server, &second).status, 401);
+}
+
+fn a_login_rehashes_a_password_made_at_another_cost(db: Db) {
+    let f = start(db, "acc-rehash", &[]);
+    let created = register(&f.server, "zoe", "zoe@example.com", "correct horse");
+    assert_eq!(created.status, 201);
+    let id = created.str_at("user.id");
+    let hash_of = |server: &Server| {
+        server
+            .open_store()
+            .user_by_id(&id)
+            .expect("read")
+            .expect("user")
+            .password_hash
+    };
+    assert!(hash_of(&f.server).starts_with("$2b$04$"));
+    let Fixture {
+        server,
+        schema: _schema,
+    } = f;
+    let server = server.restart_with(&["--bcrypt-cost", "5"]);
+    // A wrong password changes nothing.
+    let wrong = try_login(&server, "zoe@example.com", "wrong horse", &[]);
+    assert_eq!(wrong.status, 401);
+    assert!(hash_of(&server).starts_with("$2b$04$"));
+    // The right one logs in and leaves a hash at the configured cost, still for that password.
+    login(&server, "zoe@example.com", "correct horse");
+    assert!(
+        hash_of(&server).starts_with("$2b$05$"),
+        "{}",
+        hash_of(&server)
+    );
+    login(&server, "zoe@example.com", "correct horse");
+}
 
 fn migrate_set_role_and_token_commands(db: Db) {
     let f = start(db, "acc-cli", &[]);
@@ -67,7 +195,7 @@ fn migrate_set_role_and_token_commands(db: Db) {
     let migrate = server.cli(&["migrate"]);
     assert_eq!(migrate.code, 0, "{migrate:?}");
     assert!(
-        migrate.stdout.contains("schema at version 2"),
+        migrate.stdout.contains("schema at version 3"),
         "{migrate:?}"
     );
     assert_eq!(

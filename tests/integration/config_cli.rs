@@ -45,6 +45,11 @@ fn check_config_prints_every_default() {
         ("connect_burst", "100"),
         ("publish_per_room", r#""1000/1s""#),
         ("join_burst", "50"),
+        ("history_room_bytes", "1048576"),
+        ("history_total_bytes", "268435456"),
+        ("http_head_timeout", r#""10s""#),
+        ("http_body_timeout", r#""10s""#),
+        ("max_pending_per_ip", "64"),
     ] {
         assert_eq!(value_of(out, key), Some(value), "{key} in\n{out}");
     }
@@ -138,7 +143,26 @@ fn out_of_range_values_are_rejected_with_key_value_and_bound() {
     let dir = scratch_dir("range");
     /// (flags, environment, what the error must mention)
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
-    let cases: [Case<'_>; 7] = [
+    let cases: [Case<'_>; 10] = [
+        (
+            &["--history-room-bytes", "1KiB"],
+            &[],
+            &["`history_room_bytes`", "1024 is out of range 4096..="],
+        ),
+        (
+            &["--http-head-timeout", "0s"],
+            &[],
+            &["`http_head_timeout`", "out of range 1s..=5m"],
+        ),
+        (
+            &[],
+            &[("RINGHUB_MAX_PENDING_PER_IP", "0")],
+            &[
+                "`max_pending_per_ip`",
+                "0 is out of range 1..=",
+                "RINGHUB_MAX_PENDING_PER_IP",
+            ],
+        ),
         (
             &["--bcrypt-cost", "3"],
             &[],
@@ -285,6 +309,45 @@ fn development_secrets_are_generated_once_with_mode_0600() {
                 .nth(1)
                 .unwrap_or("x")
         )
+    );
+}
+
+#[test]
+fn a_redis_url_is_refused_by_serve_not_ignored() {
+    let dir = scratch_dir("redis-refused");
+    // The syntax is still checked...
+    let bad = ringhub(&["check-config", "--redis-url", "http://h"], &[], &dir);
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("`redis_url`"), "{}", bad.stderr);
+    // ...and a valid URL makes `serve` stop at once, naming the key, rather than run a node that
+    // shares nothing (a server that starts is killed after 10 s and fails the test).
+    let mut child = std::process::Command::new(ringhub_tests::ringhub_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "data"])
+        .args(["--redis-url", "redis://127.0.0.1:6379"])
+        .current_dir(&dir)
+        .env_clear()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let run: ringhub_tests::Run = child.wait_with_output().expect("output").into();
+    let status = status.unwrap_or_else(|| panic!("serve ran with redis_url set: {run:?}"));
+    assert!(!status.success(), "{run:?}");
+    assert!(
+        run.stderr.contains("redis_url") && run.stderr.contains("not built"),
+        "{}",
+        run.stderr
     );
 }
 

@@ -752,6 +752,66 @@ fn bad_input_gets_exact_errors_and_the_connection_keeps_serving() {
 }
 
 #[test]
+fn envelope_fields_with_control_characters_are_refused_never_altered() {
+    let server = Server::start("control-chars", &[]);
+    let mut alice = server.connect(&server.token("alice"), None);
+    welcome(&mut alice);
+    // Each as raw JSON text: the `id` comes after the bad field, and is still in the error.
+    for (i, raw) in [
+        r#"{"op":"join","room":"lob\u0000by","id":101}"#,
+        r#"{"op":"join","room":"a\u0007b","id":102}"#,
+        r#"{"op":"jo\u0000in","room":"ab","id":103}"#,
+        r#"{"op":"history","room":"ab\u001b","id":104}"#,
+        r#"{"op":"resume","session":"c_1\u0000","rooms":{},"id":105}"#,
+        r#"{"op":"resume","session":"c_1","rooms":{"a\u0000b":{"seq":0,"epoch":"e"}},"id":106}"#,
+        r#"{"op":"refresh","token":"ey\u0000J","id":107}"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        alice
+            .socket
+            .send(tungstenite::Message::Text(raw.into()))
+            .unwrap();
+        let err = alice.expect("error", Some(101 + i as u64));
+        assert_eq!(str_of(&err, "code"), "invalid_message", "{raw}");
+    }
+    // Nothing was joined under a cleaned name: `ab` and `lobby` hold what they held.
+    let id = alice.request("publish", &[("room", s("ab")), ("data", n(1))]);
+    assert_eq!(
+        str_of(&alice.expect("error", Some(id)), "code"),
+        "not_joined"
+    );
+    assert_eq!(
+        presence_counts(&mut alice, "lobby"),
+        vec![("alice".to_owned(), 1)]
+    );
+    // The same in MessagePack, where a string can hold any byte.
+    let mut bob = server.connect(&server.token("bob"), Some("ringhub.v1.msgpack"));
+    welcome(&mut bob);
+    let id = bob.request("join", &[("room", s("lob\u{0}by"))]);
+    assert_eq!(
+        str_of(&bob.expect("error", Some(id)), "code"),
+        "invalid_message"
+    );
+    // Inside `data` control characters are still removed, not refused.
+    let id = bob.request("join", &[("room", s("ab"))]);
+    bob.expect("reply", Some(id));
+    let id = bob.request(
+        "publish",
+        &[
+            ("room", s("ab")),
+            ("data", obj(&[("t\u{1}", s("x\u{0}y"))])),
+        ],
+    );
+    bob.expect("reply", Some(id));
+    let message = bob.expect("message", None);
+    assert_eq!(message.get("data"), Some(&obj(&[("t", s("xy"))])));
+    let id = alice.request("ping", &[]);
+    alice.expect("pong", Some(id));
+}
+
+#[test]
 fn refresh_replaces_the_token_on_a_live_connection() {
     let server = Server::start("refresh", &[]);
     let mut alice = server.connect(&server.token_ttl("alice", "62s"), None);

@@ -190,6 +190,127 @@ fn publish_rate_limit_answers_then_closes_past_three_times() {
 }
 
 #[test]
+fn a_client_that_spends_its_burst_sees_rate_limited_before_4008() {
+    // The join defaults' shape, over a minute so that no token refills during the test:
+    // COUNT 10, burst 50, so the close comes past 3 × max(COUNT, burst) = 150 attempts.
+    let server = Server::start(
+        "burst-then-close",
+        &[
+            "--rate-limits.join-per-connection",
+            "10/1m",
+            "--rate-limits.join-burst",
+            "50",
+            "--max-rooms-per-connection",
+            "1000",
+        ],
+    );
+    let mut alice = server.connect(&server.token("alice"), None);
+    welcome(&mut alice);
+    let join = |client: &mut Client, i: u64| {
+        client.send_value(
+            &obj(&[
+                ("op", s("join")),
+                ("id", n(i)),
+                ("room", s(&format!("burst-{i}"))),
+            ]),
+            false,
+        );
+    };
+    for i in 0..150u64 {
+        join(&mut alice, i);
+    }
+    let mut replies = 0;
+    let mut limited = Vec::new();
+    while replies + limited.len() < 150 {
+        let v = alice.recv().expect("an answer to every join");
+        match v.get("op").and_then(Value::as_str) {
+            Some("reply") => replies += 1,
+            Some("error") => {
+                assert_eq!(v.get("code").and_then(Value::as_str), Some("rate_limited"));
+                limited.push(v.get("id").and_then(Value::as_u64).unwrap());
+            }
+            _ => {}
+        }
+    }
+    // Joins 0..50 allowed, 50..150 answered `rate_limited` (the 51st first, not a close).
+    assert_eq!(replies, 50);
+    assert_eq!(limited, (50..150).collect::<Vec<u64>>());
+    // The 151st attempt in the window is past 3 × max(COUNT, burst): closed.
+    join(&mut alice, 150);
+    assert_eq!(alice.ended(), Ended::Closed(4008));
+    still_serves(&server);
+}
+
+#[test]
+fn resume_is_charged_to_the_join_bucket() {
+    let server = Server::start(
+        "resume-charged",
+        &[
+            "--rate-limits.join-per-connection",
+            "10/1m",
+            "--rate-limits.join-burst",
+            "50",
+            "--default-rooms",
+            "",
+        ],
+    );
+    let token = server.token("alice");
+    let mut first = server.connect(&token, None);
+    let session = welcome_session(&mut first);
+    drop(first);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut second = server.connect(&token, None);
+    welcome(&mut second);
+    // A resume that names 60 rooms rejoins them all, and takes 60 join tokens.
+    let rooms: Vec<(String, Value)> = (0..60)
+        .map(|i| {
+            (
+                format!("resume-{i}"),
+                obj(&[("seq", n(0)), ("epoch", s("none"))]),
+            )
+        })
+        .collect();
+    let rooms_value = Value::Map(rooms);
+    let id = second.request(
+        "resume",
+        &[("session", s(&session)), ("rooms", rooms_value.clone())],
+    );
+    let reply = second.expect("reply", Some(id));
+    let recovered = reply.get("recovered").expect("recovered");
+    assert!(
+        matches!(recovered, Value::Map(m) if m.len() == 60),
+        "{reply:?}"
+    );
+    // The bucket is spent: the next join and the next resume are refused.
+    let id = second.request("join", &[("room", s("one-more"))]);
+    let err = second.expect("error", Some(id));
+    assert_eq!(
+        err.get("code").and_then(Value::as_str),
+        Some("rate_limited")
+    );
+    let id = second.request(
+        "resume",
+        &[("session", s(&session)), ("rooms", rooms_value)],
+    );
+    let err = second.expect("error", Some(id));
+    assert_eq!(
+        err.get("code").and_then(Value::as_str),
+        Some("rate_limited")
+    );
+    let id = second.request("ping", &[]);
+    second.expect("pong", Some(id));
+}
+
+fn welcome_session(client: &mut Client) -> String {
+    client
+        .expect("welcome", None)
+        .get("session")
+        .and_then(Value::as_str)
+        .expect("session")
+        .to_owned()
+}
+
+#[test]
 fn oversized_messages_and_zstd_bombs_close_with_1009() {
     let server = Server::start("toobig", &["--max-message-bytes", "1024"]);
     let mut alice = server.connect(&server.token("alice"), None);

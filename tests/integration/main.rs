@@ -8,5 +8,7 @@ mod accounts;
 mod config_cli;
 mod gateway;
 mod gateway_limits;
+mod history;
+mod http;
 mod rooms;
 mod third_party;

@@ -11,15 +11,15 @@ mod room;
 mod value;
 
 pub use push::{
-    EncodeError, MessageRecord, PresenceEntry, PresenceUser, Push, WelcomeLimits, encode_push,
-    encode_push_into, encode_value,
+    EncodeError, MessageRecord, PresenceEntry, PresenceUser, Push, WelcomeLimits,
+    encode_history_reply, encode_push, encode_push_into, encode_value,
 };
 pub use request::{
     MAX_EPOCH_LEN, MAX_HISTORY_LIMIT, MAX_ID, MAX_SESSION_LEN, MAX_TOKEN_LEN, Op, Request,
     ResumePoint, decode_request, encode_request,
 };
 pub use room::{RoomId, RoomIdError};
-pub use value::{Value, ValueSeed, strip_c0};
+pub use value::{Strings, Value, ValueSeed, has_control, strip_c0};
 
 use crate::ErrorCode;
 
@@ -109,6 +109,7 @@ pub fn decode_value(
     let seed = ValueSeed {
         level: 1,
         max_depth: limits.max_depth,
+        strings: Strings::StripC0,
     };
     deserialize_seed(bytes, format, seed).map_err(|e| DecodeError::invalid(None, e))
 }

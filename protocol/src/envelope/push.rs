@@ -106,15 +106,6 @@ pub enum Push<'a> {
         /// Current presence.
         presence: &'a [PresenceEntry],
     },
-    /// Reply to `history`.
-    HistoryReply {
-        /// Request id.
-        id: Option<u64>,
-        /// Messages with `seq > since`, oldest first.
-        messages: &'a [MessageRecord],
-        /// The room's history epoch.
-        epoch: &'a str,
-    },
     /// Reply to `resume`.
     ResumeReply {
         /// Request id.
@@ -300,15 +291,6 @@ impl Serialize for Push<'_> {
                 reply_head(&mut map, "reply", *id)?;
                 map.serialize_entry("presence", &Seq(presence))?;
             }
-            Push::HistoryReply {
-                id,
-                messages,
-                epoch,
-            } => {
-                reply_head(&mut map, "reply", *id)?;
-                map.serialize_entry("messages", &Seq(messages))?;
-                map.serialize_entry("epoch", epoch)?;
-            }
             Push::ResumeReply { id, recovered } => {
                 reply_head(&mut map, "reply", *id)?;
                 map.serialize_entry("recovered", &Recovered(recovered))?;
@@ -359,6 +341,58 @@ pub fn encode_push_into(
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
     encode_value_into(push, format, out)
+}
+
+/// Encodes the reply to `history`: `{op:"reply", id?, messages:[…], epoch}`, where `messages` are
+/// `message` pushes already encoded in `format` (history keeps messages encoded, and a reply
+/// splices them in without decoding them). Written by hand: neither serializer embeds raw bytes.
+pub fn encode_history_reply(
+    id: Option<u64>,
+    messages: &[&[u8]],
+    epoch: &str,
+    format: Format,
+) -> Result<Vec<u8>, EncodeError> {
+    let bytes: usize = messages.iter().map(|m| m.len() + 1).sum();
+    let mut out = Vec::with_capacity(64 + epoch.len() + bytes);
+    match format {
+        Format::Json => {
+            out.extend_from_slice(br#"{"op":"reply","#);
+            if let Some(id) = id {
+                out.extend_from_slice(br#""id":"#);
+                out.extend_from_slice(id.to_string().as_bytes());
+                out.push(b',');
+            }
+            out.extend_from_slice(br#""messages":["#);
+            for (i, message) in messages.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(message);
+            }
+            out.extend_from_slice(br#"],"epoch":"#);
+            sonic_rs::to_writer(&mut out, epoch).map_err(|e| EncodeError(e.to_string()))?;
+            out.push(b'}');
+        }
+        Format::MsgPack => {
+            let fail = |e: rmp::encode::ValueWriteError| EncodeError(e.to_string());
+            let len = u32::try_from(messages.len()).map_err(|_| EncodeError("too many".into()))?;
+            rmp::encode::write_map_len(&mut out, if id.is_some() { 4 } else { 3 }).map_err(fail)?;
+            rmp::encode::write_str(&mut out, "op").map_err(fail)?;
+            rmp::encode::write_str(&mut out, "reply").map_err(fail)?;
+            if let Some(id) = id {
+                rmp::encode::write_str(&mut out, "id").map_err(fail)?;
+                rmp::encode::write_uint(&mut out, id).map_err(fail)?;
+            }
+            rmp::encode::write_str(&mut out, "messages").map_err(fail)?;
+            rmp::encode::write_array_len(&mut out, len).map_err(fail)?;
+            for message in messages {
+                out.extend_from_slice(message);
+            }
+            rmp::encode::write_str(&mut out, "epoch").map_err(fail)?;
+            rmp::encode::write_str(&mut out, epoch).map_err(fail)?;
+        }
+    }
+    Ok(out)
 }
 
 /// Encodes `push` into a new buffer.
@@ -472,11 +506,6 @@ mod tests {
                 epoch: "e",
                 presence: &presence,
             },
-            Push::HistoryReply {
-                id: Some(2),
-                messages: std::slice::from_ref(&r),
-                epoch: "e",
-            },
             Push::ResumeReply {
                 id: None,
                 recovered: &recovered,
@@ -510,5 +539,46 @@ mod tests {
             assert_eq!(from_json, from_msgpack, "{push:?}");
             assert!(from_json.get("op").is_some());
         }
+    }
+
+    #[test]
+    fn history_replies_splice_encoded_messages_in_both_formats() {
+        let r = record();
+        let limits = DecodeLimits::default();
+        for format in Format::ALL {
+            let one = encode_push(&Push::Message(&r), format).unwrap();
+            for id in [Some(2), None] {
+                let reply = encode_history_reply(id, &[&one, &one], "e\"1", format).unwrap();
+                let value = decode_value(&reply, format, &limits).unwrap();
+                let message = decode_value(&one, format, &limits).unwrap();
+                let mut expected = vec![("op", Value::str("reply"))];
+                if let Some(id) = id {
+                    expected.push(("id", Value::UInt(id)));
+                }
+                expected.push(("messages", Value::Array(vec![message.clone(), message])));
+                expected.push(("epoch", Value::str("e\"1")));
+                assert_eq!(
+                    value,
+                    Value::Map(
+                        expected
+                            .into_iter()
+                            .map(|(k, v)| (k.to_owned(), v))
+                            .collect()
+                    ),
+                    "{format:?}"
+                );
+            }
+            let empty = encode_history_reply(Some(1), &[], "e", format).unwrap();
+            assert_eq!(
+                decode_value(&empty, format, &limits)
+                    .unwrap()
+                    .get("messages"),
+                Some(&Value::Array(vec![]))
+            );
+        }
+        assert_eq!(
+            encode_history_reply(Some(9), &[br#"{"op":"message"}"#], "e", Format::Json).unwrap(),
+            br#"{"op":"reply","id":9,"messages":[{"op":"message"}],"epoch":"e"}"#
+        );
     }
 }

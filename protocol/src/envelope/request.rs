@@ -7,6 +7,7 @@ use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
+use super::value::{Strings, has_control};
 use super::{DecodeError, DecodeLimits, Format, RoomId, Value, ValueSeed, deserialize_seed};
 use crate::ErrorCode;
 
@@ -116,6 +117,8 @@ enum OpKind {
     Refresh,
     Ping,
     Unknown,
+    /// An `op` holding a control character: refused as `invalid_message`, never matched.
+    Invalid,
 }
 
 #[derive(Clone, Copy)]
@@ -168,6 +171,9 @@ fn field(name: &str) -> Field {
 }
 
 fn op_kind(name: &str) -> OpKind {
+    if has_control(name) {
+        return OpKind::Invalid;
+    }
     match name {
         "join" => OpKind::Join,
         "leave" => OpKind::Leave,
@@ -219,9 +225,16 @@ impl<'de> Visitor<'de> for EnvelopeSeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEnvelope, A::Error> {
         let mut raw = RawEnvelope::default();
+        // Only `data` is cleaned of control characters; every other field is kept as sent so
+        // that its rule refuses what it holds (SPEC §4: `"lob\u0000by"` never names `lobby`).
         let field_seed = ValueSeed {
             level: 2,
             max_depth: self.max_depth,
+            strings: Strings::Keep,
+        };
+        let data_seed = ValueSeed {
+            strings: Strings::StripC0,
+            ..field_seed
         };
         while let Some(key) = map.next_key_seed(Ident(field))? {
             let slot = match key {
@@ -248,7 +261,12 @@ impl<'de> Visitor<'de> for EnvelopeSeed<'_> {
             if slot.is_some() {
                 return Err(de::Error::custom("duplicate key"));
             }
-            let value = map.next_value_seed(field_seed)?;
+            let seed = if matches!(key, Field::Data) {
+                data_seed
+            } else {
+                field_seed
+            };
+            let value = map.next_value_seed(seed)?;
             if let (Field::Id, Value::UInt(id)) = (key, &value)
                 && *id <= MAX_ID
             {
@@ -305,6 +323,7 @@ pub fn decode_request(
     };
     let op = match raw.op {
         None => return Err(invalid("missing op")),
+        Some(OpKind::Invalid) => return Err(invalid("op holds a control character")),
         Some(OpKind::Unknown) => {
             return Err(DecodeError {
                 code: ErrorCode::UnknownOp,
@@ -337,15 +356,17 @@ pub fn decode_request(
             }
         }
         Some(OpKind::Resume) => {
-            let session = bounded_str(raw.session.as_ref(), MAX_SESSION_LEN)
-                .ok_or_else(|| invalid("session must be a string of at most 128 bytes"))?;
+            let session = bounded_str(raw.session.as_ref(), MAX_SESSION_LEN).ok_or_else(|| {
+                invalid("session must be a string of at most 128 bytes without control characters")
+            })?;
             let rooms =
                 resume_rooms(raw.rooms.as_ref(), limits.max_resume_rooms).map_err(&invalid)?;
             Op::Resume { session, rooms }
         }
         Some(OpKind::Refresh) => {
-            let token = bounded_str(raw.token.as_ref(), MAX_TOKEN_LEN)
-                .ok_or_else(|| invalid("token must be a string of at most 8192 bytes"))?;
+            let token = bounded_str(raw.token.as_ref(), MAX_TOKEN_LEN).ok_or_else(|| {
+                invalid("token must be a string of at most 8192 bytes without control characters")
+            })?;
             Op::Refresh { token }
         }
         Some(OpKind::Ping) => Op::Ping,
@@ -362,10 +383,11 @@ fn optional_u64(value: Option<&Value>) -> Option<Option<u64>> {
     }
 }
 
+/// A non-empty string of at most `max` bytes without control characters.
 fn bounded_str(value: Option<&Value>, max: usize) -> Option<String> {
     value
         .and_then(Value::as_str)
-        .filter(|s| !s.is_empty() && s.len() <= max)
+        .filter(|s| !s.is_empty() && s.len() <= max && !has_control(s))
         .map(str::to_owned)
 }
 
@@ -393,8 +415,12 @@ fn resume_rooms(
             .and_then(Value::as_u64)
             .ok_or("rooms.*.seq must be an integer")?;
         let epoch = match point.get("epoch") {
-            Some(Value::Str(s)) if s.len() <= MAX_EPOCH_LEN => s.clone(),
-            _ => return Err("rooms.*.epoch must be a string of at most 64 bytes"),
+            Some(Value::Str(s)) if s.len() <= MAX_EPOCH_LEN && !has_control(s) => s.clone(),
+            _ => {
+                return Err(
+                    "rooms.*.epoch must be a string of at most 64 bytes without control characters",
+                );
+            }
         };
         rooms.push((room, ResumePoint { seq, epoch }));
     }
@@ -586,6 +612,37 @@ mod tests {
         assert_eq!(
             code(json(r#"{"op":"ping","op":"ping"}"#)).0,
             ErrorCode::InvalidMessage
+        );
+    }
+
+    #[test]
+    fn envelope_fields_with_control_characters_are_refused_never_cleaned() {
+        let cases = [
+            r#"{"op":"join","room":"lob\u0000by","id":7}"#,
+            r#"{"op":"join","room":"a\u0007b","id":7}"#,
+            r#"{"id":7,"op":"jo\u0000in","room":"lobby"}"#,
+            r#"{"op":"publish","room":"lobby\u001f","data":1,"id":7}"#,
+            r#"{"op":"resume","session":"c_1\u0000","rooms":{},"id":7}"#,
+            r#"{"op":"resume","session":"c_1","rooms":{"lob\u0000by":{"seq":1,"epoch":"e"}},"id":7}"#,
+            r#"{"op":"resume","session":"c_1","rooms":{"lobby":{"seq":1,"epoch":"e\u0085"}},"id":7}"#,
+            r#"{"op":"refresh","token":"abc\u007f","id":7}"#,
+        ];
+        for case in cases {
+            assert_eq!(
+                code(json(case)),
+                (ErrorCode::InvalidMessage, Some(7)),
+                "{case}"
+            );
+        }
+        // `data` is still cleaned, keys included.
+        assert_eq!(
+            json(r#"{"op":"publish","room":"lobby","data":{"k\u0001":"v\u0000"}}"#)
+                .unwrap()
+                .op,
+            Op::Publish {
+                room: RoomId::parse("lobby").unwrap(),
+                data: Value::map([("k", Value::str("v"))])
+            }
         );
     }
 

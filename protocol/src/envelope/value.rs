@@ -1,5 +1,7 @@
 //! The `data` value of the native protocol: any JSON value, decoded from JSON or MessagePack into
-//! one tree under a depth bound, with C0 control characters stripped from strings.
+//! one tree under a depth bound, with C0 control characters stripped from strings. The envelope's
+//! own fields are read with the same seed but never altered ([`Strings::Keep`]): their rules are
+//! checked by the caller, so a control character there is refused, not removed.
 
 use std::fmt;
 
@@ -122,6 +124,15 @@ pub fn strip_c0(s: &str) -> std::borrow::Cow<'_, str> {
 /// a MessagePack header may announce 2^32 elements in five bytes.
 const MAX_PREALLOC: usize = 256;
 
+/// What decoding does with the strings (values and map keys) it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strings {
+    /// C0 controls other than tab, CR and LF are removed (`data`, SPEC §4).
+    StripC0,
+    /// Kept exactly as sent (envelope fields: the caller checks their rules and refuses).
+    Keep,
+}
+
 /// Deserializes a [`Value`] whose containers start at nesting level `level` and may not go past
 /// `max_depth`. In the envelope, `data` is at level 2 (the envelope itself is 1).
 #[derive(Debug, Clone, Copy)]
@@ -130,6 +141,8 @@ pub struct ValueSeed {
     pub level: usize,
     /// The deepest level allowed.
     pub max_depth: usize,
+    /// Whether strings are stripped of C0 controls or kept as sent.
+    pub strings: Strings,
 }
 
 impl ValueSeed {
@@ -188,10 +201,16 @@ impl<'de> Visitor<'de> for ValueSeed {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::Str(strip_c0(v).into_owned()))
+        Ok(Value::Str(match self.strings {
+            Strings::StripC0 => strip_c0(v).into_owned(),
+            Strings::Keep => v.to_owned(),
+        }))
     }
 
     fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        if self.strings == Strings::Keep {
+            return Ok(Value::Str(v));
+        }
         Ok(match strip_c0(&v) {
             std::borrow::Cow::Borrowed(_) => Value::Str(v),
             std::borrow::Cow::Owned(s) => Value::Str(s),
@@ -234,31 +253,68 @@ impl<'de> Visitor<'de> for ValueSeed {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         self.enter()?;
         let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(MAX_PREALLOC));
-        while let Some(key) = map.next_key::<KeyString>()? {
+        while let Some(key) = map.next_key_seed(KeySeed(self.strings))? {
             let value = map.next_value_seed(self.child())?;
-            entries.push((key.0, value));
+            entries.push((key, value));
         }
         Ok(Value::Map(entries))
     }
 }
 
-/// A map key: must be a string (MessagePack integer or binary keys are refused). C0 controls are
-/// stripped from keys too, so that no control character reaches a recipient anywhere in `data`.
-struct KeyString(String);
+/// A map key: must be a string (MessagePack integer or binary keys are refused). In `data`, C0
+/// controls are stripped from keys too, so that no control character reaches a recipient anywhere
+/// in it; elsewhere keys are kept as sent.
+struct KeySeed(Strings);
 
-impl<'de> serde::Deserialize<'de> for KeyString {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl Visitor<'_> for KeyVisitor {
-            type Value = KeyString;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string map key")
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = String;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for KeySeed {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string map key")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(match self.0 {
+            Strings::StripC0 => strip_c0(v).into_owned(),
+            Strings::Keep => v.to_owned(),
+        })
+    }
+}
+
+/// Whether `s` holds a control character (C0, DEL or C1): never allowed in an envelope field.
+pub fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+impl Value {
+    /// Removes C0 controls (other than tab, CR, LF) from every string and map key at any depth:
+    /// what decoding with [`Strings::StripC0`] does, for a value read with [`Strings::Keep`].
+    pub fn strip_c0_in_place(&mut self) {
+        match self {
+            Value::Str(s) => {
+                if let std::borrow::Cow::Owned(clean) = strip_c0(s) {
+                    *s = clean;
+                }
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<KeyString, E> {
-                Ok(KeyString(strip_c0(v).into_owned()))
+            Value::Array(items) => items.iter_mut().for_each(Value::strip_c0_in_place),
+            Value::Map(entries) => {
+                for (k, v) in entries {
+                    if let std::borrow::Cow::Owned(clean) = strip_c0(k) {
+                        *k = clean;
+                    }
+                    v.strip_c0_in_place();
+                }
             }
+            _ => {}
         }
-        d.deserialize_str(KeyVisitor)
     }
 }
 

@@ -11,15 +11,12 @@ use std::time::Duration;
 
 use crate::config::Rate;
 
-/// The key a per-IP limit counts under: the address for IPv4, the /64 for IPv6 (one host
-/// usually holds a whole /64, so per-address keys would be no limit at all).
+/// The key a per-IP limit counts under: the engine's [`engine::ip_group`] (the address for IPv4,
+/// the /64 for IPv6), as bytes.
 pub fn ip_key(ip: IpAddr) -> Vec<u8> {
-    match ip {
+    match engine::ip_group(ip) {
         IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.octets().to_vec(),
-            None => v6.octets()[..8].to_vec(),
-        },
+        IpAddr::V6(v6) => v6.octets()[..8].to_vec(),
     }
 }
 
@@ -36,6 +33,8 @@ struct Bucket {
 #[derive(Debug)]
 pub struct BucketTable {
     rate: Rate,
+    /// Tokens a full bucket holds (the burst; `rate.count` unless given).
+    capacity: u32,
     buckets: Mutex<HashMap<Vec<u8>, Bucket>>,
     next_sweep_ms: AtomicU64,
 }
@@ -63,8 +62,14 @@ fn retry_after(deficit: f64, per_ms: f64) -> u64 {
 impl BucketTable {
     /// Buckets of capacity `rate.count`, refilled at `rate`; `0/…` disables the limit.
     pub fn new(rate: Rate) -> Self {
+        Self::with_burst(rate, rate.count)
+    }
+
+    /// Buckets of capacity `burst` (at least 1), refilled at `rate`.
+    pub fn with_burst(rate: Rate, burst: u32) -> Self {
         Self {
             rate,
+            capacity: burst.max(1),
             buckets: Mutex::new(HashMap::new()),
             next_sweep_ms: AtomicU64::new(0),
         }
@@ -75,7 +80,7 @@ impl BucketTable {
         if self.rate.count == 0 {
             return Ok(());
         }
-        let capacity = f64::from(self.rate.count);
+        let capacity = f64::from(self.capacity);
         let refill = per_ms(self.rate);
         let mut table = self
             .buckets
@@ -119,6 +124,9 @@ pub struct Lockouts {
     rate: Rate,
     lockout: Duration,
     table: Mutex<HashMap<Vec<u8>, Failures>>,
+    next_sweep_ms: AtomicU64,
+    /// Sweeps made (tests).
+    sweeps: AtomicU64,
 }
 
 impl Lockouts {
@@ -128,6 +136,8 @@ impl Lockouts {
             rate,
             lockout,
             table: Mutex::new(HashMap::new()),
+            next_sweep_ms: AtomicU64::new(0),
+            sweeps: AtomicU64::new(0),
         }
     }
 
@@ -147,7 +157,11 @@ impl Lockouts {
             .table
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if table.len() >= SWEEP_AT {
+        if table.len() >= SWEEP_AT && now_ms >= self.next_sweep_ms.load(Ordering::Relaxed) {
+            // At most one sweep per second, however full the table stays (a table of live
+            // entries would otherwise be scanned on every login).
+            self.next_sweep_ms.store(now_ms + 1000, Ordering::Relaxed);
+            self.sweeps.fetch_add(1, Ordering::Relaxed);
             table.retain(|_, f| {
                 f.locked_until_ms > now_ms || now_ms.saturating_sub(f.window_start_ms) < window
             });
@@ -260,6 +274,29 @@ mod tests {
         assert_eq!(attempt(b"b", 1, true), Ok(false));
         assert_eq!(attempt(b"b", 2, false), Ok(false));
         assert_eq!(attempt(b"b", 3, false), Ok(false));
+    }
+
+    #[test]
+    fn a_full_lockout_table_is_swept_at_most_once_a_second() {
+        let l = Lockouts::new(rate(5, 900), Duration::from_secs(900));
+        // Live entries (inside their window): a sweep cannot shrink the table.
+        for i in 0..SWEEP_AT as u64 {
+            l.reserve(&i.to_le_bytes(), 0).unwrap();
+        }
+        for now in 0..500 {
+            l.reserve(b"probe", now).unwrap_or_default();
+        }
+        assert_eq!(
+            l.sweeps.load(Ordering::Relaxed),
+            1,
+            "one sweep in the first second"
+        );
+        l.reserve(b"later", 1000).unwrap();
+        assert_eq!(l.sweeps.load(Ordering::Relaxed), 2);
+        // Once the window has passed, a sweep empties it.
+        l.reserve(b"much later", 901_000).unwrap();
+        assert_eq!(l.sweeps.load(Ordering::Relaxed), 3);
+        assert!(l.table.lock().unwrap().len() < 10);
     }
 
     #[test]

@@ -228,6 +228,11 @@ pub fn rfc3339(ms: i64) -> String {
     )
 }
 
+/// The cost a bcrypt hash was made with (`$2b$12$…` → 12).
+fn bcrypt_cost_of(hash: &str) -> Option<u32> {
+    hash.split('$').nth(2)?.parse().ok()
+}
+
 /// The outcome of a password check against a stored hash. bcrypt reads only 72 bytes, so a
 /// longer candidate never matches (registration refuses such passwords); it still costs the
 /// same hashing time.
@@ -551,6 +556,7 @@ impl Accounts {
                 .unwrap_or_else(|| answer.response());
         };
         self.lockouts.succeed(&index);
+        self.rehash_if_cost_changed(&user, password);
         let now = now_ms();
         let session = SessionRecord {
             id: crypto::random_token(16),
@@ -579,6 +585,31 @@ impl Accounts {
         log::info!("login user_id={} session={}", user.id, session.id);
         self.remember(idempotency, &answer, Some(refresh_hash))
             .unwrap_or_else(|| answer.response())
+    }
+
+    /// After a successful login: a hash made with another `bcrypt_cost` than the configured one is
+    /// replaced by one at the configured cost, so that every account costs a login the same time
+    /// as an unknown e-mail does (otherwise the timing tells old accounts apart). The swap is
+    /// conditional on the old hash, so it never undoes a concurrent password change.
+    fn rehash_if_cost_changed(&self, user: &UserRecord, password: &str) {
+        if bcrypt_cost_of(&user.password_hash) == Some(self.config.bcrypt_cost) {
+            return;
+        }
+        let Ok(new_hash) = bcrypt::hash(password, self.config.bcrypt_cost) else {
+            return;
+        };
+        match self
+            .store
+            .rehash_password(&user.id, &user.password_hash, &new_hash)
+        {
+            Ok(true) => log::info!(
+                "password re-hashed user_id={} cost={}",
+                user.id,
+                self.config.bcrypt_cost
+            ),
+            Ok(false) => {}
+            Err(e) => log::warn!("cannot re-hash password user_id={}: {e}", user.id),
+        }
     }
 
     /// The login/refresh answer: a fresh access token for `session` bound to `client`.
@@ -1011,6 +1042,16 @@ impl Accounts {
         HttpResponse::json(204, Vec::new())
     }
 
+    /// Erases the encrypted child pairs whose `refresh_reuse_interval` has passed: past it a
+    /// reuse is theft, so the pair is never needed again, and at rest only hashes remain (SPEC
+    /// §3). Called every 2 s by the upkeep thread.
+    pub fn erase_refresh_children(&self) {
+        let before = now_ms().saturating_sub(ms(self.config.refresh_reuse_interval));
+        if let Err(e) = self.store.clear_refresh_children(before) {
+            log::warn!("cannot erase expired refresh pairs: {e}");
+        }
+    }
+
     /// Drops in-memory revocations that can no longer matter.
     pub fn prune(&self) {
         let now = now_ms();
@@ -1040,6 +1081,17 @@ pub fn find_user(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cost_of_a_bcrypt_hash() {
+        assert_eq!(
+            bcrypt_cost_of("$2b$12$abcdefghijklmnopqrstuuABCDEFGHIJKLMNOPQRSTUVWXYZ01234"),
+            Some(12)
+        );
+        assert_eq!(bcrypt_cost_of("$2y$04$x"), Some(4));
+        assert_eq!(bcrypt_cost_of("not a hash"), None);
+        assert_eq!(bcrypt_cost_of(""), None);
+    }
 
     #[test]
     fn rfc3339_dates() {

@@ -185,6 +185,16 @@ pub struct Config {
     pub history_size: u32,
     /// History lifetime.
     pub history_ttl: Duration,
+    /// History bytes per room.
+    pub history_room_bytes: usize,
+    /// History bytes per process.
+    pub history_total_bytes: usize,
+    /// Time for a request head, from its first byte.
+    pub http_head_timeout: Duration,
+    /// Time for a request body, from the end of its head.
+    pub http_body_timeout: Duration,
+    /// Connections per IP not yet an authenticated WebSocket.
+    pub max_pending_per_ip: u32,
     /// Resume window.
     pub resume_ttl: Duration,
     /// Heartbeat interval.
@@ -489,6 +499,28 @@ impl Config {
         )?;
         let history_size = c.range("history_size", raw.history_size, 0, 100_000)?;
         let history_ttl = c.duration("history_ttl", &raw.history_ttl, Duration::ZERO, 30 * DAY)?;
+        let history_room_bytes =
+            c.range("history_room_bytes", raw.history_room_bytes, 4096, 1 << 30)?;
+        let history_total_bytes = c.range(
+            "history_total_bytes",
+            raw.history_total_bytes,
+            1 << 20,
+            64 << 30,
+        )?;
+        let http_head_timeout = c.duration(
+            "http_head_timeout",
+            &raw.http_head_timeout,
+            SECOND,
+            Duration::from_secs(300),
+        )?;
+        let http_body_timeout = c.duration(
+            "http_body_timeout",
+            &raw.http_body_timeout,
+            SECOND,
+            Duration::from_secs(300),
+        )?;
+        let max_pending_per_ip =
+            c.range("max_pending_per_ip", raw.max_pending_per_ip, 1, 1_000_000)?;
         let resume_ttl = c.duration("resume_ttl", &raw.resume_ttl, Duration::ZERO, DAY)?;
         let heartbeat = c.duration(
             "heartbeat",
@@ -624,6 +656,13 @@ impl Config {
             refresh_reuse_interval,
             history_size,
             history_ttl,
+            history_room_bytes: usize::try_from(history_room_bytes)
+                .map_err(|_| c.fail("history_room_bytes", "too large"))?,
+            history_total_bytes: usize::try_from(history_total_bytes)
+                .map_err(|_| c.fail("history_total_bytes", "too large"))?,
+            http_head_timeout,
+            http_body_timeout,
+            max_pending_per_ip,
             resume_ttl,
             heartbeat,
             presence_batch,

@@ -61,6 +61,11 @@ defaults! {
     d_refresh_reuse_interval: String = "10s".into();
     d_history_size: u32 = 100;
     d_history_ttl: String = "5m".into();
+    d_history_room_bytes: u64 = 1 << 20;
+    d_history_total_bytes: u64 = 256 << 20;
+    d_http_head_timeout: String = "10s".into();
+    d_http_body_timeout: String = "10s".into();
+    d_max_pending_per_ip: u32 = 64;
     d_resume_ttl: String = "5m".into();
     d_heartbeat: String = "25s".into();
     d_presence_batch: String = "100ms".into();
@@ -255,6 +260,21 @@ pub struct RawConfig {
     /// How long they are kept.
     #[serde(default = "d_history_ttl")]
     pub history_ttl: String,
+    /// Most bytes of encoded messages one room's history keeps.
+    #[serde(default = "d_history_room_bytes", deserialize_with = "size")]
+    pub history_room_bytes: u64,
+    /// Most bytes of encoded messages all histories of the process keep (split among shards).
+    #[serde(default = "d_history_total_bytes", deserialize_with = "size")]
+    pub history_total_bytes: u64,
+    /// A request head must be complete this long after its first byte.
+    #[serde(default = "d_http_head_timeout")]
+    pub http_head_timeout: String,
+    /// A request body must be complete this long after its head.
+    #[serde(default = "d_http_body_timeout")]
+    pub http_body_timeout: String,
+    /// Connections per IP that are not (yet) an authenticated WebSocket.
+    #[serde(default = "d_max_pending_per_ip", deserialize_with = "lenient")]
+    pub max_pending_per_ip: u32,
     /// How long a closed connection's state can be resumed.
     #[serde(default = "d_resume_ttl")]
     pub resume_ttl: String,

@@ -1,0 +1,265 @@
+//! Room history as its bounds promise (SPEC §7, and the `history_*` keys): kept as the encoded
+//! messages within its byte budgets under an amplification attack, expired by age in rooms that
+//! see no traffic, read back in either format, and fed by an HTTP publish that is rate-limited
+//! like a WebSocket publisher.
+
+use std::time::{Duration, Instant};
+
+use protocol::envelope::Value;
+use ringhub_tests::{Client, Server, n, obj, s};
+
+fn joined(client: &mut Client, room: &str) {
+    let id = client.request("join", &[("room", s(room))]);
+    client.expect("reply", Some(id));
+}
+
+fn history(client: &mut Client, room: &str, limit: u64) -> Vec<Value> {
+    let id = client.request(
+        "history",
+        &[("room", s(room)), ("since", n(0)), ("limit", n(limit))],
+    );
+    let reply = client.expect("reply", Some(id));
+    reply
+        .get("messages")
+        .and_then(Value::as_array)
+        .expect("messages")
+        .to_vec()
+}
+
+fn seqs(messages: &[Value]) -> Vec<u64> {
+    messages
+        .iter()
+        .map(|m| m.get("seq").and_then(Value::as_u64).expect("seq"))
+        .collect()
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn history_stays_within_its_byte_budget_under_amplification() {
+    // 4 MiB for the whole process (each room alone could keep 4 MiB); each message below
+    // decodes to a ~2 MiB value tree, which history used to keep (100 per room).
+    let server = Server::start(
+        "history-budget",
+        &[
+            "--shards",
+            "2",
+            "--history-total-bytes",
+            "4MiB",
+            "--history-room-bytes",
+            "4MiB",
+            "--rate-limits.publish-per-connection",
+            "0/1s",
+            "--rate-limits.publish-per-room",
+            "0/1s",
+        ],
+    );
+    let token = server.token("attacker");
+    let mut publisher = server.connect(&token, Some("ringhub.v1.msgpack"));
+    publisher.expect("welcome", None);
+    publisher.set_timeout(Duration::from_secs(20));
+    let rooms = ["amp-a", "amp-b", "amp-c"];
+    for room in rooms {
+        joined(&mut publisher, room);
+    }
+    // 65,400 empty arrays: one byte each in MessagePack, the whole request within 64 KiB.
+    let tiny_arrays = Value::Array(vec![Value::Array(Vec::new()); 65_400]);
+    let publish = |client: &mut Client, room: &str| {
+        let id = client.request(
+            "publish",
+            &[("room", s(room)), ("data", tiny_arrays.clone())],
+        );
+        client.expect("reply", Some(id));
+        // Its own copies of the messages are not needed: keep the test's memory flat.
+        client.clear();
+    };
+    publish(&mut publisher, "amp-a");
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = server.rss_bytes();
+    for round in 0..100 {
+        for room in rooms {
+            publish(&mut publisher, room);
+        }
+        if round % 20 == 0 {
+            let grown = server.rss_bytes().saturating_sub(baseline);
+            assert!(grown < 40 * MIB, "round {round}: RSS grew {grown} bytes");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    let grown = server.rss_bytes().saturating_sub(baseline);
+    let kept = server
+        .metric_sum("ringhub_shard_history_bytes")
+        .expect("history gauge");
+    let evicted = server
+        .metric_sum("ringhub_history_evicted_total")
+        .expect("eviction counter");
+    eprintln!(
+        "RSS grew {:.1} MiB over 301 publishes of 64 KiB; history holds {:.2} MiB; {evicted} evicted",
+        grown as f64 / MIB as f64,
+        kept / MIB as f64
+    );
+    assert!(kept <= (4 * MIB) as f64, "history holds {kept} bytes");
+    assert!(kept >= MIB as f64, "history still holds messages: {kept}");
+    assert!(evicted >= 200.0, "{evicted}");
+    assert!(
+        grown < 4 * MIB + 28 * MIB,
+        "RSS grew {grown} bytes, past the 4 MiB budget plus slack"
+    );
+    // The newest messages are still there, read back in JSON (kept only as MessagePack). A
+    // reply holds what fits half the connection's queue bound: the client pages with `since`.
+    let mut reader = server.connect(&server.token("reader"), None);
+    reader.expect("welcome", None);
+    reader.set_timeout(Duration::from_secs(20));
+    let mut got = Vec::new();
+    let mut since = 0;
+    for _ in 0..200 {
+        let id = reader.request(
+            "history",
+            &[("room", s("amp-c")), ("since", n(since)), ("limit", n(100))],
+        );
+        let reply = reader.expect("reply", Some(id));
+        let page = reply
+            .get("messages")
+            .and_then(Value::as_array)
+            .expect("messages");
+        if page.is_empty() {
+            break;
+        }
+        let data = page[0].get("data").and_then(Value::as_array).expect("data");
+        assert_eq!(data.len(), 65_400);
+        got.extend(seqs(page));
+        since = *got.last().unwrap();
+        reader.clear();
+    }
+    assert!(!got.is_empty(), "amp-c kept nothing");
+    assert_eq!(
+        *got.last().unwrap(),
+        100,
+        "the newest message is kept: {got:?}"
+    );
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "no gap: {got:?}");
+    // And the server still serves.
+    let id = reader.request("ping", &[]);
+    reader.expect("pong", Some(id));
+}
+
+#[test]
+fn an_idle_rooms_history_expires_after_its_ttl() {
+    let server = Server::start("history-ttl", &["--history-ttl", "1s"]);
+    let mut client = server.connect(&server.token("quiet"), None);
+    client.expect("welcome", None);
+    joined(&mut client, "quiet-room");
+    for i in 0..3 {
+        let id = client.request(
+            "publish",
+            &[("room", s("quiet-room")), ("data", obj(&[("i", n(i))]))],
+        );
+        client.expect("reply", Some(id));
+    }
+    // The gauge is refreshed by the ticker (every 250 ms).
+    std::thread::sleep(Duration::from_millis(400));
+    let held = server
+        .metric_sum("ringhub_shard_history_bytes")
+        .expect("history gauge");
+    assert!(held > 0.0, "the messages are kept at first");
+    // No publish, no history query, no resume: the ticker alone drops them.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut left = held;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        left = server
+            .metric_sum("ringhub_shard_history_bytes")
+            .expect("history gauge");
+        if left == 0.0 {
+            break;
+        }
+    }
+    assert_eq!(left, 0.0, "history bytes left after the TTL");
+    assert!(history(&mut client, "quiet-room", 100).is_empty());
+}
+
+#[test]
+fn history_reads_the_same_in_every_format_whoever_published() {
+    let server = Server::start("history-formats", &[]);
+    // Published by a JSON client only: kept as JSON, read back by MessagePack and zstd clients.
+    let mut json = server.connect(&server.token("json"), None);
+    json.expect("welcome", None);
+    joined(&mut json, "mixed");
+    let data = obj(&[
+        ("text", s("héllo \"quoted\"")),
+        ("n", Value::Float(2.5)),
+        ("neg", Value::Int(-7)),
+        ("list", Value::Array(vec![Value::Null, Value::Bool(true)])),
+    ]);
+    for _ in 0..3 {
+        let id = json.request("publish", &[("room", s("mixed")), ("data", data.clone())]);
+        json.expect("reply", Some(id));
+    }
+    let from_json = history(&mut json, "mixed", 10);
+    for protocol in [
+        "ringhub.v1.msgpack",
+        "ringhub.v1.msgpack+zstd",
+        "ringhub.v1.json+zstd",
+    ] {
+        let mut other = server.connect(&server.token("other"), Some(protocol));
+        other.expect("welcome", None);
+        let got = history(&mut other, "mixed", 10);
+        assert_eq!(got, from_json, "{protocol}");
+        assert_eq!(got[0].get("data"), Some(&data), "{protocol}");
+    }
+    assert_eq!(seqs(&from_json), [1, 2, 3]);
+}
+
+#[test]
+fn http_publish_is_rate_limited_per_user_like_a_websocket_publisher() {
+    let server = Server::start(
+        "http-publish-rate",
+        &[
+            "--bcrypt-cost",
+            "4",
+            "--rate-limits.publish-per-connection",
+            "2/1m",
+            "--rate-limits.publish-burst",
+            "3",
+        ],
+    );
+    let (_, alice) = server.account("alice");
+    let (_, bob) = server.account("bob");
+    let created = server.api_as(
+        &alice,
+        "POST",
+        "/rooms",
+        Some(r#"{"id":"news","permission":"public"}"#),
+    );
+    assert_eq!(created.status, 201, "{created:?}");
+    let post = |token: &str, i: u32| {
+        server.api_as(
+            token,
+            "POST",
+            "/rooms/news/messages",
+            Some(&format!(r#"{{"data":{{"i":{i}}}}}"#)),
+        )
+    };
+    for i in 1..=3 {
+        let ok = post(&alice, i);
+        assert_eq!(ok.status, 202, "{i}: {ok:?}");
+    }
+    let refused = post(&alice, 4);
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (429, "rate_limited")
+    );
+    let retry: u64 = refused
+        .header("Retry-After")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=30).contains(&retry), "{retry}");
+    // Another user has a bucket of their own, and the refused message took no seq.
+    let ok = post(&bob, 5);
+    assert_eq!((ok.status, ok.body.as_str()), (202, r#"{"seq":4}"#));
+    let (_, metrics) = server.http("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(
+        metrics.contains("ringhub_rate_limited_total{limit=\"publish_per_user\"} 1"),
+        "{metrics}"
+    );
+}
