@@ -59,7 +59,7 @@ pub(crate) struct Conn {
     /// member), and a flush writes the whole buffer. Empty with no capacity while idle.
     out: RefCell<Vec<u8>>,
     writing: Cell<WriteState>,
-    /// When the last write started: [`crate::monotonic_us`] in 32 bits (it wraps every 71
+    /// When the last write started: [`crate::clock::monotonic_us`] in 32 bits (it wraps every 71
     /// minutes; only differences are read), for the write delay ([`Shard::write_delay_us`]).
     last_write_us: Cell<u32>,
     /// Set once a close has been decided; the code sent.
@@ -71,7 +71,7 @@ pub(crate) struct Conn {
     pub(crate) identity: RefCell<Identity>,
     pub(crate) ip: IpAddr,
     pub(crate) rooms: RefCell<Vec<(RoomId, Membership)>>,
-    /// When a frame last arrived and a ping last went out, as [`crate::monotonic_ms32`].
+    /// When a frame last arrived and a ping last went out, as [`crate::clock::monotonic_ms32`].
     pub(crate) last_seen_ms: Cell<u32>,
     pub(crate) last_ping_ms: Cell<u32>,
     pub(crate) refresh_warned: Cell<bool>,
@@ -181,7 +181,7 @@ pub(crate) struct ConnParts {
 
 impl Conn {
     pub(crate) fn new(parts: ConnParts) -> Self {
-        let now = crate::monotonic_ms32();
+        let now = crate::clock::monotonic_ms32();
         let personal_room_valid = RoomId::personal_is_valid(&parts.identity.user_id);
         Self {
             id: parts.id,
@@ -190,7 +190,7 @@ impl Conn {
             out: RefCell::new(Vec::new()),
             writing: Cell::new(WriteState::Idle),
             // Long enough ago that the first write is not delayed.
-            last_write_us: Cell::new(monotonic_us32().wrapping_sub(1 << 31)),
+            last_write_us: Cell::new(crate::clock::monotonic_us32().wrapping_sub(1 << 31)),
             closing: Cell::new(None),
             abnormal: Cell::new(false),
             ready: Cell::new(false),
@@ -496,11 +496,6 @@ impl Conn {
     }
 }
 
-/// The low 32 bits of [`crate::monotonic_us`].
-fn monotonic_us32() -> u32 {
-    u32::try_from(crate::monotonic_us() & u64::from(u32::MAX)).unwrap_or_default()
-}
-
 impl Conn {
     /// The shard's flush: sends the whole queue with one non-blocking `send`; what the kernel does
     /// not take goes to an io_uring write that waits for room.
@@ -512,7 +507,7 @@ impl Conn {
         if delay > 0 && self.closing.get().is_none() {
             // Written less than the delay ago: what is queued waits for the rest of it, unless
             // the queue is already large (so the delay never brings a connection near its bound).
-            let since = monotonic_us32().wrapping_sub(self.last_write_us.get());
+            let since = crate::clock::monotonic_us32().wrapping_sub(self.last_write_us.get());
             if since < delay && self.out.borrow().len() < hold_limit(shard) {
                 shard.defer_flush(self.clone(), u64::from(delay - since));
                 return;
@@ -526,7 +521,7 @@ impl Conn {
         if self.writing.get() != WriteState::Listed {
             return;
         }
-        self.last_write_us.set(monotonic_us32());
+        self.last_write_us.set(crate::clock::monotonic_us32());
         let sent = {
             let out = self.out.borrow();
             if out.is_empty() {

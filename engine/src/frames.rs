@@ -9,7 +9,23 @@ use protocol::envelope::{Format, MessageRecord, Push, encode_push};
 use protocol::socketio;
 use protocol::ws::{self, Subprotocol};
 
-use crate::history::StoredMessage;
+use protocol::envelope::RoomId;
+
+/// How a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Native(Subprotocol),
+    SocketIo,
+}
+
+impl Dialect {
+    pub(crate) fn key(self) -> FrameKey {
+        match self {
+            Dialect::Native(p) => FrameKey::of(p),
+            Dialect::SocketIo => FrameKey::SocketIo,
+        }
+    }
+}
 
 /// The wire formats a frame is encoded for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -46,13 +62,13 @@ impl FrameKey {
     }
 
     /// The dialect a connection of this key speaks.
-    pub(crate) const fn dialect(self) -> crate::ws::Dialect {
+    pub(crate) const fn dialect(self) -> Dialect {
         match self {
-            FrameKey::Json => crate::ws::Dialect::Native(Subprotocol::Json),
-            FrameKey::JsonZstd => crate::ws::Dialect::Native(Subprotocol::JsonZstd),
-            FrameKey::MsgPack => crate::ws::Dialect::Native(Subprotocol::Msgpack),
-            FrameKey::MsgPackZstd => crate::ws::Dialect::Native(Subprotocol::MsgpackZstd),
-            FrameKey::SocketIo => crate::ws::Dialect::SocketIo,
+            FrameKey::Json => Dialect::Native(Subprotocol::Json),
+            FrameKey::JsonZstd => Dialect::Native(Subprotocol::JsonZstd),
+            FrameKey::MsgPack => Dialect::Native(Subprotocol::Msgpack),
+            FrameKey::MsgPackZstd => Dialect::Native(Subprotocol::MsgpackZstd),
+            FrameKey::SocketIo => Dialect::SocketIo,
         }
     }
 
@@ -118,6 +134,18 @@ pub(crate) fn socketio_frame(packet: &str) -> Bytes {
     ws::frame_bytes(ws::frame::TEXT, packet.as_bytes())
 }
 
+/// A message's plain encodings kept for history: `(JSON, MessagePack)`, at least one.
+pub(crate) type Kept = (Option<Bytes>, Option<Bytes>);
+
+/// A room's frames for every wire format in use, handed to each shard holding members.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    pub(crate) room: RoomId,
+    pub(crate) frames: Frames,
+    /// A presence diff: shed for connections already falling behind (SPEC §6).
+    pub(crate) sheddable: bool,
+}
+
 /// One message's frames for every key with readers.
 #[derive(Debug)]
 pub(crate) struct Frames {
@@ -126,16 +154,16 @@ pub(crate) struct Frames {
 
 impl Frames {
     /// Encodes `record` for each key whose count in `in_use` is not zero; with `keep`, also
-    /// the message as history keeps it: the plain payloads of the formats encoded (sharing the
-    /// frames' bytes where a plain frame was made), or its MessagePack encoding when no native
-    /// format was in use.
+    /// the message as history keeps it, `(JSON, MessagePack)`: the plain payloads of the formats
+    /// encoded (sharing the frames' bytes where a plain frame was made), or its MessagePack
+    /// encoding when no native format was in use (at least one is there).
     pub(crate) fn message(
         record: &MessageRecord,
         in_use: &[u32; FRAME_KEYS],
         threshold: usize,
         compressor: &mut Compressor,
         keep: bool,
-    ) -> (Self, Option<StoredMessage>) {
+    ) -> (Self, Option<Kept>) {
         let push = Push::Message(record);
         let mut by_key: [Option<Bytes>; FRAME_KEYS] = Default::default();
         let mut kept: [Option<Bytes>; 2] = [None, None];
@@ -185,8 +213,7 @@ impl Frames {
             if json.is_none() && msgpack.is_none() {
                 msgpack = encode_push(&push, Format::MsgPack).ok().map(Bytes::from);
             }
-            (json.is_some() || msgpack.is_some())
-                .then(|| StoredMessage::new(record.seq, record.ts, json, msgpack))
+            (json.is_some() || msgpack.is_some()).then_some((json, msgpack))
         });
         (Self { by_key }, stored.flatten())
     }

@@ -16,9 +16,10 @@ use protocol::http::{
 use protocol::ws::{check_upgrade, select_subprotocol, write_accept};
 
 use crate::auth::{AuthFailure, ClientInfo};
-use crate::shard::{CapRefusal, PendingSlot, Shard};
-use crate::ws::Dialect;
-use crate::{HttpRequest, HttpResponse, Routed};
+use crate::frames::Dialect;
+use crate::routes::{HttpRequest, HttpResponse, Routed};
+use crate::shard::Shard;
+use crate::shared::{CapRefusal, PendingSlot};
 
 /// How long a keep-alive connection may sit between requests (a request, once its first byte is
 /// here, has `http_head_timeout` and `http_body_timeout`).
@@ -83,13 +84,13 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
     let mut data: Vec<u8> = Vec::new();
     loop {
         if data.is_empty() {
-            let idle_until = crate::monotonic_us().saturating_add(micros(IDLE_TIMEOUT));
+            let idle_until = crate::clock::monotonic_us().saturating_add(micros(IDLE_TIMEOUT));
             if !read_more(&shard, &mut stream, &mut data, idle_until).await {
                 return;
             }
         }
         // The request's first byte is here: its head has `http_head_timeout` from now.
-        let head_until = crate::monotonic_us().saturating_add(head_timeout);
+        let head_until = crate::clock::monotonic_us().saturating_add(head_timeout);
         let head = loop {
             match parse_request_head(&data, &limits) {
                 Ok(Some(head)) => break head,
@@ -114,7 +115,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
                 return;
             }
         }
-        let body_until = crate::monotonic_us().saturating_add(body_timeout);
+        let body_until = crate::clock::monotonic_us().saturating_add(body_timeout);
         // A chunked body is decoded out of `data` as it arrives (only the decoded body is kept);
         // a `Content-Length` body is read into `data` and used in place.
         let mut chunked_body = None;
@@ -256,10 +257,10 @@ async fn refuse_pending(shard: &Shard, stream: &mut TcpStream, request_id: Optio
     let _ = stream.write_all(out).await;
 }
 
-/// Reads what arrives into `data`, waiting until `until` ([`crate::monotonic_us`]) at most;
+/// Reads what arrives into `data`, waiting until `until` ([`crate::clock::monotonic_us`]) at most;
 /// false at the end of the stream, on an error, or past `until`.
 async fn read_more(shard: &Shard, stream: &mut TcpStream, data: &mut Vec<u8>, until: u64) -> bool {
-    let left = until.saturating_sub(crate::monotonic_us());
+    let left = until.saturating_sub(crate::clock::monotonic_us());
     if left == 0 {
         return false;
     }
@@ -558,22 +559,5 @@ fn cap_refusal(refused: CapRefusal) -> Refusal {
             "too many connections for this user",
             "conflict",
         ),
-    }
-}
-
-/// Builds a JSON response.
-impl HttpResponse {
-    /// `status` with a JSON body.
-    pub fn json(status: u16, body: Vec<u8>) -> Self {
-        Self {
-            status,
-            headers: vec![("Content-Type", "application/json".to_owned())],
-            body,
-        }
-    }
-
-    /// The SPEC §2 error shape.
-    pub fn error(status: u16, code: ErrorCode, message: &str) -> Self {
-        Self::json(status, protocol::http::error_body(code, message, None))
     }
 }

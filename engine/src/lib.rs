@@ -11,19 +11,23 @@
 #![deny(unsafe_code)]
 
 pub mod auth;
+mod clock;
 pub mod config;
 mod conn;
 mod frames;
-mod history;
 mod home;
 mod http;
 mod limits;
 mod mailbox;
 pub mod metrics;
+mod msg;
 mod net;
 mod pending;
+mod room;
 pub mod rooms;
+mod routes;
 mod shard;
+mod shared;
 mod sio;
 pub(crate) mod sys;
 mod ws;
@@ -38,100 +42,17 @@ use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
 pub use auth::{AuthFailure, Authenticator, ClientInfo, Identity, Revoked};
+use clock::now_ms;
 pub use config::{ConflictPolicy, EngineConfig, RateSpec};
 pub use metrics::Metrics;
+use msg::ShardMsg;
 pub use net::{Cidr, client_ip, ip_group};
 pub use pending::{PendingResponse, ResponseSender, pending_response};
-use protocol::http::RequestHead;
 pub use rooms::{OpenRooms, RoomAccess, RoomPolicy, RoomSettings};
-use shard::{Shard, ShardMsg, Shared};
+pub use routes::{HttpRequest, HttpResponse, HttpRoutes, Routed};
+use shard::Shard;
+use shared::Shared;
 pub use sys::{disable_transparent_huge_pages, lower_thread_priority};
-
-/// An HTTP request the engine does not handle itself.
-#[derive(Debug)]
-pub struct HttpRequest<'a> {
-    /// The parsed head.
-    pub head: &'a RequestHead,
-    /// The body (`Content-Length` bytes, at most 64 KiB).
-    pub body: &'a [u8],
-    /// The TCP peer.
-    pub peer: SocketAddr,
-    /// The client's address (the peer, or `X-Forwarded-For` from a trusted proxy).
-    pub client_ip: std::net::IpAddr,
-    /// The request id echoed in `X-Request-Id` (the caller's if sane, else generated).
-    pub request_id: &'a str,
-}
-
-/// The answer to an [`HttpRequest`]. `Content-Length`, `Connection` and `X-Request-Id` are added
-/// by the engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpResponse {
-    /// Status code.
-    pub status: u16,
-    /// Headers.
-    pub headers: Vec<(&'static str, String)>,
-    /// Body.
-    pub body: Vec<u8>,
-}
-
-/// What a route answers: at once, or later from another thread.
-#[derive(Debug)]
-pub enum Routed {
-    /// The answer.
-    Now(HttpResponse),
-    /// Work handed to a blocking pool; the engine awaits it (bounded) without blocking the shard.
-    Later(PendingResponse),
-}
-
-impl From<HttpResponse> for Routed {
-    fn from(response: HttpResponse) -> Self {
-        Self::Now(response)
-    }
-}
-
-/// The server's route table. Called on a shard: must answer without blocking; slow work goes
-/// to a blocking pool and comes back as [`Routed::Later`].
-pub trait HttpRoutes: Send + Sync + 'static {
-    /// Answers one request.
-    fn handle(&self, request: &HttpRequest<'_>) -> Routed;
-}
-
-/// Wall-clock milliseconds since the Unix epoch (the protocol's time unit).
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Microseconds on a monotonic clock since the first call (for short intervals only).
-pub(crate) fn monotonic_us() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let start = START.get_or_init(std::time::Instant::now);
-    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
-}
-
-/// Milliseconds on the monotonic clock of [`monotonic_us`] in 32 bits: it wraps every 49 days, so
-/// only differences of recent times are meaningful (`wrapping_sub`).
-pub(crate) fn monotonic_ms32() -> u32 {
-    u32::try_from((monotonic_us() / 1000) & u64::from(u32::MAX)).unwrap_or_default()
-}
-
-/// Yields once to the shard's other tasks.
-pub(crate) fn yield_now() -> impl Future<Output = ()> {
-    struct YieldNow(bool);
-    impl Future for YieldNow {
-        type Output = ();
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            if self.0 {
-                return Poll::Ready(());
-            }
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    }
-    YieldNow(false)
-}
 
 /// A running engine.
 pub struct Engine {

@@ -4,611 +4,26 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use monoio::net::TcpStream;
-
+use protocol::CloseCode;
 use protocol::compression::{Compressor, DEFAULT_LEVEL, Decompressor};
-use protocol::envelope::{PresenceEntry, RoomId, Value};
-use protocol::{CloseCode, ErrorCode};
+use protocol::envelope::RoomId;
 
-use crate::auth::Authenticator;
-use crate::config::EngineConfig;
+use crate::clock::now_ms;
 use crate::conn::{Conn, ConnId, shard_of};
-use crate::frames::{FrameKey, Frames};
-use crate::history::{EvictionOrder, HistoryLedger, StoredMessage};
-use crate::home::{HomeRoom, Recovery, ResumeFrom};
-use crate::limits::Bucket;
-use crate::mailbox::Mailbox;
-use crate::metrics::Metrics;
-use crate::rooms::{Answer, Countdown, RoomPolicy, RoomSettings};
+use crate::frames::Delivery;
+use crate::msg::{Reply, ShardMsg};
+use crate::room::{RoomCore, RoomRules};
+use crate::shared::Shared;
 use crate::sys::ReadySet;
-use crate::{HttpRoutes, now_ms};
-
-/// A message between shards.
-pub(crate) enum ShardMsg {
-    /// To a room's home: count a connection in.
-    Join {
-        room: RoomId,
-        conn: ConnId,
-        user: Arc<str>,
-        name: Arc<str>,
-        key: FrameKey,
-        id: Option<u64>,
-        initial: bool,
-        already: bool,
-        resume: Option<ResumeFrom>,
-        /// A persistent room's settings (None for ephemeral and personal rooms).
-        settings: Option<RoomSettings>,
-    },
-    /// To a room's home: count a connection out.
-    Leave {
-        room: RoomId,
-        conn: ConnId,
-        user: Arc<str>,
-        name: Arc<str>,
-        key: FrameKey,
-    },
-    /// To a room's home: sequence and fan out.
-    Publish {
-        room: RoomId,
-        conn: ConnId,
-        user: Arc<str>,
-        name: Arc<str>,
-        data: Value,
-        id: Option<u64>,
-    },
-    /// To a room's home.
-    PresenceQuery {
-        room: RoomId,
-        conn: ConnId,
-        id: Option<u64>,
-    },
-    /// To a room's home.
-    HistoryQuery {
-        room: RoomId,
-        conn: ConnId,
-        id: Option<u64>,
-        since: u64,
-        limit: u64,
-    },
-    /// To a connection's shard: the join was counted.
-    Joined(Box<Joined>),
-    /// To a connection's shard: the join was refused.
-    JoinFailed {
-        room: RoomId,
-        conn: ConnId,
-        id: Option<u64>,
-        initial: bool,
-        code: ErrorCode,
-        message: &'static str,
-    },
-    /// To every shard with members: a message or presence diff for a room.
-    Deliver(Arc<Delivery>),
-    /// To a connection's shard: an answer to one request.
-    Reply { conn: ConnId, reply: Reply },
-    /// To a connection's shard: close it.
-    Close { conn: ConnId, code: CloseCode },
-    /// To every shard: close the connections of a user (of one session only, when given).
-    CloseAuthorized {
-        user: Arc<str>,
-        session: Option<Arc<str>>,
-        code: CloseCode,
-    },
-    /// To every shard: remove the connections of `user` (every user when None) from `room` and
-    /// send them `kicked`.
-    Kick {
-        room: RoomId,
-        user: Option<Arc<str>>,
-        reason: &'static str,
-        done: Arc<Countdown>,
-    },
-    /// To every shard: ask the policy again for every connection in `room` (its permission
-    /// changed); those denied are kicked, the publish right of the others is updated.
-    Reauthorize { room: RoomId, done: Arc<Countdown> },
-    /// To every shard: ask the policy again for every room each connection of `user` holds (the
-    /// user lost the admin role).
-    ReauthorizeUser {
-        user: Arc<str>,
-        done: Arc<Countdown>,
-    },
-    /// To a room's home: forget the room (deleted), history included.
-    DropRoom { room: RoomId, done: Arc<Countdown> },
-    /// To a room's home: a publish from outside a connection (the HTTP API).
-    PublishExternal {
-        room: RoomId,
-        user: Arc<str>,
-        name: Arc<str>,
-        data: Value,
-        settings: Option<RoomSettings>,
-        answer: Arc<Answer<Result<u64, ErrorCode>>>,
-    },
-    /// To a room's home: its presence, for the HTTP API.
-    PresenceExternal {
-        room: RoomId,
-        answer: Arc<Answer<Vec<PresenceEntry>>>,
-    },
-    /// Stop accepting, close every connection with 1001, exit.
-    Shutdown,
-}
-
-/// A counted join, answered to the connection's shard.
-pub(crate) struct Joined {
-    pub(crate) room: RoomId,
-    pub(crate) conn: ConnId,
-    pub(crate) id: Option<u64>,
-    pub(crate) initial: bool,
-    /// The room's `seq` when the join was counted.
-    pub(crate) seq: u64,
-    pub(crate) epoch: Arc<str>,
-    pub(crate) presence: Vec<PresenceEntry>,
-    /// For a join made by `resume`: the missed messages, or that they are lost.
-    pub(crate) recovery: Option<Recovery>,
-}
-
-/// A room's frames for every wire format in use.
-pub(crate) struct Delivery {
-    pub(crate) room: RoomId,
-    pub(crate) frames: Frames,
-    /// A presence diff: shed for connections already falling behind (SPEC §6).
-    pub(crate) sheddable: bool,
-}
-
-/// An answer computed on a room's home, encoded on the connection's shard in its format.
-pub(crate) enum Reply {
-    Published {
-        id: Option<u64>,
-        seq: u64,
-    },
-    Presence {
-        id: Option<u64>,
-        presence: Vec<PresenceEntry>,
-    },
-    History {
-        id: Option<u64>,
-        messages: Vec<Arc<StoredMessage>>,
-        epoch: Arc<str>,
-    },
-    Error {
-        id: Option<u64>,
-        code: ErrorCode,
-        message: &'static str,
-    },
-}
-
-/// Connect-time bookkeeping of one IP group ([`crate::net::ip_group`]): its admitted
-/// WebSockets, its connections not yet authenticated, and its connect-rate bucket. An entry that
-/// says nothing a new one would not (no connection, a full bucket) is dropped by [`Shared::sweep_ips`]
-/// or when its last connection ends.
-#[derive(Debug)]
-struct IpState {
-    conns: u32,
-    pending: u32,
-    bucket: Bucket,
-}
-
-impl IpState {
-    fn new(spec: &crate::config::RateSpec, now_ms: u64) -> Self {
-        Self {
-            conns: 0,
-            pending: 0,
-            bucket: Bucket::new(spec, now_ms),
-        }
-    }
-
-    fn is_idle(&self, spec: &crate::config::RateSpec, now_ms: u64) -> bool {
-        self.conns == 0 && self.pending == 0 && self.bucket.is_full(spec, now_ms)
-    }
-}
-
-/// A connection counted against `max_pending_per_ip` until it becomes an authenticated WebSocket
-/// (or ends): dropping the slot gives it back.
-pub(crate) struct PendingSlot {
-    shared: Arc<Shared>,
-    group: IpAddr,
-}
-
-impl Drop for PendingSlot {
-    fn drop(&mut self) {
-        self.shared.pending_leave(self.group);
-    }
-}
-
-const STRIPES: usize = 16;
-
-/// State every shard reads: configuration, services, mailboxes, and the connect-time maps
-/// (per-user and per-IP connection counts). The maps are striped mutexes touched at connect and
-/// disconnect, and by a personal room's home (which learns its owner's connections there), never
-/// per message of any other room.
-pub(crate) struct Shared {
-    pub(crate) config: EngineConfig,
-    pub(crate) auth: Arc<dyn Authenticator>,
-    pub(crate) routes: Arc<dyn HttpRoutes>,
-    pub(crate) policy: Arc<dyn RoomPolicy>,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) mailboxes: Vec<Mailbox<ShardMsg>>,
-    users: Vec<Mutex<HashMap<Arc<str>, UserConns>>>,
-    ips: Vec<Mutex<HashMap<IpAddr, IpState>>>,
-    /// Closed sessions that may be resumed: session → (user, expiry in ms).
-    resumable: Vec<Mutex<ResumableSessions>>,
-    pub(crate) shutting_down: AtomicBool,
-    /// Distinguishes room epochs across restarts of this process.
-    pub(crate) instance: String,
-    pub(crate) epoch_counter: AtomicU64,
-}
-
-/// One user's live connections (oldest first) and name. Most users hold one connection, kept in
-/// the map's slot itself (24 bytes, no allocation); more move to a box.
-enum UserConns {
-    One { conn: ConnId, name: Arc<str> },
-    Many(Box<ManyConns>),
-}
-
-struct ManyConns {
-    name: Arc<str>,
-    conns: Vec<ConnId>,
-}
-
-impl UserConns {
-    fn name(&self) -> &Arc<str> {
-        match self {
-            Self::One { name, .. } => name,
-            Self::Many(many) => &many.name,
-        }
-    }
-
-    fn conns(&self) -> &[ConnId] {
-        match self {
-            Self::One { conn, .. } => std::slice::from_ref(conn),
-            Self::Many(many) => &many.conns,
-        }
-    }
-
-    fn push(&mut self, conn: ConnId) {
-        match self {
-            Self::One { conn: first, name } => {
-                *self = Self::Many(Box::new(ManyConns {
-                    name: name.clone(),
-                    conns: vec![*first, conn],
-                }));
-            }
-            Self::Many(many) => many.conns.push(conn),
-        }
-    }
-
-    /// Removes `conn`; true when no connection is left.
-    fn remove(&mut self, conn: ConnId) -> bool {
-        match self {
-            Self::One { conn: only, .. } => *only == conn,
-            Self::Many(many) => {
-                many.conns.retain(|c| *c != conn);
-                match many.conns.as_slice() {
-                    [] => true,
-                    [last] => {
-                        *self = Self::One {
-                            conn: *last,
-                            name: many.name.clone(),
-                        };
-                        false
-                    }
-                    _ => false,
-                }
-            }
-        }
-    }
-}
-
-/// A connected user as its personal room's home sees it (SPEC §5: the owner is always in the
-/// room while connected, so the home keeps no count of its own for the owner).
-pub(crate) struct OnlineUser {
-    pub(crate) name: Arc<str>,
-    pub(crate) conns: u32,
-    /// The shards holding its connections, ascending, without repeats.
-    pub(crate) shards: Vec<usize>,
-}
-
-/// Closed sessions that may be resumed: session id → (user id, expiry in epoch ms).
-type ResumableSessions = HashMap<Box<str>, (Arc<str>, u64)>;
-
-/// Why a connect was refused by the caps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CapRefusal {
-    TooManyForIp,
-    TooManyForUser,
-}
-
-/// A hash that is the same on every shard and every run (SipHash with fixed keys).
-fn hash<T: std::hash::Hash + ?Sized>(key: &T) -> usize {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
-    // The high half is well mixed and fits `usize` everywhere.
-    usize::try_from(h >> 32).unwrap_or_default()
-}
-
-fn stripe<T: std::hash::Hash + ?Sized>(key: &T) -> usize {
-    hash(key) % STRIPES
-}
-
-impl Shared {
-    pub(crate) fn new(
-        config: EngineConfig,
-        auth: Arc<dyn Authenticator>,
-        routes: Arc<dyn HttpRoutes>,
-        policy: Arc<dyn RoomPolicy>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let shards = config.shards;
-        let time = now_ms().to_le_bytes();
-        let pid = std::process::id().to_le_bytes();
-        let nonce: [u8; 6] = std::array::from_fn(|i| time[i] ^ pid[i % 4]);
-        Self {
-            config,
-            auth,
-            routes,
-            policy,
-            metrics,
-            mailboxes: (0..shards).map(|_| Mailbox::new()).collect(),
-            users: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
-            ips: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
-            resumable: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
-            shutting_down: AtomicBool::new(false),
-            instance: nonce.iter().map(|b| format!("{b:02x}")).collect(),
-            epoch_counter: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn send(&self, shard: usize, msg: ShardMsg) {
-        if let Some(mailbox) = self.mailboxes.get(shard) {
-            self.metrics.queue_depth(shard, 1);
-            mailbox.push(msg);
-        }
-    }
-
-    /// The shard that sequences `room` (its "home"): a fixed hash of the id.
-    pub(crate) fn home_of(&self, room: &RoomId) -> usize {
-        hash(room.as_str()) % self.config.shards
-    }
-
-    /// Runs `f` on the stripe of the per-IP table that holds `group`, keeping the entries gauge.
-    fn with_ips<R>(&self, group: IpAddr, f: impl FnOnce(&mut HashMap<IpAddr, IpState>) -> R) -> R {
-        let mut ips = self.ips[stripe(&group)]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let before = ips.len();
-        let result = f(&mut ips);
-        self.count_ip_entries(before, ips.len());
-        result
-    }
-
-    fn count_ip_entries(&self, before: usize, after: usize) {
-        let delta = i64::try_from(after).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(0);
-        if delta != 0 {
-            self.metrics.ip_entries.fetch_add(delta, Ordering::Relaxed);
-        }
-    }
-
-    /// Counts a connection from `ip` that is not yet an authenticated WebSocket; `None` when its
-    /// group already has `max_pending_per_ip` of them.
-    pub(crate) fn pending_enter(self: &Arc<Self>, ip: IpAddr) -> Option<PendingSlot> {
-        let group = crate::net::ip_group(ip);
-        let spec = &self.config.connect_per_ip;
-        let max = self.config.max_pending_per_ip;
-        let admitted = self.with_ips(group, |ips| {
-            let state = ips
-                .entry(group)
-                .or_insert_with(|| IpState::new(spec, now_ms()));
-            if state.pending >= max {
-                return false;
-            }
-            state.pending += 1;
-            true
-        });
-        if !admitted {
-            return None;
-        }
-        self.metrics
-            .pending_connections
-            .fetch_add(1, Ordering::Relaxed);
-        Some(PendingSlot {
-            shared: self.clone(),
-            group,
-        })
-    }
-
-    fn pending_leave(&self, group: IpAddr) {
-        let spec = &self.config.connect_per_ip;
-        self.metrics
-            .pending_connections
-            .fetch_sub(1, Ordering::Relaxed);
-        self.with_ips(group, |ips| {
-            if let Some(state) = ips.get_mut(&group) {
-                state.pending = state.pending.saturating_sub(1);
-                if state.is_idle(spec, now_ms()) {
-                    ips.remove(&group);
-                }
-            }
-        });
-    }
-
-    /// Drops the entries of one stripe of the per-IP table that carry nothing (no connection, a
-    /// full bucket): a refused upgrade leaves its spent bucket behind until it has refilled.
-    pub(crate) fn sweep_ips(&self, stripe_index: usize) {
-        let spec = &self.config.connect_per_ip;
-        let now = now_ms();
-        if let Some(ips) = self.ips.get(stripe_index % STRIPES) {
-            let mut ips = ips
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let before = ips.len();
-            ips.retain(|_, state| !state.is_idle(spec, now));
-            self.count_ip_entries(before, ips.len());
-        }
-    }
-
-    /// The connect-rate check of SPEC §9 (before anything else at upgrade).
-    pub(crate) fn check_connect_rate(&self, ip: IpAddr) -> bool {
-        let now = now_ms();
-        let group = crate::net::ip_group(ip);
-        let spec = &self.config.connect_per_ip;
-        self.with_ips(group, |ips| {
-            let state = ips.entry(group).or_insert_with(|| IpState::new(spec, now));
-            state.bucket.attempt(spec, now) == crate::limits::Verdict::Allow
-        })
-    }
-
-    /// Counts a new connection against the per-IP and per-user caps. Returns the connection to
-    /// replace (close with 4509) under `close_oldest`.
-    pub(crate) fn admit(
-        &self,
-        ip: IpAddr,
-        user: &Arc<str>,
-        name: &Arc<str>,
-        conn: ConnId,
-    ) -> Result<Option<ConnId>, CapRefusal> {
-        let group = crate::net::ip_group(ip);
-        let spec = &self.config.connect_per_ip;
-        let max_per_ip = self.config.max_connections_per_ip;
-        self.with_ips(group, |ips| {
-            let state = ips
-                .entry(group)
-                .or_insert_with(|| IpState::new(spec, now_ms()));
-            if state.conns >= max_per_ip {
-                return Err(CapRefusal::TooManyForIp);
-            }
-            state.conns += 1;
-            Ok(())
-        })?;
-        let mut users = self.users[stripe(&**user)]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let held = users.get(user).map_or(0, |e| e.conns().len());
-        let mut replaced = None;
-        if held >= self.config.max_connections_per_user as usize {
-            match self.config.session_conflict {
-                crate::config::ConflictPolicy::RejectNew => {
-                    drop(users);
-                    self.release_ip(ip);
-                    return Err(CapRefusal::TooManyForUser);
-                }
-                crate::config::ConflictPolicy::CloseOldest => {
-                    if let Some(entry) = users.get_mut(user) {
-                        let oldest = entry.conns()[0];
-                        replaced = Some(oldest);
-                        if entry.remove(oldest) {
-                            users.remove(user);
-                        }
-                    }
-                }
-            }
-        }
-        match users.get_mut(user) {
-            Some(entry) => entry.push(conn),
-            None => {
-                users.insert(
-                    user.clone(),
-                    UserConns::One {
-                        conn,
-                        name: name.clone(),
-                    },
-                );
-            }
-        }
-        Ok(replaced)
-    }
-
-    fn release_ip(&self, ip: IpAddr) {
-        let group = crate::net::ip_group(ip);
-        let spec = &self.config.connect_per_ip;
-        self.with_ips(group, |ips| {
-            if let Some(state) = ips.get_mut(&group) {
-                state.conns = state.conns.saturating_sub(1);
-                if state.is_idle(spec, now_ms()) {
-                    ips.remove(&group);
-                }
-            }
-        });
-    }
-
-    /// Undoes [`Shared::admit`] when a connection ends.
-    pub(crate) fn release(&self, ip: IpAddr, user: &Arc<str>, conn: ConnId) {
-        self.release_ip(ip);
-        let mut users = self.users[stripe(&**user)]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if users.get_mut(user).is_some_and(|entry| entry.remove(conn)) {
-            users.remove(user);
-        }
-    }
-
-    /// `user`'s live connections (oldest first).
-    pub(crate) fn user_conns(&self, user: &str) -> Vec<ConnId> {
-        let users = self.users[stripe(user)]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        users
-            .get(user)
-            .map(|e| e.conns().to_vec())
-            .unwrap_or_default()
-    }
-
-    /// `user`'s live connections, for its personal room's home; None when it has none.
-    pub(crate) fn online_user(&self, user: &str) -> Option<OnlineUser> {
-        let users = self.users[stripe(user)]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = users.get(user)?;
-        let mut shards: Vec<usize> = entry.conns().iter().map(|c| shard_of(*c)).collect();
-        shards.sort_unstable();
-        shards.dedup();
-        Some(OnlineUser {
-            name: entry.name().clone(),
-            conns: u32::try_from(entry.conns().len()).unwrap_or(u32::MAX),
-            shards,
-        })
-    }
-
-    /// Remembers a closed session for `resume_ttl`.
-    pub(crate) fn store_resumable(&self, session: &str, user: &Arc<str>) {
-        let now = now_ms();
-        let ttl = u64::try_from(self.config.resume_ttl.as_millis()).unwrap_or(u64::MAX);
-        let mut map = self.resumable[stripe(session)]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if map.len() >= 1024 {
-            map.retain(|_, (_, expires)| *expires > now);
-        }
-        map.insert(session.into(), (user.clone(), now.saturating_add(ttl)));
-    }
-
-    /// Takes a resumable session: true when it exists, is unexpired and belongs to `user`.
-    pub(crate) fn take_resumable(&self, session: &str, user: &str) -> bool {
-        let mut map = self.resumable[stripe(session)]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match map.get(session) {
-            Some((owner, expires)) if **owner == *user && *expires > now_ms() => {
-                map.remove(session);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// A fresh epoch number, named by [`Shared::epoch_name`].
-    pub(crate) fn new_epoch(&self) -> u64 {
-        self.epoch_counter.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// An epoch as clients see it: this process's instance, then the number in hex. Rooms keep
-    /// the number and name it only in replies (every idle room would carry the string).
-    pub(crate) fn epoch_name(&self, epoch: u64) -> Arc<str> {
-        Arc::from(format!("{}{epoch:x}", self.instance))
-    }
-}
 
 /// One shard's own state.
 pub(crate) struct Shard {
@@ -616,27 +31,21 @@ pub(crate) struct Shard {
     pub(crate) shared: Arc<Shared>,
     pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
     pub(crate) local_rooms: RefCell<HashMap<RoomId, Vec<Rc<Conn>>>>,
-    /// Boxed: the map holds thousands of (personal) rooms, and its spare buckets stay small.
-    pub(crate) home: RefCell<HashMap<RoomId, Box<HomeRoom>>>,
-    /// The bytes the histories of the rooms homed here hold.
-    pub(crate) history_ledger: Rc<HistoryLedger>,
-    /// Those rooms by their oldest kept message (TTL and byte budget drop from there).
-    pub(crate) eviction: RefCell<EvictionOrder>,
-    history_generation: Cell<u64>,
-    pub(crate) presence_dirty: RefCell<Vec<RoomId>>,
+    /// The rooms homed here (see [`crate::home`]).
+    pub(crate) rooms: RefCell<RoomCore>,
     next_conn: Cell<u64>,
     pub(crate) compressor: RefCell<Compressor>,
     pub(crate) decompressor: RefCell<Decompressor>,
     buffers: RefCell<Vec<Vec<u8>>>,
     pub(crate) stopping: Cell<bool>,
     pub(crate) stop_waker: RefCell<Option<std::task::Waker>>,
-    /// Messages to send once due ([`crate::monotonic_us`]), oldest first: the leaves of
+    /// Messages to send once due ([`crate::clock::monotonic_us`]), oldest first: the leaves of
     /// connections dropped abnormally, held for presence's grace (SPEC §6). Sent by [`ticker`].
     pub(crate) delayed: RefCell<std::collections::VecDeque<(u64, usize, ShardMsg)>>,
     /// Connections with frames queued since the last flush, for [`flusher`].
     to_flush: RefCell<Vec<Rc<Conn>>>,
     /// Connections whose flush waits for the write delay, with when it is due
-    /// ([`crate::monotonic_us`]); sent by [`deferred_flusher`].
+    /// ([`crate::clock::monotonic_us`]); sent by [`deferred_flusher`].
     deferred: RefCell<std::collections::VecDeque<(u64, Rc<Conn>)>>,
     deferred_waker: RefCell<Option<std::task::Waker>>,
     /// The write delay that this shard's load calls for now (see [`Self::probe_load`]), in µs.
@@ -655,16 +64,17 @@ const POOLED_BUFFERS: usize = 32;
 impl Shard {
     pub(crate) fn new(id: usize, shared: Arc<Shared>) -> std::io::Result<Self> {
         let zstd = |e: protocol::compression::ZstdError| std::io::Error::other(e.to_string());
+        let rooms = RoomCore::new(
+            id,
+            RoomRules::of(&shared.config),
+            Arc::from(shared.instance.as_str()),
+        );
         Ok(Self {
             id,
             shared,
             conns: RefCell::new(HashMap::new()),
             local_rooms: RefCell::new(HashMap::new()),
-            home: RefCell::new(HashMap::new()),
-            history_ledger: Rc::new(HistoryLedger::default()),
-            eviction: RefCell::new(EvictionOrder::default()),
-            history_generation: Cell::new(0),
-            presence_dirty: RefCell::new(Vec::new()),
+            rooms: RefCell::new(rooms),
             delayed: RefCell::new(std::collections::VecDeque::new()),
             to_flush: RefCell::new(Vec::new()),
             deferred: RefCell::new(std::collections::VecDeque::new()),
@@ -680,13 +90,6 @@ impl Shard {
             stop_waker: RefCell::new(None),
             ready_set: ReadySet::new()?,
         })
-    }
-
-    /// A number no other room history of this shard had.
-    pub(crate) fn next_history_generation(&self) -> u64 {
-        let n = self.history_generation.get();
-        self.history_generation.set(n + 1);
-        n
     }
 
     pub(crate) fn next_conn_id(&self) -> ConnId {
@@ -770,7 +173,7 @@ impl Shard {
             .deferred_flushes
             .fetch_add(1, Ordering::Relaxed);
         let mut deferred = self.deferred.borrow_mut();
-        deferred.push_back((crate::monotonic_us() + wait_us, conn));
+        deferred.push_back((crate::clock::monotonic_us() + wait_us, conn));
         if deferred.len() == 1
             && let Some(waker) = self.deferred_waker.borrow_mut().take()
         {
@@ -795,7 +198,7 @@ impl Shard {
         if max == 0 {
             return;
         }
-        let now = crate::monotonic_us();
+        let now = crate::clock::monotonic_us();
         let mut probe = self.load.borrow_mut();
         let elapsed = now.saturating_sub(probe.at_us);
         if elapsed < LOAD_PROBE_US {
@@ -845,29 +248,7 @@ impl Shard {
     /// Handles one message from a mailbox.
     pub(crate) fn handle(self: &Rc<Self>, msg: ShardMsg) {
         match msg {
-            ShardMsg::Join {
-                room,
-                conn,
-                user,
-                name,
-                key,
-                id,
-                initial,
-                already,
-                resume,
-                settings,
-            } => {
-                let request = crate::home::JoinRequest {
-                    resume,
-                    conn,
-                    key,
-                    id,
-                    initial,
-                    already,
-                    settings,
-                };
-                crate::home::join(self, &room, &user, &name, request);
-            }
+            ShardMsg::Join(join) => crate::home::join(self, join),
             ShardMsg::Leave {
                 room,
                 conn,
@@ -1122,7 +503,7 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
             if conn.closing.get().is_some() || !conn.ready.get() {
                 continue;
             }
-            let mono = crate::monotonic_ms32();
+            let mono = crate::clock::monotonic_ms32();
             if u64::from(mono.wrapping_sub(conn.last_seen_ms.get())) > idle_limit {
                 conn.close(&shard, CloseCode::IDLE_TIMEOUT);
                 continue;
@@ -1161,15 +542,12 @@ pub(crate) async fn flusher(shard: Rc<Shard>) {
     struct Listed<'a>(&'a Shard);
     impl Future for Listed<'_> {
         type Output = ();
-        fn poll(
-            self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<()> {
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
             if self.0.to_flush.borrow().is_empty() {
                 *self.0.flusher_waker.borrow_mut() = Some(cx.waker().clone());
-                std::task::Poll::Pending
+                Poll::Pending
             } else {
-                std::task::Poll::Ready(())
+                Poll::Ready(())
             }
         }
     }
@@ -1190,13 +568,13 @@ pub(crate) async fn deferred_flusher(shard: Rc<Shard>) {
         std::future::poll_fn(|cx| {
             if shard.deferred.borrow().is_empty() {
                 *shard.deferred_waker.borrow_mut() = Some(cx.waker().clone());
-                std::task::Poll::Pending
+                Poll::Pending
             } else {
-                std::task::Poll::Ready(())
+                Poll::Ready(())
             }
         })
         .await;
-        let now = crate::monotonic_us();
+        let now = crate::clock::monotonic_us();
         let front = shard.deferred.borrow().front().map(|(due, _)| *due);
         if let Some(due) = front
             && due > now
@@ -1275,7 +653,7 @@ impl LoadProbe {
 
 /// Sends the delayed messages that are due (they were queued with one fixed delay, so in order).
 fn send_due(shard: &Rc<Shard>) {
-    let now = crate::monotonic_us();
+    let now = crate::clock::monotonic_us();
     loop {
         let next = {
             let mut delayed = shard.delayed.borrow_mut();
@@ -1310,7 +688,7 @@ pub(crate) async fn reader(shard: Rc<Shard>) {
                 break;
             }
             // A long burst: let writers and the mailbox run between batches.
-            crate::yield_now().await;
+            yield_now().await;
         }
     }
 }
@@ -1328,7 +706,7 @@ pub(crate) async fn dispatcher(shard: Rc<Shard>) {
             if handled % 256 == 0 {
                 shard.shared.metrics.queue_depth(shard.id, -256);
                 handled = 0;
-                crate::yield_now().await;
+                yield_now().await;
             }
         }
         shard.shared.metrics.queue_depth(shard.id, -handled);
@@ -1336,6 +714,23 @@ pub(crate) async fn dispatcher(shard: Rc<Shard>) {
             return;
         }
     }
+}
+
+/// Yields once to the shard's other tasks.
+pub(crate) fn yield_now() -> impl Future<Output = ()> {
+    struct YieldNow(bool);
+    impl Future for YieldNow {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            if self.0 {
+                return Poll::Ready(());
+            }
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+    YieldNow(false)
 }
 
 #[cfg(test)]
@@ -1381,24 +776,5 @@ mod tests {
         }
         let second = probe.read_demand_ns().expect("read again");
         assert!(second >= first + 10_000_000, "{first} then {second}");
-    }
-
-    #[test]
-    fn a_user_with_one_connection_fits_a_map_slot_and_more_move_to_a_box() {
-        assert_eq!(size_of::<UserConns>(), 24);
-        let mut entry = UserConns::One {
-            conn: 1,
-            name: Arc::from("ann"),
-        };
-        entry.push(2);
-        entry.push(3);
-        assert!(matches!(entry, UserConns::Many(_)));
-        assert_eq!(entry.conns(), [1, 2, 3]);
-        assert!(!entry.remove(1));
-        assert!(!entry.remove(9));
-        assert!(!entry.remove(3));
-        assert!(matches!(entry, UserConns::One { conn: 2, .. }));
-        assert_eq!(&**entry.name(), "ann");
-        assert!(entry.remove(2));
     }
 }

@@ -61,7 +61,7 @@ pub(crate) async fn handshake(
     let mut decoder = MessageDecoder::new();
     let mut pending: Vec<u8> = Vec::new();
     let wait_ms = u64::try_from(cfg.http_head_timeout.as_millis()).unwrap_or(10_000);
-    let deadline = crate::now_ms() + wait_ms;
+    let deadline = crate::clock::now_ms() + wait_ms;
     loop {
         // Parse what we have.
         let mut offset = 0;
@@ -112,7 +112,7 @@ pub(crate) async fn handshake(
             }
         }
         pending.drain(..offset);
-        let remaining = deadline.saturating_sub(crate::now_ms());
+        let remaining = deadline.saturating_sub(crate::clock::now_ms());
         if remaining == 0 || pending.len() > MAX_BEFORE_CONNECT {
             return None;
         }

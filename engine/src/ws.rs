@@ -14,35 +14,21 @@ use protocol::envelope::{
     encode_history_reply,
 };
 use protocol::socketio::{self, AckPayload};
-use protocol::ws::{self, Message, MessageDecoder, Subprotocol};
+use protocol::ws::{self, Message, MessageDecoder};
 use protocol::{CloseCode, ErrorCode};
 
 use crate::auth::Identity;
+use crate::clock::now_ms;
 use crate::conn::{Conn, ConnId, ConnParts, HeldPublish, Membership, PartialRead};
-use crate::frames::{FrameKey, encode_native, frame_payload, socketio_frame};
-use crate::history::StoredMessage;
-use crate::home::{Recovery, ResumeFrom};
+use crate::frames::{Dialect, FrameKey, encode_native, frame_payload, socketio_frame};
+use crate::home::JoinMsg;
 use crate::limits::{Bucket, Verdict};
-use crate::now_ms;
+use crate::msg::{Joined, Reply, ShardMsg};
+use crate::room::history::StoredMessage;
+use crate::room::{Recovery, ResumeFrom};
 use crate::rooms::RoomAccess;
-use crate::shard::{Joined, Reply, Shard, ShardMsg};
+use crate::shard::Shard;
 use crate::sys;
-
-/// How a connection speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Dialect {
-    Native(Subprotocol),
-    SocketIo,
-}
-
-impl Dialect {
-    pub(crate) fn key(self) -> FrameKey {
-        match self {
-            Dialect::Native(p) => FrameKey::of(p),
-            Dialect::SocketIo => FrameKey::SocketIo,
-        }
-    }
-}
 
 /// An upgraded, authenticated, admitted connection.
 pub(crate) struct Accepted {
@@ -175,7 +161,7 @@ fn request_join_from(
         rooms.push((room.clone(), Membership::Pending));
     }
     let home = shard.shared.home_of(&room);
-    let msg = ShardMsg::Join {
+    let msg = ShardMsg::Join(JoinMsg {
         room,
         conn: conn.id,
         user: conn.user_id(),
@@ -186,7 +172,7 @@ fn request_join_from(
         already,
         resume,
         settings,
-    };
+    });
     shard.dispatch(home, msg);
 }
 
@@ -357,7 +343,7 @@ pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         .metrics
         .bytes_in
         .fetch_add(n as u64, Ordering::Relaxed);
-    conn.last_seen_ms.set(crate::monotonic_ms32());
+    conn.last_seen_ms.set(crate::clock::monotonic_ms32());
     feed(shard, conn, &mut buf[..n]);
     shard.put_buffer(buf);
     if conn.closing.get().is_some() && conn.abnormal.get() {
@@ -971,7 +957,7 @@ fn leave_room_later(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) {
 /// timer task each: a mass disconnect of 15,000 clients held 1.3 KB per dropped connection in
 /// those tasks. The ticker sends them (up to one tick late).
 fn send_later(shard: &Rc<Shard>, home: usize, msg: ShardMsg) {
-    let due = crate::monotonic_us().saturating_add(PRESENCE_GRACE_US);
+    let due = crate::clock::monotonic_us().saturating_add(PRESENCE_GRACE_US);
     shard.delayed.borrow_mut().push_back((due, home, msg));
 }
 

@@ -1,0 +1,850 @@
+//! The rooms homed on one shard, sans-IO (SPEC §4–§7): the one place where a room's `seq` is
+//! assigned, its history kept, its member count checked against `max_members`, its publish rate
+//! limited and its presence aggregated. Every join, leave and publish of a room passes here in
+//! mailbox order, which is what gives every member the same order without a lock.
+//!
+//! [`RoomCore`] is plain data: each operation takes what it needs (the time, the connected owner
+//! of a personal room, a compressor to encode with) and returns what must happen — the answer to
+//! the connection, and the frames to hand to each shard holding members. It has no runtime, no
+//! shard and no mailbox; `home` feeds it and carries its answers out. It must not read clocks,
+//! shared maps or sockets itself.
+//!
+//! A personal room (SPEC §5) holds its owner whenever the owner is connected, so its home never
+//! counts the owner: the caller says where the owner's connections are ([`OnlineUser`]), and the
+//! core keeps state for the room only once a message, a history query, a resume, an explicit join
+//! or another member (an admin) needs it. An idle user costs its home nothing.
+
+pub(crate) mod history;
+mod presence;
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use protocol::ErrorCode;
+use protocol::compression::Compressor;
+use protocol::envelope::{MessageRecord, PresenceEntry, PresenceUser, Push, RoomId, Value};
+use protocol::socketio;
+
+use crate::config::{EngineConfig, RateSpec};
+use crate::frames::{Delivery, FRAME_KEYS, FrameKey, Frames};
+use crate::limits::{Bucket, Verdict};
+use crate::rooms::RoomSettings;
+use history::{EvictionOrder, HistoryLedger, HistoryRooms, RoomBounds, RoomHistory, StoredMessage};
+use presence::{PresenceDiff, PresenceTable};
+
+/// What the room core needs of the configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct RoomRules {
+    /// Shards: a room counts its members per shard.
+    pub(crate) shards: usize,
+    /// `max_room_members`, for rooms without settings of their own.
+    pub(crate) max_room_members: u32,
+    /// Joining an unknown room creates it.
+    pub(crate) implicit_rooms: bool,
+    /// `history_size`, `history_room_bytes`, `history_ttl`.
+    pub(crate) history: RoomBounds,
+    /// This shard's share of `history_total_bytes`.
+    pub(crate) history_budget: usize,
+    /// `publish_per_room`.
+    pub(crate) publish_per_room: RateSpec,
+    /// Outbound compression threshold (zstd keys).
+    pub(crate) compression_threshold: usize,
+    /// The most a resume may recover in bytes (half of `max_queued_bytes`).
+    pub(crate) max_recovery_bytes: usize,
+}
+
+impl RoomRules {
+    /// The rules `config` sets, for one of its shards.
+    pub(crate) fn of(config: &EngineConfig) -> Self {
+        Self {
+            shards: config.shards.max(1),
+            max_room_members: config.max_room_members,
+            implicit_rooms: config.implicit_rooms,
+            history: RoomBounds {
+                max_len: config.history_size,
+                max_bytes: config.history_room_bytes,
+                ttl_ms: u64::try_from(config.history_ttl.as_millis()).unwrap_or(u64::MAX),
+            },
+            history_budget: config.history_total_bytes / config.shards.max(1),
+            publish_per_room: config.publish_per_room,
+            compression_threshold: config.compression_threshold,
+            max_recovery_bytes: config.max_queued_bytes / 2,
+        }
+    }
+}
+
+/// A connected user as its personal room's home sees it (SPEC §5: the owner is in the room while
+/// connected, so the home keeps no count of its own for the owner).
+#[derive(Debug, Clone)]
+pub(crate) struct OnlineUser {
+    pub(crate) name: Arc<str>,
+    pub(crate) conns: u32,
+    /// The shards holding its connections, ascending, without repeats.
+    pub(crate) shards: Vec<usize>,
+}
+
+/// Where a resuming client left a room (SPEC §7).
+#[derive(Debug, Clone)]
+pub(crate) struct ResumeFrom {
+    /// The last `seq` the client saw.
+    pub(crate) seq: u64,
+    /// The `epoch` it saw it in.
+    pub(crate) epoch: String,
+    /// For a room the new connection already joined: its join `seq`, past which it is already
+    /// receiving live messages (so recovery stops there: no duplicate).
+    pub(crate) upto: Option<u64>,
+    /// Whether the session was found, unexpired and of the same user.
+    pub(crate) valid: bool,
+}
+
+/// The answer to a resuming join.
+#[derive(Debug)]
+pub(crate) enum Recovery {
+    /// Every missed message, in order.
+    Recovered(Vec<Arc<StoredMessage>>),
+    /// History no longer covers the gap, or the epoch differs: the client must reload.
+    Lost,
+}
+
+/// A connection asking to be counted in a room.
+#[derive(Debug, Clone)]
+pub(crate) struct JoinRequest<'a> {
+    pub(crate) room: &'a RoomId,
+    pub(crate) user: &'a Arc<str>,
+    pub(crate) name: &'a Arc<str>,
+    /// The shard that holds the connection.
+    pub(crate) shard: usize,
+    pub(crate) key: FrameKey,
+    /// Whether the join's answer tells the client the room's presence (an explicit join).
+    pub(crate) wants_presence: bool,
+    /// The connection is already counted (a resume of a room it holds).
+    pub(crate) already: bool,
+    pub(crate) resume: Option<&'a ResumeFrom>,
+    /// A persistent room's current settings (`None` for ephemeral and personal rooms).
+    pub(crate) settings: Option<&'a RoomSettings>,
+}
+
+impl JoinRequest<'_> {
+    /// Whether [`RoomCore::join`] needs to know where a personal room's owner is connected: for
+    /// the owner's own join only when its answer names the room's state, for another user (an
+    /// admin) always; never for other rooms. Asking costs a look into a shared map, which the
+    /// initial join at every connect must not pay.
+    pub(crate) fn needs_owner(&self) -> bool {
+        match owner_of(self.room) {
+            None => false,
+            Some(owner) if owner == &**self.user => self.wants_presence || self.resume.is_some(),
+            Some(_) => true,
+        }
+    }
+}
+
+/// A counted join.
+#[derive(Debug)]
+pub(crate) struct JoinAnswer {
+    /// The room's `seq` when the join was counted.
+    pub(crate) seq: u64,
+    /// The room's epoch as clients see it (empty for a personal room with no state yet).
+    pub(crate) epoch: Arc<str>,
+    /// The room's presence, when asked for.
+    pub(crate) presence: Vec<PresenceEntry>,
+    /// For a resuming join: the missed messages, or that they are lost.
+    pub(crate) recovery: Option<Recovery>,
+}
+
+/// A join refused: the error for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refused {
+    pub(crate) code: ErrorCode,
+    pub(crate) message: &'static str,
+}
+
+const fn refused(code: ErrorCode, message: &'static str) -> Refused {
+    Refused { code, message }
+}
+
+/// Frames for every shard in `targets`.
+#[derive(Debug)]
+pub(crate) struct Fanout {
+    pub(crate) targets: Vec<usize>,
+    pub(crate) delivery: Delivery,
+}
+
+/// A message published to a room, before it has a `seq`.
+#[derive(Debug)]
+pub(crate) struct NewMessage<'a> {
+    pub(crate) room: RoomId,
+    /// The publisher's user id and name.
+    pub(crate) user: &'a Arc<str>,
+    pub(crate) name: &'a Arc<str>,
+    pub(crate) data: Value,
+}
+
+/// A message that entered a room.
+#[derive(Debug)]
+pub(crate) struct Published {
+    pub(crate) seq: u64,
+    pub(crate) fanout: Fanout,
+    /// Messages dropped from the shard's histories to keep within its byte budget.
+    pub(crate) evicted: usize,
+}
+
+/// A room as its home shard knows it.
+pub(crate) struct HomeRoom {
+    seq: u64,
+    /// Names this history's lifetime (see [`RoomCore::epoch_name`]).
+    epoch: u64,
+    members: u32,
+    max_members: u32,
+    /// Members per shard: where to deliver.
+    shard_members: Box<[u32]>,
+    /// Members per wire format: what to encode.
+    key_counts: [u32; FRAME_KEYS],
+    presence: PresenceTable,
+    /// Net presence changes since the last flush: user → (name, joined?).
+    /// Boxed, made on the first change: most rooms have none waiting, and every room carries
+    /// this field's size.
+    pending_diff: Option<Box<PresenceDiff>>,
+    /// Listed in `presence_dirty` (once, however long a flush is put off).
+    presence_listed: bool,
+    /// Ephemeral rooms vanish with their last member.
+    ephemeral: bool,
+    /// Presence diffs kept and sent (a persistent room may switch them off).
+    presence_on: bool,
+    /// History kept (a persistent room may switch it off).
+    history_on: bool,
+    /// Made on the first publish: many rooms (every idle personal room) never see one.
+    traffic: Option<Box<Traffic>>,
+}
+
+/// A room's history and publish bucket.
+struct Traffic {
+    history: RoomHistory,
+    /// Tells this room's entry in the shard's eviction order from one of an earlier room of the
+    /// same id.
+    generation: u64,
+    /// Made full on the first publish, which is what a bucket made with the room would be by
+    /// then (it refills up to its capacity).
+    publish_bucket: Bucket,
+}
+
+/// The rooms of one shard, by id. Boxed: the map holds thousands of (personal) rooms, and its
+/// spare buckets stay small.
+type Rooms = HashMap<RoomId, Box<HomeRoom>>;
+
+impl HistoryRooms for Rooms {
+    fn history_of(&mut self, room: &RoomId, generation: u64) -> Option<&mut RoomHistory> {
+        let traffic = self.get_mut(room)?.traffic.as_mut()?;
+        (traffic.generation == generation).then_some(&mut traffic.history)
+    }
+}
+
+impl HomeRoom {
+    fn new(rules: &RoomRules, epoch: u64, ephemeral: bool) -> Self {
+        Self {
+            seq: 0,
+            epoch,
+            members: 0,
+            max_members: rules.max_room_members,
+            shard_members: vec![0; rules.shards].into_boxed_slice(),
+            key_counts: [0; FRAME_KEYS],
+            presence: PresenceTable::default(),
+            pending_diff: None,
+            presence_listed: false,
+            ephemeral,
+            presence_on: true,
+            history_on: true,
+            traffic: None,
+        }
+    }
+
+    /// A persistent room's current settings (they may have changed since the last join).
+    fn apply(&mut self, settings: &RoomSettings) {
+        self.ephemeral = false;
+        self.max_members = settings.max_members;
+        self.presence_on = settings.presence;
+        self.history_on = settings.history;
+        if !settings.history
+            && let Some(traffic) = self.traffic.as_mut()
+        {
+            traffic.history.clear();
+        }
+        if !settings.presence {
+            self.pending_diff = None;
+        }
+    }
+
+    /// The shards that hold members: where a delivery goes.
+    fn member_shards(&self) -> Vec<usize> {
+        self.shard_members
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(s, _)| s)
+            .collect()
+    }
+
+    /// Records a presence change; true when the room must be listed for the next flush.
+    fn note_presence(&mut self, user: &Arc<str>, name: &Arc<str>, joined: bool) -> bool {
+        let diff = self.pending_diff.get_or_insert_default();
+        match diff.get(user) {
+            // A join and a leave within one window cancel out.
+            Some((_, was_joined)) if *was_joined != joined => {
+                diff.remove(user);
+            }
+            _ => {
+                diff.insert(user.clone(), (name.clone(), joined));
+            }
+        }
+        !std::mem::replace(&mut self.presence_listed, true)
+    }
+
+    /// The messages kept, oldest first.
+    fn history(&self) -> impl Iterator<Item = &Arc<StoredMessage>> {
+        self.traffic.iter().flat_map(|t| t.history.iter())
+    }
+
+    /// Drops what the room's bounds no longer allow at `now` (before answering from history).
+    fn prune_history(&mut self, now: u64, bounds: RoomBounds) {
+        if let Some(traffic) = self.traffic.as_mut() {
+            traffic.history.prune(bounds, now);
+        }
+    }
+}
+
+/// The owner of `room` when it is a personal room.
+pub(crate) fn owner_of(room: &RoomId) -> Option<&str> {
+    room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX)
+}
+
+/// A room's presence, sorted by user: its counted members, plus a personal room's connected owner.
+fn presence_entries(
+    home: Option<&HomeRoom>,
+    owner: Option<(&str, &OnlineUser)>,
+) -> Vec<PresenceEntry> {
+    let mut list = home.map(|h| h.presence.entries()).unwrap_or_default();
+    if let Some((user, online)) = owner {
+        list.push(PresenceEntry {
+            user: user.to_owned(),
+            name: online.name.to_string(),
+            conns: online.conns,
+        });
+        list.sort_by(|a, b| a.user.cmp(&b.user));
+    }
+    list
+}
+
+/// The rooms homed on one shard.
+pub(crate) struct RoomCore {
+    rules: RoomRules,
+    /// This process's instance: epochs are named after it, so they change with a restart.
+    instance: Arc<str>,
+    rooms: Rooms,
+    /// Epochs made here: the shard in the top 16 bits, a counter below (unique in the process).
+    next_epoch: u64,
+    /// The bytes the histories of these rooms hold.
+    ledger: Rc<HistoryLedger>,
+    /// These rooms by their oldest kept message (TTL and byte budget drop from there).
+    eviction: EvictionOrder,
+    next_generation: u64,
+    /// Rooms with presence changes waiting for the next flush (a room may be listed twice).
+    presence_dirty: Vec<RoomId>,
+}
+
+impl RoomCore {
+    /// The rooms of shard `shard` of the process instance `instance`.
+    pub(crate) fn new(shard: usize, rules: RoomRules, instance: Arc<str>) -> Self {
+        Self {
+            rules,
+            instance,
+            rooms: HashMap::new(),
+            next_epoch: (shard as u64) << 48,
+            ledger: Rc::new(HistoryLedger::default()),
+            eviction: EvictionOrder::default(),
+            next_generation: 0,
+            presence_dirty: Vec::new(),
+        }
+    }
+
+    /// A fresh epoch number (for a new room, or a history answer on an unknown room).
+    fn new_epoch(&mut self) -> u64 {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        epoch
+    }
+
+    /// An epoch as clients see it: this process's instance, then the number in hex. Rooms keep
+    /// the number and name it only in answers (every idle room would carry the string).
+    fn epoch_name(&self, epoch: u64) -> Arc<str> {
+        Arc::from(format!("{}{epoch:x}", self.instance))
+    }
+
+    fn new_room(&mut self, ephemeral: bool) -> Box<HomeRoom> {
+        let epoch = self.new_epoch();
+        Box::new(HomeRoom::new(&self.rules, epoch, ephemeral))
+    }
+
+    /// Brings up the state of personal room `room` if its owner is connected (the owner's last
+    /// leave drops it again, see [`Self::leave`]); true when the room has state afterwards.
+    fn bring_up_personal(&mut self, room: &RoomId, owner: Option<&OnlineUser>) -> bool {
+        if self.rooms.contains_key(room) {
+            return true;
+        }
+        if room.is_personal() && owner.is_some() {
+            let home = self.new_room(true);
+            self.rooms.insert(room.clone(), home);
+            return true;
+        }
+        false
+    }
+
+    /// Counts a connection into a room (SPEC §5: permissions were checked by the caller;
+    /// `max_members` and `implicit_rooms` are checked here). `owner` is the connected owner of a
+    /// personal room (`None` for other rooms).
+    pub(crate) fn join(
+        &mut self,
+        request: &JoinRequest<'_>,
+        owner: Option<&OnlineUser>,
+        now: u64,
+    ) -> Result<JoinAnswer, Refused> {
+        let room = request.room;
+        let bounds = self.rules.history;
+        if owner_of(room) == Some(&**request.user) {
+            // The owner is never counted here (see the module doc). A join whose answer tells
+            // the client the room's `seq` and `epoch` (an explicit join, a resume) brings the
+            // room up, so that they stay true; the initial join at connect does not.
+            if request.wants_presence || request.resume.is_some() {
+                self.bring_up_personal(room, owner);
+            }
+            let presence = if request.wants_presence {
+                presence_entries(
+                    self.rooms.get(room).map(|h| &**h),
+                    owner_of(room).zip(owner),
+                )
+            } else {
+                Vec::new()
+            };
+            let max_bytes = self.rules.max_recovery_bytes;
+            let epoch = self.rooms.get(room).map(|h| self.epoch_name(h.epoch));
+            return Ok(match (self.rooms.get_mut(room), epoch) {
+                (Some(home), Some(epoch)) => JoinAnswer {
+                    seq: home.seq,
+                    recovery: request
+                        .resume
+                        .map(|from| recover(home, from, &epoch, bounds, max_bytes, now)),
+                    epoch,
+                    presence,
+                },
+                // No state: nothing was ever published while the owner has been connected.
+                _ => JoinAnswer {
+                    seq: 0,
+                    epoch: Arc::from(""),
+                    presence,
+                    recovery: None,
+                },
+            });
+        }
+        if !self.rooms.contains_key(room) {
+            let open = if room.is_personal() {
+                // Another user's personal room (an admin: checked before the join was sent)
+                // exists while its owner is connected.
+                self.bring_up_personal(room, owner)
+            } else {
+                request.settings.is_some() || self.rules.implicit_rooms
+            };
+            if !open {
+                return Err(refused(ErrorCode::NotFound, "no such room"));
+            }
+            if !self.rooms.contains_key(room) {
+                let home = self.new_room(true);
+                self.rooms.insert(room.clone(), home);
+            }
+        }
+        let max_bytes = self.rules.max_recovery_bytes;
+        let instance = self.instance.clone();
+        let Some(home) = self.rooms.get_mut(room) else {
+            return Err(refused(ErrorCode::NotFound, "no such room"));
+        };
+        if let Some(settings) = request.settings {
+            home.apply(settings);
+        }
+        if !request.already {
+            if home.members >= home.max_members {
+                if home.members == 0 && home.ephemeral {
+                    self.rooms.remove(room);
+                }
+                return Err(refused(ErrorCode::RoomFull, "room is full"));
+            }
+            home.members += 1;
+            home.shard_members[request.shard] += 1;
+            home.key_counts[request.key.index()] += 1;
+            let conns = home.presence.add(request.user, request.name);
+            // A personal room has one possible member: its diffs would tell the owner only about
+            // itself, so none are sent (the `presence` query still answers).
+            if conns == 1
+                && !room.is_personal()
+                && home.presence_on
+                && home.note_presence(request.user, request.name, true)
+            {
+                self.presence_dirty.push(room.clone());
+            }
+        }
+        let epoch: Arc<str> = Arc::from(format!("{instance}{:x}", home.epoch));
+        let recovery = request
+            .resume
+            .map(|from| recover(home, from, &epoch, bounds, max_bytes, now));
+        let presence = if request.wants_presence {
+            presence_entries(Some(home), owner_of(room).zip(owner))
+        } else {
+            Vec::new()
+        };
+        Ok(JoinAnswer {
+            seq: home.seq,
+            epoch,
+            presence,
+            recovery,
+        })
+    }
+
+    /// Counts a connection out of a room. `owner_online` says whether a personal room's owner
+    /// still has a connection (its room lasts while it does); it is asked only when that decides.
+    pub(crate) fn leave(
+        &mut self,
+        room: &RoomId,
+        shard: usize,
+        user: &Arc<str>,
+        name: &Arc<str>,
+        key: FrameKey,
+        owner_online: impl FnOnce() -> bool,
+    ) {
+        let Some(home) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let owner = owner_of(room);
+        // A personal room's owner was never counted (see the module doc).
+        if owner != Some(&**user) {
+            home.members = home.members.saturating_sub(1);
+            let s = &mut home.shard_members[shard];
+            *s = s.saturating_sub(1);
+            let k = &mut home.key_counts[key.index()];
+            *k = k.saturating_sub(1);
+            if home.presence.remove(user) == Some(0)
+                && owner.is_none()
+                && home.presence_on
+                && home.note_presence(user, name, false)
+            {
+                self.presence_dirty.push(room.clone());
+            }
+        }
+        if home.members == 0 && home.ephemeral && (owner.is_none() || !owner_online()) {
+            self.rooms.remove(room);
+        }
+    }
+
+    /// Assigns the next `seq`, keeps history, and says where the message goes: the one place a
+    /// message enters a room. `owner` is a personal room's connected owner.
+    pub(crate) fn publish(
+        &mut self,
+        message: NewMessage<'_>,
+        owner: Option<&OnlineUser>,
+        now: u64,
+        compressor: &mut Compressor,
+    ) -> Result<Published, Refused> {
+        let NewMessage {
+            room,
+            user,
+            name,
+            data,
+        } = message;
+        // A personal room's owner may publish before anything brought the room up.
+        if owner.is_some() && !self.rooms.contains_key(&room) {
+            let home = self.new_room(true);
+            self.rooms.insert(room.clone(), home);
+        }
+        let generation = self.next_generation;
+        let Some(home) = self.rooms.get_mut(&room) else {
+            return Err(refused(ErrorCode::NotJoined, "not joined to this room"));
+        };
+        let rules = &self.rules;
+        let traffic = home.traffic.get_or_insert_with(|| {
+            Box::new(Traffic {
+                history: RoomHistory::new(self.ledger.clone()),
+                generation,
+                publish_bucket: Bucket::new(&rules.publish_per_room, now),
+            })
+        });
+        if traffic.generation == generation {
+            self.next_generation += 1;
+        }
+        if traffic.publish_bucket.attempt(&rules.publish_per_room, now) != Verdict::Allow {
+            return Err(refused(
+                ErrorCode::RateLimited,
+                "room publish rate exceeded",
+            ));
+        }
+        home.seq += 1;
+        let record = MessageRecord {
+            room: room.clone(),
+            seq: home.seq,
+            from: Some(user.to_string()),
+            name: name.to_string(),
+            ts: now,
+            data,
+        };
+        // The owner's connections are not counted by wire format: a personal room's message is
+        // encoded in every format (such messages are rare; an idle user costs nothing instead).
+        let in_use = if room.is_personal() {
+            [1; FRAME_KEYS]
+        } else {
+            home.key_counts
+        };
+        let keep = rules.history.max_len > 0 && home.history_on;
+        let (frames, kept) = Frames::message(
+            &record,
+            &in_use,
+            rules.compression_threshold,
+            compressor,
+            keep,
+        );
+        // The decoded value is not kept: history holds the encoded message.
+        drop(record);
+        let mut listing = None;
+        if let (Some((json, msgpack)), Some(traffic)) = (kept, home.traffic.as_mut()) {
+            let stored = StoredMessage::new(home.seq, now, json, msgpack);
+            if traffic.history.push(Arc::new(stored), rules.history, now) {
+                listing = traffic
+                    .history
+                    .oldest_ts()
+                    .map(|ts| (traffic.generation, ts));
+            }
+        }
+        let seq = home.seq;
+        let mut targets = home.member_shards();
+        if let Some(owner) = owner {
+            targets.extend(owner.shards.iter().copied());
+            targets.sort_unstable();
+            targets.dedup();
+        }
+        if let Some((generation, ts)) = listing {
+            self.eviction
+                .track(room.clone(), generation, ts, &mut self.rooms, &self.ledger);
+        }
+        let evicted = self.enforce_budget();
+        Ok(Published {
+            seq,
+            fanout: Fanout {
+                targets,
+                delivery: Delivery {
+                    room,
+                    frames,
+                    sheddable: false,
+                },
+            },
+            evicted,
+        })
+    }
+
+    /// A publish from the HTTP API: a persistent room that has no member yet is brought up here.
+    /// `Ok(None)`: a personal room whose owner is offline — the message has nobody to reach, and
+    /// there is no room to keep history in.
+    pub(crate) fn publish_external(
+        &mut self,
+        message: NewMessage<'_>,
+        settings: Option<&RoomSettings>,
+        owner: Option<&OnlineUser>,
+        now: u64,
+        compressor: &mut Compressor,
+    ) -> Result<Option<Published>, Refused> {
+        let room = message.room.clone();
+        match (self.rooms.get_mut(&room), settings) {
+            (Some(home), Some(s)) => home.apply(s),
+            (None, Some(s)) => {
+                let mut home = self.new_room(false);
+                home.apply(s);
+                self.rooms.insert(room.clone(), home);
+            }
+            (None, None) => {
+                if !self.bring_up_personal(&room, owner) {
+                    return Ok(None);
+                }
+            }
+            (Some(_), None) => {}
+        }
+        self.publish(message, owner, now, compressor).map(Some)
+    }
+
+    /// Drops the oldest messages of these rooms while past this shard's history budget; returns
+    /// how many.
+    fn enforce_budget(&mut self) -> usize {
+        let budget = self.rules.history_budget;
+        let ledger = &self.ledger;
+        if ledger.used() <= budget {
+            return 0;
+        }
+        self.eviction
+            .drop_oldest(&mut self.rooms, |_| ledger.used() > budget)
+    }
+
+    /// Drops every message older than `history_ttl`, in every room, idle or not.
+    pub(crate) fn expire_history(&mut self, now: u64) {
+        let ttl = self.rules.history.ttl_ms;
+        self.eviction
+            .drop_oldest(&mut self.rooms, |oldest| now.saturating_sub(oldest) > ttl);
+    }
+
+    /// Bytes the histories of these rooms hold.
+    pub(crate) fn history_bytes(&self) -> usize {
+        self.ledger.used()
+    }
+
+    /// A room's presence (its counted members, plus a personal room's connected `owner`).
+    pub(crate) fn presence(&self, room: &RoomId, owner: Option<&OnlineUser>) -> Vec<PresenceEntry> {
+        presence_entries(
+            self.rooms.get(room).map(|h| &**h),
+            owner_of(room).zip(owner),
+        )
+    }
+
+    /// Messages with `seq > since` (at most `limit`, oldest first) and the room's epoch; an
+    /// unknown room answers none with a fresh epoch.
+    pub(crate) fn history(
+        &mut self,
+        room: &RoomId,
+        since: u64,
+        limit: u64,
+        owner: Option<&OnlineUser>,
+        now: u64,
+    ) -> (Vec<Arc<StoredMessage>>, Arc<str>) {
+        // The answer names the epoch: a personal room is brought up so that it stays true.
+        self.bring_up_personal(room, owner);
+        let bounds = self.rules.history;
+        match self.rooms.get_mut(room) {
+            Some(home) => {
+                home.prune_history(now, bounds);
+                let messages = home
+                    .history()
+                    .filter(|m| m.seq > since)
+                    .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                    .cloned()
+                    .collect();
+                let epoch = home.epoch;
+                (messages, self.epoch_name(epoch))
+            }
+            None => {
+                let epoch = self.new_epoch();
+                (Vec::new(), self.epoch_name(epoch))
+            }
+        }
+    }
+
+    /// Forgets a deleted room. Its members were kicked first; their leaves that arrive later
+    /// find nothing and change nothing.
+    pub(crate) fn drop_room(&mut self, room: &RoomId) {
+        self.rooms.remove(room);
+    }
+
+    /// The coalesced presence diffs of the rooms with changes, as frames for their members'
+    /// shards (SPEC §6). Every room listed is flushed (and unlisted).
+    pub(crate) fn flush_presence(&mut self, compressor: &mut Compressor) -> Vec<Fanout> {
+        let dirty = std::mem::take(&mut self.presence_dirty);
+        let mut out = Vec::new();
+        let mut sent: Vec<&RoomId> = Vec::new();
+        for room in &dirty {
+            if sent.contains(&room) {
+                continue;
+            }
+            sent.push(room);
+            let Some(home) = self.rooms.get_mut(room) else {
+                continue;
+            };
+            home.presence_listed = false;
+            // `take`: an idle room keeps no table.
+            let Some(diff) = home.pending_diff.take().filter(|d| !d.is_empty()) else {
+                continue;
+            };
+            let mut joined = Vec::new();
+            let mut left = Vec::new();
+            for (user, (name, is_join)) in *diff {
+                let entry = PresenceUser {
+                    user: user.to_string(),
+                    name: name.to_string(),
+                };
+                if is_join {
+                    joined.push(entry);
+                } else {
+                    left.push(entry);
+                }
+            }
+            joined.sort_by(|a, b| a.user.cmp(&b.user));
+            left.sort_by(|a, b| a.user.cmp(&b.user));
+            let push = Push::Presence {
+                room: room.as_str(),
+                joined: &joined,
+                left: &left,
+            };
+            let frames = Frames::push(
+                &push,
+                || socketio::encode_presence_event(room.as_str(), &joined, &left),
+                &home.key_counts,
+                self.rules.compression_threshold,
+                compressor,
+            );
+            out.push(Fanout {
+                targets: home.member_shards(),
+                delivery: Delivery {
+                    room: room.clone(),
+                    frames,
+                    sheddable: true,
+                },
+            });
+        }
+        out
+    }
+
+    /// Whether presence changes wait for a flush.
+    pub(crate) fn presence_waiting(&self) -> bool {
+        !self.presence_dirty.is_empty()
+    }
+}
+
+/// The messages a resuming client missed in `home`, if history still holds all of them and,
+/// together, no more than `max_bytes` (what is recovered goes to the connection's queue at once:
+/// past half its bound it would close the connection as a slow consumer, so the client is told to
+/// reload instead).
+fn recover(
+    home: &mut HomeRoom,
+    from: &ResumeFrom,
+    epoch: &str,
+    bounds: RoomBounds,
+    max_bytes: usize,
+    now: u64,
+) -> Recovery {
+    if !from.valid || from.epoch != epoch {
+        return Recovery::Lost;
+    }
+    let first = from.seq.saturating_add(1);
+    let last = from.upto.unwrap_or(home.seq).min(home.seq);
+    if first > last {
+        return Recovery::Recovered(Vec::new());
+    }
+    home.prune_history(now, bounds);
+    match home.history().next() {
+        Some(oldest) if oldest.seq <= first => {
+            let missed: Vec<Arc<StoredMessage>> = home
+                .history()
+                .filter(|m| m.seq >= first && m.seq <= last)
+                .cloned()
+                .collect();
+            let bytes: usize = missed.iter().map(|m| m.cost()).sum();
+            if bytes > max_bytes {
+                Recovery::Lost
+            } else {
+                Recovery::Recovered(missed)
+            }
+        }
+        _ => Recovery::Lost,
+    }
+}
+
+#[cfg(test)]
+mod tests;
