@@ -1,15 +1,11 @@
-//! One live WebSocket connection's state on its shard: identity, joined rooms, rate buckets, and
-//! the bounded outbound queue with its writer. Encoded frames are copied once into the
-//! connection's outbound buffer; the shard's flush sends the whole buffer with one non-blocking
-//! `send`, and only what the kernel does not take waits in an io_uring write. Every idle
-//! connection carries this struct, so rarely used state is boxed on first use. Nothing here
-//! decodes client input (see `ws` and `sio`).
+//! One live WebSocket connection's state on its shard: identity, joined rooms, rate buckets, the
+//! partial frame of a read, and its outbound side (queued and written by [`crate::writer`]). Every
+//! idle connection carries this struct, so rarely used state is boxed on first use. Nothing here
+//! decodes client input or writes to the socket.
 
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use monoio::net::TcpStream;
 use protocol::CloseCode;
@@ -19,11 +15,8 @@ use protocol::ws;
 use crate::auth::Identity;
 use crate::frames::FrameKey;
 use crate::limits::Bucket;
-use crate::shard::Shard;
 use crate::sys::{self, Shutdown};
-
-/// First capacity of a connection's outbound buffer (it grows by doubling while frames wait).
-const FIRST_OUT_CAPACITY: usize = 512;
+use crate::writer::{Outbound, Outlet};
 
 /// A connection id: the shard in the top 16 bits, a per-shard counter below. Never reused.
 pub(crate) type ConnId = u64;
@@ -55,19 +48,10 @@ pub(crate) struct Conn {
     /// Shared by the shard's reader (non-blocking `recv`) and the writer (io_uring
     /// writes): see [`crate::sys::stream_ref`].
     stream: Rc<UnsafeCell<TcpStream>>,
-    /// Frames encoded and waiting, in order: a delivery is copied here once (no refcount per
-    /// member), and a flush writes the whole buffer. Empty with no capacity while idle.
-    out: RefCell<Vec<u8>>,
-    writing: Cell<WriteState>,
-    /// When the last write started: [`crate::clock::monotonic_us`] in 32 bits (it wraps every 71
-    /// minutes; only differences are read), for the write delay ([`Shard::write_delay_us`]).
-    last_write_us: Cell<u32>,
-    /// Set once a close has been decided; the code sent.
-    pub(crate) closing: Cell<Option<CloseCode>>,
+    /// What waits to be written, and the close decided (see [`crate::writer`]).
+    pub(crate) outbound: Outbound,
     /// Whether the peer went away without a close handshake (drives presence's 5 s delay later).
     pub(crate) abnormal: Cell<bool>,
-    /// The first frame (welcome / Socket.IO CONNECT) has been queued: writes may start.
-    pub(crate) ready: Cell<bool>,
     pub(crate) identity: RefCell<Identity>,
     pub(crate) ip: IpAddr,
     pub(crate) rooms: RefCell<Vec<(RoomId, Membership)>>,
@@ -121,28 +105,6 @@ impl Rare {
     }
 }
 
-/// Queues larger than this go to an io_uring write at once rather than a direct `send`
-/// (measured: with 4 KiB zstd messages, direct sends of large queues cut fan-out by a third).
-const DIRECT_SEND_MAX: usize = 16 * 1024;
-
-/// The most a connection's queue holds back for the write delay: past it, frames go out at the
-/// next flush (so the delay never brings a connection near its `max_queued_bytes`).
-fn hold_limit(shard: &Shard) -> usize {
-    DIRECT_SEND_MAX.min(shard.shared.config.max_queued_bytes / 4)
-}
-
-/// Where a connection's queued frames stand.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WriteState {
-    /// Nothing being written.
-    Idle,
-    /// Listed for the shard's next flush (a direct non-blocking send), or waiting in the shard's
-    /// deferred queue for the write delay to pass.
-    Listed,
-    /// An io_uring write is in flight (what the kernel did not take at once).
-    Writing,
-}
-
 /// [`Conn::personal`] while the initial join of the personal room is unanswered.
 const PERSONAL_PENDING: u64 = u64::MAX;
 /// [`Conn::personal`] of a user whose id makes no valid room id.
@@ -187,13 +149,8 @@ impl Conn {
             id: parts.id,
             key: parts.key,
             stream: parts.stream,
-            out: RefCell::new(Vec::new()),
-            writing: Cell::new(WriteState::Idle),
-            // Long enough ago that the first write is not delayed.
-            last_write_us: Cell::new(crate::clock::monotonic_us32().wrapping_sub(1 << 31)),
-            closing: Cell::new(None),
+            outbound: Outbound::default(),
             abnormal: Cell::new(false),
-            ready: Cell::new(false),
             identity: RefCell::new(parts.identity),
             ip: parts.ip,
             rooms: RefCell::new(Vec::new()),
@@ -277,8 +234,8 @@ impl Conn {
 
     /// The session id given in `welcome` (and the Socket.IO `sid`), formatted when asked for so
     /// that an idle connection does not carry the string.
-    pub(crate) fn session(&self, shard: &Shard) -> String {
-        format!("c_{}{:x}", shard.shared.instance, self.id)
+    pub(crate) fn session(&self, instance: &str) -> String {
+        format!("c_{instance}{:x}", self.id)
     }
 
     pub(crate) fn stream(&self) -> &Rc<UnsafeCell<TcpStream>> {
@@ -387,107 +344,12 @@ impl Conn {
 
     /// Bytes queued and not yet handed to the kernel.
     pub(crate) fn backlog(&self) -> usize {
-        self.out.borrow().len()
+        self.outbound.backlog()
     }
 
-    /// Queues a frame; starts the writer when the connection is ready. Past `max_queued_bytes`
-    /// the connection is a slow consumer and is closed with 4011.
-    pub(crate) fn enqueue(self: &Rc<Self>, shard: &Rc<Shard>, frame: &[u8]) {
-        if self.closing.get().is_some() {
-            return;
-        }
-        let max = shard.shared.config.max_queued_bytes;
-        if self.out.borrow().len() + frame.len() > max && self.writing.get() == WriteState::Listed {
-            // Over the bound before the flush came round (a burst handled in one go, or a queue
-            // held for the write delay): the kernel may take what waits, so it is offered first,
-            // and only what it does not take counts against the bound.
-            self.send_queued(shard);
-        }
-        {
-            let mut out = self.out.borrow_mut();
-            if out.len() + frame.len() > max {
-                drop(out);
-                self.close(shard, CloseCode::SLOW_CONSUMER);
-                return;
-            }
-            if out.capacity() == 0 {
-                // Sized to the need, not a pooled 16 KiB: a broadcast to every connection of a
-                // shard must not pin a scratch buffer per connection.
-                out.reserve(frame.len().max(FIRST_OUT_CAPACITY));
-            }
-            let limit = hold_limit(shard);
-            let below = out.len() < limit;
-            out.extend_from_slice(frame);
-            if below && out.len() >= limit && self.writing.get() == WriteState::Listed {
-                // Held for the write delay and now large: listed again, the next flush sends it
-                // (a second listing of a connection already due is harmless).
-                drop(out);
-                shard.list_for_flush(self.clone());
-                return;
-            }
-        }
-        self.kick_writer(shard);
-    }
-
-    /// Queues a frame ahead of everything else (the welcome).
-    pub(crate) fn enqueue_first(self: &Rc<Self>, shard: &Rc<Shard>, frame: &[u8]) {
-        {
-            let mut out = self.out.borrow_mut();
-            out.splice(0..0, frame.iter().copied());
-        }
-        self.kick_writer(shard);
-    }
-
-    /// Marks the connection ready (first frame queued) and starts writing.
-    pub(crate) fn set_ready(self: &Rc<Self>, shard: &Rc<Shard>) {
-        self.ready.set(true);
-        self.kick_writer(shard);
-    }
-
-    fn kick_writer(self: &Rc<Self>, shard: &Rc<Shard>) {
-        if self.ready.get()
-            && self.writing.get() == WriteState::Idle
-            && !self.out.borrow().is_empty()
-        {
-            self.writing.set(WriteState::Listed);
-            shard.list_for_flush(self.clone());
-        }
-    }
-
-    /// Starts the close handshake with `code`: queued frames are dropped for a slow consumer and
-    /// kept otherwise, the close frame goes last, then the socket's write side is shut. A peer that
-    /// does not finish the handshake within 2 s (30 s for a slow consumer) is cut off.
-    pub(crate) fn close(self: &Rc<Self>, shard: &Rc<Shard>, code: CloseCode) {
-        if self.closing.get().is_some() {
-            return;
-        }
-        self.closing.set(Some(code));
-        {
-            let mut out = self.out.borrow_mut();
-            if code == CloseCode::SLOW_CONSUMER {
-                // What waits is dropped; the buffer goes with it.
-                *out = Vec::new();
-            }
-            if self.key == FrameKey::SocketIo && code != CloseCode::SLOW_CONSUMER {
-                // Engine.IO close packet first, so that Socket.IO clients see a server disconnect.
-                ws::encode_frame(&mut out, ws::frame::TEXT, b"1");
-            }
-            ws::encode_close(&mut out, code);
-        }
-        self.ready.set(true);
-        self.kick_writer(shard);
-        // A slow consumer gets longer to drain what its kernel buffers hold and read the 4011: its
-        // queue is already dropped, so waiting costs no memory of ours.
-        let grace = if code == CloseCode::SLOW_CONSUMER {
-            Duration::from_secs(30)
-        } else {
-            Duration::from_secs(2)
-        };
-        let conn = self.clone();
-        monoio::spawn(async move {
-            monoio::time::sleep(grace).await;
-            sys::shutdown(&conn.stream, Shutdown::Both);
-        });
+    /// The close code, once a close has been decided.
+    pub(crate) fn closing(&self) -> Option<CloseCode> {
+        self.outbound.closing()
     }
 
     /// Cuts the socket at once (the reader sees EOF and cleans up).
@@ -496,103 +358,22 @@ impl Conn {
     }
 }
 
-impl Conn {
-    /// The shard's flush: sends the whole queue with one non-blocking `send`; what the kernel does
-    /// not take goes to an io_uring write that waits for room.
-    pub(crate) fn flush_now(self: &Rc<Self>, shard: &Rc<Shard>) {
-        if self.writing.get() != WriteState::Listed {
-            return;
-        }
-        let delay = shard.write_delay_us();
-        if delay > 0 && self.closing.get().is_none() {
-            // Written less than the delay ago: what is queued waits for the rest of it, unless
-            // the queue is already large (so the delay never brings a connection near its bound).
-            let since = crate::clock::monotonic_us32().wrapping_sub(self.last_write_us.get());
-            if since < delay && self.out.borrow().len() < hold_limit(shard) {
-                shard.defer_flush(self.clone(), u64::from(delay - since));
-                return;
-            }
-        }
-        self.send_queued(shard);
+impl Outlet for Conn {
+    fn outbound(&self) -> &Outbound {
+        &self.outbound
     }
 
-    /// Sends what is queued now (see [`Self::flush_now`]).
-    pub(crate) fn send_queued(self: &Rc<Self>, shard: &Rc<Shard>) {
-        if self.writing.get() != WriteState::Listed {
-            return;
-        }
-        self.last_write_us.set(crate::clock::monotonic_us32());
-        let sent = {
-            let out = self.out.borrow();
-            if out.is_empty() {
-                Ok(0)
-            } else if out.len() > DIRECT_SEND_MAX {
-                Err(std::io::ErrorKind::WouldBlock.into())
-            } else {
-                sys::send_now(&self.stream, &out)
-            }
-        };
-        let metrics = &shard.shared.metrics;
-        match sent {
-            Ok(n) => {
-                if n > 0 {
-                    metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                    metrics.socket_writes.fetch_add(1, Ordering::Relaxed);
-                }
-                let mut out = self.out.borrow_mut();
-                if n >= out.len() {
-                    // Written: the buffer goes (an idle connection keeps none).
-                    *out = Vec::new();
-                    drop(out);
-                    self.writing.set(WriteState::Idle);
-                    if self.closing.get().is_some() {
-                        sys::shutdown(&self.stream, Shutdown::Write);
-                    }
-                    return;
-                }
-                out.drain(..n);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => {
-                *self.out.borrow_mut() = Vec::new();
-                self.writing.set(WriteState::Idle);
-                self.abnormal.set(true);
-                self.abort();
-                return;
-            }
-        }
-        self.writing.set(WriteState::Writing);
-        monoio::spawn(write_loop(shard.clone(), self.clone()));
+    fn socket(&self) -> &Rc<UnsafeCell<TcpStream>> {
+        &self.stream
     }
-}
 
-async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>) {
-    let mut failed = false;
-    loop {
-        // Everything queued goes out in one write; frames queued meanwhile start a new buffer.
-        let buf = std::mem::take(&mut *conn.out.borrow_mut());
-        if buf.is_empty() {
-            break;
-        }
-        let len = buf.len() as u64;
-        let (result, written) = sys::write_all(&conn.stream, buf).await;
-        shard.put_buffer(written);
-        if result.is_err() {
-            failed = true;
-            *conn.out.borrow_mut() = Vec::new();
-            break;
-        }
-        let metrics = &shard.shared.metrics;
-        metrics.bytes_out.fetch_add(len, Ordering::Relaxed);
-        metrics.socket_writes.fetch_add(1, Ordering::Relaxed);
+    fn speaks_socketio(&self) -> bool {
+        self.key == FrameKey::SocketIo
     }
-    conn.writing.set(WriteState::Idle);
-    if failed {
-        conn.abnormal.set(true);
-        conn.abort();
-    } else if conn.closing.get().is_some() {
-        sys::shutdown(&conn.stream, Shutdown::Write);
+
+    fn write_failed(&self) {
+        self.abnormal.set(true);
+        self.abort();
     }
 }
 

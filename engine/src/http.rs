@@ -265,13 +265,14 @@ async fn read_more(shard: &Shard, stream: &mut TcpStream, data: &mut Vec<u8>, un
         return false;
     }
     let wait = Duration::from_micros(left).min(IDLE_TIMEOUT);
-    let Ok(result) = monoio::time::timeout(wait, shard.read_ready(stream, true)).await else {
+    let Ok(result) = monoio::time::timeout(wait, shard.buffers.read_ready(stream, true)).await
+    else {
         return false;
     };
     let Ok(buf) = result else { return false };
     let ok = !buf.is_empty();
     data.extend_from_slice(&buf);
-    shard.put_buffer(buf);
+    shard.buffers.put(buf);
     ok
 }
 

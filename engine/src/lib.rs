@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod auth;
+mod buffers;
 mod clock;
 pub mod config;
 mod conn;
@@ -30,6 +31,7 @@ mod shard;
 mod shared;
 mod sio;
 pub(crate) mod sys;
+mod writer;
 mod ws;
 
 use std::future::Future;
@@ -190,12 +192,8 @@ async fn shard_main(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
     monoio::spawn(shard::dispatcher(shard.clone()));
     monoio::spawn(shard::ticker(shard.clone()));
     monoio::spawn(shard::reader(shard.clone()));
-    monoio::spawn(shard::flusher(shard.clone()));
-    monoio::spawn(shard::deferred_flusher(shard.clone()));
-    shard
-        .shared
-        .metrics
-        .write_delay(shard.id, shard.write_delay_us());
+    monoio::spawn(writer::flusher(shard.writer.clone()));
+    monoio::spawn(writer::deferred_flusher(shard.writer.clone()));
     loop {
         let stopped = StopSignal(shard.clone());
         monoio::select! {
@@ -217,7 +215,7 @@ async fn shard_main(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
     // Close every WebSocket with 1001 and wait (bounded) for them to drain.
     let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
     for conn in conns {
-        conn.close(&shard, protocol::CloseCode::GOING_AWAY);
+        shard.writer.close(&conn, protocol::CloseCode::GOING_AWAY);
     }
     let deadline =
         now_ms() + u64::try_from(shard.shared.config.shutdown_grace.as_millis()).unwrap_or(5000);

@@ -118,12 +118,12 @@ pub(crate) async fn handshake(
         }
         let read = monoio::time::timeout(
             Duration::from_millis(remaining),
-            shard.read_ready(&stream, false),
+            shard.buffers.read_ready(&stream, false),
         );
         let Ok(Ok(buf)) = read.await else { return None };
         let eof = buf.is_empty();
         pending.extend_from_slice(&buf);
-        shard.put_buffer(buf);
+        shard.buffers.put(buf);
         if eof {
             return None;
         }
@@ -139,9 +139,11 @@ pub(crate) async fn refuse(stream: &mut TcpStream, message: &str) {
 
 /// Queues the CONNECT acknowledgement (written once the initial rooms are joined).
 pub(crate) fn on_connected(shard: &Rc<Shard>, conn: &Rc<Conn>) {
-    conn.enqueue(
-        shard,
-        &socketio_frame(&socketio::encode_connect_ok(&conn.session(shard))),
+    shard.writer.enqueue(
+        conn,
+        &socketio_frame(&socketio::encode_connect_ok(
+            &conn.session(&shard.shared.instance),
+        )),
     );
 }
 
@@ -152,12 +154,14 @@ pub(crate) fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, bytes: &[u8]) {
     };
     match socketio::parse_engine_packet(text) {
         Ok(EnginePacket::Ping(payload)) => {
-            conn.enqueue(shard, &socketio_frame(&format!("3{payload}")));
+            shard
+                .writer
+                .enqueue(conn, &socketio_frame(&format!("3{payload}")));
         }
         Ok(
             EnginePacket::Pong(_) | EnginePacket::Noop | EnginePacket::Open | EnginePacket::Upgrade,
         ) => {}
-        Ok(EnginePacket::Close) => conn.close(shard, protocol::CloseCode::NORMAL),
+        Ok(EnginePacket::Close) => shard.writer.close(conn, protocol::CloseCode::NORMAL),
         Ok(EnginePacket::Message(inner)) => match socketio::parse_socket_packet(inner) {
             Ok(packet) => match packet.kind {
                 PacketType::Event => match socketio::decode_event(&packet, &limits(shard)) {
@@ -167,7 +171,7 @@ pub(crate) fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, bytes: &[u8]) {
                         fail(shard, conn, e.ack_id, e.code, &e.message);
                     }
                 },
-                PacketType::Disconnect => conn.close(shard, protocol::CloseCode::NORMAL),
+                PacketType::Disconnect => shard.writer.close(conn, protocol::CloseCode::NORMAL),
                 _ => {}
             },
             Err(e) => {
@@ -190,15 +194,15 @@ pub(crate) fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, bytes: &[u8]) {
 
 fn fail(shard: &Rc<Shard>, conn: &Rc<Conn>, ack: Option<u64>, code: ErrorCode, message: &str) {
     match ack {
-        Some(id) => conn.enqueue(
-            shard,
+        Some(id) => shard.writer.enqueue(
+            conn,
             &socketio_frame(&socketio::encode_ack(
                 id,
                 &AckPayload::Failed { code, message },
             )),
         ),
-        None => conn.enqueue(
-            shard,
+        None => shard.writer.enqueue(
+            conn,
             &socketio_frame(&socketio::encode_error_event(code, message)),
         ),
     }
@@ -212,7 +216,9 @@ pub(crate) fn send_ack(
     payload: &AckPayload<'_>,
 ) {
     if let Some(id) = ack {
-        conn.enqueue(shard, &socketio_frame(&socketio::encode_ack(id, payload)));
+        shard
+            .writer
+            .enqueue(conn, &socketio_frame(&socketio::encode_ack(id, payload)));
     }
 }
 
@@ -229,8 +235,8 @@ pub(crate) fn send_push(shard: &Rc<Shard>, conn: &Rc<Conn>, push: &Push<'_>) {
         Push::PresenceReply { id, presence } => {
             send_ack(shard, conn, *id, &AckPayload::Presence(presence));
         }
-        Push::Kicked { room, reason } => conn.enqueue(
-            shard,
+        Push::Kicked { room, reason } => shard.writer.enqueue(
+            conn,
             &socketio_frame(&socketio::encode_kicked_event(room, reason)),
         ),
         // No Socket.IO form (SPEC §8 maps four events only).

@@ -94,7 +94,7 @@ pub(crate) fn run(shard: &Rc<Shard>, accepted: Accepted) {
     let mut leftover = leftover;
     if !leftover.is_empty() {
         feed(shard, &conn, &mut leftover);
-        if conn.closing.get().is_some() && conn.abnormal.get() {
+        if conn.closing().is_some() && conn.abnormal.get() {
             finish(shard, &conn);
         }
     }
@@ -219,7 +219,7 @@ pub(crate) fn reauthorize(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) {
 
 fn send_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     if conn.key == FrameKey::SocketIo {
-        conn.set_ready(shard);
+        shard.writer.set_ready(conn);
         return;
     }
     let cfg = &shard.shared.config;
@@ -234,7 +234,7 @@ fn send_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         .cloned()
         .collect();
     let identity = conn.identity.borrow().clone();
-    let session = conn.session(shard);
+    let session = conn.session(&shard.shared.instance);
     let push = Push::Welcome {
         session: &session,
         user_id: &identity.user_id,
@@ -248,9 +248,9 @@ fn send_welcome(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         },
     };
     if let Some(frame) = encode(shard, conn, &push) {
-        conn.enqueue_first(shard, &frame);
+        shard.writer.enqueue_first(conn, &frame);
     }
-    conn.set_ready(shard);
+    shard.writer.set_ready(conn);
     // A token that expires within the warning window is warned about at once, not at the next
     // scan of the ticker.
     if now_ms() + 60_000 >= identity.expires_at_ms {
@@ -289,7 +289,7 @@ fn send(shard: &Rc<Shard>, conn: &Rc<Conn>, push: &Push<'_>) {
         return;
     }
     if let Some(frame) = encode(shard, conn, push) {
-        conn.enqueue(shard, &frame);
+        shard.writer.enqueue(conn, &frame);
     }
 }
 
@@ -309,7 +309,7 @@ pub(crate) fn send_ping(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     } else {
         ws::frame_bytes(ws::frame::PING, b"")
     };
-    conn.enqueue(shard, &frame);
+    shard.writer.enqueue(conn, &frame);
 }
 
 pub(crate) fn send_refresh_required(shard: &Rc<Shard>, conn: &Rc<Conn>, expires_at: u64) {
@@ -321,7 +321,7 @@ pub(crate) fn send_refresh_required(shard: &Rc<Shard>, conn: &Rc<Conn>, expires_
 /// Reads what a readable connection holds (one non-blocking `recv` into a pooled buffer) and
 /// handles every whole frame; ends the connection at the end of its stream or on an error.
 pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
-    let Some(read) = shard.try_read(sys::stream_ref(conn.stream())) else {
+    let Some(read) = shard.buffers.try_read(sys::stream_ref(conn.stream())) else {
         return;
     };
     let Ok(mut buf) = read else {
@@ -331,8 +331,8 @@ pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     };
     let n = buf.len();
     if n == 0 {
-        shard.put_buffer(buf);
-        if conn.closing.get().is_none() {
+        shard.buffers.put(buf);
+        if conn.closing().is_none() {
             conn.abnormal.set(true);
         }
         finish(shard, conn);
@@ -345,8 +345,8 @@ pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         .fetch_add(n as u64, Ordering::Relaxed);
     conn.last_seen_ms.set(crate::clock::monotonic_ms32());
     feed(shard, conn, &mut buf[..n]);
-    shard.put_buffer(buf);
-    if conn.closing.get().is_some() && conn.abnormal.get() {
+    shard.buffers.put(buf);
+    if conn.closing().is_some() && conn.abnormal.get() {
         finish(shard, conn);
     }
 }
@@ -415,7 +415,7 @@ fn process(
         let decoded = match decoder.decode(&mut data[offset..], frame_limit) {
             Ok(d) => d,
             Err(e) => {
-                conn.close(shard, e.close_code());
+                shard.writer.close(conn, e.close_code());
                 return data.len();
             }
         };
@@ -428,7 +428,9 @@ fn process(
         };
         match message {
             Message::Ping(payload) => {
-                conn.enqueue(shard, &ws::frame_bytes(ws::frame::PONG, payload));
+                shard
+                    .writer
+                    .enqueue(conn, &ws::frame_bytes(ws::frame::PONG, payload));
             }
             Message::Pong(_) => {}
             Message::Close(code, _) => {
@@ -438,10 +440,10 @@ fn process(
                     code
                 };
                 shard.shared.metrics.disconnect(code.0);
-                conn.close(shard, reply);
+                shard.writer.close(conn, reply);
                 return data.len();
             }
-            Message::Text(payload) | Message::Binary(payload) if conn.closing.get().is_some() => {
+            Message::Text(payload) | Message::Binary(payload) if conn.closing().is_some() => {
                 drop(payload);
             }
             Message::Text(payload) => match dialect {
@@ -449,7 +451,7 @@ fn process(
                 Dialect::Native(p) if p.format() == Format::Json => {
                     on_message(shard, conn, payload.as_bytes(), Format::Json);
                 }
-                Dialect::Native(_) => conn.close(shard, CloseCode::UNSUPPORTED_DATA),
+                Dialect::Native(_) => shard.writer.close(conn, CloseCode::UNSUPPORTED_DATA),
             },
             Message::Binary(payload) => match dialect {
                 Dialect::Native(p) if p.zstd() && is_zstd(payload.as_bytes()) => {
@@ -460,7 +462,7 @@ fn process(
                         .decompress(payload.as_bytes(), max);
                     match result {
                         Ok(plain) => on_message(shard, conn, &plain, p.format()),
-                        Err(ZstdError::TooLarge(_)) => conn.close(shard, CloseCode::TOO_BIG),
+                        Err(ZstdError::TooLarge(_)) => shard.writer.close(conn, CloseCode::TOO_BIG),
                         Err(_) => {
                             shard.shared.metrics.message_in("invalid");
                             send_error(
@@ -476,10 +478,10 @@ fn process(
                 Dialect::Native(p) if p.format() == Format::MsgPack => {
                     on_message(shard, conn, payload.as_bytes(), Format::MsgPack);
                 }
-                _ => conn.close(shard, CloseCode::UNSUPPORTED_DATA),
+                _ => shard.writer.close(conn, CloseCode::UNSUPPORTED_DATA),
             },
         }
-        if conn.closing.get().is_some() {
+        if conn.closing().is_some() {
             return data.len();
         }
     }
@@ -498,7 +500,7 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, bytes: &[u8], format: Format) 
         Err(e) => {
             shard.shared.metrics.message_in("invalid");
             if e.code == ErrorCode::TooLarge {
-                conn.close(shard, CloseCode::TOO_BIG);
+                shard.writer.close(conn, CloseCode::TOO_BIG);
             } else {
                 send_error(shard, conn, e.id, e.code, &e.reason);
             }
@@ -547,12 +549,12 @@ fn token_still_valid(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
         (identity.expires_at_ms, shard.shared.auth.revoked(&identity))
     };
     if let Some(revoked) = revoked {
-        conn.close(shard, revoked.close_code());
+        shard.writer.close(conn, revoked.close_code());
         return false;
     }
     let grace = u64::try_from(shard.shared.config.expiry_grace.as_millis()).unwrap_or(0);
     if now_ms() >= expires.saturating_add(grace) {
-        conn.close(shard, CloseCode::UNAUTHORIZED);
+        shard.writer.close(conn, CloseCode::UNAUTHORIZED);
         return false;
     }
     true
@@ -606,7 +608,7 @@ fn rate_n(
         }
         Verdict::Abusive => {
             shard.shared.metrics.rate_limited(which);
-            conn.close(shard, CloseCode::RATE_LIMITED);
+            shard.writer.close(conn, CloseCode::RATE_LIMITED);
             false
         }
     }
@@ -907,7 +909,7 @@ fn refuse_held(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) {
 fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     // Nobody is left to answer.
     drop(conn.take_held(None));
-    let abnormal = conn.abnormal.get() && conn.closing.get().is_none();
+    let abnormal = conn.abnormal.get() && conn.closing().is_none();
     // Released first: the personal room's home, hearing this connection leave, looks here for
     // the owner's other connections to decide whether the room goes.
     shard.shared.release(conn.ip, &conn.user_id(), conn.id);
@@ -933,11 +935,11 @@ fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     if !shard.shared.config.resume_ttl.is_zero() {
         shard
             .shared
-            .store_resumable(&conn.session(shard), &conn.user_id());
+            .store_resumable(&conn.session(&shard.shared.instance), &conn.user_id());
     }
     let metrics = &shard.shared.metrics;
     metrics.connections.fetch_sub(1, Ordering::Relaxed);
-    match conn.closing.get() {
+    match conn.closing() {
         Some(code) => metrics.disconnect(code.0),
         None => metrics.disconnect(1006),
     }
@@ -1070,7 +1072,7 @@ fn send_stored(shard: &Rc<Shard>, conn: &Rc<Conn>, message: &StoredMessage) {
         &mut shard.compressor.borrow_mut(),
     );
     if let Some(frame) = frame {
-        conn.enqueue(shard, &frame);
+        shard.writer.enqueue(conn, &frame);
     }
 }
 
@@ -1113,7 +1115,7 @@ fn send_history(
             )
         });
     match frame {
-        Some(frame) => conn.enqueue(shard, &frame),
+        Some(frame) => shard.writer.enqueue(conn, &frame),
         None => send_error(shard, conn, id, ErrorCode::Internal, "internal error"),
     }
 }
