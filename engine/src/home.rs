@@ -14,18 +14,59 @@ use protocol::envelope::{PresenceEntry, RoomId, Value};
 use crate::clock::now_ms;
 use crate::conn::{ConnId, shard_of};
 use crate::frames::FrameKey;
-use crate::msg::{Joined, Reply, ShardMsg};
-use crate::room::{
-    Fanout, JoinRequest, NewMessage, OnlineUser, Published, Refused, ResumeFrom, owner_of,
-};
+use crate::msg::{ConnMsg, JoinMsg, Joined, Reply, RoomMsg};
+use crate::room::{Fanout, JoinRequest, NewMessage, OnlineUser, Published, Refused, owner_of};
 use crate::rooms::RoomSettings;
 use crate::shard::Shard;
 
 /// Mailbox messages waiting on a shard above which its presence flushes are put off.
 const PRESENCE_DELAY_BACKLOG: usize = 4096;
 
-fn to_conn(shard: &Rc<Shard>, conn: ConnId, msg: ShardMsg) {
+fn to_conn(shard: &Rc<Shard>, conn: ConnId, msg: ConnMsg) {
     shard.dispatch(shard_of(conn), msg);
+}
+
+/// Handles one message to a room homed here.
+pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
+    match msg {
+        RoomMsg::Join(join) => self::join(shard, join),
+        RoomMsg::Leave {
+            room,
+            conn,
+            user,
+            name,
+            key,
+        } => leave(shard, &room, conn, &user, &name, key),
+        RoomMsg::Publish {
+            room,
+            conn,
+            user,
+            name,
+            data,
+            id,
+        } => publish(shard, room, conn, &user, &name, data, id),
+        RoomMsg::PresenceQuery { room, conn, id } => presence_query(shard, &room, conn, id),
+        RoomMsg::HistoryQuery {
+            room,
+            conn,
+            id,
+            since,
+            limit,
+        } => history_query(shard, &room, conn, id, since, limit),
+        RoomMsg::DropRoom { room, done } => {
+            shard.rooms.borrow_mut().drop_room(&room);
+            done.tick();
+        }
+        RoomMsg::PublishExternal {
+            room,
+            user,
+            name,
+            data,
+            settings,
+            answer,
+        } => answer.set(publish_external(shard, room, &user, &name, data, settings)),
+        RoomMsg::PresenceExternal { room, answer } => answer.set(presence_of(shard, &room)),
+    }
 }
 
 /// The connected owner of `room` when it is a personal room.
@@ -37,25 +78,11 @@ fn online_owner(shard: &Shard, room: &RoomId) -> Option<OnlineUser> {
 fn fan_out(shard: &Rc<Shard>, fanout: Fanout) {
     let delivery = Arc::new(fanout.delivery);
     for target in fanout.targets {
-        shard.dispatch(target, ShardMsg::Deliver(delivery.clone()));
+        shard.dispatch(target, ConnMsg::Deliver(delivery.clone()));
     }
 }
 
-/// A join as its home receives it.
-pub(crate) struct JoinMsg {
-    pub(crate) room: RoomId,
-    pub(crate) conn: ConnId,
-    pub(crate) user: Arc<str>,
-    pub(crate) name: Arc<str>,
-    pub(crate) key: FrameKey,
-    pub(crate) id: Option<u64>,
-    pub(crate) initial: bool,
-    pub(crate) already: bool,
-    pub(crate) resume: Option<ResumeFrom>,
-    pub(crate) settings: Option<RoomSettings>,
-}
-
-pub(crate) fn join(shard: &Rc<Shard>, msg: JoinMsg) {
+fn join(shard: &Rc<Shard>, msg: JoinMsg) {
     let request = JoinRequest {
         room: &msg.room,
         user: &msg.user,
@@ -77,7 +104,7 @@ pub(crate) fn join(shard: &Rc<Shard>, msg: JoinMsg) {
         .borrow_mut()
         .join(&request, owner.as_ref(), now_ms());
     let reply = match answer {
-        Ok(answer) => ShardMsg::Joined(Box::new(Joined {
+        Ok(answer) => ConnMsg::Joined(Box::new(Joined {
             room: msg.room,
             conn: msg.conn,
             id: msg.id,
@@ -95,7 +122,7 @@ pub(crate) fn join(shard: &Rc<Shard>, msg: JoinMsg) {
                     .room_full
                     .fetch_add(1, Ordering::Relaxed);
             }
-            ShardMsg::JoinFailed {
+            ConnMsg::JoinFailed {
                 room: msg.room,
                 conn: msg.conn,
                 id: msg.id,
@@ -108,7 +135,7 @@ pub(crate) fn join(shard: &Rc<Shard>, msg: JoinMsg) {
     to_conn(shard, msg.conn, reply);
 }
 
-pub(crate) fn leave(
+fn leave(
     shard: &Rc<Shard>,
     room: &RoomId,
     conn: ConnId,
@@ -126,7 +153,7 @@ pub(crate) fn leave(
 }
 
 /// Publishes for a connection; the `reply` (or `error`) goes to it.
-pub(crate) fn publish(
+fn publish(
     shard: &Rc<Shard>,
     room: RoomId,
     conn: ConnId,
@@ -185,7 +212,7 @@ fn deliver(shard: &Rc<Shard>, published: Published) {
 }
 
 /// A publish from the HTTP API; the room's `seq` (0 when it reached nobody), or the error.
-pub(crate) fn publish_external(
+fn publish_external(
     shard: &Rc<Shard>,
     room: RoomId,
     user: &Arc<str>,
@@ -224,21 +251,17 @@ pub(crate) fn publish_external(
 }
 
 /// A room's presence for the HTTP API (empty when nobody is in it).
-pub(crate) fn presence_of(shard: &Rc<Shard>, room: &RoomId) -> Vec<PresenceEntry> {
+fn presence_of(shard: &Rc<Shard>, room: &RoomId) -> Vec<PresenceEntry> {
     let owner = online_owner(shard, room);
     shard.rooms.borrow().presence(room, owner.as_ref())
 }
 
-pub(crate) fn drop_room(shard: &Rc<Shard>, room: &RoomId) {
-    shard.rooms.borrow_mut().drop_room(room);
-}
-
-pub(crate) fn presence_query(shard: &Rc<Shard>, room: &RoomId, conn: ConnId, id: Option<u64>) {
+fn presence_query(shard: &Rc<Shard>, room: &RoomId, conn: ConnId, id: Option<u64>) {
     let presence = presence_of(shard, room);
     shard.reply(conn, Reply::Presence { id, presence });
 }
 
-pub(crate) fn history_query(
+fn history_query(
     shard: &Rc<Shard>,
     room: &RoomId,
     conn: ConnId,

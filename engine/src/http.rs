@@ -1,8 +1,8 @@
-//! HTTP/1.1 on a shard: keep-alive request loop with bounded heads and bodies, the WebSocket
-//! upgrades of `/ws` and `/socket.io/` (policy checks in SPEC §4 order), and every other path
-//! handed to the server's route table.
+//! HTTP/1.1 on a shard: the keep-alive request loop with heads and bodies bounded in size and in
+//! time, the per-IP cap on connections in progress, every path handed to the server's route
+//! table, except `/ws` and `/socket.io/`, which go to [`crate::upgrade`].
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -13,13 +13,11 @@ use protocol::http::{
     ChunkedDecoder, HttpError, HttpLimits, RequestHead, parse_request_head, write_error,
     write_response,
 };
-use protocol::ws::{check_upgrade, select_subprotocol, write_accept};
 
-use crate::auth::{AuthFailure, ClientInfo};
-use crate::frames::Dialect;
+use crate::net::request_client_ip;
 use crate::routes::{HttpRequest, HttpResponse, Routed};
 use crate::shard::Shard;
-use crate::shared::{CapRefusal, PendingSlot};
+use crate::upgrade::{Upgrade, upgrade};
 
 /// How long a keep-alive connection may sit between requests (a request, once its first byte is
 /// here, has `http_head_timeout` and `http_body_timeout`).
@@ -27,31 +25,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a deferred route (storage, hashing) may take before the client gets 503.
 const ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn resolve_client_ip(shard: &Shard, peer: SocketAddr, head: &RequestHead) -> IpAddr {
-    let lines: Vec<&[u8]> = head.headers_named("x-forwarded-for").collect();
-    crate::net::client_ip(
-        peer.ip(),
-        lines.into_iter(),
-        &shard.shared.config.trusted_proxies,
-    )
-}
-
-struct Refusal {
-    status: u16,
-    code: ErrorCode,
-    message: &'static str,
-    metric: &'static str,
-}
-
-fn refusal(status: u16, code: ErrorCode, message: &'static str, metric: &'static str) -> Refusal {
-    Refusal {
-        status,
-        code,
-        message,
-        metric,
-    }
-}
 
 /// Serves one accepted TCP connection until it closes or upgrades.
 ///
@@ -158,7 +131,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
             _ => None,
         };
         if let Some(socketio) = socketio {
-            let ip = resolve_client_ip(&shard, peer, &head);
+            let ip = request_client_ip(peer.ip(), &head, &shard.shared.config.trusted_proxies);
             let slot = match slot.take() {
                 Some(slot) => slot,
                 None => match shard.shared.pending_enter(ip) {
@@ -181,7 +154,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
             upgrade(shard, stream, request).await;
             return;
         }
-        let client_ip = resolve_client_ip(&shard, peer, &head);
+        let client_ip = request_client_ip(peer.ip(), &head, &shard.shared.config.trusted_proxies);
         let body = chunked_body.as_deref().unwrap_or(&data[..consumed]);
         let routed = shard.shared.routes.handle(&HttpRequest {
             head: &head,
@@ -291,274 +264,6 @@ fn request_id(shard: &Shard, head: &RequestHead) -> String {
             "{:x}-{:x}",
             shard.id,
             shard.next_conn_id() & 0xFFFF_FFFF_FFFF
-        ),
-    }
-}
-
-fn bearer(head: &RequestHead) -> Option<String> {
-    if let Some(value) = head.header_str("authorization") {
-        let mut parts = value.trim().splitn(2, ' ');
-        if parts
-            .next()
-            .is_some_and(|s| s.eq_ignore_ascii_case("bearer"))
-        {
-            return parts
-                .next()
-                .map(|t| t.trim().to_owned())
-                .filter(|t| !t.is_empty());
-        }
-    }
-    head.query_param("token")
-        .map(|t| t.into_owned())
-        .filter(|t| !t.is_empty())
-}
-
-fn origin_allowed(shard: &Shard, head: &RequestHead) -> bool {
-    let cfg = &shard.shared.config;
-    match head.header_str("origin") {
-        None => cfg.allow_missing_origin,
-        Some(origin) => {
-            cfg.allowed_origins.is_empty() || cfg.allowed_origins.iter().any(|o| o == origin)
-        }
-    }
-}
-
-async fn respond_refusal(
-    mut stream: TcpStream,
-    r: &Refusal,
-    request_id: &str,
-    extra: &[(&str, &str)],
-) {
-    let mut headers = vec![("X-Request-Id", request_id)];
-    headers.extend_from_slice(extra);
-    let mut out = Vec::new();
-    write_error(&mut out, r.status, r.code, r.message, &headers, false);
-    let _ = stream.write_all(out).await;
-}
-
-/// An upgrade request as the request loop hands it over.
-struct Upgrade {
-    peer: SocketAddr,
-    head: RequestHead,
-    /// Bytes read after the request (the client's first frames).
-    leftover: Vec<u8>,
-    request_id: String,
-    socketio: bool,
-    /// Held until the connection is an authenticated WebSocket.
-    slot: PendingSlot,
-}
-
-async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, request: Upgrade) {
-    let Upgrade {
-        peer,
-        head,
-        leftover,
-        request_id,
-        socketio,
-        slot,
-    } = request;
-    let metrics = &shard.shared.metrics;
-    // Protocol validity first (it is not a policy decision), then SPEC §4's order.
-    let upgrade = match check_upgrade(&head) {
-        Ok(u) => u,
-        Err(e) => {
-            let status = e.status();
-            let r = refusal(
-                status,
-                ErrorCode::BadRequest,
-                "not a valid WebSocket upgrade",
-                "bad_request",
-            );
-            metrics.connect(r.metric);
-            let extra: &[(&str, &str)] = if status == 426 {
-                &[("Sec-WebSocket-Version", "13")]
-            } else {
-                &[]
-            };
-            respond_refusal(stream, &r, &request_id, extra).await;
-            return;
-        }
-    };
-    if socketio
-        && (head.query_param("EIO").as_deref() != Some("4")
-            || head.query_param("transport").as_deref() != Some("websocket"))
-    {
-        let r = refusal(
-            400,
-            ErrorCode::Unsupported,
-            "only EIO=4 over transport=websocket is supported",
-            "bad_request",
-        );
-        metrics.connect(r.metric);
-        respond_refusal(stream, &r, &request_id, &[]).await;
-        return;
-    }
-    let dialect = if socketio {
-        Dialect::SocketIo
-    } else {
-        match select_subprotocol(&upgrade.offered) {
-            Ok((p, _)) => Dialect::Native(p),
-            Err(_) => {
-                let r = refusal(
-                    400,
-                    ErrorCode::Unsupported,
-                    "no supported subprotocol offered",
-                    "bad_request",
-                );
-                metrics.connect(r.metric);
-                respond_refusal(stream, &r, &request_id, &[]).await;
-                return;
-            }
-        }
-    };
-    let ip = resolve_client_ip(&shard, peer, &head);
-    if !shard.shared.check_connect_rate(ip) {
-        metrics.rate_limited("connect_per_ip");
-        let r = refusal(
-            429,
-            ErrorCode::RateLimited,
-            "too many connection attempts",
-            "rate_limited",
-        );
-        metrics.connect(r.metric);
-        respond_refusal(stream, &r, &request_id, &[("Retry-After", "1")]).await;
-        return;
-    }
-    if !origin_allowed(&shard, &head) {
-        let r = refusal(
-            403,
-            ErrorCode::Forbidden,
-            "origin not allowed",
-            "origin_forbidden",
-        );
-        metrics.connect(r.metric);
-        respond_refusal(stream, &r, &request_id, &[]).await;
-        return;
-    }
-    let user_agent = head.header_str("user-agent").map(str::to_owned);
-    let client = ClientInfo {
-        ip,
-        user_agent: user_agent.as_deref(),
-    };
-    let token = bearer(&head);
-    let identity = if socketio {
-        None
-    } else {
-        let verified = match &token {
-            Some(t) => shard.shared.auth.verify_access(t, &client),
-            None => Err(AuthFailure::Missing),
-        };
-        match verified {
-            Ok(identity) => Some(identity),
-            Err(reason) => {
-                metrics.auth_failure(reason);
-                let r = refusal(
-                    401,
-                    ErrorCode::InvalidToken,
-                    "invalid token",
-                    "unauthorized",
-                );
-                metrics.connect(r.metric);
-                respond_refusal(stream, &r, &request_id, &[]).await;
-                return;
-            }
-        }
-    };
-    let conn_id = shard.next_conn_id();
-    let replaced = match &identity {
-        Some(identity) => {
-            match shard
-                .shared
-                .admit(ip, &identity.user_id, &identity.username, conn_id)
-            {
-                Ok(replaced) => replaced,
-                Err(refused) => {
-                    let r = cap_refusal(refused);
-                    metrics.connect(r.metric);
-                    respond_refusal(stream, &r, &request_id, &[]).await;
-                    return;
-                }
-            }
-        }
-        None => None,
-    };
-    let mut accept = Vec::with_capacity(256);
-    let protocol = match dialect {
-        Dialect::Native(p) if !upgrade.offered.is_empty() => Some(p),
-        _ => None,
-    };
-    write_accept(&mut accept, &upgrade.key, protocol);
-    let (result, _) = stream.write_all(accept).await;
-    if result.is_err() {
-        if let Some(identity) = &identity {
-            shard.shared.release(ip, &identity.user_id, conn_id);
-        }
-        return;
-    }
-    match identity {
-        Some(identity) => {
-            drop(slot);
-            // A task of its own: the HTTP phase (request head, buffers, token) is freed when this
-            // function returns, so an idle connection keeps only its session state.
-            let accepted = crate::ws::Accepted {
-                stream,
-                leftover,
-                identity,
-                dialect,
-                ip,
-                replaced,
-                id: conn_id,
-            };
-            crate::ws::run(&shard, accepted);
-        }
-        None => {
-            let query_token = token;
-            let Some(connected) = crate::sio::handshake(&shard, stream, query_token, client).await
-            else {
-                return;
-            };
-            let mut stream = connected.stream;
-            drop(slot);
-            match shard.shared.admit(
-                ip,
-                &connected.identity.user_id,
-                &connected.identity.username,
-                conn_id,
-            ) {
-                Ok(replaced) => {
-                    let accepted = crate::ws::Accepted {
-                        stream,
-                        leftover: connected.leftover,
-                        identity: connected.identity,
-                        dialect,
-                        ip,
-                        replaced,
-                        id: conn_id,
-                    };
-                    crate::ws::run(&shard, accepted);
-                }
-                Err(refused) => {
-                    metrics.connect(cap_refusal(refused).metric);
-                    crate::sio::refuse(&mut stream, cap_refusal(refused).message).await;
-                }
-            }
-        }
-    }
-}
-
-fn cap_refusal(refused: CapRefusal) -> Refusal {
-    match refused {
-        CapRefusal::TooManyForIp => refusal(
-            429,
-            ErrorCode::RateLimited,
-            "too many connections from this address",
-            "capacity",
-        ),
-        CapRefusal::TooManyForUser => refusal(
-            409,
-            ErrorCode::Conflict,
-            "too many connections for this user",
-            "conflict",
         ),
     }
 }

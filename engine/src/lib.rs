@@ -27,27 +27,25 @@ mod pending;
 mod room;
 pub mod rooms;
 mod routes;
+mod session;
 mod shard;
 mod shared;
 mod sio;
 pub(crate) mod sys;
+mod tasks;
+mod upgrade;
 mod writer;
-mod ws;
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
 pub use auth::{AuthFailure, Authenticator, ClientInfo, Identity, Revoked};
-use clock::now_ms;
 pub use config::{ConflictPolicy, EngineConfig, RateSpec};
 pub use metrics::Metrics;
-use msg::ShardMsg;
+use msg::{ConnMsg, RoomMsg, ShardMsg};
 pub use net::{Cidr, client_ip, ip_group};
 pub use pending::{PendingResponse, ResponseSender, pending_response};
 pub use rooms::{OpenRooms, RoomAccess, RoomPolicy, RoomSettings};
@@ -184,63 +182,8 @@ fn run_shard(
             }
         };
         let _ = ready.send(Ok(driver));
-        shard_main(shard, listener).await;
+        tasks::shard_main(shard, listener).await;
     });
-}
-
-async fn shard_main(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
-    monoio::spawn(shard::dispatcher(shard.clone()));
-    monoio::spawn(shard::ticker(shard.clone()));
-    monoio::spawn(shard::reader(shard.clone()));
-    monoio::spawn(writer::flusher(shard.writer.clone()));
-    monoio::spawn(writer::deferred_flusher(shard.writer.clone()));
-    loop {
-        let stopped = StopSignal(shard.clone());
-        monoio::select! {
-            accepted = listener.accept() => {
-                match accepted {
-                    Ok((stream, peer)) => {
-                        monoio::spawn(http::serve(shard.clone(), stream, peer));
-                    }
-                    Err(e) => {
-                        log::warn!("shard {}: accept failed: {e}", shard.id);
-                        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    }
-                }
-            }
-            () = stopped => break,
-        }
-    }
-    drop(listener);
-    // Close every WebSocket with 1001 and wait (bounded) for them to drain.
-    let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
-    for conn in conns {
-        shard.writer.close(&conn, protocol::CloseCode::GOING_AWAY);
-    }
-    let deadline =
-        now_ms() + u64::try_from(shard.shared.config.shutdown_grace.as_millis()).unwrap_or(5000);
-    while !shard.conns.borrow().is_empty() && now_ms() < deadline {
-        monoio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
-    for conn in conns {
-        conn.abort();
-    }
-    monoio::time::sleep(std::time::Duration::from_millis(20)).await;
-}
-
-/// Resolves when the shard is told to stop.
-struct StopSignal(Rc<Shard>);
-
-impl Future for StopSignal {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0.stopping.get() {
-            return Poll::Ready(());
-        }
-        *self.0.stop_waker.borrow_mut() = Some(cx.waker().clone());
-        Poll::Pending
-    }
 }
 
 impl Engine {
@@ -292,7 +235,7 @@ impl std::fmt::Debug for Control {
 const ROOM_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Control {
-    fn every_shard(&self, msg: impl Fn(Arc<rooms::Countdown>) -> ShardMsg) -> bool {
+    fn every_shard(&self, msg: impl Fn(Arc<rooms::Countdown>) -> ConnMsg) -> bool {
         let shards = self.0.mailboxes.len();
         let done = Arc::new(rooms::Countdown::new(shards));
         for shard in 0..shards {
@@ -312,7 +255,7 @@ impl Control {
         reason: &'static str,
     ) -> bool {
         let user: Option<Arc<str>> = user.map(Arc::from);
-        self.every_shard(|done| ShardMsg::Kick {
+        self.every_shard(|done| ConnMsg::Kick {
             room: room.clone(),
             user: user.clone(),
             reason,
@@ -322,7 +265,7 @@ impl Control {
 
     /// Asks the policy again for every connection in `room`. Blocks like [`Control::kick`].
     pub fn reauthorize(&self, room: &protocol::envelope::RoomId) -> bool {
-        self.every_shard(|done| ShardMsg::Reauthorize {
+        self.every_shard(|done| ConnMsg::Reauthorize {
             room: room.clone(),
             done,
         })
@@ -332,7 +275,7 @@ impl Control {
     /// the user loses the admin role). Blocks like [`Control::kick`].
     pub fn reauthorize_user(&self, user: &str) -> bool {
         let user: Arc<str> = Arc::from(user);
-        self.every_shard(|done| ShardMsg::ReauthorizeUser {
+        self.every_shard(|done| ConnMsg::ReauthorizeUser {
             user: user.clone(),
             done,
         })
@@ -344,7 +287,7 @@ impl Control {
         let done = Arc::new(rooms::Countdown::new(1));
         self.0.send(
             self.0.home_of(room),
-            ShardMsg::DropRoom {
+            RoomMsg::DropRoom {
                 room: room.clone(),
                 done: done.clone(),
             },
@@ -364,7 +307,7 @@ impl Control {
         let answer = Arc::new(rooms::Answer::new());
         self.0.send(
             self.0.home_of(room),
-            ShardMsg::PublishExternal {
+            RoomMsg::PublishExternal {
                 room: room.clone(),
                 user: Arc::from(user),
                 name: Arc::from(name),
@@ -386,7 +329,7 @@ impl Control {
         let answer = Arc::new(rooms::Answer::new());
         self.0.send(
             self.0.home_of(room),
-            ShardMsg::PresenceExternal {
+            RoomMsg::PresenceExternal {
                 room: room.clone(),
                 answer: answer.clone(),
             },
@@ -403,7 +346,7 @@ impl Control {
         for shard in 0..self.0.mailboxes.len() {
             self.0.send(
                 shard,
-                ShardMsg::CloseAuthorized {
+                ConnMsg::CloseAuthorized {
                     user: user.clone(),
                     session: session.clone(),
                     code: revoked.close_code(),

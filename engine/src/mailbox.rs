@@ -2,9 +2,8 @@
 //! waker that the owning shard's dispatcher parks on. A push wakes the shard only when it is
 //! parked, so a burst of pushes costs one wake-up, not one per message.
 
-use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
 use crossbeam_queue::SegQueue;
@@ -44,22 +43,19 @@ impl<T> Mailbox<T> {
         self.queue.len()
     }
 
-    /// Waits until the queue is not empty (owner only).
-    pub(crate) async fn ready(&self) {
-        poll_fn(|cx| {
-            if !self.queue.is_empty() {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            self.parked.store(true, Ordering::Release);
-            // A push between the check and `parked` would otherwise be missed.
-            if self.queue.is_empty() {
-                Poll::Pending
-            } else {
-                self.parked.store(false, Ordering::Release);
-                Poll::Ready(())
-            }
-        })
-        .await;
+    /// Ready when the queue is not empty; otherwise parks `cx`'s waker (owner only).
+    pub(crate) fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.queue.is_empty() {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        self.parked.store(true, Ordering::Release);
+        // A push between the check and `parked` would otherwise be missed.
+        if self.queue.is_empty() {
+            Poll::Pending
+        } else {
+            self.parked.store(false, Ordering::Release);
+            Poll::Ready(())
+        }
     }
 }

@@ -1,6 +1,6 @@
-//! The messages shards send each other: to a room's home (join, leave, publish, queries), to a
-//! connection's shard (answers, deliveries, closes), and to every shard (kicks, revocations,
-//! shutdown). Plain data; the handlers live with their owners (`home`, `ws`).
+//! The messages shards send each other, by owner: [`RoomMsg`] to a room's home (handled by
+//! `home`), [`ConnMsg`] to a connection's shard or to every shard (handled by `session`), and the
+//! shard's own shutdown. Plain data: this module handles nothing.
 
 use std::sync::Arc;
 
@@ -9,16 +9,25 @@ use protocol::{CloseCode, ErrorCode};
 
 use crate::conn::ConnId;
 use crate::frames::{Delivery, FrameKey};
-use crate::home::JoinMsg;
-use crate::room::Recovery;
 use crate::room::history::StoredMessage;
+use crate::room::{Recovery, ResumeFrom};
 use crate::rooms::{Answer, Countdown, RoomSettings};
 
-/// A message between shards.
+/// A message in a shard's mailbox (or, to itself, its outbox).
 pub(crate) enum ShardMsg {
-    /// To a room's home: count a connection in.
+    /// For the room side.
+    Room(RoomMsg),
+    /// For the connection side.
+    Conn(ConnMsg),
+    /// Stop accepting, close every connection with 1001, exit.
+    Shutdown,
+}
+
+/// To a room's home.
+pub(crate) enum RoomMsg {
+    /// Count a connection in.
     Join(JoinMsg),
-    /// To a room's home: count a connection out.
+    /// Count a connection out.
     Leave {
         room: RoomId,
         conn: ConnId,
@@ -26,7 +35,7 @@ pub(crate) enum ShardMsg {
         name: Arc<str>,
         key: FrameKey,
     },
-    /// To a room's home: sequence and fan out.
+    /// Sequence and fan out.
     Publish {
         room: RoomId,
         conn: ConnId,
@@ -35,13 +44,13 @@ pub(crate) enum ShardMsg {
         data: Value,
         id: Option<u64>,
     },
-    /// To a room's home.
+    /// The room's presence, for a connection.
     PresenceQuery {
         room: RoomId,
         conn: ConnId,
         id: Option<u64>,
     },
-    /// To a room's home.
+    /// The room's history, for a connection.
     HistoryQuery {
         room: RoomId,
         conn: ConnId,
@@ -49,9 +58,44 @@ pub(crate) enum ShardMsg {
         since: u64,
         limit: u64,
     },
-    /// To a connection's shard: the join was counted.
+    /// Forget the room (deleted), history included.
+    DropRoom { room: RoomId, done: Arc<Countdown> },
+    /// A publish from outside a connection (the HTTP API).
+    PublishExternal {
+        room: RoomId,
+        user: Arc<str>,
+        name: Arc<str>,
+        data: Value,
+        settings: Option<RoomSettings>,
+        answer: Arc<Answer<Result<u64, ErrorCode>>>,
+    },
+    /// The room's presence, for the HTTP API.
+    PresenceExternal {
+        room: RoomId,
+        answer: Arc<Answer<Vec<PresenceEntry>>>,
+    },
+}
+
+/// A join as its home receives it.
+pub(crate) struct JoinMsg {
+    pub(crate) room: RoomId,
+    pub(crate) conn: ConnId,
+    pub(crate) user: Arc<str>,
+    pub(crate) name: Arc<str>,
+    pub(crate) key: FrameKey,
+    pub(crate) id: Option<u64>,
+    pub(crate) initial: bool,
+    pub(crate) already: bool,
+    pub(crate) resume: Option<ResumeFrom>,
+    /// A persistent room's settings (`None` for ephemeral and personal rooms).
+    pub(crate) settings: Option<RoomSettings>,
+}
+
+/// To a connection's shard, or to every shard.
+pub(crate) enum ConnMsg {
+    /// The join was counted.
     Joined(Box<Joined>),
-    /// To a connection's shard: the join was refused.
+    /// The join was refused.
     JoinFailed {
         room: RoomId,
         conn: ConnId,
@@ -60,11 +104,11 @@ pub(crate) enum ShardMsg {
         code: ErrorCode,
         message: &'static str,
     },
-    /// To every shard with members: a message or presence diff for a room.
+    /// A message or presence diff for a room, to every shard with members.
     Deliver(Arc<Delivery>),
-    /// To a connection's shard: an answer to one request.
+    /// An answer to one request.
     Reply { conn: ConnId, reply: Reply },
-    /// To a connection's shard: close it.
+    /// Close a connection.
     Close { conn: ConnId, code: CloseCode },
     /// To every shard: close the connections of a user (of one session only, when given).
     CloseAuthorized {
@@ -89,24 +133,6 @@ pub(crate) enum ShardMsg {
         user: Arc<str>,
         done: Arc<Countdown>,
     },
-    /// To a room's home: forget the room (deleted), history included.
-    DropRoom { room: RoomId, done: Arc<Countdown> },
-    /// To a room's home: a publish from outside a connection (the HTTP API).
-    PublishExternal {
-        room: RoomId,
-        user: Arc<str>,
-        name: Arc<str>,
-        data: Value,
-        settings: Option<RoomSettings>,
-        answer: Arc<Answer<Result<u64, ErrorCode>>>,
-    },
-    /// To a room's home: its presence, for the HTTP API.
-    PresenceExternal {
-        room: RoomId,
-        answer: Arc<Answer<Vec<PresenceEntry>>>,
-    },
-    /// Stop accepting, close every connection with 1001, exit.
-    Shutdown,
 }
 
 /// A counted join, answered to the connection's shard.
@@ -143,4 +169,16 @@ pub(crate) enum Reply {
         code: ErrorCode,
         message: &'static str,
     },
+}
+
+impl From<RoomMsg> for ShardMsg {
+    fn from(msg: RoomMsg) -> Self {
+        Self::Room(msg)
+    }
+}
+
+impl From<ConnMsg> for ShardMsg {
+    fn from(msg: ConnMsg) -> Self {
+        Self::Conn(msg)
+    }
 }

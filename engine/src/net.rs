@@ -1,8 +1,11 @@
-//! CIDR networks for `trusted_proxies`, and the client address they imply.
+//! CIDR networks for `trusted_proxies`, the client address they imply, and the grouping of
+//! addresses that per-IP limits count under.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+
+use protocol::http::RequestHead;
 
 /// An IPv4 or IPv6 network such as `10.0.0.0/8` or `::1/128` (a bare address is a /32 or /128).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +74,12 @@ pub fn ip_group(ip: IpAddr) -> IpAddr {
             None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
         },
     }
+}
+
+/// The client of an HTTP request: [`client_ip`] over every `X-Forwarded-For` line of its head.
+pub(crate) fn request_client_ip(peer: IpAddr, head: &RequestHead, trusted: &[Cidr]) -> IpAddr {
+    let lines: Vec<&[u8]> = head.headers_named("x-forwarded-for").collect();
+    client_ip(peer, lines.into_iter(), trusted)
 }
 
 /// The client's address: the TCP peer, unless the peer is a trusted proxy, in which case

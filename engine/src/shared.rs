@@ -191,10 +191,10 @@ impl Shared {
         }
     }
 
-    pub(crate) fn send(&self, shard: usize, msg: ShardMsg) {
+    pub(crate) fn send(&self, shard: usize, msg: impl Into<ShardMsg>) {
         if let Some(mailbox) = self.mailboxes.get(shard) {
             self.metrics.queue_depth(shard, 1);
-            mailbox.push(msg);
+            mailbox.push(msg.into());
         }
     }
 

@@ -1,245 +1,105 @@
-//! The Socket.IO v4 endpoint (SPEC §8) on top of the native machinery: the Engine.IO open
-//! handshake and CONNECT with its token before a connection is registered, then events mapped to
-//! native requests and native answers mapped back to acks and events.
+//! The Socket.IO v4 dialect of a live connection (SPEC §8), as pure mapping: an Engine.IO packet
+//! from the client becomes a native request (or an answer of its own), and a native answer or push
+//! becomes its Socket.IO frame. No socket, no shard: the connection side sends what this returns.
+//! The Engine.IO open handshake before registration lives with the upgrade.
 
-use std::rc::Rc;
-use std::time::Duration;
-
-use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
-use protocol::ErrorCode;
-use protocol::envelope::{DecodeLimits, Push};
+use bytes::Bytes;
+use protocol::envelope::{DecodeLimits, Push, Request};
 use protocol::socketio::{self, AckPayload, EnginePacket, PacketType};
-use protocol::ws::{self, Message, MessageDecoder};
+use protocol::{CloseCode, ErrorCode};
 
-use crate::auth::{ClientInfo, Identity};
-use crate::conn::Conn;
+use crate::config::EngineConfig;
 use crate::frames::socketio_frame;
-use crate::shard::Shard;
 
-fn limits(shard: &Shard) -> DecodeLimits {
-    let cfg = &shard.shared.config;
+/// The decoding bounds of a Socket.IO connection.
+pub(crate) fn limits(config: &EngineConfig) -> DecodeLimits {
     DecodeLimits {
-        max_message_bytes: cfg.max_message_bytes,
-        max_depth: cfg.max_json_depth,
+        max_message_bytes: config.max_message_bytes,
+        max_depth: config.max_json_depth,
         max_resume_rooms: 0,
     }
 }
 
-/// What the pre-registration handshake produced.
-pub(crate) struct Connected {
-    pub(crate) stream: TcpStream,
-    pub(crate) leftover: Vec<u8>,
-    pub(crate) identity: Identity,
+/// What one Engine.IO packet from the client asks for.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// A request, mapped to its native form (the ack id is the request id).
+    Request(Request),
+    /// A frame to send back at once (the pong to a ping).
+    Answer(Bytes),
+    /// A packet that was refused: counted as invalid and answered with this frame.
+    Refused(Bytes),
+    /// The client is leaving: close normally.
+    Close,
+    /// Nothing to do.
+    Nothing,
 }
 
-/// Most bytes buffered from a socket before its CONNECT: a CONNECT packet with the longest token
-/// accepted (8 KiB) fits with room to spare, and an unauthenticated socket holds no more.
-const MAX_BEFORE_CONNECT: usize = 16 * 1024;
-
-/// After the 101: sends the Engine.IO open packet and waits (at most `http_head_timeout`, like a
-/// request head) for the Socket.IO CONNECT on `/`, whose auth payload (or the `token` query
-/// parameter) must hold a valid access token; at most [`MAX_BEFORE_CONNECT`] bytes are buffered
-/// meanwhile. On failure a CONNECT_ERROR is sent and `None` returned.
-pub(crate) async fn handshake(
-    shard: &Rc<Shard>,
-    mut stream: TcpStream,
-    query_token: Option<String>,
-    client: ClientInfo<'_>,
-) -> Option<Connected> {
-    let cfg = &shard.shared.config;
-    let heartbeat = u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(25_000);
-    let sid = format!("s{}{:x}", shard.shared.instance, shard.next_conn_id());
-    let open = socketio::encode_open(
-        &sid,
-        heartbeat,
-        heartbeat + 10_000,
-        cfg.max_message_bytes as u64,
-    );
-    let (result, _) = stream.write_all(socketio_frame(&open)).await;
-    result.ok()?;
-    let mut decoder = MessageDecoder::new();
-    let mut pending: Vec<u8> = Vec::new();
-    let wait_ms = u64::try_from(cfg.http_head_timeout.as_millis()).unwrap_or(10_000);
-    let deadline = crate::clock::now_ms() + wait_ms;
-    loop {
-        // Parse what we have.
-        let mut offset = 0;
-        while offset < pending.len() {
-            let decoded = decoder
-                .decode(&mut pending[offset..], MAX_BEFORE_CONNECT)
-                .ok()?;
-            if decoded.consumed == 0 {
-                break;
-            }
-            offset += decoded.consumed;
-            let Some(Message::Text(text)) = decoded.message else {
-                continue;
-            };
-            let text = std::str::from_utf8(text.as_bytes()).ok()?.to_owned();
-            let Ok(EnginePacket::Message(inner)) = socketio::parse_engine_packet(&text) else {
-                continue;
-            };
-            let packet = match socketio::parse_socket_packet(inner) {
-                Ok(p) if p.kind == PacketType::Connect => p,
-                Ok(_) => continue,
-                Err(_) => {
-                    refuse(&mut stream, "invalid namespace").await;
-                    return None;
-                }
-            };
-            let token =
-                socketio::connect_token(&packet, &limits(shard)).or_else(|| query_token.clone());
-            let verified = match token {
-                Some(token) => shard.shared.auth.verify_access(&token, &client),
-                None => Err(crate::auth::AuthFailure::Missing),
-            };
-            match verified {
-                Ok(identity) => {
-                    let leftover = pending[offset..].to_vec();
-                    return Some(Connected {
-                        stream,
-                        leftover,
-                        identity,
-                    });
-                }
-                Err(reason) => {
-                    shard.shared.metrics.auth_failure(reason);
-                    shard.shared.metrics.connect("unauthorized");
-                    refuse(&mut stream, "unauthorized").await;
-                    return None;
-                }
-            }
-        }
-        pending.drain(..offset);
-        let remaining = deadline.saturating_sub(crate::clock::now_ms());
-        if remaining == 0 || pending.len() > MAX_BEFORE_CONNECT {
-            return None;
-        }
-        let read = monoio::time::timeout(
-            Duration::from_millis(remaining),
-            shard.buffers.read_ready(&stream, false),
-        );
-        let Ok(Ok(buf)) = read.await else { return None };
-        let eof = buf.is_empty();
-        pending.extend_from_slice(&buf);
-        shard.buffers.put(buf);
-        if eof {
-            return None;
-        }
-    }
-}
-
-/// Sends CONNECT_ERROR and a close frame.
-pub(crate) async fn refuse(stream: &mut TcpStream, message: &str) {
-    let mut out = socketio_frame(&socketio::encode_connect_error(message)).to_vec();
-    ws::encode_close(&mut out, protocol::CloseCode::POLICY);
-    let _ = stream.write_all(out).await;
-}
-
-/// Queues the CONNECT acknowledgement (written once the initial rooms are joined).
-pub(crate) fn on_connected(shard: &Rc<Shard>, conn: &Rc<Conn>) {
-    shard.writer.enqueue(
-        conn,
-        &socketio_frame(&socketio::encode_connect_ok(
-            &conn.session(&shard.shared.instance),
-        )),
-    );
-}
-
-/// One Engine.IO packet from the client.
-pub(crate) fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, bytes: &[u8]) {
+/// Decodes one Engine.IO packet from the client (a WebSocket text message).
+pub(crate) fn decode(bytes: &[u8], limits: &DecodeLimits) -> Incoming {
     let Ok(text) = std::str::from_utf8(bytes) else {
-        return;
+        return Incoming::Nothing;
     };
     match socketio::parse_engine_packet(text) {
-        Ok(EnginePacket::Ping(payload)) => {
-            shard
-                .writer
-                .enqueue(conn, &socketio_frame(&format!("3{payload}")));
-        }
+        Ok(EnginePacket::Ping(payload)) => Incoming::Answer(socketio_frame(&format!("3{payload}"))),
         Ok(
             EnginePacket::Pong(_) | EnginePacket::Noop | EnginePacket::Open | EnginePacket::Upgrade,
-        ) => {}
-        Ok(EnginePacket::Close) => shard.writer.close(conn, protocol::CloseCode::NORMAL),
+        ) => Incoming::Nothing,
+        Ok(EnginePacket::Close) => Incoming::Close,
         Ok(EnginePacket::Message(inner)) => match socketio::parse_socket_packet(inner) {
             Ok(packet) => match packet.kind {
-                PacketType::Event => match socketio::decode_event(&packet, &limits(shard)) {
-                    Ok(request) => crate::ws::handle_request(shard, conn, request),
-                    Err(e) => {
-                        shard.shared.metrics.message_in("invalid");
-                        fail(shard, conn, e.ack_id, e.code, &e.message);
-                    }
+                PacketType::Event => match socketio::decode_event(&packet, limits) {
+                    Ok(request) => Incoming::Request(request),
+                    Err(e) => Incoming::Refused(failure(e.ack_id, e.code, &e.message)),
                 },
-                PacketType::Disconnect => shard.writer.close(conn, protocol::CloseCode::NORMAL),
-                _ => {}
+                PacketType::Disconnect => Incoming::Close,
+                _ => Incoming::Nothing,
             },
-            Err(e) => {
-                shard.shared.metrics.message_in("invalid");
-                fail(shard, conn, None, ErrorCode::InvalidMessage, &e.to_string());
-            }
+            Err(e) => Incoming::Refused(failure(None, ErrorCode::InvalidMessage, &e.to_string())),
         },
-        Err(_) => {
-            shard.shared.metrics.message_in("invalid");
-            fail(
-                shard,
-                conn,
-                None,
-                ErrorCode::InvalidMessage,
-                "malformed Engine.IO packet",
-            );
-        }
+        Err(_) => Incoming::Refused(failure(
+            None,
+            ErrorCode::InvalidMessage,
+            "malformed Engine.IO packet",
+        )),
     }
 }
 
-fn fail(shard: &Rc<Shard>, conn: &Rc<Conn>, ack: Option<u64>, code: ErrorCode, message: &str) {
+/// The close code a client's Engine.IO close or Socket.IO DISCONNECT is answered with.
+pub(crate) const CLIENT_CLOSE: CloseCode = CloseCode::NORMAL;
+
+/// A failed event: its ack, or an `error` event when the client asked for no ack.
+pub(crate) fn failure(ack: Option<u64>, code: ErrorCode, message: &str) -> Bytes {
     match ack {
-        Some(id) => shard.writer.enqueue(
-            conn,
-            &socketio_frame(&socketio::encode_ack(
-                id,
-                &AckPayload::Failed { code, message },
-            )),
-        ),
-        None => shard.writer.enqueue(
-            conn,
-            &socketio_frame(&socketio::encode_error_event(code, message)),
-        ),
+        Some(id) => socketio_frame(&socketio::encode_ack(
+            id,
+            &AckPayload::Failed { code, message },
+        )),
+        None => socketio_frame(&socketio::encode_error_event(code, message)),
     }
 }
 
-/// Sends an ack when the event asked for one.
-pub(crate) fn send_ack(
-    shard: &Rc<Shard>,
-    conn: &Rc<Conn>,
-    ack: Option<u64>,
-    payload: &AckPayload<'_>,
-) {
-    if let Some(id) = ack {
-        shard
-            .writer
-            .enqueue(conn, &socketio_frame(&socketio::encode_ack(id, payload)));
-    }
+/// The CONNECT acknowledgement for session `sid`.
+pub(crate) fn connected(sid: &str) -> Bytes {
+    socketio_frame(&socketio::encode_connect_ok(sid))
 }
 
-/// Maps a native answer to its Socket.IO form.
-pub(crate) fn send_push(shard: &Rc<Shard>, conn: &Rc<Conn>, push: &Push<'_>) {
+/// An ack, when the event asked for one.
+pub(crate) fn ack(ack: Option<u64>, payload: &AckPayload<'_>) -> Option<Bytes> {
+    ack.map(|id| socketio_frame(&socketio::encode_ack(id, payload)))
+}
+
+/// The Socket.IO form of a native answer or push; `None` for those it has none of (SPEC §8 maps
+/// four events only: no welcome, history, resume or refresh).
+pub(crate) fn push(push: &Push<'_>) -> Option<Bytes> {
     match push {
-        Push::Error { id, code, message } => fail(shard, conn, *id, *code, message),
-        Push::Ack { id } | Push::JoinReply { id, .. } => {
-            send_ack(shard, conn, *id, &AckPayload::Ok);
+        Push::Error { id, code, message } => Some(failure(*id, *code, message)),
+        Push::Ack { id } | Push::JoinReply { id, .. } => ack(*id, &AckPayload::Ok),
+        Push::PublishReply { id, seq } => ack(*id, &AckPayload::Published { seq: *seq }),
+        Push::PresenceReply { id, presence } => ack(*id, &AckPayload::Presence(presence)),
+        Push::Kicked { room, reason } => {
+            Some(socketio_frame(&socketio::encode_kicked_event(room, reason)))
         }
-        Push::PublishReply { id, seq } => {
-            send_ack(shard, conn, *id, &AckPayload::Published { seq: *seq });
-        }
-        Push::PresenceReply { id, presence } => {
-            send_ack(shard, conn, *id, &AckPayload::Presence(presence));
-        }
-        Push::Kicked { room, reason } => shard.writer.enqueue(
-            conn,
-            &socketio_frame(&socketio::encode_kicked_event(room, reason)),
-        ),
-        // No Socket.IO form (SPEC §8 maps four events only).
-        _ => {}
+        _ => None,
     }
 }
