@@ -26,6 +26,7 @@ mod net;
 mod pending;
 mod room;
 pub mod rooms;
+mod router;
 mod routes;
 mod session;
 mod shard;

@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::clock::now_ms;
-use crate::msg::ShardMsg;
 use crate::shard::Shard;
 use crate::sys::ReadySet;
 
@@ -30,7 +29,7 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
         }
         send_due(&shard);
         crate::home::flush_presence(&shard);
-        pump(&shard);
+        crate::router::pump(&shard);
         let now = now_ms();
         if now.saturating_sub(last_scan) < 250 {
             continue;
@@ -44,7 +43,7 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
             .shared
             .sweep_ips(scans.wrapping_mul(shard.shared.config.shards) + shard.id);
         crate::session::scan(&shard, now);
-        pump(&shard);
+        crate::router::pump(&shard);
     }
 }
 
@@ -79,7 +78,7 @@ pub(crate) async fn reader(shard: Rc<Shard>) {
             for &id in &tokens {
                 if let Some(conn) = shard.conn(id) {
                     crate::session::on_readable(&shard, &conn);
-                    pump(&shard);
+                    crate::router::pump(&shard);
                 }
             }
             if !ReadySet::batch_full(&tokens) {
@@ -92,7 +91,7 @@ pub(crate) async fn reader(shard: Rc<Shard>) {
 }
 
 /// Handles the messages of the shard's mailbox and outbox forever: after each one, what it made
-/// the shard send itself (see [`pump`]).
+/// the shard send itself (see [`crate::router::pump`]).
 pub(crate) async fn dispatcher(shard: Rc<Shard>) {
     let mailbox = &shard.shared.mailboxes[shard.id];
     loop {
@@ -104,12 +103,12 @@ pub(crate) async fn dispatcher(shard: Rc<Shard>) {
             mailbox.poll_ready(cx)
         })
         .await;
-        pump(&shard);
+        crate::router::pump(&shard);
         let mut handled = 0i64;
         while let Some(msg) = mailbox.pop() {
             handled += 1;
-            handle(&shard, msg);
-            pump(&shard);
+            crate::router::handle(&shard, msg);
+            crate::router::pump(&shard);
             // Let connections and writers run between long bursts.
             if handled % 256 == 0 {
                 shard.shared.metrics.queue_depth(shard.id, -256);
@@ -120,28 +119,6 @@ pub(crate) async fn dispatcher(shard: Rc<Shard>) {
         shard.shared.metrics.queue_depth(shard.id, -handled);
         if shard.stopping.get() && shard.conns.borrow().is_empty() && mailbox.len() == 0 {
             return;
-        }
-    }
-}
-
-/// Handles every message the shard sent itself, in order, until none is left (handling one may
-/// send more).
-pub(crate) fn pump(shard: &Rc<Shard>) {
-    while let Some(msg) = shard.next_local() {
-        handle(shard, msg);
-    }
-}
-
-/// Hands one message to its owner.
-fn handle(shard: &Rc<Shard>, msg: ShardMsg) {
-    match msg {
-        ShardMsg::Room(msg) => crate::home::handle(shard, msg),
-        ShardMsg::Conn(msg) => crate::session::handle(shard, msg),
-        ShardMsg::Shutdown => {
-            shard.stopping.set(true);
-            if let Some(w) = shard.stop_waker.borrow_mut().take() {
-                w.wake();
-            }
         }
     }
 }

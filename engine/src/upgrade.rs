@@ -253,6 +253,7 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, request: Up
                 id: conn_id,
             };
             crate::session::run(&shard, accepted);
+            crate::router::pump(&shard);
         }
         None => {
             let query_token = token;
@@ -279,6 +280,7 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, request: Up
                         id: conn_id,
                     };
                     crate::session::run(&shard, accepted);
+                    crate::router::pump(&shard);
                 }
                 Err(refused) => {
                     metrics.connect(cap_refusal(refused).metric);
