@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 
-use monoio::net::TcpStream;
+use crate::transport::{Stream, Transport};
 
 /// Size of the buffers a shard lends for reads and writes.
 pub(crate) const BUFFER_SIZE: usize = 16 * 1024;
@@ -44,13 +44,13 @@ impl BufferPool {
     /// head right after the accept), one wasted syscall where they have not.
     pub(crate) async fn read_ready(
         &self,
-        stream: &TcpStream,
+        stream: &Stream,
         eager: bool,
     ) -> std::io::Result<Vec<u8>> {
         let mut wait = !eager;
         loop {
             if wait {
-                stream.readable(false).await?;
+                stream.readable().await?;
             }
             wait = true;
             if let Some(read) = self.try_read(stream) {
@@ -61,9 +61,9 @@ impl BufferPool {
 
     /// One non-blocking read into a pooled buffer: `None` while nothing has arrived. The caller
     /// puts the buffer back.
-    pub(crate) fn try_read(&self, stream: &TcpStream) -> Option<std::io::Result<Vec<u8>>> {
+    pub(crate) fn try_read(&self, stream: &Stream) -> Option<std::io::Result<Vec<u8>>> {
         let mut buf = self.take();
-        match crate::sys::recv_now(stream, &mut buf) {
+        match stream.recv_now(&mut buf) {
             Ok(_) => Some(Ok(buf)),
             Err(e)
                 if matches!(

@@ -3,11 +3,9 @@
 //! idle connection carries this struct, so rarely used state is boxed on first use. Nothing here
 //! decodes client input or writes to the socket.
 
-use std::cell::{Cell, RefCell, UnsafeCell};
+use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
-use std::rc::Rc;
 
-use monoio::net::TcpStream;
 use protocol::CloseCode;
 use protocol::envelope::{RoomId, Value};
 use protocol::ws;
@@ -15,7 +13,8 @@ use protocol::ws;
 use crate::auth::Identity;
 use crate::frames::FrameKey;
 use crate::limits::Bucket;
-use crate::sys::{self, Shutdown};
+use crate::sys::Shutdown;
+use crate::transport::{Stream, Transport};
 use crate::writer::{Outbound, Outlet};
 
 /// A connection id: the shard in the top 16 bits, a per-shard counter below. Never reused.
@@ -45,9 +44,8 @@ pub(crate) struct PendingResume {
 pub(crate) struct Conn {
     pub(crate) id: ConnId,
     pub(crate) key: FrameKey,
-    /// Shared by the shard's reader (non-blocking `recv`) and the writer (io_uring
-    /// writes): see [`crate::sys::stream_ref`].
-    stream: Rc<UnsafeCell<TcpStream>>,
+    /// Read by the shard's reader and written by the writer.
+    stream: Stream,
     /// What waits to be written, and the close decided (see [`crate::writer`]).
     pub(crate) outbound: Outbound,
     /// Whether the peer went away without a close handshake (drives presence's 5 s delay later).
@@ -136,7 +134,7 @@ impl std::fmt::Debug for Conn {
 pub(crate) struct ConnParts {
     pub(crate) id: ConnId,
     pub(crate) key: FrameKey,
-    pub(crate) stream: Rc<UnsafeCell<TcpStream>>,
+    pub(crate) stream: Stream,
     pub(crate) identity: Identity,
     pub(crate) ip: IpAddr,
 }
@@ -238,7 +236,7 @@ impl Conn {
         format!("c_{instance}{:x}", self.id)
     }
 
-    pub(crate) fn stream(&self) -> &Rc<UnsafeCell<TcpStream>> {
+    pub(crate) fn stream(&self) -> &Stream {
         &self.stream
     }
 
@@ -354,7 +352,7 @@ impl Conn {
 
     /// Cuts the socket at once (the reader sees EOF and cleans up).
     pub(crate) fn abort(&self) {
-        sys::shutdown(&self.stream, Shutdown::Both);
+        self.stream.shutdown(Shutdown::Both);
     }
 }
 
@@ -363,7 +361,7 @@ impl Outlet for Conn {
         &self.outbound
     }
 
-    fn socket(&self) -> &Rc<UnsafeCell<TcpStream>> {
+    fn socket(&self) -> &Stream {
         &self.stream
     }
 

@@ -6,8 +6,6 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
 use protocol::ErrorCode;
 use protocol::http::{
     ChunkedDecoder, HttpError, HttpLimits, RequestHead, parse_request_head, write_error,
@@ -17,6 +15,7 @@ use protocol::http::{
 use crate::net::request_client_ip;
 use crate::routes::{HttpRequest, HttpResponse, Routed};
 use crate::shard::Shard;
+use crate::transport::{Stream, Transport};
 use crate::upgrade::{Upgrade, upgrade};
 
 /// How long a keep-alive connection may sit between requests (a request, once its first byte is
@@ -34,8 +33,7 @@ const ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
 /// idle for [`IDLE_TIMEOUT`]. Until it is an authenticated WebSocket the connection holds a
 /// [`PendingSlot`] of its peer's address (for a trusted proxy, of the forwarded client, taken at
 /// the upgrade request).
-pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
+pub(crate) async fn serve(shard: Rc<Shard>, stream: Stream, peer: SocketAddr) {
     let cfg = &shard.shared.config;
     let from_proxy = cfg
         .trusted_proxies
@@ -46,7 +44,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
         match shard.shared.pending_enter(peer.ip()) {
             Some(taken) => slot = Some(taken),
             None => {
-                refuse_pending(&shard, &mut stream, None).await;
+                refuse_pending(&shard, &stream, None).await;
                 return;
             }
         }
@@ -58,7 +56,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
     loop {
         if data.is_empty() {
             let idle_until = crate::clock::monotonic_us().saturating_add(micros(IDLE_TIMEOUT));
-            if !read_more(&shard, &mut stream, &mut data, idle_until).await {
+            if !read_more(&shard, &stream, &mut data, idle_until).await {
                 return;
             }
         }
@@ -68,12 +66,12 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
             match parse_request_head(&data, &limits) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {
-                    if !read_more(&shard, &mut stream, &mut data, head_until).await {
+                    if !read_more(&shard, &stream, &mut data, head_until).await {
                         return;
                     }
                 }
                 Err(e) => {
-                    refuse_request(&mut stream, &e).await;
+                    refuse_request(&stream, &e).await;
                     return;
                 }
             }
@@ -100,21 +98,21 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
                         data.drain(..used);
                     }
                     Err(e) => {
-                        refuse_request(&mut stream, &e).await;
+                        refuse_request(&stream, &e).await;
                         return;
                     }
                 }
                 if decoder.is_done() {
                     break;
                 }
-                if !read_more(&shard, &mut stream, &mut data, body_until).await {
+                if !read_more(&shard, &stream, &mut data, body_until).await {
                     return;
                 }
             }
             chunked_body = Some(decoder.into_body());
         } else {
             while data.len() < head.content_length {
-                if !read_more(&shard, &mut stream, &mut data, body_until).await {
+                if !read_more(&shard, &stream, &mut data, body_until).await {
                     return;
                 }
             }
@@ -137,7 +135,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketA
                 None => match shard.shared.pending_enter(ip) {
                     Some(slot) => slot,
                     None => {
-                        refuse_pending(&shard, &mut stream, Some(&request_id)).await;
+                        refuse_pending(&shard, &stream, Some(&request_id)).await;
                         return;
                     }
                 },
@@ -198,7 +196,7 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// Answers a request that cannot be served (a bad head or body) and closes.
-async fn refuse_request(stream: &mut TcpStream, e: &HttpError) {
+async fn refuse_request(stream: &Stream, e: &HttpError) {
     let status = e.status();
     let code = match e {
         HttpError::BodyTooLarge(_) | HttpError::HeadTooLarge(_) | HttpError::TooManyHeaders(_) => {
@@ -212,7 +210,7 @@ async fn refuse_request(stream: &mut TcpStream, e: &HttpError) {
 }
 
 /// Answers a connection past `max_pending_per_ip` with 429 and closes it.
-async fn refuse_pending(shard: &Shard, stream: &mut TcpStream, request_id: Option<&str>) {
+async fn refuse_pending(shard: &Shard, stream: &Stream, request_id: Option<&str>) {
     shard.shared.metrics.rate_limited("pending_per_ip");
     let mut headers = vec![("Retry-After", "1")];
     if let Some(id) = request_id {
@@ -232,7 +230,7 @@ async fn refuse_pending(shard: &Shard, stream: &mut TcpStream, request_id: Optio
 
 /// Reads what arrives into `data`, waiting until `until` ([`crate::clock::monotonic_us`]) at most;
 /// false at the end of the stream, on an error, or past `until`.
-async fn read_more(shard: &Shard, stream: &mut TcpStream, data: &mut Vec<u8>, until: u64) -> bool {
+async fn read_more(shard: &Shard, stream: &Stream, data: &mut Vec<u8>, until: u64) -> bool {
     let left = until.saturating_sub(crate::clock::monotonic_us());
     if left == 0 {
         return false;

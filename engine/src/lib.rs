@@ -34,6 +34,7 @@ mod shared;
 mod sio;
 pub(crate) mod sys;
 mod tasks;
+mod transport;
 mod upgrade;
 mod writer;
 

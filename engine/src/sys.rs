@@ -147,19 +147,14 @@ impl ReadySet {
         self.watcher.readable(false).await
     }
 
-    /// Adds a connection's stream under `token`.
-    pub(crate) fn add(
-        &self,
-        stream: &Rc<UnsafeCell<TcpStream>>,
-        token: u64,
-    ) -> std::io::Result<()> {
-        let fd: RawFd = std::os::fd::AsRawFd::as_raw_fd(stream_ref(stream));
+    /// Adds a connection's socket `fd` under `token` (its owner keeps it open while it is in).
+    pub(crate) fn add(&self, fd: RawFd, token: u64) -> std::io::Result<()> {
         let mut event = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
             u64: token,
         };
         // SAFETY: `epoll_ctl` reads the event struct we pass for the duration of the call; both
-        // descriptors are open (the set's own, and the stream's, kept by the `Rc`).
+        // descriptors are open (the set's own, and the connection's, kept by its `Conn`).
         let rc = unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, &raw mut event) };
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
@@ -169,8 +164,7 @@ impl ReadySet {
 
     /// Removes a connection's stream (before its socket is shut, so that a level-triggered end of
     /// stream is not reported over and over).
-    pub(crate) fn remove(&self, stream: &Rc<UnsafeCell<TcpStream>>) {
-        let fd: RawFd = std::os::fd::AsRawFd::as_raw_fd(stream_ref(stream));
+    pub(crate) fn remove(&self, fd: RawFd) {
         // SAFETY: as in `add`; the event argument may be null for EPOLL_CTL_DEL (Linux 2.6.9+).
         // An error (the stream was never added) changes nothing.
         let _ =

@@ -154,7 +154,11 @@ pub(crate) async fn shard_main(shard: Rc<Shard>, listener: monoio::net::TcpListe
             accepted = listener.accept() => {
                 match accepted {
                     Ok((stream, peer)) => {
-                        monoio::spawn(crate::http::serve(shard.clone(), stream, peer));
+                        monoio::spawn(crate::http::serve(
+                            shard.clone(),
+                            crate::transport::Stream::tcp(stream),
+                            peer,
+                        ));
                     }
                     Err(e) => {
                         log::warn!("shard {}: accept failed: {e}", shard.id);

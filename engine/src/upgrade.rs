@@ -7,8 +7,6 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
 use protocol::ErrorCode;
 use protocol::http::{RequestHead, write_error};
 use protocol::socketio::{self, EnginePacket, PacketType};
@@ -21,6 +19,7 @@ use crate::frames::{Dialect, socketio_frame};
 use crate::net::request_client_ip;
 use crate::shard::Shard;
 use crate::shared::{CapRefusal, PendingSlot};
+use crate::transport::{Stream, Transport};
 
 struct Refusal {
     status: u16,
@@ -66,12 +65,7 @@ fn origin_allowed(shard: &Shard, head: &RequestHead) -> bool {
     }
 }
 
-async fn respond_refusal(
-    mut stream: TcpStream,
-    r: &Refusal,
-    request_id: &str,
-    extra: &[(&str, &str)],
-) {
+async fn respond_refusal(stream: Stream, r: &Refusal, request_id: &str, extra: &[(&str, &str)]) {
     let mut headers = vec![("X-Request-Id", request_id)];
     headers.extend_from_slice(extra);
     let mut out = Vec::new();
@@ -91,7 +85,7 @@ pub(crate) struct Upgrade {
     pub(crate) slot: PendingSlot,
 }
 
-pub(crate) async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, request: Upgrade) {
+pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) {
     let Upgrade {
         peer,
         head,
@@ -261,7 +255,7 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, request: Up
             else {
                 return;
             };
-            let mut stream = connected.stream;
+            let stream = connected.stream;
             drop(slot);
             match shard.shared.admit(
                 ip,
@@ -284,7 +278,7 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, request: Up
                 }
                 Err(refused) => {
                     metrics.connect(cap_refusal(refused).metric);
-                    refuse_socketio(&mut stream, cap_refusal(refused).message).await;
+                    refuse_socketio(&stream, cap_refusal(refused).message).await;
                 }
             }
         }
@@ -310,7 +304,7 @@ fn cap_refusal(refused: CapRefusal) -> Refusal {
 
 /// What the pre-registration handshake produced.
 struct Connected {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Stream,
     pub(crate) leftover: Vec<u8>,
     pub(crate) identity: Identity,
 }
@@ -325,7 +319,7 @@ const MAX_BEFORE_CONNECT: usize = 16 * 1024;
 /// meanwhile. On failure a CONNECT_ERROR is sent and `None` returned.
 async fn socketio_handshake(
     shard: &Rc<Shard>,
-    mut stream: TcpStream,
+    stream: Stream,
     query_token: Option<String>,
     client: ClientInfo<'_>,
 ) -> Option<Connected> {
@@ -338,7 +332,7 @@ async fn socketio_handshake(
         heartbeat + 10_000,
         cfg.max_message_bytes as u64,
     );
-    let (result, _) = stream.write_all(socketio_frame(&open)).await;
+    let (result, _) = stream.write_all(socketio_frame(&open).to_vec()).await;
     result.ok()?;
     let mut decoder = MessageDecoder::new();
     let mut pending: Vec<u8> = Vec::new();
@@ -366,7 +360,7 @@ async fn socketio_handshake(
                 Ok(p) if p.kind == PacketType::Connect => p,
                 Ok(_) => continue,
                 Err(_) => {
-                    refuse_socketio(&mut stream, "invalid namespace").await;
+                    refuse_socketio(&stream, "invalid namespace").await;
                     return None;
                 }
             };
@@ -388,7 +382,7 @@ async fn socketio_handshake(
                 Err(reason) => {
                     shard.shared.metrics.auth_failure(reason);
                     shard.shared.metrics.connect("unauthorized");
-                    refuse_socketio(&mut stream, "unauthorized").await;
+                    refuse_socketio(&stream, "unauthorized").await;
                     return None;
                 }
             }
@@ -413,7 +407,7 @@ async fn socketio_handshake(
 }
 
 /// Sends CONNECT_ERROR and a close frame.
-async fn refuse_socketio(stream: &mut TcpStream, message: &str) {
+async fn refuse_socketio(stream: &Stream, message: &str) {
     let mut out = socketio_frame(&socketio::encode_connect_error(message)).to_vec();
     ws::encode_close(&mut out, protocol::CloseCode::POLICY);
     let _ = stream.write_all(out).await;

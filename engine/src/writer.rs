@@ -10,7 +10,7 @@
 //! allocation per frame beyond the queue's growth, no syscall per frame. It knows a connection
 //! only through [`Outlet`]; it must not decode input or know rooms.
 
-use std::cell::{Cell, RefCell, UnsafeCell};
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -18,7 +18,6 @@ use std::sync::atomic::Ordering;
 use std::task::Waker;
 use std::time::Duration;
 
-use monoio::net::TcpStream;
 use protocol::CloseCode;
 use protocol::ws;
 
@@ -26,7 +25,8 @@ use crate::buffers::BufferPool;
 use crate::clock::{monotonic_us, monotonic_us32};
 use crate::config::EngineConfig;
 use crate::metrics::Metrics;
-use crate::sys::{self, Shutdown};
+use crate::sys::Shutdown;
+use crate::transport::{Stream, Transport};
 
 /// First capacity of a connection's outbound buffer (it grows by doubling while frames wait).
 const FIRST_OUT_CAPACITY: usize = 512;
@@ -103,8 +103,8 @@ impl Outbound {
 pub(crate) trait Outlet {
     /// Its outbound side.
     fn outbound(&self) -> &Outbound;
-    /// The socket, shared with the shard's reader (see [`sys::stream_ref`]).
-    fn socket(&self) -> &Rc<UnsafeCell<TcpStream>>;
+    /// Its transport, shared with the shard's reader.
+    fn socket(&self) -> &Stream;
     /// Whether it speaks Socket.IO (an Engine.IO close packet precedes the close frame).
     fn speaks_socketio(&self) -> bool;
     /// A write failed: the peer is gone without a close handshake.
@@ -328,7 +328,7 @@ impl<C: Outlet + 'static> Writer<C> {
         let conn = conn.clone();
         monoio::spawn(async move {
             monoio::time::sleep(grace).await;
-            sys::shutdown(conn.socket(), Shutdown::Both);
+            conn.socket().shutdown(Shutdown::Both);
         });
     }
 
@@ -391,7 +391,7 @@ impl<C: Outlet + 'static> Writer<C> {
             } else if out.len() > DIRECT_SEND_MAX {
                 Err(std::io::ErrorKind::WouldBlock.into())
             } else {
-                sys::send_now(conn.socket(), &out)
+                conn.socket().send_now(&out)
             }
         };
         match sent {
@@ -409,7 +409,7 @@ impl<C: Outlet + 'static> Writer<C> {
                     drop(out);
                     outbound.writing.set(WriteState::Idle);
                     if outbound.closing().is_some() {
-                        sys::shutdown(conn.socket(), Shutdown::Write);
+                        conn.socket().shutdown(Shutdown::Write);
                     }
                     return;
                 }
@@ -487,7 +487,7 @@ async fn write_loop<C: Outlet + 'static>(writer: Rc<Writer<C>>, conn: Rc<C>) {
             break;
         }
         let len = buf.len() as u64;
-        let (result, written) = sys::write_all(conn.socket(), buf).await;
+        let (result, written) = conn.socket().write_all(buf).await;
         writer.buffers.put(written);
         if result.is_err() {
             failed = true;
@@ -501,7 +501,7 @@ async fn write_loop<C: Outlet + 'static>(writer: Rc<Writer<C>>, conn: Rc<C>) {
     if failed {
         conn.write_failed();
     } else if outbound.closing().is_some() {
-        sys::shutdown(conn.socket(), Shutdown::Write);
+        conn.socket().shutdown(Shutdown::Write);
     }
 }
 

@@ -11,7 +11,6 @@ use membership::{join_initial_rooms, leave_msg, leave_room, leave_room_later, se
 use ops::handle_request;
 use reply::{send, send_error, send_history};
 
-use std::cell::UnsafeCell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
@@ -22,7 +21,6 @@ use crate::conn::{Conn, ConnId};
 use crate::msg::{ConnMsg, Reply};
 use crate::shard::Shard;
 
-use monoio::net::TcpStream;
 use protocol::compression::{ZstdError, compressed_bound, is_zstd};
 use protocol::envelope::{DecodeLimits, decode_request};
 use protocol::ws::{self, Message, MessageDecoder};
@@ -31,11 +29,11 @@ use crate::auth::Identity;
 use crate::conn::{ConnParts, PartialRead, shard_of};
 use crate::frames::Delivery;
 use crate::frames::Dialect;
-use crate::sys;
+use crate::transport::{Stream, Transport};
 
 /// An upgraded, authenticated, admitted connection.
 pub(crate) struct Accepted {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Stream,
     /// Bytes the client sent right after the upgrade request.
     pub(crate) leftover: Vec<u8>,
     pub(crate) identity: Identity,
@@ -58,13 +56,10 @@ pub(crate) fn run(shard: &Rc<Shard>, accepted: Accepted) {
         replaced,
         id,
     } = accepted;
-    // One handle on the stream, shared by the shard's reader and the writer (see
-    // `sys::stream_ref`).
-    let raw: Rc<UnsafeCell<TcpStream>> = Rc::new(UnsafeCell::new(stream));
     let conn = Rc::new(Conn::new(ConnParts {
         id,
         key: dialect.key(),
-        stream: raw,
+        stream,
         identity,
         ip,
     }));
@@ -89,7 +84,7 @@ pub(crate) fn run(shard: &Rc<Shard>, accepted: Accepted) {
         shard.writer.enqueue(&conn, &crate::sio::connected(&sid));
     }
     join_initial_rooms(shard, &conn);
-    if let Err(e) = shard.ready_set.add(conn.stream(), conn.id) {
+    if let Err(e) = shard.ready_set.add(conn.stream().raw_fd(), conn.id) {
         log::warn!("shard {}: cannot watch a connection: {e}", shard.id);
         conn.abnormal.set(true);
         cleanup(shard, &conn);
@@ -107,7 +102,7 @@ pub(crate) fn run(shard: &Rc<Shard>, accepted: Accepted) {
 /// Reads what a readable connection holds (one non-blocking `recv` into a pooled buffer) and
 /// handles every whole frame; ends the connection at the end of its stream or on an error.
 pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
-    let Some(read) = shard.buffers.try_read(sys::stream_ref(conn.stream())) else {
+    let Some(read) = shard.buffers.try_read(conn.stream()) else {
         return;
     };
     let Ok(mut buf) = read else {
@@ -173,7 +168,7 @@ pub(crate) fn feed(shard: &Rc<Shard>, conn: &Rc<Conn>, data: &mut [u8]) {
 
 /// The connection's stream has ended: it leaves its shard's reader, then everything else.
 pub(crate) fn finish(shard: &Rc<Shard>, conn: &Rc<Conn>) {
-    shard.ready_set.remove(conn.stream());
+    shard.ready_set.remove(conn.stream().raw_fd());
     cleanup(shard, conn);
 }
 
