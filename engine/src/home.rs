@@ -18,6 +18,7 @@ use crate::msg::{ConnMsg, JoinMsg, Joined, Reply, RoomMsg};
 use crate::room::{Fanout, JoinRequest, NewMessage, OnlineUser, Published, Refused, owner_of};
 use crate::rooms::RoomSettings;
 use crate::shard::Shard;
+use crate::state::Presence;
 
 /// Mailbox messages waiting on a shard above which its presence flushes are put off.
 const PRESENCE_DELAY_BACKLOG: usize = 4096;
@@ -71,7 +72,7 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
 
 /// The connected owner of `room` when it is a personal room.
 fn online_owner(shard: &Shard, room: &RoomId) -> Option<OnlineUser> {
-    owner_of(room).and_then(|owner| shard.shared.online_user(owner))
+    owner_of(room).and_then(|owner| shard.shared.state.online_user(owner))
 }
 
 /// Hands one room's frames to every shard in `targets`.
@@ -145,7 +146,8 @@ fn leave(
 ) {
     // The connection that closed was released before its leaves were sent, so the owner's
     // other connections are what is left.
-    let owner_online = || owner_of(room).is_some_and(|o| shard.shared.online_user(o).is_some());
+    let owner_online =
+        || owner_of(room).is_some_and(|o| shard.shared.state.online_user(o).is_some());
     shard
         .rooms
         .borrow_mut()

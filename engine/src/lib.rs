@@ -32,6 +32,7 @@ mod session;
 mod shard;
 mod shared;
 mod sio;
+mod state;
 pub(crate) mod sys;
 mod tasks;
 mod transport;

@@ -41,7 +41,10 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
         crate::home::expire_history(&shard);
         shard
             .shared
-            .sweep_ips(scans.wrapping_mul(shard.shared.config.shards) + shard.id);
+            .state
+            .local()
+            .ips()
+            .sweep(scans.wrapping_mul(shard.shared.config.shards) + shard.id);
         crate::session::scan(&shard, now);
         crate::router::pump(&shard);
     }

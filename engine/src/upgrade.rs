@@ -18,7 +18,7 @@ use crate::auth::{AuthFailure, ClientInfo, Identity};
 use crate::frames::{Dialect, socketio_frame};
 use crate::net::request_client_ip;
 use crate::shard::Shard;
-use crate::shared::{CapRefusal, PendingSlot};
+use crate::state::{CapRefusal, Counters, PendingSlot};
 use crate::transport::{Stream, Transport};
 
 struct Refusal {
@@ -149,7 +149,7 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) 
         }
     };
     let ip = request_client_ip(peer.ip(), &head, &shard.shared.config.trusted_proxies);
-    if !shard.shared.check_connect_rate(ip) {
+    if !shard.shared.state.connect_allowed(ip) {
         metrics.rate_limited("connect_per_ip");
         let r = refusal(
             429,
@@ -206,6 +206,7 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) 
         Some(identity) => {
             match shard
                 .shared
+                .state
                 .admit(ip, &identity.user_id, &identity.username, conn_id)
             {
                 Ok(replaced) => replaced,
@@ -228,7 +229,7 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) 
     let (result, _) = stream.write_all(accept).await;
     if result.is_err() {
         if let Some(identity) = &identity {
-            shard.shared.release(ip, &identity.user_id, conn_id);
+            shard.shared.state.release(ip, &identity.user_id, conn_id);
         }
         return;
     }
@@ -257,7 +258,7 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) 
             };
             let stream = connected.stream;
             drop(slot);
-            match shard.shared.admit(
+            match shard.shared.state.admit(
                 ip,
                 &connected.identity.user_id,
                 &connected.identity.username,

@@ -20,6 +20,7 @@ use protocol::{CloseCode, ErrorCode};
 use crate::conn::{Conn, ConnId};
 use crate::msg::{ConnMsg, Reply};
 use crate::shard::Shard;
+use crate::state::{Counters, Presence, Resumes};
 
 use protocol::compression::{ZstdError, compressed_bound, is_zstd};
 use protocol::envelope::{DecodeLimits, decode_request};
@@ -295,7 +296,10 @@ pub(crate) fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     let abnormal = conn.abnormal.get() && conn.closing().is_none();
     // Released first: the personal room's home, hearing this connection leave, looks here for
     // the owner's other connections to decide whether the room goes.
-    shard.shared.release(conn.ip, &conn.user_id(), conn.id);
+    shard
+        .shared
+        .state
+        .release(conn.ip, &conn.user_id(), conn.id);
     let rooms: Vec<RoomId> = conn.rooms.borrow().iter().map(|(r, _)| r.clone()).collect();
     for room in &rooms {
         if abnormal {
@@ -318,7 +322,8 @@ pub(crate) fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     if !shard.shared.config.resume_ttl.is_zero() {
         shard
             .shared
-            .store_resumable(&conn.session(&shard.shared.instance), &conn.user_id());
+            .state
+            .remember(&conn.session(&shard.shared.instance), &conn.user_id());
     }
     let metrics = &shard.shared.metrics;
     metrics.connections.fetch_sub(1, Ordering::Relaxed);
@@ -447,6 +452,7 @@ fn deliver(shard: &Rc<Shard>, delivery: &Delivery) {
             let conns = shard.conns.borrow();
             shard
                 .shared
+                .state
                 .user_conns(user)
                 .iter()
                 .filter(|id| shard_of(**id) == shard.id)

@@ -15,6 +15,7 @@ use crate::msg::RoomMsg;
 use crate::room::ResumeFrom;
 use crate::rooms::RoomAccess;
 use crate::shard::Shard;
+use crate::state::Resumes;
 
 use super::membership::{
     dispatch_publish, is_foreign_personal, leave_room, request_join, request_join_from, room_access,
@@ -297,7 +298,7 @@ pub(crate) fn resume(
         );
         return;
     }
-    let valid = shard.shared.take_resumable(session, &conn.user_id());
+    let valid = shard.shared.state.take(session, &conn.user_id());
     let max = shard.shared.config.max_rooms_per_connection as usize;
     let mut results = Vec::new();
     let mut joins = Vec::new();
