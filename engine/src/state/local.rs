@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::{CapRefusal, Counters, Presence, Resumes};
+use super::seams::{CapRefusal, Counters, Presence, Resumes};
 use crate::clock::now_ms;
 use crate::config::{ConflictPolicy, EngineConfig, RateSpec};
 use crate::conn::{ConnId, shard_of};
