@@ -15,7 +15,16 @@
 //! or another member (an admin) needs it. An idle user costs its home nothing.
 
 pub(crate) mod history;
+mod home_room;
 mod presence;
+mod types;
+
+pub(crate) use types::owner_of;
+use types::refused;
+pub(crate) use types::{
+    Fanout, JoinAnswer, JoinRequest, NewMessage, OnlineUser, Published, Recovery, Refused,
+    ResumeFrom, RoomRules,
+};
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -23,316 +32,14 @@ use std::sync::Arc;
 
 use protocol::ErrorCode;
 use protocol::compression::Compressor;
-use protocol::envelope::{MessageRecord, PresenceEntry, PresenceUser, Push, RoomId, Value};
+use protocol::envelope::{MessageRecord, PresenceEntry, PresenceUser, Push, RoomId};
 use protocol::socketio;
 
-use crate::config::{EngineConfig, RateSpec};
 use crate::frames::{Delivery, FRAME_KEYS, FrameKey, Frames};
 use crate::limits::{Bucket, Verdict};
 use crate::rooms::RoomSettings;
-use history::{EvictionOrder, HistoryLedger, HistoryRooms, RoomBounds, RoomHistory, StoredMessage};
-use presence::{PresenceDiff, PresenceTable};
-
-/// What the room core needs of the configuration.
-#[derive(Debug, Clone)]
-pub(crate) struct RoomRules {
-    /// Shards: a room counts its members per shard.
-    pub(crate) shards: usize,
-    /// `max_room_members`, for rooms without settings of their own.
-    pub(crate) max_room_members: u32,
-    /// Joining an unknown room creates it.
-    pub(crate) implicit_rooms: bool,
-    /// `history_size`, `history_room_bytes`, `history_ttl`.
-    pub(crate) history: RoomBounds,
-    /// This shard's share of `history_total_bytes`.
-    pub(crate) history_budget: usize,
-    /// `publish_per_room`.
-    pub(crate) publish_per_room: RateSpec,
-    /// Outbound compression threshold (zstd keys).
-    pub(crate) compression_threshold: usize,
-    /// The most a resume may recover in bytes (half of `max_queued_bytes`).
-    pub(crate) max_recovery_bytes: usize,
-}
-
-impl RoomRules {
-    /// The rules `config` sets, for one of its shards.
-    pub(crate) fn of(config: &EngineConfig) -> Self {
-        Self {
-            shards: config.shards.max(1),
-            max_room_members: config.max_room_members,
-            implicit_rooms: config.implicit_rooms,
-            history: RoomBounds {
-                max_len: config.history_size,
-                max_bytes: config.history_room_bytes,
-                ttl_ms: u64::try_from(config.history_ttl.as_millis()).unwrap_or(u64::MAX),
-            },
-            history_budget: config.history_total_bytes / config.shards.max(1),
-            publish_per_room: config.publish_per_room,
-            compression_threshold: config.compression_threshold,
-            max_recovery_bytes: config.max_queued_bytes / 2,
-        }
-    }
-}
-
-/// A connected user as its personal room's home sees it (SPEC §5: the owner is in the room while
-/// connected, so the home keeps no count of its own for the owner).
-#[derive(Debug, Clone)]
-pub(crate) struct OnlineUser {
-    pub(crate) name: Arc<str>,
-    pub(crate) conns: u32,
-    /// The shards holding its connections, ascending, without repeats.
-    pub(crate) shards: Vec<usize>,
-}
-
-/// Where a resuming client left a room (SPEC §7).
-#[derive(Debug, Clone)]
-pub(crate) struct ResumeFrom {
-    /// The last `seq` the client saw.
-    pub(crate) seq: u64,
-    /// The `epoch` it saw it in.
-    pub(crate) epoch: String,
-    /// For a room the new connection already joined: its join `seq`, past which it is already
-    /// receiving live messages (so recovery stops there: no duplicate).
-    pub(crate) upto: Option<u64>,
-    /// Whether the session was found, unexpired and of the same user.
-    pub(crate) valid: bool,
-}
-
-/// The answer to a resuming join.
-#[derive(Debug)]
-pub(crate) enum Recovery {
-    /// Every missed message, in order.
-    Recovered(Vec<Arc<StoredMessage>>),
-    /// History no longer covers the gap, or the epoch differs: the client must reload.
-    Lost,
-}
-
-/// A connection asking to be counted in a room.
-#[derive(Debug, Clone)]
-pub(crate) struct JoinRequest<'a> {
-    pub(crate) room: &'a RoomId,
-    pub(crate) user: &'a Arc<str>,
-    pub(crate) name: &'a Arc<str>,
-    /// The shard that holds the connection.
-    pub(crate) shard: usize,
-    pub(crate) key: FrameKey,
-    /// Whether the join's answer tells the client the room's presence (an explicit join).
-    pub(crate) wants_presence: bool,
-    /// The connection is already counted (a resume of a room it holds).
-    pub(crate) already: bool,
-    pub(crate) resume: Option<&'a ResumeFrom>,
-    /// A persistent room's current settings (`None` for ephemeral and personal rooms).
-    pub(crate) settings: Option<&'a RoomSettings>,
-}
-
-impl JoinRequest<'_> {
-    /// Whether [`RoomCore::join`] needs to know where a personal room's owner is connected: for
-    /// the owner's own join only when its answer names the room's state, for another user (an
-    /// admin) always; never for other rooms. Asking costs a look into a shared map, which the
-    /// initial join at every connect must not pay.
-    pub(crate) fn needs_owner(&self) -> bool {
-        match owner_of(self.room) {
-            None => false,
-            Some(owner) if owner == &**self.user => self.wants_presence || self.resume.is_some(),
-            Some(_) => true,
-        }
-    }
-}
-
-/// A counted join.
-#[derive(Debug)]
-pub(crate) struct JoinAnswer {
-    /// The room's `seq` when the join was counted.
-    pub(crate) seq: u64,
-    /// The room's epoch as clients see it (empty for a personal room with no state yet).
-    pub(crate) epoch: Arc<str>,
-    /// The room's presence, when asked for.
-    pub(crate) presence: Vec<PresenceEntry>,
-    /// For a resuming join: the missed messages, or that they are lost.
-    pub(crate) recovery: Option<Recovery>,
-}
-
-/// A join refused: the error for the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Refused {
-    pub(crate) code: ErrorCode,
-    pub(crate) message: &'static str,
-}
-
-const fn refused(code: ErrorCode, message: &'static str) -> Refused {
-    Refused { code, message }
-}
-
-/// Frames for every shard in `targets`.
-#[derive(Debug)]
-pub(crate) struct Fanout {
-    pub(crate) targets: Vec<usize>,
-    pub(crate) delivery: Delivery,
-}
-
-/// A message published to a room, before it has a `seq`.
-#[derive(Debug)]
-pub(crate) struct NewMessage<'a> {
-    pub(crate) room: RoomId,
-    /// The publisher's user id and name.
-    pub(crate) user: &'a Arc<str>,
-    pub(crate) name: &'a Arc<str>,
-    pub(crate) data: Value,
-}
-
-/// A message that entered a room.
-#[derive(Debug)]
-pub(crate) struct Published {
-    pub(crate) seq: u64,
-    pub(crate) fanout: Fanout,
-    /// Messages dropped from the shard's histories to keep within its byte budget.
-    pub(crate) evicted: usize,
-}
-
-/// A room as its home shard knows it.
-pub(crate) struct HomeRoom {
-    seq: u64,
-    /// Names this history's lifetime (see [`RoomCore::epoch_name`]).
-    epoch: u64,
-    members: u32,
-    max_members: u32,
-    /// Members per shard: where to deliver.
-    shard_members: Box<[u32]>,
-    /// Members per wire format: what to encode.
-    key_counts: [u32; FRAME_KEYS],
-    presence: PresenceTable,
-    /// Net presence changes since the last flush: user → (name, joined?).
-    /// Boxed, made on the first change: most rooms have none waiting, and every room carries
-    /// this field's size.
-    pending_diff: Option<Box<PresenceDiff>>,
-    /// Listed in `presence_dirty` (once, however long a flush is put off).
-    presence_listed: bool,
-    /// Ephemeral rooms vanish with their last member.
-    ephemeral: bool,
-    /// Presence diffs kept and sent (a persistent room may switch them off).
-    presence_on: bool,
-    /// History kept (a persistent room may switch it off).
-    history_on: bool,
-    /// Made on the first publish: many rooms (every idle personal room) never see one.
-    traffic: Option<Box<Traffic>>,
-}
-
-/// A room's history and publish bucket.
-struct Traffic {
-    history: RoomHistory,
-    /// Tells this room's entry in the shard's eviction order from one of an earlier room of the
-    /// same id.
-    generation: u64,
-    /// Made full on the first publish, which is what a bucket made with the room would be by
-    /// then (it refills up to its capacity).
-    publish_bucket: Bucket,
-}
-
-/// The rooms of one shard, by id. Boxed: the map holds thousands of (personal) rooms, and its
-/// spare buckets stay small.
-type Rooms = HashMap<RoomId, Box<HomeRoom>>;
-
-impl HistoryRooms for Rooms {
-    fn history_of(&mut self, room: &RoomId, generation: u64) -> Option<&mut RoomHistory> {
-        let traffic = self.get_mut(room)?.traffic.as_mut()?;
-        (traffic.generation == generation).then_some(&mut traffic.history)
-    }
-}
-
-impl HomeRoom {
-    fn new(rules: &RoomRules, epoch: u64, ephemeral: bool) -> Self {
-        Self {
-            seq: 0,
-            epoch,
-            members: 0,
-            max_members: rules.max_room_members,
-            shard_members: vec![0; rules.shards].into_boxed_slice(),
-            key_counts: [0; FRAME_KEYS],
-            presence: PresenceTable::default(),
-            pending_diff: None,
-            presence_listed: false,
-            ephemeral,
-            presence_on: true,
-            history_on: true,
-            traffic: None,
-        }
-    }
-
-    /// A persistent room's current settings (they may have changed since the last join).
-    fn apply(&mut self, settings: &RoomSettings) {
-        self.ephemeral = false;
-        self.max_members = settings.max_members;
-        self.presence_on = settings.presence;
-        self.history_on = settings.history;
-        if !settings.history
-            && let Some(traffic) = self.traffic.as_mut()
-        {
-            traffic.history.clear();
-        }
-        if !settings.presence {
-            self.pending_diff = None;
-        }
-    }
-
-    /// The shards that hold members: where a delivery goes.
-    fn member_shards(&self) -> Vec<usize> {
-        self.shard_members
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(|(s, _)| s)
-            .collect()
-    }
-
-    /// Records a presence change; true when the room must be listed for the next flush.
-    fn note_presence(&mut self, user: &Arc<str>, name: &Arc<str>, joined: bool) -> bool {
-        let diff = self.pending_diff.get_or_insert_default();
-        match diff.get(user) {
-            // A join and a leave within one window cancel out.
-            Some((_, was_joined)) if *was_joined != joined => {
-                diff.remove(user);
-            }
-            _ => {
-                diff.insert(user.clone(), (name.clone(), joined));
-            }
-        }
-        !std::mem::replace(&mut self.presence_listed, true)
-    }
-
-    /// The messages kept, oldest first.
-    fn history(&self) -> impl Iterator<Item = &Arc<StoredMessage>> {
-        self.traffic.iter().flat_map(|t| t.history.iter())
-    }
-
-    /// Drops what the room's bounds no longer allow at `now` (before answering from history).
-    fn prune_history(&mut self, now: u64, bounds: RoomBounds) {
-        if let Some(traffic) = self.traffic.as_mut() {
-            traffic.history.prune(bounds, now);
-        }
-    }
-}
-
-/// The owner of `room` when it is a personal room.
-pub(crate) fn owner_of(room: &RoomId) -> Option<&str> {
-    room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX)
-}
-
-/// A room's presence, sorted by user: its counted members, plus a personal room's connected owner.
-fn presence_entries(
-    home: Option<&HomeRoom>,
-    owner: Option<(&str, &OnlineUser)>,
-) -> Vec<PresenceEntry> {
-    let mut list = home.map(|h| h.presence.entries()).unwrap_or_default();
-    if let Some((user, online)) = owner {
-        list.push(PresenceEntry {
-            user: user.to_owned(),
-            name: online.name.to_string(),
-            conns: online.conns,
-        });
-        list.sort_by(|a, b| a.user.cmp(&b.user));
-    }
-    list
-}
+use history::{EvictionOrder, HistoryLedger, RoomHistory, StoredMessage};
+use home_room::{HomeRoom, Rooms, Traffic, presence_entries, recover};
 
 /// The rooms homed on one shard.
 pub(crate) struct RoomCore {
@@ -804,45 +511,6 @@ impl RoomCore {
     /// Whether presence changes wait for a flush.
     pub(crate) fn presence_waiting(&self) -> bool {
         !self.presence_dirty.is_empty()
-    }
-}
-
-/// The messages a resuming client missed in `home`, if history still holds all of them and,
-/// together, no more than `max_bytes` (what is recovered goes to the connection's queue at once:
-/// past half its bound it would close the connection as a slow consumer, so the client is told to
-/// reload instead).
-fn recover(
-    home: &mut HomeRoom,
-    from: &ResumeFrom,
-    epoch: &str,
-    bounds: RoomBounds,
-    max_bytes: usize,
-    now: u64,
-) -> Recovery {
-    if !from.valid || from.epoch != epoch {
-        return Recovery::Lost;
-    }
-    let first = from.seq.saturating_add(1);
-    let last = from.upto.unwrap_or(home.seq).min(home.seq);
-    if first > last {
-        return Recovery::Recovered(Vec::new());
-    }
-    home.prune_history(now, bounds);
-    match home.history().next() {
-        Some(oldest) if oldest.seq <= first => {
-            let missed: Vec<Arc<StoredMessage>> = home
-                .history()
-                .filter(|m| m.seq >= first && m.seq <= last)
-                .cloned()
-                .collect();
-            let bytes: usize = missed.iter().map(|m| m.cost()).sum();
-            if bytes > max_bytes {
-                Recovery::Lost
-            } else {
-                Recovery::Recovered(missed)
-            }
-        }
-        _ => Recovery::Lost,
     }
 }
 

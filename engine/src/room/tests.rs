@@ -9,6 +9,8 @@ use protocol::compression::{Compressor, DEFAULT_LEVEL};
 use protocol::envelope::{Format, Value, decode_value};
 
 use super::*;
+use crate::config::RateSpec;
+use history::RoomBounds;
 
 fn rules() -> RoomRules {
     RoomRules {
