@@ -91,6 +91,8 @@ pub struct Server {
     extra: Vec<String>,
     /// The server's `listening` log line (address, shards, I/O driver, storage).
     pub listening: String,
+    /// Every line the server has written to standard output so far.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -117,12 +119,21 @@ impl Server {
         let mut child = cmd.spawn().expect("spawn ringhub serve");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = lines.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if !sent && line.contains("\"msg\":\"listening\"") {
                     let _ = tx.send(line.clone());
                     sent = true;
+                }
+                // Bounded: a test reads the lines of a few requests, not of a load run.
+                let mut kept = kept
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if kept.len() < 100_000 {
+                    kept.push(line);
                 }
             }
         });
@@ -146,6 +157,7 @@ impl Server {
             flags: all,
             extra: flags.to_vec(),
             listening: line,
+            lines,
         }
     }
 
@@ -167,6 +179,17 @@ impl Server {
             None => storage::Backend::Sqlite { dir: &data },
         };
         storage::open(&backend).expect("open the server's store")
+    }
+
+    /// The log lines written so far that contain every one of `needles`.
+    pub fn log_lines_with(&self, needles: &[&str]) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .cloned()
+            .collect()
     }
 
     /// The server's process id.

@@ -113,6 +113,8 @@ const NO_PERSONAL_ROOM: u64 = u64::MAX - 1;
 /// non-member publish; a client may still pipeline `join` and `publish` without waiting.
 #[derive(Debug)]
 pub(crate) struct HeldPublish {
+    /// The trace of the request that sent it.
+    pub(crate) trace: u64,
     pub(crate) room: RoomId,
     pub(crate) data: Value,
     pub(crate) id: Option<u64>,

@@ -39,13 +39,14 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
             key,
         } => leave(shard, &room, conn, &user, &name, key),
         RoomMsg::Publish {
+            trace,
             room,
             conn,
             user,
             name,
             data,
             id,
-        } => publish(shard, room, conn, &user, &name, data, id),
+        } => publish(shard, trace, room, conn, &user, &name, data, id),
         RoomMsg::PresenceQuery { room, conn, id } => presence_query(shard, &room, conn, id),
         RoomMsg::HistoryQuery {
             room,
@@ -104,6 +105,16 @@ fn join(shard: &Rc<Shard>, msg: JoinMsg) {
         .rooms
         .borrow_mut()
         .join(&request, owner.as_ref(), now_ms());
+    if let Ok(answer) = &answer {
+        tracing::debug!(
+            room = %msg.room,
+            conn = msg.conn,
+            user_id = %msg.user,
+            seq = answer.seq,
+            trace_id = %format_args!("{:x}", msg.trace),
+            "joined"
+        );
+    }
     let reply = match answer {
         Ok(answer) => ConnMsg::Joined(Box::new(Joined {
             room: msg.room,
@@ -155,8 +166,10 @@ fn leave(
 }
 
 /// Publishes for a connection; the `reply` (or `error`) goes to it.
+#[allow(clippy::too_many_arguments)]
 fn publish(
     shard: &Rc<Shard>,
+    trace: u64,
     room: RoomId,
     conn: ConnId,
     user: &Arc<str>,
@@ -180,6 +193,14 @@ fn publish(
     match result {
         Ok(published) => {
             let seq = published.seq;
+            tracing::debug!(
+                room = %published.fanout.delivery.room,
+                seq,
+                conn,
+                shards = published.fanout.targets.len(),
+                trace_id = %format_args!("{trace:x}"),
+                "published"
+            );
             deliver(shard, published);
             if id.is_some() {
                 shard.reply(conn, Reply::Published { id, seq });

@@ -168,6 +168,13 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: Stream, peer: SocketAddr) {
                 Err(_) => HttpResponse::error(503, ErrorCode::Unavailable, "try again later"),
             },
         };
+        tracing::debug!(
+            request_id = %request_id,
+            method = %head.method,
+            path = %head.target_for_log(),
+            status = response.status,
+            "http"
+        );
         let keep_alive = head.keep_alive() && !shard.stopping.get();
         let mut out = Vec::with_capacity(256 + response.body.len());
         let mut headers: Vec<(&str, &str)> = response

@@ -37,6 +37,8 @@ pub(crate) enum RoomMsg {
     },
     /// Sequence and fan out.
     Publish {
+        /// The request's trace (see `Shard::begin_trace`).
+        trace: u64,
         room: RoomId,
         conn: ConnId,
         user: Arc<str>,
@@ -78,6 +80,8 @@ pub(crate) enum RoomMsg {
 
 /// A join as its home receives it.
 pub(crate) struct JoinMsg {
+    /// The request's trace (see `Shard::begin_trace`; 0 for the joins at connect).
+    pub(crate) trace: u64,
     pub(crate) room: RoomId,
     pub(crate) conn: ConnId,
     pub(crate) user: Arc<str>,

@@ -30,6 +30,9 @@ pub(crate) struct Shard {
     /// The rooms homed here, fed by the room side (`home`).
     pub(crate) rooms: RefCell<RoomCore>,
     next_conn: Cell<u64>,
+    /// The trace id of the request being handled (see [`Shard::begin_trace`]).
+    trace: Cell<u64>,
+    next_trace: Cell<u64>,
     pub(crate) compressor: RefCell<Compressor>,
     pub(crate) decompressor: RefCell<Decompressor>,
     /// Scratch buffers for reads and for writes the kernel could not take at once.
@@ -72,6 +75,8 @@ impl Shard {
             rooms: RefCell::new(rooms),
             delayed: RefCell::new(VecDeque::new()),
             next_conn: Cell::new(1),
+            trace: Cell::new(0),
+            next_trace: Cell::new(1),
             compressor: RefCell::new(Compressor::new(DEFAULT_LEVEL).map_err(zstd)?),
             decompressor: RefCell::new(Decompressor::new().map_err(zstd)?),
             buffers,
@@ -82,6 +87,22 @@ impl Shard {
             outbox: RefCell::new(VecDeque::new()),
             outbox_waker: RefCell::new(None),
         })
+    }
+
+    /// Starts the trace of a client request: a fresh id (the shard in the top 16 bits), carried
+    /// by the messages the request makes and named `trace_id` in their log lines, so that one
+    /// request can be followed from the connection's shard to the room's home.
+    pub(crate) fn begin_trace(&self) -> u64 {
+        let n = self.next_trace.get();
+        self.next_trace.set(n + 1);
+        let trace = ((self.id as u64) << 48) | (n & 0xFFFF_FFFF_FFFF);
+        self.trace.set(trace);
+        trace
+    }
+
+    /// The trace of the request being handled (0 outside one).
+    pub(crate) fn trace(&self) -> u64 {
+        self.trace.get()
     }
 
     pub(crate) fn next_conn_id(&self) -> ConnId {

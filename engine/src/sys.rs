@@ -212,9 +212,9 @@ pub fn disable_transparent_huge_pages() {
     // calling process's memory descriptor; no memory of ours is passed.
     let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     if rc != 0 {
-        log::warn!(
-            "cannot disable transparent huge pages: {}",
-            std::io::Error::last_os_error()
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot disable transparent huge pages"
         );
     }
 }
@@ -226,9 +226,9 @@ pub fn lower_thread_priority() {
     // thread on Linux (threads have their own nice value). No memory is passed.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
     if rc != 0 {
-        log::warn!(
-            "cannot lower the hashing threads' priority: {}",
-            std::io::Error::last_os_error()
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot lower the hashing threads' priority"
         );
     }
 }

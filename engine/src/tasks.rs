@@ -72,7 +72,7 @@ pub(crate) async fn reader(shard: Rc<Shard>) {
     let mut tokens = Vec::new();
     loop {
         if let Err(e) = shard.ready_set.wait().await {
-            log::error!("shard {}: waiting for readable connections: {e}", shard.id);
+            tracing::error!(shard = shard.id, error = %e, "waiting for readable connections");
             monoio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
@@ -164,7 +164,7 @@ pub(crate) async fn shard_main(shard: Rc<Shard>, listener: monoio::net::TcpListe
                         ));
                     }
                     Err(e) => {
-                        log::warn!("shard {}: accept failed: {e}", shard.id);
+                        tracing::warn!(shard = shard.id, error = %e, "accept failed");
                         monoio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }

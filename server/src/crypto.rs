@@ -107,7 +107,7 @@ pub fn sha256(data: &[u8]) -> Vec<u8> {
 /// that mints secrets, so it aborts rather than hand out predictable values.
 pub fn random_fill(buf: &mut [u8]) {
     if let Err(e) = getrandom::fill(buf) {
-        log::error!("the OS random generator failed: {e}");
+        tracing::error!(error = %e, "the OS random generator failed");
         std::process::abort();
     }
 }

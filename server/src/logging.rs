@@ -1,112 +1,230 @@
-//! Structured logs (SPEC §11): one JSON object per line on standard output (or a readable line
-//! with `log_format = "pretty"`). Callers never pass secrets; tokens are masked before logging.
+//! Structured logs (SPEC §11) through `tracing`: one JSON object per line on standard output (or a
+//! readable line with `log_format = "pretty"`), with the fields of the event and of every span it
+//! happens in flattened into the line — `request_id` (an HTTP request's span), `user_id`,
+//! `session_id`, `room`, `conn`, `trace_id` (a WebSocket request followed from the connection's
+//! shard to the room's home). Hand-written as a `tracing-subscriber` layer rather than its `fmt`
+//! JSON formatter, which nests span fields under `span` and names the message `message`: the
+//! lines keep the flat shape operators and the tests read (`"msg":"listening"`). Callers never
+//! pass secrets; tokens are masked before logging.
 
-use std::io::Write;
+use std::fmt::Write as _;
+use std::io::Write as _;
 
-use log::{Level, LevelFilter, Log, Metadata, Record};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::registry::LookupSpan;
 
-thread_local! {
-    /// The request a blocking thread is working for, added to its log lines.
-    static REQUEST_ID: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+/// The target of the lines written at every level (`listening`, `stopped`): operators and tools
+/// wait for them even with `log_level = "warn"`.
+pub const LIFECYCLE: &str = "ringhub::lifecycle";
+
+/// A field's value as it is written: JSON numbers and booleans stay unquoted.
+#[derive(Debug, Clone)]
+enum FieldValue {
+    Text(String),
+    Raw(String),
 }
 
-/// Runs `work` with `request_id` attached to every log line it writes on this thread.
-pub fn with_request_id<T>(request_id: String, work: impl FnOnce() -> T) -> T {
-    REQUEST_ID.with(|r| *r.borrow_mut() = Some(request_id));
-    let out = work();
-    REQUEST_ID.with(|r| *r.borrow_mut() = None);
-    out
+/// Fields in the order recorded; a later value of the same name replaces the earlier one.
+#[derive(Debug, Default, Clone)]
+struct Fields(Vec<(&'static str, FieldValue)>);
+
+impl Fields {
+    fn set(&mut self, name: &'static str, value: FieldValue) {
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
 }
 
-struct Logger {
-    pretty: bool,
-    level: LevelFilter,
+/// Collects fields, keeping `message` apart.
+struct Collect<'a> {
+    fields: &'a mut Fields,
+    message: Option<&'a mut String>,
 }
 
-impl Log for Logger {
-    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.level() <= self.level
+impl Visit for Collect<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.text(field, value.to_owned());
     }
 
-    fn log(&self, record: &Record<'_>) {
-        if !self.enabled(record.metadata()) {
-            return;
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.text(field, format!("{value:?}"));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.fields
+            .set(field.name(), FieldValue::Raw(value.to_string()));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.fields
+            .set(field.name(), FieldValue::Raw(value.to_string()));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.fields
+            .set(field.name(), FieldValue::Raw(value.to_string()));
+    }
+}
+
+impl Collect<'_> {
+    fn text(&mut self, field: &Field, value: String) {
+        match (&mut self.message, field.name()) {
+            (Some(message), "message") => **message = value,
+            (_, name) => self.fields.set(name, FieldValue::Text(value)),
         }
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        let level = record.level().as_str().to_ascii_lowercase();
-        let msg = record.args().to_string();
-        let line = if self.pretty {
-            format!("{ts} {level:5} {} {msg}\n", record.target())
-        } else {
-            #[derive(serde::Serialize)]
-            struct Line<'a> {
-                ts: u128,
-                level: &'a str,
-                target: &'a str,
-                #[serde(skip_serializing_if = "Option::is_none")]
-                request_id: Option<&'a str>,
-                msg: &'a str,
+    }
+}
+
+/// The layer that writes every event as one line.
+struct Lines {
+    pretty: bool,
+    max: Level,
+}
+
+impl<S> Layer<S> for Lines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, _: Context<'_, S>) -> bool {
+        *metadata.level() <= self.max || metadata.target() == LIFECYCLE
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        // Lifecycle lines are info: never filter below it globally (callsites this layer does not
+        // enable are still disabled once, at registration).
+        Some(tracing::level_filters::LevelFilter::from_level(
+            self.max.max(Level::INFO),
+        ))
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
+        let mut fields = Fields::default();
+        attrs.record(&mut Collect {
+            fields: &mut fields,
+            message: None,
+        });
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(fields);
+        }
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: Context<'_, S>,
+    ) {
+        if let Some(span) = ctx.span(id)
+            && let Some(fields) = span.extensions_mut().get_mut::<Fields>()
+        {
+            values.record(&mut Collect {
+                fields,
+                message: None,
+            });
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let mut fields = Fields::default();
+        // Span fields first, outermost to innermost; the event's own fields last (they win).
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope.from_root() {
+                if let Some(span_fields) = span.extensions().get::<Fields>() {
+                    for (name, value) in &span_fields.0 {
+                        fields.set(name, value.clone());
+                    }
+                }
             }
-            let request_id = REQUEST_ID.with(|r| r.borrow().clone());
-            let mut s = sonic_rs::to_string(&Line {
-                ts,
-                level: &level,
-                target: record.target(),
-                request_id: request_id.as_deref(),
-                msg: &msg,
-            })
-            .unwrap_or_default();
-            s.push('\n');
-            s
-        };
+        }
+        let mut message = String::new();
+        event.record(&mut Collect {
+            fields: &mut fields,
+            message: Some(&mut message),
+        });
+        let metadata = event.metadata();
+        let line = render(self.pretty, metadata, &message, &fields);
         let _ = std::io::stdout().lock().write_all(line.as_bytes());
     }
+}
 
-    fn flush(&self) {
-        let _ = std::io::stdout().lock().flush();
+fn level_name(level: &Level) -> &'static str {
+    match *level {
+        Level::ERROR => "error",
+        Level::WARN => "warn",
+        Level::INFO => "info",
+        Level::DEBUG => "debug",
+        Level::TRACE => "trace",
     }
 }
 
-/// Installs the logger once (later calls are ignored).
-pub fn init(pretty: bool, level: &str) {
-    let level = match level {
-        "error" => LevelFilter::Error,
-        "warn" => LevelFilter::Warn,
-        "debug" => LevelFilter::Debug,
-        "trace" => LevelFilter::Trace,
-        _ => LevelFilter::Info,
-    };
-    if log::set_boxed_logger(Box::new(Logger { pretty, level })).is_ok() {
-        log::set_max_level(level);
-    }
-    let _ = Level::Info;
+fn json_string(text: &str) -> String {
+    sonic_rs::to_string(text).unwrap_or_else(|_| "\"\"".to_owned())
 }
 
-/// Writes one JSON event line with extra fields (used for the `listening` line tests read).
-pub fn event(msg: &str, fields: &[(&str, &str)]) {
+fn render(
+    pretty: bool,
+    metadata: &tracing::Metadata<'_>,
+    message: &str,
+    fields: &Fields,
+) -> String {
     let ts = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
-    let mut map: Vec<(String, String)> =
-        vec![("level".into(), "info".into()), ("msg".into(), msg.into())];
-    map.extend(
-        fields
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-    );
-    let mut line = format!("{{\"ts\":{ts}");
-    for (k, v) in &map {
-        line.push(',');
-        line.push_str(&sonic_rs::to_string(k).unwrap_or_default());
-        line.push(':');
-        line.push_str(&sonic_rs::to_string(v).unwrap_or_default());
+    let level = level_name(metadata.level());
+    let mut line = String::with_capacity(128);
+    if pretty {
+        let _ = write!(line, "{ts} {level:5} {} {message}", metadata.target());
+        for (name, value) in &fields.0 {
+            let (FieldValue::Text(v) | FieldValue::Raw(v)) = value;
+            let _ = write!(line, " {name}={v}");
+        }
+    } else {
+        let _ = write!(
+            line,
+            "{{\"ts\":{ts},\"level\":\"{level}\",\"target\":{},\"msg\":{}",
+            json_string(metadata.target()),
+            json_string(message)
+        );
+        for (name, value) in &fields.0 {
+            let _ = match value {
+                FieldValue::Text(v) => write!(line, ",{}:{}", json_string(name), json_string(v)),
+                FieldValue::Raw(v) => write!(line, ",{}:{v}", json_string(name)),
+            };
+        }
+        line.push('}');
     }
-    line.push_str("}\n");
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(line.as_bytes());
-    let _ = out.flush();
+    line.push('\n');
+    line
+}
+
+/// Installs the logger once (later calls are ignored): JSON lines, or readable ones with
+/// `pretty`, at `level` (`error` … `trace`; anything else is `info`).
+pub fn init(pretty: bool, level: &str) {
+    let max = match level {
+        "error" => Level::ERROR,
+        "warn" => Level::WARN,
+        "debug" => Level::DEBUG,
+        "trace" => Level::TRACE,
+        _ => Level::INFO,
+    };
+    let _ = tracing_subscriber::registry()
+        .with(Lines { pretty, max })
+        .try_init();
+}
+
+/// Runs `work` inside the span of HTTP request `request_id`: every line it logs carries the id.
+pub fn with_request_id<T>(request_id: &str, work: impl FnOnce() -> T) -> T {
+    tracing::info_span!("request", request_id = %request_id).in_scope(work)
 }
 
 /// An e-mail as logs show it: first character, `***`, the domain (`a***@example.com`).
@@ -117,5 +235,54 @@ pub fn mask_email(email: &str) -> String {
             format!("{first}***@{domain}")
         }
         None => "***".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_flatten_span_and_event_fields_and_keep_numbers_bare() {
+        let mut fields = Fields::default();
+        fields.set("request_id", FieldValue::Text("r-1".into()));
+        fields.set("conn", FieldValue::Raw("42".into()));
+        fields.set("request_id", FieldValue::Text("r-2".into()));
+        let metadata = tracing::Metadata::new(
+            "event",
+            "ringhub::test",
+            Level::INFO,
+            None,
+            None,
+            None,
+            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
+            tracing::metadata::Kind::EVENT,
+        );
+        let line = render(false, &metadata, "said \"hi\"", &fields);
+        let tail = line.split_once(",\"level\"").map(|(_, t)| t).unwrap();
+        assert_eq!(
+            tail,
+            ":\"info\",\"target\":\"ringhub::test\",\"msg\":\"said \\\"hi\\\"\",\"request_id\":\"r-2\",\"conn\":42}\n"
+        );
+        let pretty = render(true, &metadata, "said", &fields);
+        assert!(
+            pretty.ends_with(" info  ringhub::test said request_id=r-2 conn=42\n"),
+            "{pretty}"
+        );
+    }
+
+    struct NoCallsite;
+    static CALLSITE: NoCallsite = NoCallsite;
+    impl tracing::callsite::Callsite for NoCallsite {
+        fn set_interest(&self, _: tracing::subscriber::Interest) {}
+        fn metadata(&self) -> &tracing::Metadata<'_> {
+            unreachable!("not registered")
+        }
+    }
+
+    #[test]
+    fn e_mails_are_masked() {
+        assert_eq!(mask_email("alice@example.com"), "a***@example.com");
+        assert_eq!(mask_email("nope"), "***");
     }
 }

@@ -42,7 +42,7 @@ impl Pool {
                     work(&jobs);
                 });
             if let Err(e) = spawned {
-                log::error!("cannot start a {name} thread: {e}");
+                tracing::error!(pool = name, error = %e, "cannot start a blocking thread");
             }
         }
         Self { name, queue }
@@ -69,7 +69,7 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
             return;
         };
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-            log::error!("a blocking job panicked");
+            tracing::error!("a blocking job panicked");
         }
     }
 }

@@ -388,7 +388,7 @@ impl RoomService {
                     }
                 }
             }
-            Err(e) => log::warn!("cannot reload admins: {e}"),
+            Err(e) => tracing::warn!(error = %e, "cannot reload admins"),
         }
     }
 
@@ -464,7 +464,7 @@ impl RoomService {
         if let Some(control) = self.control.get() {
             control.reauthorize(&new.id);
         }
-        log::info!("room created room={} user_id={}", record.id, who.user_id);
+        tracing::info!(room = %record.id, user_id = %who.user_id, "room created");
         HttpResponse::json(201, room_body(&record, self.online(&new.id)))
     }
 
@@ -521,11 +521,7 @@ impl RoomService {
             control.delete_room(room);
         }
         self.directory.remove(room.as_str());
-        log::info!(
-            "room deleted room={} user_id={}",
-            room.as_str(),
-            who.user_id
-        );
+        tracing::info!(room = %room, user_id = %who.user_id, "room deleted");
         HttpResponse::json(204, Vec::new())
     }
 

@@ -194,7 +194,7 @@ impl Routes {
     ) -> Routed {
         let (sender, pending) = pending_response();
         let request_id = request.request_id.to_owned();
-        match pool.submit(move || sender.send(crate::logging::with_request_id(request_id, job))) {
+        match pool.submit(move || sender.send(crate::logging::with_request_id(&request_id, job))) {
             Ok(()) => Routed::Later(pending),
             Err(_) => Routed::Now(unavailable()),
         }
@@ -275,10 +275,10 @@ impl Routes {
         self.metrics.token_validation.observe("", started.elapsed());
         verified.map_err(|reason| {
             self.metrics.engine.auth_failure(reason);
-            log::info!(
-                "request_id={} auth failed reason={}",
-                request.request_id,
-                reason.label()
+            tracing::info!(
+                request_id = %request.request_id,
+                reason = reason.label(),
+                "auth failed"
             );
             invalid_token()
         })
@@ -667,7 +667,7 @@ fn readiness(accounts: &Accounts) -> HttpResponse {
             format!(r#"{{"status":"ready","storage":"{}"}}"#, store.kind()).into_bytes(),
         ),
         Err(e) => {
-            log::warn!("readiness: storage fails: {e}");
+            tracing::warn!(error = %e, "readiness: storage fails");
             HttpResponse::json(
                 503,
                 format!(

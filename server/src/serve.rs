@@ -225,21 +225,17 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), String> {
     let handle = engine.control();
     ctrlc::set_handler(move || handle.shutdown())
         .map_err(|e| format!("cannot install signal handler: {e}"))?;
-    let addr = engine.local_addr().to_string();
-    let shards = config.shards.to_string();
-    let revoked = loaded.to_string();
-    crate::logging::event(
-        "listening",
-        &[
-            ("addr", &addr),
-            ("shards", &shards),
-            ("driver", engine.driver()),
-            ("storage", store.kind()),
-            ("revocations_loaded", &revoked),
-            ("version", env!("CARGO_PKG_VERSION")),
-        ],
+    tracing::info!(
+        target: crate::logging::LIFECYCLE,
+        addr = %engine.local_addr(),
+        shards = config.shards,
+        driver = engine.driver(),
+        storage = store.kind(),
+        revocations_loaded = loaded,
+        version = env!("CARGO_PKG_VERSION"),
+        "listening"
     );
     engine.wait();
-    crate::logging::event("stopped", &[]);
+    tracing::info!(target: crate::logging::LIFECYCLE, "stopped");
     Ok(())
 }

@@ -10,5 +10,6 @@ mod gateway;
 mod gateway_limits;
 mod history;
 mod http;
+mod logs;
 mod rooms;
 mod third_party;

@@ -86,6 +86,7 @@ pub(crate) fn request_join_from(
     }
     let home = shard.shared.home_of(&room);
     let msg = RoomMsg::Join(JoinMsg {
+        trace: shard.trace(),
         room,
         conn: conn.id,
         user: conn.user_id(),
@@ -190,9 +191,15 @@ pub(crate) fn leave_room(shard: &Rc<Shard>, conn: &Rc<Conn>, room: &RoomId) -> b
 
 /// Sends a publish to its room's home, which sequences it.
 pub(crate) fn dispatch_publish(shard: &Rc<Shard>, conn: &Conn, publish: HeldPublish) {
-    let HeldPublish { room, data, id } = publish;
+    let HeldPublish {
+        trace,
+        room,
+        data,
+        id,
+    } = publish;
     let home = shard.shared.home_of(&room);
     let msg = RoomMsg::Publish {
+        trace,
         room,
         conn: conn.id,
         user: conn.user_id(),

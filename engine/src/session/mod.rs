@@ -86,7 +86,7 @@ pub(crate) fn run(shard: &Rc<Shard>, accepted: Accepted) {
     }
     join_initial_rooms(shard, &conn);
     if let Err(e) = shard.ready_set.add(conn.stream().raw_fd(), conn.id) {
-        log::warn!("shard {}: cannot watch a connection: {e}", shard.id);
+        tracing::warn!(shard = shard.id, conn = conn.id, error = %e, "cannot watch a connection");
         conn.abnormal.set(true);
         cleanup(shard, &conn);
         return;

@@ -130,6 +130,8 @@ pub(crate) fn rate_n(
 pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Request) {
     let metrics = &shard.shared.metrics;
     metrics.message_in(request.op.name());
+    let trace = shard.begin_trace();
+    trace_request(conn, &request, trace);
     let id = request.id;
     match request.op {
         Op::Ping => send(shard, conn, &Push::Pong { id }),
@@ -200,7 +202,14 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                 return;
             }
             if membership == Some(Membership::Pending) {
-                if !conn.hold_publish(HeldPublish { room, data, id }) {
+                let trace = shard.trace();
+                let held = HeldPublish {
+                    trace,
+                    room,
+                    data,
+                    id,
+                };
+                if !conn.hold_publish(held) {
                     send_error(
                         shard,
                         conn,
@@ -211,7 +220,14 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                 }
                 return;
             }
-            dispatch_publish(shard, conn, HeldPublish { room, data, id });
+            let trace = shard.trace();
+            let publish = HeldPublish {
+                trace,
+                room,
+                data,
+                id,
+            };
+            dispatch_publish(shard, conn, publish);
         }
         Op::Presence { room } => {
             if !may_read_room(shard, conn, &room, "query_per_connection", id) {
@@ -346,4 +362,27 @@ pub(crate) fn resume(
     for (room, from) in joins {
         request_join_from(shard, conn, room, None, false, Some(from));
     }
+}
+
+/// The debug line of a client request: who asked what, and its trace id (which the room's home
+/// repeats). Its fields are computed only when debug lines are on.
+fn trace_request(conn: &Conn, request: &Request, trace: u64) {
+    let room = match &request.op {
+        Op::Join { room }
+        | Op::Leave { room }
+        | Op::Publish { room, .. }
+        | Op::Presence { room }
+        | Op::History { room, .. } => Some(room.as_str()),
+        _ => None,
+    };
+    tracing::debug!(
+        conn = conn.id,
+        user_id = %conn.user_id(),
+        session_id = %conn.identity.borrow().session_id,
+        op = request.op.name(),
+        room,
+        request = request.id,
+        trace_id = %format_args!("{trace:x}"),
+        "request"
+    );
 }

@@ -136,7 +136,7 @@ pub(crate) fn send_stored(shard: &Rc<Shard>, conn: &Rc<Conn>, message: &StoredMe
     };
     let cfg = &shard.shared.config;
     let Some(payload) = message.encoded(format, cfg.max_json_depth) else {
-        log::error!("history message seq={} does not transcode", message.seq);
+        tracing::error!(seq = message.seq, "a history message does not transcode");
         return;
     };
     let frame = frame_payload(

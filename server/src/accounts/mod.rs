@@ -176,7 +176,7 @@ fn invalid_token() -> HttpResponse {
 pub fn storage_failure(e: &StoreError) -> HttpResponse {
     match e {
         StoreError::Unavailable(why) => {
-            log::warn!("storage unavailable: {why}");
+            tracing::warn!(error = %why, "storage unavailable");
             let mut r = error(
                 503,
                 ErrorCode::Unavailable,
@@ -186,7 +186,7 @@ pub fn storage_failure(e: &StoreError) -> HttpResponse {
             r
         }
         other => {
-            log::error!("storage failure: {other}");
+            tracing::error!(error = %other, "storage failure");
             error(500, ErrorCode::Internal, "internal error")
         }
     }
@@ -400,7 +400,7 @@ impl Accounts {
             Ok(true) => None,
             Ok(false) => self.replay(scope, key, body),
             Err(e) => {
-                log::warn!("idempotency record not stored: {e}");
+                tracing::warn!(error = %e, "idempotency record not stored");
                 None
             }
         }
@@ -425,7 +425,7 @@ impl Accounts {
         let hash = match bcrypt::hash(password, self.config.bcrypt_cost) {
             Ok(h) => h,
             Err(e) => {
-                log::error!("bcrypt failed: {e}");
+                tracing::error!(error = %e, "bcrypt failed");
                 return error(500, ErrorCode::Internal, "internal error");
             }
         };
@@ -448,10 +448,10 @@ impl Accounts {
                     user: self.user_json(&user, email),
                 })
                 .unwrap_or_default();
-                log::info!(
-                    "registered user_id={} email={}",
-                    user.id,
-                    crate::logging::mask_email(email)
+                tracing::info!(
+                    user_id = %user.id,
+                    email = %crate::logging::mask_email(email),
+                    "registered"
                 );
                 StoredAnswer {
                     status: 201,
@@ -537,9 +537,11 @@ impl Accounts {
             };
             self.metrics.auth_failure(reason);
             let locked = self.lockouts.fail(&index, now);
-            log::info!(
-                "login failed reason={reason} email={} locked={locked}",
-                crate::logging::mask_email(email)
+            tracing::info!(
+                reason,
+                email = %crate::logging::mask_email(email),
+                locked,
+                "login failed"
             );
             let answer = StoredAnswer {
                 status: 401,
@@ -582,7 +584,7 @@ impl Accounts {
                 Ok(a) => a,
                 Err(r) => return r,
             };
-        log::info!("login user_id={} session={}", user.id, session.id);
+        tracing::info!(user_id = %user.id, session_id = %session.id, "login");
         self.remember(idempotency, &answer, Some(refresh_hash))
             .unwrap_or_else(|| answer.response())
     }
@@ -602,13 +604,13 @@ impl Accounts {
             .store
             .rehash_password(&user.id, &user.password_hash, &new_hash)
         {
-            Ok(true) => log::info!(
-                "password re-hashed user_id={} cost={}",
-                user.id,
-                self.config.bcrypt_cost
+            Ok(true) => tracing::info!(
+                user_id = %user.id,
+                cost = self.config.bcrypt_cost,
+                "password re-hashed"
             ),
             Ok(false) => {}
-            Err(e) => log::warn!("cannot re-hash password user_id={}: {e}", user.id),
+            Err(e) => tracing::warn!(user_id = %user.id, error = %e, "cannot re-hash password"),
         }
     }
 
@@ -632,7 +634,7 @@ impl Accounts {
                 fingerprint(self.config.binding, &client.info()),
             )
             .map_err(|e| {
-                log::error!("token signing failed: {e}");
+                tracing::error!(error = %e, "token signing failed");
                 error(500, ErrorCode::Internal, "internal error")
             })?;
         let email = self.email_of(user);
@@ -750,10 +752,10 @@ impl Accounts {
             return answer.response();
         }
         self.metrics.auth_failure("refresh_reused");
-        log::warn!(
-            "refresh token reused: revoking user_id={} session={}",
-            session.user_id,
-            session.id
+        tracing::warn!(
+            user_id = %session.user_id,
+            session_id = %session.id,
+            "refresh token reused: the session is revoked"
         );
         if let Err(e) =
             self.revoke_sessions(&session.user_id, std::slice::from_ref(&session.id), now)
@@ -821,10 +823,10 @@ impl Accounts {
                 return storage_failure(&e);
             }
         }
-        log::info!(
-            "logout user_id={} session={}",
-            identity.user_id,
-            identity.session_id
+        tracing::info!(
+            user_id = %identity.user_id,
+            session_id = %identity.session_id,
+            "logout"
         );
         HttpResponse::json(204, Vec::new())
     }
@@ -872,10 +874,10 @@ impl Accounts {
         if let Some(control) = self.control.get() {
             control.close_revoked(&identity.user_id, None, Revoked::Account);
         }
-        log::info!(
-            "logout_all user_id={} sessions={}",
-            identity.user_id,
-            revoked.len()
+        tracing::info!(
+            user_id = %identity.user_id,
+            sessions = revoked.len(),
+            "logout_all"
         );
         HttpResponse::json(204, Vec::new())
     }
@@ -937,7 +939,7 @@ impl Accounts {
         if let Some(control) = self.control.get() {
             control.close_revoked(&user.id, None, Revoked::Account);
         }
-        log::info!("account deleted user_id={}", user.id);
+        tracing::info!(user_id = %user.id, "account deleted");
         HttpResponse::json(204, Vec::new())
     }
 
@@ -1015,7 +1017,7 @@ impl Accounts {
         let hash = match bcrypt::hash(new_password, self.config.bcrypt_cost) {
             Ok(h) => h,
             Err(e) => {
-                log::error!("bcrypt failed: {e}");
+                tracing::error!(error = %e, "bcrypt failed");
                 return error(500, ErrorCode::Internal, "internal error");
             }
         };
@@ -1034,10 +1036,10 @@ impl Accounts {
         if let Err(e) = self.revoke_sessions(&user.id, &others, now) {
             return storage_failure(&e);
         }
-        log::info!(
-            "password changed user_id={} revoked={}",
-            user.id,
-            others.len()
+        tracing::info!(
+            user_id = %user.id,
+            revoked = others.len(),
+            "password changed"
         );
         HttpResponse::json(204, Vec::new())
     }
@@ -1048,7 +1050,7 @@ impl Accounts {
     pub fn erase_refresh_children(&self) {
         let before = now_ms().saturating_sub(ms(self.config.refresh_reuse_interval));
         if let Err(e) = self.store.clear_refresh_children(before) {
-            log::warn!("cannot erase expired refresh pairs: {e}");
+            tracing::warn!(error = %e, "cannot erase expired refresh pairs");
         }
     }
 
