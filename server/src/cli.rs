@@ -1,9 +1,15 @@
-//! The command line of SPEC §1: `serve`, `token`, `migrate`, `check-config`, `user set-role`.
-//! Parses arguments (every `--key value` that is not a command's own option is a configuration
-//! flag), loads the configuration and dispatches. Output goes to the writers it is given.
+//! The command line of SPEC §1 through `clap`: `serve`, `check-config`, `token`, `migrate`,
+//! `user set-role`, `completions`, with help per subcommand and `--version`. Every configuration
+//! key is also a flag of the commands that read the configuration (`--max-message-bytes 131072`,
+//! `--rate-limits.login-per-ip 60/1m`), generated from [`config::keys`] so that no key is
+//! forgotten; the configuration layer, not clap, parses and checks their values. Output goes to
+//! the writers it is given.
 
 use std::io::Write;
 use std::path::PathBuf;
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{Arg, ArgAction, ArgMatches};
 
 use crate::config::{self, Config, ConfigError, secrets};
 
@@ -35,10 +41,10 @@ pub enum Command {
         /// `admin` or `user`.
         role: String,
     },
-    /// `version`, `--version`, `-V`.
-    Version,
-    /// `help`, `--help`, `-h`, or no arguments.
-    Help,
+    /// `completions SHELL`: a completion script on standard output.
+    Completions(clap_complete::Shell),
+    /// Help or version text, already rendered.
+    Print(String),
 }
 
 /// A parsed command line.
@@ -48,106 +54,247 @@ pub struct Invocation {
     pub command: Command,
     /// `--config FILE`.
     pub config_file: Option<PathBuf>,
-    /// Configuration flags, in order.
+    /// Configuration flags as `(--key, value)`, in the order given.
     pub overrides: Vec<(String, String)>,
 }
 
-/// The help text.
-pub const USAGE: &str = "\
-ringhub — accounts and tokens over HTTP, real-time rooms over WebSocket
+/// A command line that cannot run: the message to print, ending in a hint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
 
-USAGE:
-    ringhub serve [--config FILE] [--KEY VALUE ...]   run the server (default 127.0.0.1:8080)
-    ringhub check-config [--config FILE] [...]        validate and print the effective configuration
-    ringhub token --user ID_OR_EMAIL [--ttl 15m]      mint an access token with the configured key
-    ringhub migrate [--config FILE]                   apply database migrations and exit
-    ringhub user set-role EMAIL admin|user            grant or remove the global admin role
-    ringhub version
+const CONFIG_HEADING: &str = "Configuration (every key; `ringhub check-config` shows the effective values)";
 
+const AFTER_HELP: &str = "\
 Every configuration key can be given as a flag (`--max-message-bytes 131072`,
 `--rate-limits.login-per-ip 60/1m`), as an environment variable (`RINGHUB_MAX_MESSAGE_BYTES`,
 `RINGHUB_RATE_LIMITS__LOGIN_PER_IP`) or in the TOML file; flags win over the environment, which
-wins over the file. `ringhub check-config` lists every key with its effective value.
-";
+wins over the file. `ringhub <command> --help` lists the keys with their defaults.";
+
+/// One flag per configuration key: `--rate-limits.login-per-ip`, also spelled with underscores;
+/// a flag without a value means `true`.
+fn config_args() -> Vec<Arg> {
+    config::keys::all()
+        .into_iter()
+        .map(|key| {
+            let long = key.name.replace('_', "-");
+            let default = match (key.name.as_str(), key.default) {
+                ("shards", _) => "default: the number of CPUs".to_owned(),
+                (_, Some(d)) if d.is_empty() => "default: empty".to_owned(),
+                (_, Some(d)) => format!("default: {d}"),
+                (_, None) => "default: unset".to_owned(),
+            };
+            let mut arg = Arg::new(key.name.clone())
+                .long(long.clone())
+                .value_name("VALUE")
+                .num_args(0..=1)
+                .default_missing_value("true")
+                .action(ArgAction::Append)
+                .help(default)
+                .help_heading(CONFIG_HEADING)
+                .hide_short_help(true);
+            if long != key.name {
+                arg = arg.alias(key.name);
+            }
+            arg
+        })
+        .collect()
+}
+
+/// The whole command line, for parsing and for completion scripts.
+pub fn command() -> clap::Command {
+    let keys = config_args();
+    let reads_config = |cmd: clap::Command| cmd.args(keys.iter().cloned());
+    clap::Command::new("ringhub")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Accounts and tokens over HTTP, real-time rooms over WebSocket")
+        .after_help(AFTER_HELP)
+        .subcommand_required(true)
+        .arg_required_else_help(true)
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .value_name("FILE")
+                .global(true)
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("TOML configuration file (or RINGHUB_CONFIG)"),
+        )
+        .subcommand(reads_config(
+            clap::Command::new("serve").about("Run the server (default 127.0.0.1:8080)"),
+        ))
+        .subcommand(reads_config(
+            clap::Command::new("check-config")
+                .about("Validate and print the effective configuration, secrets masked"),
+        ))
+        .subcommand(reads_config(
+            clap::Command::new("token")
+                .about("Mint an access token with the configured signing key")
+                .arg(
+                    Arg::new("user")
+                        .long("user")
+                        .value_name("ID_OR_EMAIL")
+                        .required(true)
+                        .help("The account (an id that names no account is used as given)"),
+                )
+                .arg(
+                    Arg::new("ttl")
+                        .long("ttl")
+                        .value_name("DURATION")
+                        .help("Lifetime such as 15m or 1h (default: access_ttl)"),
+                ),
+        ))
+        .subcommand(reads_config(
+            clap::Command::new("migrate").about("Apply database migrations and exit"),
+        ))
+        .subcommand(
+            clap::Command::new("user")
+                .about("Manage accounts")
+                .subcommand_required(true)
+                .subcommand(reads_config(
+                    clap::Command::new("set-role")
+                        .about("Grant or remove the global admin role")
+                        .arg(Arg::new("email").value_name("EMAIL").required(true))
+                        .arg(
+                            Arg::new("role")
+                                .value_name("ROLE")
+                                .required(true)
+                                .value_parser(["admin", "user"]),
+                        ),
+                )),
+        )
+        .subcommand(
+            clap::Command::new("completions")
+                .about("Print a shell completion script")
+                .arg(
+                    Arg::new("shell")
+                        .value_name("SHELL")
+                        .required(true)
+                        .value_parser(clap::value_parser!(clap_complete::Shell)),
+                ),
+        )
+        .subcommand(clap::Command::new("version").about("Print the version"))
+}
+
+/// The configuration flags of `matches` in the order they were written.
+fn overrides(matches: &ArgMatches) -> Vec<(String, String)> {
+    let mut given = Vec::new();
+    for key in config::keys::all() {
+        // `try_`: commands that read no configuration do not define these flags.
+        let Ok(Some(values)) = matches.try_get_many::<String>(&key.name) else {
+            continue;
+        };
+        let Some(indices) = matches.indices_of(&key.name) else {
+            continue;
+        };
+        let flag = format!("--{}", key.name.replace('_', "-"));
+        for (index, value) in indices.zip(values) {
+            given.push((index, flag.clone(), value.clone()));
+        }
+    }
+    given.sort_by_key(|(index, _, _)| *index);
+    given.into_iter().map(|(_, flag, value)| (flag, value)).collect()
+}
+
+fn context(error: &clap::Error, kind: ContextKind) -> Option<String> {
+    match error.get(kind)? {
+        ContextValue::String(s) => Some(s.clone()),
+        ContextValue::Strings(v) => v.first().cloned(),
+        _ => None,
+    }
+}
+
+/// A clap error as this program says it: an unknown command or configuration key by name,
+/// anything else in clap's words.
+fn usage_error(error: &clap::Error) -> UsageError {
+    let hint = "see `ringhub --help`";
+    match error.kind() {
+        ErrorKind::InvalidSubcommand => {
+            let name = context(error, ContextKind::InvalidSubcommand).unwrap_or_default();
+            UsageError(format!("unknown command `{name}` ({hint})"))
+        }
+        ErrorKind::UnknownArgument => {
+            let flag = context(error, ContextKind::InvalidArg).unwrap_or_default();
+            let flag = flag.split('=').next().unwrap_or_default().to_owned();
+            let key = flag.trim_start_matches('-').replace('-', "_");
+            let suggestion = context(error, ContextKind::SuggestedArg)
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            UsageError(format!(
+                "unknown configuration key `{key}` (from flag {flag}){suggestion} ({hint})"
+            ))
+        }
+        _ => UsageError(
+            error
+                .render()
+                .to_string()
+                .trim_start_matches("error: ")
+                .trim_end()
+                .to_owned(),
+        ),
+    }
+}
 
 /// Parses the arguments after the program name.
-pub fn parse_args(args: &[String]) -> Result<Invocation, String> {
-    let mut positional = Vec::new();
-    let mut config_file = None;
-    let mut overrides = Vec::new();
-    let mut user = None;
-    let mut ttl = None;
-    let mut i = 0;
-    let mut wants_help = false;
-    let mut wants_version = false;
-    while i < args.len() {
-        let arg = &args[i];
-        i += 1;
-        match arg.as_str() {
-            "-h" | "--help" => wants_help = true,
-            "-V" | "--version" => wants_version = true,
-            _ if arg.starts_with("--") => {
-                let (name, value) = match arg.split_once('=') {
-                    Some((n, v)) => (n.to_owned(), v.to_owned()),
-                    None => {
-                        // A flag followed by another flag (or nothing) is a boolean switch.
-                        let value = match args.get(i) {
-                            Some(next) if !next.starts_with("--") => {
-                                i += 1;
-                                next.clone()
-                            }
-                            _ => "true".to_owned(),
-                        };
-                        (arg.clone(), value)
-                    }
-                };
-                match name.as_str() {
-                    "--config" => config_file = Some(PathBuf::from(value)),
-                    "--user" => user = Some(value),
-                    "--ttl" => ttl = Some(value),
-                    _ => overrides.push((name, value)),
-                }
-            }
-            _ if arg.starts_with('-') && arg.len() > 1 => {
-                return Err(format!("unknown option `{arg}`"));
-            }
-            _ => positional.push(arg.clone()),
+pub fn parse_args(args: &[String]) -> Result<Invocation, UsageError> {
+    let matches = match command()
+        .try_get_matches_from(std::iter::once("ringhub".to_owned()).chain(args.iter().cloned()))
+    {
+        Ok(m) => m,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            return Ok(Invocation {
+                command: Command::Print(e.render().to_string()),
+                config_file: None,
+                overrides: Vec::new(),
+            });
         }
-    }
-    let words: Vec<&str> = positional.iter().map(String::as_str).collect();
-    let command = match words.as_slice() {
-        _ if wants_help => Command::Help,
-        _ if wants_version => Command::Version,
-        [] | ["help"] => Command::Help,
-        ["version"] => Command::Version,
-        ["serve"] => Command::Serve,
-        ["check-config"] => Command::CheckConfig,
-        ["migrate"] => Command::Migrate,
-        ["token"] => Command::Token {
-            user: user
-                .take()
-                .ok_or("`ringhub token` needs --user ID_OR_EMAIL")?,
-            ttl: ttl.take(),
-        },
-        ["user", "set-role", email, role] => {
-            if !matches!(*role, "admin" | "user") {
-                return Err(format!("role must be `admin` or `user`, not `{role}`"));
-            }
-            Command::UserSetRole {
-                email: (*email).to_owned(),
-                role: (*role).to_owned(),
-            }
-        }
-        ["user", ..] => return Err("usage: ringhub user set-role EMAIL admin|user".into()),
-        [other, ..] => return Err(format!("unknown command `{other}` (see `ringhub help`)")),
+        Err(e) => return Err(usage_error(&e)),
     };
-    if user.is_some() || ttl.is_some() {
-        return Err("--user and --ttl belong to `ringhub token`".into());
-    }
+    let config_file = matches.get_one::<PathBuf>("config").cloned();
+    let (command, sub) = match matches.subcommand() {
+        Some(("serve", sub)) => (Command::Serve, sub),
+        Some(("check-config", sub)) => (Command::CheckConfig, sub),
+        Some(("migrate", sub)) => (Command::Migrate, sub),
+        Some(("token", sub)) => (
+            Command::Token {
+                user: sub.get_one::<String>("user").cloned().unwrap_or_default(),
+                ttl: sub.get_one::<String>("ttl").cloned(),
+            },
+            sub,
+        ),
+        Some(("user", user)) => match user.subcommand() {
+            Some(("set-role", sub)) => (
+                Command::UserSetRole {
+                    email: sub.get_one::<String>("email").cloned().unwrap_or_default(),
+                    role: sub.get_one::<String>("role").cloned().unwrap_or_default(),
+                },
+                sub,
+            ),
+            _ => return Err(UsageError("usage: ringhub user set-role EMAIL admin|user".into())),
+        },
+        Some(("completions", sub)) => {
+            let shell = sub
+                .get_one::<clap_complete::Shell>("shell")
+                .copied()
+                .unwrap_or(clap_complete::Shell::Bash);
+            (Command::Completions(shell), sub)
+        }
+        Some(("version", sub)) => (
+            Command::Print(format!("ringhub {}\n", env!("CARGO_PKG_VERSION"))),
+            sub,
+        ),
+        _ => (Command::Print(command().render_help().to_string()), &matches),
+    };
     Ok(Invocation {
         command,
         config_file,
-        overrides,
+        overrides: overrides(sub),
     })
 }
 
@@ -165,12 +312,12 @@ pub fn run(
 ) -> i32 {
     let version = env!("CARGO_PKG_VERSION");
     match &inv.command {
-        Command::Help => {
-            let _ = write!(out, "{USAGE}");
+        Command::Print(text) => {
+            let _ = write!(out, "{text}");
             return 0;
         }
-        Command::Version => {
-            let _ = writeln!(out, "ringhub {version}");
+        Command::Completions(shell) => {
+            clap_complete::generate(*shell, &mut command(), "ringhub", out);
             return 0;
         }
         _ => {}
@@ -296,7 +443,7 @@ pub fn run(
                 }
             }
         }
-        Command::CheckConfig | Command::Help | Command::Version => 0,
+        Command::CheckConfig | Command::Print(_) | Command::Completions(_) => 0,
     }
 }
 
@@ -309,9 +456,15 @@ mod tests {
     }
 
     #[test]
-    fn parses_commands_and_config_flags() {
+    fn the_command_line_is_well_formed() {
+        command().debug_assert();
+    }
+
+    #[test]
+    fn parses_commands_and_config_flags_in_order() {
         let inv = parse_args(&args(
-            "serve --config a.toml --listen 127.0.0.1:9 --behind-proxy --shards=2",
+            "serve --config a.toml --listen 127.0.0.1:9 --behind-proxy --shards=2 \
+             --rate_limits.login_per_ip 5/1m --default-rooms a,b",
         ))
         .unwrap();
         assert_eq!(inv.command, Command::Serve);
@@ -321,7 +474,9 @@ mod tests {
             vec![
                 ("--listen".into(), "127.0.0.1:9".into()),
                 ("--behind-proxy".into(), "true".into()),
-                ("--shards".into(), "2".into())
+                ("--shards".into(), "2".into()),
+                ("--rate-limits.login-per-ip".into(), "5/1m".into()),
+                ("--default-rooms".into(), "a,b".into()),
             ]
         );
         let inv = parse_args(&args("token --user alice@example.com --ttl 1h")).unwrap();
@@ -341,23 +496,45 @@ mod tests {
                 role: "admin".into()
             }
         );
-        assert_eq!(parse_args(&[]).unwrap().command, Command::Help);
         assert_eq!(
-            parse_args(&args("serve --help")).unwrap().command,
-            Command::Help
+            parse_args(&args("completions bash")).unwrap().command,
+            Command::Completions(clap_complete::Shell::Bash)
         );
     }
 
     #[test]
+    fn help_and_version_are_printed() {
+        let Command::Print(top) = parse_args(&[]).unwrap().command else {
+            panic!("no help")
+        };
+        assert!(top.contains("check-config") && top.contains("serve"), "{top}");
+        let Command::Print(serve) = parse_args(&args("serve --help")).unwrap().command else {
+            panic!("no help")
+        };
+        assert!(serve.contains("--rate-limits.login-per-ip"), "{serve}");
+        assert!(serve.contains("default: 127.0.0.1:8080"), "{serve}");
+        let Command::Print(version) = parse_args(&args("--version")).unwrap().command else {
+            panic!("no version")
+        };
+        assert_eq!(version.trim(), concat!("ringhub ", env!("CARGO_PKG_VERSION")));
+    }
+
+    #[test]
     fn refuses_bad_usage() {
-        assert!(parse_args(&args("token")).unwrap_err().contains("--user"));
+        assert!(parse_args(&args("token")).unwrap_err().0.contains("--user"));
         assert!(
             parse_args(&args("launch"))
                 .unwrap_err()
+                .0
                 .contains("unknown command `launch`")
         );
         assert!(parse_args(&args("user set-role a@b.c root")).is_err());
         assert!(parse_args(&args("serve --user x")).is_err());
         assert!(parse_args(&args("serve -x")).is_err());
+        let unknown = parse_args(&args("check-config --colour blue")).unwrap_err().0;
+        assert!(
+            unknown.contains("`colour`") && unknown.contains("--colour"),
+            "{unknown}"
+        );
     }
 }

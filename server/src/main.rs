@@ -25,9 +25,7 @@ fn main() {
         Err(message) => {
             let _ = writeln!(
                 std::io::stderr(),
-                "ringhub: {message}\n\n{}",
-                server::cli::USAGE
-            );
+"ringhub: {message}");
             server::cli::EXIT_USAGE
         }
     };

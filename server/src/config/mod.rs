@@ -5,6 +5,7 @@
 //!
 //! This module reads files and the environment it is given; it starts nothing.
 
+pub mod keys;
 mod layers;
 mod net;
 mod raw;
