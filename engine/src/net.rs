@@ -7,12 +7,10 @@ use std::str::FromStr;
 
 use protocol::http::RequestHead;
 
-/// An IPv4 or IPv6 network such as `10.0.0.0/8` or `::1/128` (a bare address is a /32 or /128).
+/// An IPv4 or IPv6 network such as `10.0.0.0/8` or `::1/128` (a bare address is a /32 or /128),
+/// over `ipnet`'s arithmetic; IPv4-mapped IPv6 addresses count as IPv4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(ipnet::IpNet);
 
 impl Cidr {
     /// Whether `ip` is inside this network (IPv4-mapped IPv6 addresses count as IPv4).
@@ -21,45 +19,27 @@ impl Cidr {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&ip)
     }
 }
 
 impl FromStr for Cidr {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        let bad = || format!("`{text}` is not a CIDR such as 10.0.0.0/8 or ::1/128");
-        let (addr, prefix) = text
-            .trim()
-            .split_once('/')
-            .map_or((text.trim(), None), |(a, p)| (a, Some(p)));
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
-            None => max,
+        let text = text.trim();
+        let net = if text.contains('/') {
+            text.parse::<ipnet::IpNet>().ok()
+        } else {
+            text.parse::<IpAddr>().ok().map(ipnet::IpNet::from)
         };
-        Ok(Cidr { addr, prefix })
+        net.map(Cidr)
+            .ok_or_else(|| format!("`{text}` is not a CIDR such as 10.0.0.0/8 or ::1/128"))
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        write!(f, "{}/{}", self.0.addr(), self.0.prefix_len())
     }
 }
 

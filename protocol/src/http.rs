@@ -183,34 +183,32 @@ impl RequestHead {
     }
 }
 
-/// Decodes `%XX` escapes and `+`. `None` on a bad escape or invalid UTF-8.
+/// Decodes a query-string value: `%XX` escapes and `+` as a space. `None` on a bad escape or
+/// invalid UTF-8.
 pub fn percent_decode(input: &str) -> Option<Cow<'_, str>> {
-    if !input.bytes().any(|b| b == b'%' || b == b'+') {
-        return Some(Cow::Borrowed(input));
+    if !input.contains('+') {
+        return percent_decode_path(input);
     }
+    percent_decode_path(&input.replace('+', " ")).map(|s| Cow::Owned(s.into_owned()))
+}
+
+/// Decodes a path segment: `%XX` escapes only (`+` is itself). `None` on a bad escape (a `%`
+/// not followed by two hex digits) or invalid UTF-8. The one percent decoder of the project,
+/// over the `percent-encoding` crate; the strictness (no bad escape kept as written) is ours.
+pub fn percent_decode_path(input: &str) -> Option<Cow<'_, str>> {
     let bytes = input.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                let hi = (hex[0] as char).to_digit(16)?;
-                let lo = (hex[1] as char).to_digit(16)?;
-                out.push(u8::try_from(hi * 16 + lo).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
+    let well_formed = bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok().map(Cow::Owned)
+    percent_encoding::percent_decode_str(input)
+        .decode_utf8()
+        .ok()
 }
 
 /// Parses one request head from the start of `buf`.
@@ -859,5 +857,9 @@ mod tests {
         assert_eq!(percent_decode("a%zz"), None);
         assert_eq!(percent_decode("%ff"), None);
         assert_eq!(percent_decode("a+b%21").as_deref(), Some("a b!"));
+        assert_eq!(percent_decode_path("a+b%21").as_deref(), Some("a+b!"));
+        assert_eq!(percent_decode_path("caf%C3%A9").as_deref(), Some("café"));
+        assert_eq!(percent_decode_path("100%"), None);
+        assert_eq!(percent_decode_path("%C3"), None);
     }
 }

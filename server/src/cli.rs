@@ -63,7 +63,8 @@ pub struct Invocation {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-const CONFIG_HEADING: &str = "Configuration (every key; `ringhub check-config` shows the effective values)";
+const CONFIG_HEADING: &str =
+    "Configuration (every key; `ringhub check-config` shows the effective values)";
 
 const AFTER_HELP: &str = "\
 Every configuration key can be given as a flag (`--max-message-bytes 131072`,
@@ -122,10 +123,9 @@ pub fn command() -> clap::Command {
         .subcommand(reads_config(
             clap::Command::new("serve").about("Run the server (default 127.0.0.1:8080)"),
         ))
-        .subcommand(reads_config(
-            clap::Command::new("check-config")
-                .about("Validate and print the effective configuration, secrets masked"),
-        ))
+        .subcommand(reads_config(clap::Command::new("check-config").about(
+            "Validate and print the effective configuration, secrets masked",
+        )))
         .subcommand(reads_config(
             clap::Command::new("token")
                 .about("Mint an access token with the configured signing key")
@@ -192,7 +192,10 @@ fn overrides(matches: &ArgMatches) -> Vec<(String, String)> {
         }
     }
     given.sort_by_key(|(index, _, _)| *index);
-    given.into_iter().map(|(_, flag, value)| (flag, value)).collect()
+    given
+        .into_iter()
+        .map(|(_, flag, value)| (flag, value))
+        .collect()
 }
 
 fn context(error: &clap::Error, kind: ContextKind) -> Option<String> {
@@ -276,7 +279,11 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, UsageError> {
                 },
                 sub,
             ),
-            _ => return Err(UsageError("usage: ringhub user set-role EMAIL admin|user".into())),
+            _ => {
+                return Err(UsageError(
+                    "usage: ringhub user set-role EMAIL admin|user".into(),
+                ));
+            }
         },
         Some(("completions", sub)) => {
             let shell = sub
@@ -289,13 +296,54 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, UsageError> {
             Command::Print(format!("ringhub {}\n", env!("CARGO_PKG_VERSION"))),
             sub,
         ),
-        _ => (Command::Print(command().render_help().to_string()), &matches),
+        _ => (
+            Command::Print(command().render_help().to_string()),
+            &matches,
+        ),
     };
     Ok(Invocation {
         command,
         config_file,
         overrides: overrides(sub),
     })
+}
+
+/// Why a command failed; each says which exit code it means.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The configuration (or its secrets) is invalid: exit 2.
+    #[error("configuration error: {0}")]
+    Config(#[from] ConfigError),
+    /// An argument's value is invalid: exit 2.
+    #[error("{flag}: {why}")]
+    Argument {
+        /// The flag.
+        flag: &'static str,
+        /// Why.
+        why: String,
+    },
+    /// The server or a service could not start: exit 1.
+    #[error(transparent)]
+    Serve(#[from] crate::serve::ServeError),
+    /// Storage failed while the command ran: exit 1.
+    #[error(transparent)]
+    Storage(#[from] storage::StoreError),
+    /// No account has that e-mail: exit 1.
+    #[error("no account with that e-mail")]
+    NoAccount,
+    /// The token could not be signed: exit 1.
+    #[error("cannot mint token: {0}")]
+    Mint(String),
+}
+
+impl CommandError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Config(_) | Self::Argument { .. } => EXIT_USAGE,
+            _ => EXIT_FAILURE,
+        }
+    }
 }
 
 fn load_config(inv: &Invocation, env: Vec<(String, String)>) -> Result<Config, ConfigError> {
@@ -310,37 +358,39 @@ pub fn run(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> i32 {
+    match execute(inv, env, out) {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(err, "ringhub: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn execute(
+    inv: &Invocation,
+    env: Vec<(String, String)>,
+    out: &mut dyn Write,
+) -> Result<(), CommandError> {
     let version = env!("CARGO_PKG_VERSION");
     match &inv.command {
         Command::Print(text) => {
             let _ = write!(out, "{text}");
-            return 0;
+            return Ok(());
         }
         Command::Completions(shell) => {
             clap_complete::generate(*shell, &mut command(), "ringhub", out);
-            return 0;
+            return Ok(());
         }
         _ => {}
     }
-    let config = match load_config(inv, env) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = writeln!(err, "ringhub: configuration error: {e}");
-            return EXIT_USAGE;
-        }
-    };
+    let config = load_config(inv, env)?;
     let generate = if inv.command == Command::CheckConfig {
         secrets::Generate::Forbidden
     } else {
         secrets::Generate::Allowed
     };
-    let (secrets, notes) = match secrets::resolve(&config, generate) {
-        Ok(resolved) => resolved,
-        Err(e) => {
-            let _ = writeln!(err, "ringhub: configuration error: {e}");
-            return EXIT_USAGE;
-        }
-    };
+    let (secrets, notes) = secrets::resolve(&config, generate)?;
     if inv.command == Command::CheckConfig {
         let _ = writeln!(
             out,
@@ -348,103 +398,53 @@ pub fn run(
             config.mode
         );
         let _ = write!(out, "{}", config.to_masked_toml(&notes));
-        return 0;
+        return Ok(());
     }
-    let Some(secrets) = secrets else {
-        let _ = writeln!(err, "ringhub: secrets are missing");
-        return EXIT_USAGE;
-    };
+    let secrets = secrets.ok_or_else(|| ConfigError("secrets are missing".into()))?;
     match &inv.command {
-        Command::Serve => match crate::serve::serve(&config, &secrets) {
-            Ok(()) => 0,
-            Err(e) => {
-                let _ = writeln!(err, "ringhub: {e}");
-                EXIT_FAILURE
-            }
-        },
+        Command::Serve => crate::serve::serve(&config, &secrets)?,
         Command::Token { user, ttl } => {
-            let ttl = match ttl.as_deref().map(config::parse_duration).transpose() {
-                Ok(ttl) => ttl.unwrap_or(config.access_ttl),
-                Err(e) => {
-                    let _ = writeln!(err, "ringhub: --ttl: {e}");
-                    return EXIT_USAGE;
-                }
+            let ttl = match ttl {
+                Some(text) => config::parse_duration(text)
+                    .map_err(|why| CommandError::Argument { flag: "--ttl", why })?,
+                None => config.accounts.access_ttl,
             };
-            let tokens = match crate::serve::token_service(&config, &secrets) {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = writeln!(err, "ringhub: {e}");
-                    return EXIT_FAILURE;
-                }
-            };
+            let tokens = crate::serve::token_service(&config, &secrets)?;
+            let store = crate::serve::open_store(&config)?;
             // A registered user (by id or e-mail) gets its real id and name; an id that names no
             // account mints a token for that id as given (load tools, tests), an e-mail must exist.
-            let found = match crate::serve::open_store(&config) {
-                Ok(store) => crate::accounts::find_user(&*store, &secrets.blind_index_key, user)
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e),
-            };
-            let (id, name) = match found {
-                Ok(Some(u)) => (u.id, u.username),
-                Ok(None) if !user.contains('@') => (user.clone(), user.clone()),
-                Ok(None) => {
-                    let _ = writeln!(err, "ringhub: no account with that e-mail");
-                    return EXIT_FAILURE;
-                }
-                Err(e) => {
-                    let _ = writeln!(err, "ringhub: {e}");
-                    return EXIT_FAILURE;
-                }
-            };
-            match tokens.mint(&id, &name, "", ttl.as_secs().max(1), None) {
-                Ok((token, _)) => {
-                    let _ = writeln!(out, "{token}");
-                    0
-                }
-                Err(e) => {
-                    let _ = writeln!(err, "ringhub: cannot mint token: {e}");
-                    EXIT_FAILURE
-                }
-            }
+            let (id, name) =
+                match crate::accounts::find_user(&*store, &secrets.blind_index_key, user)? {
+                    Some(u) => (u.id, u.username),
+                    None if !user.contains('@') => (user.clone(), user.clone()),
+                    None => return Err(CommandError::NoAccount),
+                };
+            let (token, _) = tokens
+                .mint(&id, &name, "", ttl.as_secs().max(1), None)
+                .map_err(CommandError::Mint)?;
+            let _ = writeln!(out, "{token}");
         }
-        Command::Migrate => match crate::serve::open_store(&config) {
-            Ok(store) => match store.schema_version() {
-                Ok(v) => {
-                    let _ = writeln!(out, "ringhub: {} schema at version {v}", store.kind());
-                    0
-                }
-                Err(e) => {
-                    let _ = writeln!(err, "ringhub: {e}");
-                    EXIT_FAILURE
-                }
-            },
-            Err(e) => {
-                let _ = writeln!(err, "ringhub: {e}");
-                EXIT_FAILURE
-            }
-        },
+        Command::Migrate => {
+            let store = crate::serve::open_store(&config)?;
+            let v = store.schema_version()?;
+            let _ = writeln!(out, "ringhub: {} schema at version {v}", store.kind());
+        }
         Command::UserSetRole { email, role } => {
             let role = storage::Role::parse(role).unwrap_or(storage::Role::User);
-            let result = crate::serve::open_store(&config).and_then(|store| {
-                let user = crate::accounts::find_user(&*store, &secrets.blind_index_key, email)
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| "no account with that e-mail".to_owned())?;
-                store.set_role(&user.id, role).map_err(|e| e.to_string())?;
-                Ok(user.id)
-            });
-            match result {
-                Ok(id) => {
-                    let _ = writeln!(out, "ringhub: user {id} now has role {}", role.as_str());
-                    0
-                }
-                Err(e) => {
-                    let _ = writeln!(err, "ringhub: {e}");
-                    EXIT_FAILURE
-                }
-            }
+            let store = crate::serve::open_store(&config)?;
+            let user = crate::accounts::find_user(&*store, &secrets.blind_index_key, email)?
+                .ok_or(CommandError::NoAccount)?;
+            store.set_role(&user.id, role)?;
+            let _ = writeln!(
+                out,
+                "ringhub: user {} now has role {}",
+                user.id,
+                role.as_str()
+            );
         }
-        Command::CheckConfig | Command::Print(_) | Command::Completions(_) => 0,
+        Command::CheckConfig | Command::Print(_) | Command::Completions(_) => {}
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -507,7 +507,10 @@ mod tests {
         let Command::Print(top) = parse_args(&[]).unwrap().command else {
             panic!("no help")
         };
-        assert!(top.contains("check-config") && top.contains("serve"), "{top}");
+        assert!(
+            top.contains("check-config") && top.contains("serve"),
+            "{top}"
+        );
         let Command::Print(serve) = parse_args(&args("serve --help")).unwrap().command else {
             panic!("no help")
         };
@@ -516,7 +519,10 @@ mod tests {
         let Command::Print(version) = parse_args(&args("--version")).unwrap().command else {
             panic!("no version")
         };
-        assert_eq!(version.trim(), concat!("ringhub ", env!("CARGO_PKG_VERSION")));
+        assert_eq!(
+            version.trim(),
+            concat!("ringhub ", env!("CARGO_PKG_VERSION"))
+        );
     }
 
     #[test]
@@ -531,7 +537,9 @@ mod tests {
         assert!(parse_args(&args("user set-role a@b.c root")).is_err());
         assert!(parse_args(&args("serve --user x")).is_err());
         assert!(parse_args(&args("serve -x")).is_err());
-        let unknown = parse_args(&args("check-config --colour blue")).unwrap_err().0;
+        let unknown = parse_args(&args("check-config --colour blue"))
+            .unwrap_err()
+            .0;
         assert!(
             unknown.contains("`colour`") && unknown.contains("--colour"),
             "{unknown}"

@@ -3,9 +3,12 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod api_error;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod crypto;
+pub mod limiter;
 pub mod logging;
 pub mod observe;
 pub mod pool;

@@ -177,9 +177,7 @@ fn render(
     message: &str,
     fields: &Fields,
 ) -> String {
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
+    let ts = crate::clock::now_ms();
     let level = level_name(metadata.level());
     let mut line = String::with_capacity(128);
     if pretty {

@@ -23,9 +23,7 @@ fn main() {
             )
         }
         Err(message) => {
-            let _ = writeln!(
-                std::io::stderr(),
-"ringhub: {message}");
+            let _ = writeln!(std::io::stderr(), "ringhub: {message}");
             server::cli::EXIT_USAGE
         }
     };

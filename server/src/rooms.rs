@@ -13,9 +13,10 @@ use protocol::envelope::RoomId;
 use serde::Serialize;
 use storage::{MemberRole, Permission, RoomRecord, RoomUpdate, Store, StoreError};
 
-use crate::accounts::limits::BucketTable;
-use crate::accounts::{rate_limited, storage_failure};
+use crate::api_error::{Answer, ApiError};
+use crate::clock::now_ms;
 use crate::config::Rate;
+use crate::limiter::BucketTable;
 
 /// Room-changing calls (create, update, delete, member changes) a user may make per minute.
 pub const ROOM_CHANGES_PER_MINUTE: u32 = 120;
@@ -270,25 +271,8 @@ impl std::fmt::Debug for RoomService {
     }
 }
 
-fn error(status: u16, code: ErrorCode, message: &str) -> HttpResponse {
-    HttpResponse::error(status, code, message)
-}
-
-fn not_found() -> HttpResponse {
-    error(404, ErrorCode::NotFound, "no such room")
-}
-
-fn forbidden() -> HttpResponse {
-    error(403, ErrorCode::Forbidden, "not allowed")
-}
-
-macro_rules! store {
-    ($call:expr) => {
-        match $call {
-            Ok(v) => v,
-            Err(e) => return storage_failure(&e),
-        }
-    };
+fn no_such_room() -> ApiError {
+    ApiError::not_found("no such room")
 }
 
 #[derive(Serialize)]
@@ -336,12 +320,6 @@ pub struct NewRoom {
     pub history: bool,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 impl RoomService {
     /// The service over `store` and `directory`.
     pub fn new(
@@ -351,14 +329,17 @@ impl RoomService {
         default_max_members: u32,
         max_message_bytes: usize,
         max_json_depth: usize,
-        publish_per_user: crate::config::BurstRate,
+        publish_per_user: engine::RateSpec,
     ) -> Self {
         Self {
             store,
             directory,
             control: OnceLock::new(),
             publish_per_user: BucketTable::with_burst(
-                publish_per_user.rate,
+                Rate {
+                    count: publish_per_user.count,
+                    per: publish_per_user.per,
+                },
                 publish_per_user.burst,
             ),
             changes_per_user: BucketTable::new(Rate {
@@ -395,19 +376,17 @@ impl RoomService {
     /// One token of the caller's publish budget (`POST /rooms/{id}/messages`), or 429: the same
     /// rate and burst as a WebSocket publisher's, counted per user (checked on the shard before
     /// any work is queued).
-    pub fn take_publish(&self, who: &Identity) -> Result<(), HttpResponse> {
-        let now = u64::try_from(now_ms()).unwrap_or(0);
+    pub fn take_publish(&self, who: &Identity) -> Result<(), ApiError> {
         self.publish_per_user
-            .take(who.user_id.as_bytes(), now)
-            .map_err(rate_limited)
+            .take(who.user_id.as_bytes(), now_ms())
+            .map_err(ApiError::rate_limited)
     }
 
     /// One token of the caller's room-change budget, or 429.
-    fn budget(&self, who: &Identity) -> Result<(), HttpResponse> {
-        let now = u64::try_from(now_ms()).unwrap_or(0);
+    fn budget(&self, who: &Identity) -> Result<(), ApiError> {
         self.changes_per_user
-            .take(who.user_id.as_bytes(), now)
-            .map_err(rate_limited)
+            .take(who.user_id.as_bytes(), now_ms())
+            .map_err(ApiError::rate_limited)
     }
 
     fn online(&self, room: &RoomId) -> usize {
@@ -428,16 +407,18 @@ impl RoomService {
     }
 
     /// `POST /rooms`.
-    pub fn create(&self, who: &Identity, new: &NewRoom) -> HttpResponse {
-        if let Err(limited) = self.budget(who) {
-            return limited;
-        }
+    pub fn create(&self, who: &Identity, new: &NewRoom) -> Answer {
+        self.budget(who)?;
         // A default room or a live ephemeral room belongs to everyone in it: only an admin may
         // turn it into somebody's persistent room.
         if !self.directory.is_admin(&who.user_id)
             && (self.default_rooms.contains(&new.id) || self.online(&new.id) > 0)
         {
-            return error(409, ErrorCode::RoomExists, "a room with this id exists");
+            return Err(ApiError::new(
+                409,
+                ErrorCode::RoomExists,
+                "a room with this id exists",
+            ));
         }
         let record = RoomRecord {
             id: new.id.as_str().to_owned(),
@@ -451,9 +432,13 @@ impl RoomService {
         match self.store.create_room(&record) {
             Ok(()) => {}
             Err(StoreError::Conflict(_)) => {
-                return error(409, ErrorCode::RoomExists, "a room with this id exists");
+                return Err(ApiError::new(
+                    409,
+                    ErrorCode::RoomExists,
+                    "a room with this id exists",
+                ));
             }
-            Err(e) => return storage_failure(&e),
+            Err(e) => return Err(ApiError::storage(&e)),
         }
         self.directory.put(Entry {
             record: record.clone(),
@@ -465,55 +450,60 @@ impl RoomService {
             control.reauthorize(&new.id);
         }
         tracing::info!(room = %record.id, user_id = %who.user_id, "room created");
-        HttpResponse::json(201, room_body(&record, self.online(&new.id)))
+        Ok(HttpResponse::json(
+            201,
+            room_body(&record, self.online(&new.id)),
+        ))
     }
 
     /// `GET /rooms/{id}`.
-    pub fn get(&self, who: &Identity, room: &RoomId) -> HttpResponse {
+    pub fn get(&self, who: &Identity, room: &RoomId) -> Answer {
         let Some((entry, r)) = self.entry_and_rights(room, &who.user_id) else {
-            return not_found();
+            return Err(no_such_room());
         };
         if !r.read {
-            return forbidden();
+            return Err(ApiError::forbidden());
         }
-        HttpResponse::json(200, room_body(&entry.record, self.online(room)))
+        Ok(HttpResponse::json(
+            200,
+            room_body(&entry.record, self.online(room)),
+        ))
     }
 
     /// `PATCH /rooms/{id}`.
-    pub fn update(&self, who: &Identity, room: &RoomId, update: &RoomUpdate) -> HttpResponse {
-        if let Err(limited) = self.budget(who) {
-            return limited;
-        }
+    pub fn update(&self, who: &Identity, room: &RoomId, update: &RoomUpdate) -> Answer {
+        self.budget(who)?;
         let Some((_, r)) = self.entry_and_rights(room, &who.user_id) else {
-            return not_found();
+            return Err(no_such_room());
         };
         if !r.manage_settings {
-            return forbidden();
+            return Err(ApiError::forbidden());
         }
-        let Some(record) = store!(self.store.update_room(room.as_str(), update)) else {
-            return not_found();
+        let Some(record) = self.store.update_room(room.as_str(), update)? else {
+            return Err(no_such_room());
         };
         let stored = record.clone();
         self.directory.modify(room.as_str(), |e| e.record = stored);
         if let Some(control) = self.control.get() {
             control.reauthorize(room);
         }
-        HttpResponse::json(200, room_body(&record, self.online(room)))
+        Ok(HttpResponse::json(
+            200,
+            room_body(&record, self.online(room)),
+        ))
     }
 
     /// `DELETE /rooms/{id}`: members receive `kicked` before the answer.
-    pub fn delete(&self, who: &Identity, room: &RoomId) -> HttpResponse {
-        if let Err(limited) = self.budget(who) {
-            return limited;
-        }
+    pub fn delete(&self, who: &Identity, room: &RoomId) -> Answer {
+        self.budget(who)?;
         let Some((_, r)) = self.entry_and_rights(room, &who.user_id) else {
-            return not_found();
+            return Err(no_such_room());
         };
         if !r.manage_settings {
-            return forbidden();
+            return Err(ApiError::forbidden());
         }
-        if !store!(self.store.delete_room(room.as_str())) {
-            return not_found();
+        if !self.store.delete_room(room.as_str())? {
+            return Err(no_such_room());
         }
         // Denied to everyone while the shards kick and forget it, then gone.
         self.directory.modify(room.as_str(), |e| e.deleted = true);
@@ -522,7 +512,7 @@ impl RoomService {
         }
         self.directory.remove(room.as_str());
         tracing::info!(room = %room, user_id = %who.user_id, "room deleted");
-        HttpResponse::json(204, Vec::new())
+        Ok(HttpResponse::json(204, Vec::new()))
     }
 
     /// `PUT /rooms/{id}/members/{user_id}`.
@@ -532,12 +522,10 @@ impl RoomService {
         room: &RoomId,
         user: &str,
         role: MemberRole,
-    ) -> HttpResponse {
-        if let Err(limited) = self.budget(who) {
-            return limited;
-        }
+    ) -> Answer {
+        self.budget(who)?;
         let Some((entry, r)) = self.entry_and_rights(room, &who.user_id) else {
-            return not_found();
+            return Err(no_such_room());
         };
         // Only the owner (or an admin) appoints moderators or changes one; moderators manage
         // plain members.
@@ -547,23 +535,19 @@ impl RoomService {
             MemberRole::Member => r.manage_settings || (r.manage_members && !target_is_moderator),
         };
         if !allowed {
-            return forbidden();
+            return Err(ApiError::forbidden());
         }
         if entry.record.owner_id == user {
-            return HttpResponse::json(
-                400,
-                protocol::http::error_body(
-                    ErrorCode::InvalidInput,
-                    "the owner is not a member",
-                    Some("user_id"),
-                ),
-            );
+            return Err(ApiError::invalid_input(
+                "user_id",
+                "the owner is not a member",
+            ));
         }
-        if store!(self.store.user_by_id(user)).is_none() {
-            return error(404, ErrorCode::NotFound, "no such user");
+        if self.store.user_by_id(user)?.is_none() {
+            return Err(ApiError::new(404, ErrorCode::NotFound, "no such user"));
         }
-        if !store!(self.store.put_member(room.as_str(), user, role, now_ms())) {
-            return not_found();
+        if !self.store.put_member(room.as_str(), user, role, now_ms())? {
+            return Err(no_such_room());
         }
         self.directory.modify(room.as_str(), |e| {
             e.members.insert(user.to_owned(), role);
@@ -571,16 +555,14 @@ impl RoomService {
         if let Some(control) = self.control.get() {
             control.reauthorize(room);
         }
-        HttpResponse::json(204, Vec::new())
+        Ok(HttpResponse::json(204, Vec::new()))
     }
 
     /// `DELETE /rooms/{id}/members/{user_id}`: the removed user is kicked before the answer.
-    pub fn remove_member(&self, who: &Identity, room: &RoomId, user: &str) -> HttpResponse {
-        if let Err(limited) = self.budget(who) {
-            return limited;
-        }
+    pub fn remove_member(&self, who: &Identity, room: &RoomId, user: &str) -> Answer {
+        self.budget(who)?;
         let Some((entry, r)) = self.entry_and_rights(room, &who.user_id) else {
-            return not_found();
+            return Err(no_such_room());
         };
         let target = entry.members.get(user).copied();
         let allowed = match target {
@@ -589,12 +571,16 @@ impl RoomService {
             None => r.manage_members,
         };
         if !allowed {
-            return forbidden();
+            return Err(ApiError::forbidden());
         }
         if target.is_none() {
-            return error(404, ErrorCode::NotFound, "not a member of this room");
+            return Err(ApiError::new(
+                404,
+                ErrorCode::NotFound,
+                "not a member of this room",
+            ));
         }
-        store!(self.store.remove_member(room.as_str(), user));
+        self.store.remove_member(room.as_str(), user)?;
         self.directory.modify(room.as_str(), |e| {
             e.members.remove(user);
         });
@@ -603,16 +589,16 @@ impl RoomService {
         if let Some(control) = self.control.get() {
             control.kick(room, Some(user), "removed");
         }
-        HttpResponse::json(204, Vec::new())
+        Ok(HttpResponse::json(204, Vec::new()))
     }
 
     /// `GET /rooms/{id}/presence`.
-    pub fn presence(&self, who: &Identity, room: &RoomId) -> HttpResponse {
+    pub fn presence(&self, who: &Identity, room: &RoomId) -> Answer {
         let Some((_, r)) = self.entry_and_rights(room, &who.user_id) else {
-            return not_found();
+            return Err(no_such_room());
         };
         if !r.read {
-            return forbidden();
+            return Err(ApiError::forbidden());
         }
         let list = self
             .control
@@ -637,35 +623,35 @@ impl RoomService {
                 conns: p.conns,
             })
             .collect();
-        HttpResponse::json(
+        Ok(HttpResponse::json(
             200,
             sonic_rs::to_vec(&Body { presence }).unwrap_or_default(),
-        )
+        ))
     }
 
     /// `POST /rooms/{id}/messages`: publishes `data` (raw JSON) as the caller.
-    pub fn publish(&self, who: &Identity, room: &RoomId, data: &[u8]) -> HttpResponse {
+    pub fn publish(&self, who: &Identity, room: &RoomId, data: &[u8]) -> Answer {
         let settings = if let Some(owner) = room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX) {
             // A personal room: its owner and admins may push to it.
             if owner != &*who.user_id && !self.directory.is_admin(&who.user_id) {
-                return forbidden();
+                return Err(ApiError::forbidden());
             }
             None
         } else {
             let Some((entry, r)) = self.entry_and_rights(room, &who.user_id) else {
-                return not_found();
+                return Err(no_such_room());
             };
             if !r.publish {
-                return forbidden();
+                return Err(ApiError::forbidden());
             }
             Some(entry.settings())
         };
         if data.len() > self.max_message_bytes {
-            return error(
+            return Err(ApiError::new(
                 413,
                 ErrorCode::TooLarge,
                 "data is larger than max_message_bytes",
-            );
+            ));
         }
         let limits = protocol::envelope::DecodeLimits {
             max_depth: self.max_json_depth,
@@ -675,26 +661,26 @@ impl RoomService {
         let Ok(value) =
             protocol::envelope::decode_value(data, protocol::envelope::Format::Json, &limits)
         else {
-            return HttpResponse::json(
-                400,
-                protocol::http::error_body(
-                    ErrorCode::InvalidInput,
-                    "data is not acceptable (too deep?)",
-                    Some("data"),
-                ),
-            );
+            return Err(ApiError::invalid_input(
+                "data",
+                "data is not acceptable (too deep?)",
+            ));
         };
         let Some(control) = self.control.get() else {
-            return error(503, ErrorCode::Unavailable, "not ready");
+            return Err(ApiError::new(503, ErrorCode::Unavailable, "not ready"));
         };
         match control.publish(room, &who.user_id, &who.username, value, settings) {
-            Ok(seq) => HttpResponse::json(202, format!(r#"{{"seq":{seq}}}"#).into_bytes()),
+            Ok(seq) => Ok(HttpResponse::json(
+                202,
+                format!(r#"{{"seq":{seq}}}"#).into_bytes(),
+            )),
             Err(ErrorCode::RateLimited) => {
-                let mut r = error(429, ErrorCode::RateLimited, "room publish rate exceeded");
-                r.headers.push(("Retry-After", "1".to_owned()));
-                r
+                Err(
+                    ApiError::new(429, ErrorCode::RateLimited, "room publish rate exceeded")
+                        .retry_after(1),
+                )
             }
-            Err(code) => error(503, code, "the room did not answer"),
+            Err(code) => Err(ApiError::new(503, code, "the room did not answer")),
         }
     }
 }

@@ -10,9 +10,13 @@ use engine::{
     pending_response,
 };
 use protocol::ErrorCode;
+use protocol::http::percent_decode_path;
 use sonic_rs::{JsonValueTrait, Value};
 
-use crate::accounts::{self, Accounts, Client, invalid_input, rate_limited};
+use crate::accounts::{self, Accounts, Client};
+use crate::api_error::{Answer, ApiError, respond};
+use crate::clock::now_ms;
+use crate::limiter::{BucketTable, ip_key};
 use crate::observe::ServerMetrics;
 use crate::pool::Pool;
 use crate::rooms::{NewRoom, RoomService};
@@ -85,55 +89,33 @@ impl std::fmt::Debug for Routes {
     }
 }
 
-fn error(status: u16, code: ErrorCode, message: &str) -> HttpResponse {
-    HttpResponse::error(status, code, message)
-}
-
-fn method_not_allowed(allow: &str) -> HttpResponse {
-    let mut r = error(405, ErrorCode::BadRequest, "method not allowed");
-    r.headers.push(("Allow", allow.to_owned()));
-    r
-}
-
-fn unavailable() -> HttpResponse {
-    let mut r = error(503, ErrorCode::Unavailable, "server busy; retry later");
-    r.headers.push(("Retry-After", "1".to_owned()));
-    r
-}
-
-fn invalid_token() -> HttpResponse {
-    let mut r = error(401, ErrorCode::InvalidToken, "invalid or expired token");
-    r.headers.push(("WWW-Authenticate", "Bearer".to_owned()));
-    r
-}
-
 /// A parsed JSON object body.
 struct Body(Value);
 
 impl Body {
     /// A string field; `Err` names it when missing or not a string.
-    fn string(&self, field: &'static str) -> Result<&str, HttpResponse> {
+    fn string(&self, field: &'static str) -> Result<&str, ApiError> {
         match self.0.get(field) {
             Some(v) => v
                 .as_str()
-                .ok_or_else(|| invalid_input(field, "must be a string")),
-            None => Err(invalid_input(field, "is required")),
+                .ok_or_else(|| ApiError::invalid_input(field, "must be a string")),
+            None => Err(ApiError::invalid_input(field, "is required")),
         }
     }
 
-    fn optional_bool(&self, field: &'static str) -> Result<Option<bool>, HttpResponse> {
+    fn optional_bool(&self, field: &'static str) -> Result<Option<bool>, ApiError> {
         match self.0.get(field) {
             None => Ok(None),
             Some(v) if v.is_null() => Ok(None),
             Some(v) => v
                 .as_bool()
                 .map(Some)
-                .ok_or_else(|| invalid_input(field, "must be true or false")),
+                .ok_or_else(|| ApiError::invalid_input(field, "must be true or false")),
         }
     }
 
     /// A positive count up to ten million.
-    fn optional_count(&self, field: &'static str) -> Result<Option<u32>, HttpResponse> {
+    fn optional_count(&self, field: &'static str) -> Result<Option<u32>, ApiError> {
         match self.0.get(field) {
             None => Ok(None),
             Some(v) if v.is_null() => Ok(None),
@@ -142,26 +124,22 @@ impl Body {
                 .filter(|n| (1..=10_000_000).contains(n))
                 .and_then(|n| u32::try_from(n).ok())
                 .map(Some)
-                .ok_or_else(|| invalid_input(field, "must be an integer from 1 to 10000000")),
+                .ok_or_else(|| {
+                    ApiError::invalid_input(field, "must be an integer from 1 to 10000000")
+                }),
         }
     }
 
-    fn optional_string(&self, field: &'static str) -> Result<Option<&str>, HttpResponse> {
+    fn optional_string(&self, field: &'static str) -> Result<Option<&str>, ApiError> {
         match self.0.get(field) {
             None => Ok(None),
             Some(v) if v.is_null() => Ok(None),
             Some(v) => v
                 .as_str()
                 .map(Some)
-                .ok_or_else(|| invalid_input(field, "must be a string")),
+                .ok_or_else(|| ApiError::invalid_input(field, "must be a string")),
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Routes {
@@ -190,18 +168,19 @@ impl Routes {
     fn defer(
         pool: &Pool,
         request: &HttpRequest<'_>,
-        job: impl FnOnce() -> HttpResponse + Send + 'static,
+        job: impl FnOnce() -> Answer + Send + 'static,
     ) -> Routed {
         let (sender, pending) = pending_response();
         let request_id = request.request_id.to_owned();
-        match pool.submit(move || sender.send(crate::logging::with_request_id(&request_id, job))) {
+        let run = move || respond(crate::logging::with_request_id(&request_id, job));
+        match pool.submit(move || sender.send(run())) {
             Ok(()) => Routed::Later(pending),
-            Err(_) => Routed::Now(unavailable()),
+            Err(_) => Routed::Now(ApiError::busy().into()),
         }
     }
 
     /// The JSON object body, or the 415/400 answer.
-    fn json_body(request: &HttpRequest<'_>) -> Result<Body, HttpResponse> {
+    fn json_body(request: &HttpRequest<'_>) -> Result<Body, ApiError> {
         let content_type = request
             .head
             .header_str("content-type")
@@ -212,23 +191,23 @@ impl Routes {
             .trim()
             .to_ascii_lowercase();
         if content_type != "application/json" {
-            return Err(error(
+            return Err(ApiError::new(
                 415,
                 ErrorCode::Unsupported,
                 "the body must be Content-Type: application/json",
             ));
         }
         if nesting_depth(request.body) > MAX_BODY_DEPTH {
-            return Err(error(
+            return Err(ApiError::new(
                 400,
                 ErrorCode::BadRequest,
                 "the body nests too deeply",
             ));
         }
         let value: Value = sonic_rs::from_slice(request.body)
-            .map_err(|_| error(400, ErrorCode::BadRequest, "the body is not valid JSON"))?;
+            .map_err(|_| ApiError::new(400, ErrorCode::BadRequest, "the body is not valid JSON"))?;
         if !value.is_object() {
-            return Err(error(
+            return Err(ApiError::new(
                 400,
                 ErrorCode::BadRequest,
                 "the body must be a JSON object",
@@ -238,7 +217,7 @@ impl Routes {
     }
 
     /// A JSON body when one was sent; `None` for an empty body.
-    fn optional_json_body(request: &HttpRequest<'_>) -> Result<Option<Body>, HttpResponse> {
+    fn optional_json_body(request: &HttpRequest<'_>) -> Result<Option<Body>, ApiError> {
         if request.body.is_empty() {
             Ok(None)
         } else {
@@ -258,7 +237,7 @@ impl Routes {
     }
 
     /// The verified identity of the bearer token, or 401.
-    fn authenticate(&self, request: &HttpRequest<'_>) -> Result<Identity, HttpResponse> {
+    fn authenticate(&self, request: &HttpRequest<'_>) -> Result<Identity, ApiError> {
         let token = request.head.header_str("authorization").and_then(|h| {
             let (scheme, rest) = h.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
@@ -280,12 +259,12 @@ impl Routes {
                 reason = reason.label(),
                 "auth failed"
             );
-            invalid_token()
+            ApiError::invalid_token().challenge()
         })
     }
 
     /// The `Idempotency-Key`, validated.
-    fn idempotency_key(request: &HttpRequest<'_>) -> Result<Option<String>, HttpResponse> {
+    fn idempotency_key(request: &HttpRequest<'_>) -> Result<Option<String>, ApiError> {
         let Some(raw) = request.head.header("idempotency-key") else {
             return Ok(None);
         };
@@ -293,7 +272,7 @@ impl Routes {
             || raw.len() > MAX_IDEMPOTENCY_KEY
             || !raw.iter().all(|b| b.is_ascii_graphic())
         {
-            return Err(invalid_input(
+            return Err(ApiError::invalid_input(
                 "Idempotency-Key",
                 "must be 1 to 128 visible ASCII characters",
             ));
@@ -304,27 +283,27 @@ impl Routes {
     /// Takes one token of a per-IP limit (`limit` names it in the metrics), or 429.
     fn per_ip(
         &self,
-        table: &accounts::limits::BucketTable,
+        table: &BucketTable,
         limit: &'static str,
         request: &HttpRequest<'_>,
-    ) -> Result<(), HttpResponse> {
-        let key = accounts::limits::ip_key(request.client_ip);
+    ) -> Result<(), ApiError> {
+        let key = ip_key(request.client_ip);
         table.take(&key, now_ms()).map_err(|retry| {
             self.metrics.engine.rate_limited(limit);
-            rate_limited(retry)
+            ApiError::rate_limited(retry)
         })
     }
 
-    fn register(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
+    fn register(&self, request: &HttpRequest<'_>) -> Result<Routed, ApiError> {
         let body = Self::json_body(request)?;
         let username = accounts::validate::username(body.string("username")?)
-            .map_err(|e| invalid_input(e.field, e.message))?
+            .map_err(|e| ApiError::invalid_input(e.field, e.message))?
             .to_owned();
         let email = accounts::validate::email(body.string("email")?)
-            .map_err(|e| invalid_input(e.field, e.message))?;
+            .map_err(|e| ApiError::invalid_input(e.field, e.message))?;
         let password = body.string("password")?.to_owned();
         accounts::validate::password("password", &password)
-            .map_err(|e| invalid_input(e.field, e.message))?;
+            .map_err(|e| ApiError::invalid_input(e.field, e.message))?;
         let key = Self::idempotency_key(request)?;
         self.per_ip(&self.accounts.register_per_ip, "register_per_ip", request)?;
         let accounts = self.accounts.clone();
@@ -335,7 +314,7 @@ impl Routes {
         }))
     }
 
-    fn login(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
+    fn login(&self, request: &HttpRequest<'_>) -> Result<Routed, ApiError> {
         let body = Self::json_body(request)?;
         let email_raw = body.string("email")?;
         let password = body.string("password")?.to_owned();
@@ -351,7 +330,7 @@ impl Routes {
                 .engine
                 .rate_limited("failed_logins_per_account");
             self.metrics.auth_failure("locked");
-            return Err(rate_limited(retry));
+            return Err(ApiError::rate_limited(retry));
         }
         let client = Self::client(request);
         let accounts = self.accounts.clone();
@@ -367,7 +346,7 @@ impl Routes {
         Ok(routed)
     }
 
-    fn refresh(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
+    fn refresh(&self, request: &HttpRequest<'_>) -> Result<Routed, ApiError> {
         let body = Self::optional_json_body(request)?;
         let from_body = match &body {
             Some(b) => b.optional_string("refresh_token")?.map(str::to_owned),
@@ -375,7 +354,7 @@ impl Routes {
         };
         let token = from_body.or_else(|| cookie(request, "refresh_token"));
         let Some(token) = token.filter(|t| !t.is_empty() && t.len() <= 256) else {
-            return Err(error(
+            return Err(ApiError::new(
                 401,
                 ErrorCode::InvalidToken,
                 "invalid or expired token",
@@ -393,9 +372,9 @@ impl Routes {
         &self,
         request: &HttpRequest<'_>,
         identity: Identity,
-        job: impl FnOnce(&Accounts, &Identity) -> HttpResponse + Send + 'static,
+        job: impl FnOnce(&Accounts, &Identity) -> Answer + Send + 'static,
         hashing: bool,
-    ) -> Result<Routed, HttpResponse> {
+    ) -> Result<Routed, ApiError> {
         let accounts = self.accounts.clone();
         let pool = if hashing {
             &self.hash_pool
@@ -412,15 +391,15 @@ impl Routes {
         &self,
         request: &HttpRequest<'_>,
         identity: Identity,
-        job: impl FnOnce(&RoomService, &Identity) -> HttpResponse + Send + 'static,
-    ) -> Result<Routed, HttpResponse> {
+        job: impl FnOnce(&RoomService, &Identity) -> Answer + Send + 'static,
+    ) -> Result<Routed, ApiError> {
         let rooms = self.rooms.clone();
         Ok(Self::defer(&self.storage_pool, request, move || {
             job(&rooms, &identity)
         }))
     }
 
-    fn create_room(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
+    fn create_room(&self, request: &HttpRequest<'_>) -> Result<Routed, ApiError> {
         let who = self.authenticate(request)?;
         let body = Self::json_body(request)?;
         let id = body.string("id")?;
@@ -428,14 +407,14 @@ impl Routes {
             .ok()
             .filter(|r| !r.is_personal())
             .ok_or_else(|| {
-                invalid_input(
+                ApiError::invalid_input(
                     "id",
                     "must match ^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$ and not start with user:",
                 )
             })?;
         let permission =
             storage::Permission::parse(body.string("permission")?).ok_or_else(|| {
-                invalid_input(
+                ApiError::invalid_input(
                     "permission",
                     "must be public, restricted, private or owner_only",
                 )
@@ -450,13 +429,14 @@ impl Routes {
         self.room_job(request, who, move |rooms, who| rooms.create(who, &new))
     }
 
-    fn room_routes(&self, request: &HttpRequest<'_>, rest: &str) -> Result<Routed, HttpResponse> {
+    fn room_routes(&self, request: &HttpRequest<'_>, rest: &str) -> Result<Routed, ApiError> {
         let caller = self.authenticate(request)?;
         let method = request.head.method.as_str();
         let mut parts = rest.split('/');
         let raw_id = parts.next().unwrap_or("");
-        let room = protocol::envelope::RoomId::parse(&percent_decode(raw_id))
-            .map_err(|_| error(404, ErrorCode::NotFound, "no such room"))?;
+        let room = percent_decode_path(raw_id)
+            .and_then(|id| protocol::envelope::RoomId::parse(&id).ok())
+            .ok_or_else(|| ApiError::not_found("no such room"))?;
         let tail: Vec<&str> = parts.collect();
         match (method, tail.as_slice()) {
             ("GET", []) => self.room_job(request, caller, move |r, who| r.get(who, &room)),
@@ -464,7 +444,7 @@ impl Routes {
                 let body = Self::json_body(request)?;
                 let permission = match body.optional_string("permission")? {
                     Some(p) => Some(storage::Permission::parse(p).ok_or_else(|| {
-                        invalid_input(
+                        ApiError::invalid_input(
                             "permission",
                             "must be public, restricted, private or owner_only",
                         )
@@ -486,7 +466,7 @@ impl Routes {
                 let data = body
                     .0
                     .get("data")
-                    .ok_or_else(|| invalid_input("data", "is required"))?;
+                    .ok_or_else(|| ApiError::invalid_input("data", "is required"))?;
                 let raw = sonic_rs::to_vec(data).unwrap_or_default();
                 if let Err(refused) = self.rooms.take_publish(&caller) {
                     self.metrics.engine.rate_limited("publish_per_user");
@@ -495,28 +475,29 @@ impl Routes {
                 self.room_job(request, caller, move |r, who| r.publish(who, &room, &raw))
             }
             ("PUT", ["members", user]) => {
-                let user = percent_decode(user);
+                let user = path_segment(user, "no such user")?;
                 let body = Self::json_body(request)?;
-                let role = storage::MemberRole::parse(body.string("role")?)
-                    .ok_or_else(|| invalid_input("role", "must be member or moderator"))?;
+                let role = storage::MemberRole::parse(body.string("role")?).ok_or_else(|| {
+                    ApiError::invalid_input("role", "must be member or moderator")
+                })?;
                 self.room_job(request, caller, move |r, who| {
                     r.put_member(who, &room, &user, role)
                 })
             }
             ("DELETE", ["members", user]) => {
-                let user = percent_decode(user);
+                let user = path_segment(user, "not a member of this room")?;
                 self.room_job(request, caller, move |r, who| {
                     r.remove_member(who, &room, &user)
                 })
             }
-            (_, [] | ["presence"] | ["messages"] | ["members", _]) => {
-                Err(method_not_allowed("GET, PATCH, DELETE, PUT, POST"))
-            }
-            _ => Err(error(404, ErrorCode::NotFound, "no such route")),
+            (_, [] | ["presence"] | ["messages"] | ["members", _]) => Err(
+                ApiError::method_not_allowed("GET, PATCH, DELETE, PUT, POST"),
+            ),
+            _ => Err(ApiError::new(404, ErrorCode::NotFound, "no such route")),
         }
     }
 
-    fn route(&self, request: &HttpRequest<'_>) -> Result<Routed, HttpResponse> {
+    fn route(&self, request: &HttpRequest<'_>) -> Result<Routed, ApiError> {
         let method = request.head.method.as_str();
         let path = request.head.path();
         if let Some(rest) = path.strip_prefix("/rooms/") {
@@ -556,7 +537,7 @@ impl Routes {
                 let current = body.string("current_password")?.to_owned();
                 let new_password = body.string("new_password")?.to_owned();
                 accounts::validate::password("new_password", &new_password)
-                    .map_err(|e| invalid_input(e.field, e.message))?;
+                    .map_err(|e| ApiError::invalid_input(e.field, e.message))?;
                 self.authenticated(
                     request,
                     who,
@@ -568,7 +549,7 @@ impl Routes {
                 let caller = self.authenticate(request)?;
                 let id = p["/sessions/".len()..].to_owned();
                 if id.is_empty() || id.len() > 64 || id.contains('/') {
-                    return Err(error(404, ErrorCode::NotFound, "no such session"));
+                    return Err(ApiError::new(404, ErrorCode::NotFound, "no such session"));
                 }
                 self.authenticated(
                     request,
@@ -583,7 +564,7 @@ impl Routes {
             ("GET" | "HEAD", "/readyz") => {
                 let accounts = self.accounts.clone();
                 Ok(Self::defer(&self.storage_pool, request, move || {
-                    readiness(&accounts)
+                    Ok(readiness(&accounts))
                 }))
             }
             ("GET" | "HEAD", "/metrics") => Ok(HttpResponse {
@@ -594,20 +575,22 @@ impl Routes {
             .into()),
             ("GET" | "HEAD", "/.well-known/jwks.json") => match self.auth.jwks() {
                 Some(jwks) => Ok(HttpResponse::json(200, jwks.as_bytes().to_vec()).into()),
-                None => Err(error(
+                None => Err(ApiError::new(
                     404,
                     ErrorCode::NotFound,
                     "no public keys: jwt_algorithm is HS256",
                 )),
             },
             (_, "/register" | "/login" | "/refresh" | "/logout" | "/logout/all" | "/password") => {
-                Err(method_not_allowed("POST"))
+                Err(ApiError::method_not_allowed("POST"))
             }
-            (_, "/me") => Err(method_not_allowed("GET, DELETE")),
-            (_, "/rooms") => Err(method_not_allowed("POST")),
-            (_, "/sessions") => Err(method_not_allowed("GET")),
-            (_, "/healthz" | "/readyz" | "/metrics") => Err(method_not_allowed("GET, HEAD")),
-            _ => Err(error(404, ErrorCode::NotFound, "no such route")),
+            (_, "/me") => Err(ApiError::method_not_allowed("GET, DELETE")),
+            (_, "/rooms") => Err(ApiError::method_not_allowed("POST")),
+            (_, "/sessions") => Err(ApiError::method_not_allowed("GET")),
+            (_, "/healthz" | "/readyz" | "/metrics") => {
+                Err(ApiError::method_not_allowed("GET, HEAD"))
+            }
+            _ => Err(ApiError::new(404, ErrorCode::NotFound, "no such route")),
         }
     }
 
@@ -625,25 +608,11 @@ impl Routes {
     }
 }
 
-/// `%XX` escapes of a path segment decoded (invalid ones kept as written).
-fn percent_decode(segment: &str) -> String {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A decoded path segment, or 404 (`missing` says what was not found) for a bad escape.
+fn path_segment(raw: &str, missing: &'static str) -> Result<String, ApiError> {
+    percent_decode_path(raw)
+        .map(std::borrow::Cow::into_owned)
+        .ok_or_else(|| ApiError::not_found(missing))
 }
 
 /// A cookie's value from the `Cookie` header.
@@ -700,7 +669,9 @@ impl HttpRoutes for Routes {
         let mut extra = Vec::new();
         if let Some(origin) = &origin {
             if !self.cors.allows(origin) {
-                return Routed::Now(error(403, ErrorCode::Forbidden, "origin not allowed"));
+                return Routed::Now(
+                    ApiError::new(403, ErrorCode::Forbidden, "origin not allowed").into(),
+                );
             }
             extra = self.cors_headers(origin);
             if request.head.method == "OPTIONS" {
@@ -724,7 +695,7 @@ impl HttpRoutes for Routes {
         }
         let routed = match self.route(request) {
             Ok(routed) => routed,
-            Err(response) => Routed::Now(response),
+            Err(refusal) => Routed::Now(refusal.into()),
         };
         with_headers(routed, extra)
     }

@@ -154,9 +154,7 @@ impl TokenService {
         ttl_secs: u64,
         fingerprint: Option<String>,
     ) -> Result<(String, AccessClaims), String> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let now_ms = u64::try_from(crate::clock::now_ms()).unwrap_or(0);
         let now = now_ms / 1000;
         let claims = AccessClaims {
             sub: user_id.to_owned(),

@@ -5,11 +5,10 @@
 //! Failures the client sees are generic (`invalid_credentials`, `invalid_token`); the precise
 //! reason goes to the log and the metrics. Passwords and tokens are never logged.
 
-pub mod limits;
 pub mod validate;
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use engine::{ClientInfo, HttpResponse, Identity, Revoked};
 use protocol::ErrorCode;
@@ -19,36 +18,19 @@ use storage::{
     UserRecord,
 };
 
-use crate::config::TokenBinding;
+use crate::api_error::{Answer, ApiError};
+use crate::clock::{ms, now_ms, rfc3339};
+use crate::config::AccountSettings;
 use crate::crypto::{self, Sealer};
+use crate::limiter::{BucketTable, Lockouts};
 use crate::observe::ServerMetrics;
 use crate::revocation::RevocationList;
 use crate::tokens::{TokenService, fingerprint};
-use limits::{BucketTable, Lockouts};
 
 /// Idempotency records live this long (SPEC §2).
 const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
 /// Longest User-Agent kept with a session.
 const MAX_USER_AGENT: usize = 256;
-
-/// The lifetimes and switches accounts need.
-#[derive(Debug, Clone)]
-pub struct AccountsConfig {
-    /// Access-token lifetime.
-    pub access_ttl: Duration,
-    /// Refresh-token lifetime (sliding).
-    pub refresh_ttl: Duration,
-    /// Session lifetime cap.
-    pub session_max_age: Duration,
-    /// Token binding.
-    pub binding: TokenBinding,
-    /// bcrypt cost.
-    pub bcrypt_cost: u32,
-    /// Reuse window of a rotated refresh token.
-    pub refresh_reuse_interval: Duration,
-    /// Deliver the refresh token as a cookie.
-    pub refresh_cookie: bool,
-}
 
 /// The account service.
 pub struct Accounts {
@@ -58,7 +40,7 @@ pub struct Accounts {
     blind_key: Vec<u8>,
     revocations: Arc<RevocationList>,
     control: OnceLock<engine::Control>,
-    config: AccountsConfig,
+    config: AccountSettings,
     metrics: Arc<ServerMetrics>,
     /// Checked against when the e-mail is unknown, so that timing does not tell. Made on first
     /// need (or by [`Accounts::warm_up`] on a hashing thread), never on a shard.
@@ -106,6 +88,16 @@ struct StoredAnswer {
 }
 
 impl StoredAnswer {
+    /// A refusal kept as the answer to replay (an idempotent request that failed).
+    fn refusal(error: ApiError) -> Self {
+        let response = HttpResponse::from(error);
+        Self {
+            status: response.status,
+            body: String::from_utf8_lossy(&response.body).into_owned(),
+            cookie: None,
+        }
+    }
+
     fn response(&self) -> HttpResponse {
         let mut r = HttpResponse::json(self.status, self.body.clone().into_bytes());
         if let Some(cookie) = &self.cookie {
@@ -133,65 +125,6 @@ struct TokensJson<'a> {
     user: UserJson<'a>,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-fn error(status: u16, code: ErrorCode, message: &str) -> HttpResponse {
-    HttpResponse::error(status, code, message)
-}
-
-/// `400 invalid_input` naming the field.
-pub fn invalid_input(field: &str, message: &str) -> HttpResponse {
-    HttpResponse::json(
-        400,
-        protocol::http::error_body(ErrorCode::InvalidInput, message, Some(field)),
-    )
-}
-
-/// `429 rate_limited` with `Retry-After`.
-pub fn rate_limited(retry_after_secs: u64) -> HttpResponse {
-    let mut r = error(
-        429,
-        ErrorCode::RateLimited,
-        "too many requests; retry later",
-    );
-    r.headers
-        .push(("Retry-After", retry_after_secs.to_string()));
-    r
-}
-
-fn invalid_token() -> HttpResponse {
-    error(401, ErrorCode::InvalidToken, "invalid or expired token")
-}
-
-/// The answer to a storage failure: 503 with `Retry-After` when the database cannot be reached,
-/// 500 otherwise (logged).
-pub fn storage_failure(e: &StoreError) -> HttpResponse {
-    match e {
-        StoreError::Unavailable(why) => {
-            tracing::warn!(error = %why, "storage unavailable");
-            let mut r = error(
-                503,
-                ErrorCode::Unavailable,
-                "storage unavailable; retry later",
-            );
-            r.headers.push(("Retry-After", "1".to_owned()));
-            r
-        }
-        other => {
-            tracing::error!(error = %other, "storage failure");
-            error(500, ErrorCode::Internal, "internal error")
-        }
-    }
-}
-
 /// Runs a storage call, timing it into `ringhub_storage_seconds{op}`.
 macro_rules! store {
     ($self:ident, $op:literal, $call:expr) => {{
@@ -200,32 +133,9 @@ macro_rules! store {
         $self.metrics.storage.observe($op, started.elapsed());
         match result {
             Ok(v) => v,
-            Err(e) => return storage_failure(&e),
+            Err(e) => return Err(ApiError::storage(&e)),
         }
     }};
-}
-
-/// RFC 3339 UTC (`2026-11-27T23:41:30Z`) of epoch milliseconds.
-pub fn rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// The cost a bcrypt hash was made with (`$2b$12$…` → 12).
@@ -249,17 +159,14 @@ impl Accounts {
         tokens: Arc<TokenService>,
         secrets: &crate::config::secrets::Secrets,
         revocations: Arc<RevocationList>,
-        config: AccountsConfig,
-        rates: &crate::config::RateLimits,
+        config: AccountSettings,
         metrics: Arc<ServerMetrics>,
-    ) -> Result<Self, String> {
-        if !(4..=31).contains(&config.bcrypt_cost) {
-            return Err(format!(
-                "bcrypt_cost {} is out of range",
-                config.bcrypt_cost
-            ));
-        }
-        Ok(Self {
+    ) -> Self {
+        Self {
+            login_per_ip: BucketTable::new(config.login_per_ip),
+            register_per_ip: BucketTable::new(config.register_per_ip),
+            refresh_per_session: BucketTable::new(config.refresh_per_session),
+            lockouts: Lockouts::new(config.failed_logins_per_account, config.lockout),
             store,
             tokens,
             sealer: Sealer::new(&secrets.encryption_key, &secrets.encryption_keys_old),
@@ -269,11 +176,7 @@ impl Accounts {
             config,
             metrics,
             dummy_hash: OnceLock::new(),
-            login_per_ip: BucketTable::new(rates.login_per_ip),
-            register_per_ip: BucketTable::new(rates.register_per_ip),
-            refresh_per_session: BucketTable::new(rates.refresh_per_session),
-            lockouts: Lockouts::new(rates.failed_logins_per_account, rates.lockout),
-        })
+        }
     }
 
     /// The hash an unknown e-mail's password is checked against.
@@ -336,19 +239,19 @@ impl Accounts {
 
     /// A replay of `(scope, key)` if one is stored: the first answer, 422 for another body, or
     /// 409 for a login whose refresh token has been rotated since.
-    pub fn replay(&self, scope: &str, key: &str, body: &[u8]) -> Option<HttpResponse> {
+    pub fn replay(&self, scope: &str, key: &str, body: &[u8]) -> Option<Answer> {
         let since = now_ms() - IDEMPOTENCY_TTL_MS;
         let record = match self.store.idempotency(scope, key, since) {
             Ok(Some(r)) => r,
             Ok(None) => return None,
-            Err(e) => return Some(storage_failure(&e)),
+            Err(e) => return Some(Err(ApiError::storage(&e))),
         };
         if !crypto::constant_time_eq(&record.body_hash, &crypto::sha256(body)) {
-            return Some(error(
+            return Some(Err(ApiError::new(
                 422,
                 ErrorCode::IdempotencyKeyReused,
                 "this Idempotency-Key was used with another request body",
-            ));
+            )));
         }
         if let Some(hash) = &record.token_hash {
             let live = self.store.refresh_token(hash).and_then(|t| match t {
@@ -361,20 +264,20 @@ impl Accounts {
             match live {
                 Ok(true) => {}
                 Ok(false) => {
-                    return Some(error(
+                    return Some(Err(ApiError::new(
                         409,
                         ErrorCode::Conflict,
                         "the session of this login has moved on; log in again",
-                    ));
+                    )));
                 }
-                Err(e) => return Some(storage_failure(&e)),
+                Err(e) => return Some(Err(ApiError::storage(&e))),
             }
         }
         let answer: StoredAnswer = self
             .sealer
             .open(&record.response_cipher, b"idempotency")
             .and_then(|plain| sonic_rs::from_slice(&plain).ok())?;
-        Some(answer.response())
+        Some(Ok(answer.response()))
     }
 
     /// Stores the answer to `(scope, key)`; a concurrent first request that stored before us
@@ -384,7 +287,7 @@ impl Accounts {
         idempotency: Option<(&str, &str, &[u8])>,
         answer: &StoredAnswer,
         token_hash: Option<Vec<u8>>,
-    ) -> Option<HttpResponse> {
+    ) -> Option<Answer> {
         let (scope, key, body) = idempotency?;
         let plain = sonic_rs::to_vec(answer).ok()?;
         let record = IdempotencyRecord {
@@ -415,7 +318,7 @@ impl Accounts {
         email: &str,
         password: &str,
         idempotency: Option<(&str, &str, &[u8])>,
-    ) -> HttpResponse {
+    ) -> Answer {
         let _ = self.store.prune_idempotency(now_ms() - IDEMPOTENCY_TTL_MS);
         if let Some((scope, key, body)) = idempotency
             && let Some(replayed) = self.replay(scope, key, body)
@@ -426,7 +329,7 @@ impl Accounts {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "bcrypt failed");
-                return error(500, ErrorCode::Internal, "internal error");
+                return Err(ApiError::internal());
             }
         };
         let user = UserRecord {
@@ -459,30 +362,20 @@ impl Accounts {
                     cookie: None,
                 }
             }
-            Err(StoreError::Conflict("email")) => StoredAnswer {
-                status: 409,
-                body: String::from_utf8_lossy(&protocol::http::error_body(
-                    ErrorCode::EmailTaken,
-                    "this e-mail is already registered",
-                    None,
-                ))
-                .into_owned(),
-                cookie: None,
-            },
-            Err(StoreError::Conflict(_)) => StoredAnswer {
-                status: 409,
-                body: String::from_utf8_lossy(&protocol::http::error_body(
-                    ErrorCode::UsernameTaken,
-                    "this username is taken",
-                    None,
-                ))
-                .into_owned(),
-                cookie: None,
-            },
-            Err(e) => return storage_failure(&e),
+            Err(StoreError::Conflict("email")) => StoredAnswer::refusal(ApiError::new(
+                409,
+                ErrorCode::EmailTaken,
+                "this e-mail is already registered",
+            )),
+            Err(StoreError::Conflict(_)) => StoredAnswer::refusal(ApiError::new(
+                409,
+                ErrorCode::UsernameTaken,
+                "this username is taken",
+            )),
+            Err(e) => return Err(ApiError::storage(&e)),
         };
         self.remember(idempotency, &answer, None)
-            .unwrap_or_else(|| answer.response())
+            .unwrap_or_else(|| Ok(answer.response()))
     }
 
     // ---- login -------------------------------------------------------------------------
@@ -494,7 +387,7 @@ impl Accounts {
         password: &str,
         client: &Client,
         idempotency: Option<(&str, &str, &[u8])>,
-    ) -> HttpResponse {
+    ) -> Answer {
         let started = Instant::now();
         let response = self.login_inner(email, password, client, idempotency);
         self.metrics.login.observe("", started.elapsed());
@@ -507,7 +400,7 @@ impl Accounts {
         password: &str,
         client: &Client,
         idempotency: Option<(&str, &str, &[u8])>,
-    ) -> HttpResponse {
+    ) -> Answer {
         let _ = self.store.prune_idempotency(now_ms() - IDEMPOTENCY_TTL_MS);
         let index = self.email_index(email);
         if let Some((scope, key, body)) = idempotency
@@ -516,12 +409,12 @@ impl Accounts {
             self.lockouts.release(&index);
             return replayed;
         }
-        let now = u64::try_from(now_ms()).unwrap_or(0);
+        let now = now_ms();
         let user = match self.store.user_by_email_index(&index) {
             Ok(user) => user,
             Err(e) => {
                 self.lockouts.release(&index);
-                return storage_failure(&e);
+                return Err(ApiError::storage(&e));
             }
         };
         // The same bcrypt work whether or not the account exists.
@@ -543,19 +436,10 @@ impl Accounts {
                 locked,
                 "login failed"
             );
-            let answer = StoredAnswer {
-                status: 401,
-                body: String::from_utf8_lossy(&protocol::http::error_body(
-                    ErrorCode::InvalidCredentials,
-                    "invalid e-mail or password",
-                    None,
-                ))
-                .into_owned(),
-                cookie: None,
-            };
+            let answer = StoredAnswer::refusal(ApiError::invalid_credentials());
             return self
                 .remember(idempotency, &answer, None)
-                .unwrap_or_else(|| answer.response());
+                .unwrap_or_else(|| Ok(answer.response()));
         };
         self.lockouts.succeed(&index);
         self.rehash_if_cost_changed(&user, password);
@@ -580,13 +464,10 @@ impl Accounts {
             self.store.create_session(&session, &refresh_hash)
         );
         let answer =
-            match self.token_answer(&user, &session.id, &refresh, client, session.expires_at_ms) {
-                Ok(a) => a,
-                Err(r) => return r,
-            };
+            self.token_answer(&user, &session.id, &refresh, client, session.expires_at_ms)?;
         tracing::info!(user_id = %user.id, session_id = %session.id, "login");
         self.remember(idempotency, &answer, Some(refresh_hash))
-            .unwrap_or_else(|| answer.response())
+            .unwrap_or_else(|| Ok(answer.response()))
     }
 
     /// After a successful login: a hash made with another `bcrypt_cost` than the configured one is
@@ -622,7 +503,7 @@ impl Accounts {
         refresh: &str,
         client: &Client,
         refresh_expires_ms: i64,
-    ) -> Result<StoredAnswer, HttpResponse> {
+    ) -> Result<StoredAnswer, ApiError> {
         let ttl = self.config.access_ttl.as_secs().max(1);
         let (access, _) = self
             .tokens
@@ -631,11 +512,11 @@ impl Accounts {
                 &user.username,
                 session,
                 ttl,
-                fingerprint(self.config.binding, &client.info()),
+                fingerprint(self.config.token_binding, &client.info()),
             )
             .map_err(|e| {
                 tracing::error!(error = %e, "token signing failed");
-                error(500, ErrorCode::Internal, "internal error")
+                ApiError::internal()
             })?;
         let email = self.email_of(user);
         let cookie = self.config.refresh_cookie.then(|| {
@@ -662,31 +543,31 @@ impl Accounts {
     // ---- refresh -----------------------------------------------------------------------
 
     /// `POST /refresh`.
-    pub fn refresh(&self, refresh: &str, client: &Client) -> HttpResponse {
+    pub fn refresh(&self, refresh: &str, client: &Client) -> Answer {
         let hash = crypto::sha256(refresh.as_bytes());
         let Some(record) = store!(self, "refresh_token", self.store.refresh_token(&hash)) else {
             self.metrics.auth_failure("unknown_refresh");
-            return invalid_token();
+            return Err(ApiError::invalid_token());
         };
         let now = now_ms();
-        if let Err(retry) = self.refresh_per_session.take(
-            record.session_id.as_bytes(),
-            u64::try_from(now).unwrap_or(0),
-        ) {
-            return rate_limited(retry);
+        if let Err(retry) = self
+            .refresh_per_session
+            .take(record.session_id.as_bytes(), now)
+        {
+            return Err(ApiError::rate_limited(retry));
         }
         let Some(session) = store!(self, "session", self.store.session(&record.session_id)) else {
-            return invalid_token();
+            return Err(ApiError::invalid_token());
         };
         if session.revoked_at_ms.is_some() || session.expires_at_ms <= now {
             self.metrics.auth_failure("session_ended");
-            return invalid_token();
+            return Err(ApiError::invalid_token());
         }
         if let Some(rotated_at) = record.rotated_at_ms {
             return self.reused(&record, &session, rotated_at, now);
         }
         let Some(user) = store!(self, "user_by_id", self.store.user_by_id(&session.user_id)) else {
-            return invalid_token();
+            return Err(ApiError::invalid_token());
         };
         let next = crypto::random_token(32);
         let next_hash = crypto::sha256(next.as_bytes());
@@ -695,12 +576,9 @@ impl Accounts {
                 .created_at_ms
                 .saturating_add(ms(self.config.session_max_age)),
         );
-        let answer = match self.token_answer(&user, &session.id, &next, client, expires) {
-            Ok(a) => a,
-            Err(r) => return r,
-        };
+        let answer = self.token_answer(&user, &session.id, &next, client, expires)?;
         let Ok(plain) = sonic_rs::to_vec(&answer) else {
-            return error(500, ErrorCode::Internal, "internal error");
+            return Err(ApiError::internal());
         };
         let child = self.sealer.seal(&plain, b"refresh-child");
         let user_agent: String = client.user_agent.chars().take(MAX_USER_AGENT).collect();
@@ -727,10 +605,10 @@ impl Accounts {
                     let at = r.rotated_at_ms.unwrap_or(now);
                     self.reused(&r, &session, at, now)
                 }
-                _ => invalid_token(),
+                _ => Err(ApiError::invalid_token()),
             };
         }
-        answer.response()
+        Ok(answer.response())
     }
 
     /// A rotated refresh token presented again: within `refresh_reuse_interval` the same new
@@ -741,7 +619,7 @@ impl Accounts {
         session: &SessionRecord,
         rotated_at: i64,
         now: i64,
-    ) -> HttpResponse {
+    ) -> Answer {
         if now.saturating_sub(rotated_at) <= ms(self.config.refresh_reuse_interval)
             && let Some(answer) = record
                 .child_cipher
@@ -749,7 +627,7 @@ impl Accounts {
                 .and_then(|c| self.sealer.open(c, b"refresh-child"))
                 .and_then(|plain| sonic_rs::from_slice::<StoredAnswer>(&plain).ok())
         {
-            return answer.response();
+            return Ok(answer.response());
         }
         self.metrics.auth_failure("refresh_reused");
         tracing::warn!(
@@ -760,24 +638,24 @@ impl Accounts {
         if let Err(e) =
             self.revoke_sessions(&session.user_id, std::slice::from_ref(&session.id), now)
         {
-            return storage_failure(&e);
+            return Err(ApiError::storage(&e));
         }
-        error(
+        Err(ApiError::new(
             401,
             ErrorCode::TokenReused,
             "this refresh token was already used; the session is revoked",
-        )
+        ))
     }
 
     /// The password check of `DELETE /me` and `POST /password`: 403 when wrong, and counted
     /// against the same failure limit as logins (a stolen access token must not become a
     /// password oracle).
-    fn check_password(&self, user: &UserRecord, password: &str) -> Result<(), HttpResponse> {
+    fn check_password(&self, user: &UserRecord, password: &str) -> Result<(), ApiError> {
         let key = format!("user:{}", user.id).into_bytes();
-        let now = u64::try_from(now_ms()).unwrap_or(0);
+        let now = now_ms();
         if let Err(retry) = self.lockouts.reserve(&key, now) {
             self.metrics.auth_failure("locked");
-            return Err(rate_limited(retry));
+            return Err(ApiError::rate_limited(retry));
         }
         if password_matches(password, &user.password_hash) {
             self.lockouts.succeed(&key);
@@ -785,7 +663,7 @@ impl Accounts {
         } else {
             self.metrics.auth_failure("bad_password");
             self.lockouts.fail(&key, now);
-            Err(error(403, ErrorCode::Forbidden, "wrong password"))
+            Err(ApiError::new(403, ErrorCode::Forbidden, "wrong password"))
         }
     }
 
@@ -816,11 +694,11 @@ impl Accounts {
     }
 
     /// `POST /logout`: this session.
-    pub fn logout(&self, identity: &Identity) -> HttpResponse {
+    pub fn logout(&self, identity: &Identity) -> Answer {
         if !identity.session_id.is_empty() {
             let sid = identity.session_id.to_string();
             if let Err(e) = self.revoke_sessions(&identity.user_id, &[sid], now_ms()) {
-                return storage_failure(&e);
+                return Err(ApiError::storage(&e));
             }
         }
         tracing::info!(
@@ -828,14 +706,14 @@ impl Accounts {
             session_id = %identity.session_id,
             "logout"
         );
-        HttpResponse::json(204, Vec::new())
+        Ok(HttpResponse::json(204, Vec::new()))
     }
 
     /// `POST /logout/all`: every session; live connections close with 4510. The account-wide
     /// revocation is written first (it refuses every access token issued until now), so a
     /// failure in a later write leaves none of them working; the client's retry ends the
     /// sessions.
-    pub fn logout_all(&self, identity: &Identity) -> HttpResponse {
+    pub fn logout_all(&self, identity: &Identity) -> Answer {
         let now = now_ms();
         // Tokens without a session (`ringhub token`) issued until now, for as long as any could
         // still be valid.
@@ -879,38 +757,36 @@ impl Accounts {
             sessions = revoked.len(),
             "logout_all"
         );
-        HttpResponse::json(204, Vec::new())
+        Ok(HttpResponse::json(204, Vec::new()))
     }
 
     /// `GET /me`.
-    pub fn me(&self, identity: &Identity) -> HttpResponse {
+    pub fn me(&self, identity: &Identity) -> Answer {
         let Some(user) = store!(self, "user_by_id", self.store.user_by_id(&identity.user_id))
         else {
-            return invalid_token();
+            return Err(ApiError::invalid_token());
         };
         #[derive(Serialize)]
         struct Me<'a> {
             user: UserJson<'a>,
         }
         let email = self.email_of(&user);
-        HttpResponse::json(
+        Ok(HttpResponse::json(
             200,
             sonic_rs::to_vec(&Me {
                 user: self.user_json(&user, &email),
             })
             .unwrap_or_default(),
-        )
+        ))
     }
 
     /// `DELETE /me`: soft delete after the password check; everything revoked, 4510.
-    pub fn delete_me(&self, identity: &Identity, password: &str) -> HttpResponse {
+    pub fn delete_me(&self, identity: &Identity, password: &str) -> Answer {
         let Some(user) = store!(self, "user_by_id", self.store.user_by_id(&identity.user_id))
         else {
-            return invalid_token();
+            return Err(ApiError::invalid_token());
         };
-        if let Err(answer) = self.check_password(&user, password) {
-            return answer;
-        }
+        self.check_password(&user, password)?;
         let now = now_ms();
         // The revocation first: if a later step fails, no token of the account works anyway.
         // It covers every token of this account, whenever issued, for ever.
@@ -940,11 +816,11 @@ impl Accounts {
             control.close_revoked(&user.id, None, Revoked::Account);
         }
         tracing::info!(user_id = %user.id, "account deleted");
-        HttpResponse::json(204, Vec::new())
+        Ok(HttpResponse::json(204, Vec::new()))
     }
 
     /// `GET /sessions`.
-    pub fn sessions(&self, identity: &Identity) -> HttpResponse {
+    pub fn sessions(&self, identity: &Identity) -> Answer {
         let list = store!(
             self,
             "live_sessions",
@@ -974,30 +850,30 @@ impl Accounts {
                 current: *s.id == *identity.session_id,
             })
             .collect();
-        HttpResponse::json(
+        Ok(HttpResponse::json(
             200,
             sonic_rs::to_vec(&Sessions { sessions }).unwrap_or_default(),
-        )
+        ))
     }
 
     /// `DELETE /sessions/{id}`: 404 unless it is a live session of the caller.
-    pub fn delete_session(&self, identity: &Identity, id: &str) -> HttpResponse {
+    pub fn delete_session(&self, identity: &Identity, id: &str) -> Answer {
         let session = store!(self, "session", self.store.session(id));
         let Some(session) = session.filter(|s| {
             s.user_id == *identity.user_id
                 && s.revoked_at_ms.is_none()
                 && s.expires_at_ms > now_ms()
         }) else {
-            return error(404, ErrorCode::NotFound, "no such session");
+            return Err(ApiError::not_found("no such session"));
         };
         if let Err(e) = self.revoke_sessions(
             &session.user_id,
             std::slice::from_ref(&session.id),
             now_ms(),
         ) {
-            return storage_failure(&e);
+            return Err(ApiError::storage(&e));
         }
-        HttpResponse::json(204, Vec::new())
+        Ok(HttpResponse::json(204, Vec::new()))
     }
 
     /// `POST /password`: every other session is revoked.
@@ -1006,19 +882,17 @@ impl Accounts {
         identity: &Identity,
         current: &str,
         new_password: &str,
-    ) -> HttpResponse {
+    ) -> Answer {
         let Some(user) = store!(self, "user_by_id", self.store.user_by_id(&identity.user_id))
         else {
-            return invalid_token();
+            return Err(ApiError::invalid_token());
         };
-        if let Err(answer) = self.check_password(&user, current) {
-            return answer;
-        }
+        self.check_password(&user, current)?;
         let hash = match bcrypt::hash(new_password, self.config.bcrypt_cost) {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "bcrypt failed");
-                return error(500, ErrorCode::Internal, "internal error");
+                return Err(ApiError::internal());
             }
         };
         store!(
@@ -1034,14 +908,14 @@ impl Accounts {
             self.store.revoke_user_sessions(&user.id, keep, now)
         );
         if let Err(e) = self.revoke_sessions(&user.id, &others, now) {
-            return storage_failure(&e);
+            return Err(ApiError::storage(&e));
         }
         tracing::info!(
             user_id = %user.id,
             revoked = others.len(),
             "password changed"
         );
-        HttpResponse::json(204, Vec::new())
+        Ok(HttpResponse::json(204, Vec::new()))
     }
 
     /// Erases the encrypted child pairs whose `refresh_reuse_interval` has passed: past it a
@@ -1093,12 +967,5 @@ mod tests {
         assert_eq!(bcrypt_cost_of("$2y$04$x"), Some(4));
         assert_eq!(bcrypt_cost_of("not a hash"), None);
         assert_eq!(bcrypt_cost_of(""), None);
-    }
-
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_823_999_000), "2026-11-27T23:59:59Z");
     }
 }

@@ -99,14 +99,26 @@ mod tests {
             "rate_limits.login_per_ip",
             "rate_limits.join_burst",
         ] {
-            assert!(names.contains(&expected), "{expected} missing from {names:?}");
+            assert!(
+                names.contains(&expected),
+                "{expected} missing from {names:?}"
+            );
         }
         assert!(!names.contains(&"rate_limits"));
-        let listen = keys.iter().find(|k| k.name == "listen").map(|k| k.default.clone());
+        let listen = keys
+            .iter()
+            .find(|k| k.name == "listen")
+            .map(|k| k.default.clone());
         assert_eq!(listen, Some(Some("127.0.0.1:8080".to_owned())));
-        let url = keys.iter().find(|k| k.name == "database_url").map(|k| k.default.clone());
+        let url = keys
+            .iter()
+            .find(|k| k.name == "database_url")
+            .map(|k| k.default.clone());
         assert_eq!(url, Some(None));
-        let rooms = keys.iter().find(|k| k.name == "default_rooms").map(|k| k.default.clone());
+        let rooms = keys
+            .iter()
+            .find(|k| k.name == "default_rooms")
+            .map(|k| k.default.clone());
         assert_eq!(rooms, Some(Some("lobby".to_owned())));
     }
 

@@ -68,8 +68,8 @@ pub fn resolve(
 ) -> Result<(Option<Secrets>, SecretNotes), ConfigError> {
     let raw = &config.raw;
     let production = config.mode == Mode::Production;
-    let needs_jwt_secret = config.jwt_algorithm == JwtAlgorithm::Hs256;
-    let path = config.data_dir.join(SECRETS_FILE);
+    let needs_jwt_secret = config.accounts.jwt_algorithm == JwtAlgorithm::Hs256;
+    let path = config.storage.data_dir.join(SECRETS_FILE);
     let mut stored = if production {
         StoredSecrets::default()
     } else {
@@ -136,7 +136,7 @@ pub fn resolve(
         random_base64,
     )?;
     if changed {
-        write_stored(&config.data_dir, &path, &stored)?;
+        write_stored(&config.storage.data_dir, &path, &stored)?;
     }
     let strong = |key: &str, value: &str| -> Result<(), ConfigError> {
         if production && value.len() < MIN_SECRET_BYTES {

@@ -1,12 +1,14 @@
-//! The HTTP abuse limits of SPEC §9 in process memory: token buckets per IP and per session, and
-//! the per-account failure counter with its lockout. Keys are IPs, session ids and e-mail blind
-//! indexes (never plain e-mails). Tables are pruned when they grow, so a flood of distinct keys
-//! costs bounded memory. With Redis (several nodes) these move there.
+//! The keyed limiters of the HTTP side (SPEC §9), shared by accounts, rooms and the route table:
+//! token buckets per key ([`BucketTable`]: per IP, per session, per user) and the per-account
+//! failure counter with its lockout ([`Lockouts`]). Keys are IPs, session ids, user ids and e-mail
+//! blind indexes (never plain e-mails). Tables are pruned when they grow, so a flood of distinct
+//! keys costs bounded memory. Time is the caller's (`now_ms`, Unix milliseconds), so the rules are
+//! tested without a clock. In process memory today; with Redis (several nodes) these move there.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::config::Rate;
@@ -26,7 +28,7 @@ const SWEEP_AT: usize = 50_000;
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
-    at_ms: u64,
+    at_ms: i64,
 }
 
 /// Token buckets keyed by a string.
@@ -36,7 +38,7 @@ pub struct BucketTable {
     /// Tokens a full bucket holds (the burst; `rate.count` unless given).
     capacity: u32,
     buckets: Mutex<HashMap<Vec<u8>, Bucket>>,
-    next_sweep_ms: AtomicU64,
+    next_sweep_ms: AtomicI64,
 }
 
 fn per_ms(rate: Rate) -> f64 {
@@ -71,12 +73,12 @@ impl BucketTable {
             rate,
             capacity: burst.max(1),
             buckets: Mutex::new(HashMap::new()),
-            next_sweep_ms: AtomicU64::new(0),
+            next_sweep_ms: AtomicI64::new(0),
         }
     }
 
     /// Takes one token for `key`; `Err(retry_after_secs)` when none is left.
-    pub fn take(&self, key: &[u8], now_ms: u64) -> Result<(), u64> {
+    pub fn take(&self, key: &[u8], now_ms: i64) -> Result<(), u64> {
         if self.rate.count == 0 {
             return Ok(());
         }
@@ -90,7 +92,7 @@ impl BucketTable {
             // At most one sweep per second, however full the table stays.
             self.next_sweep_ms.store(now_ms + 1000, Ordering::Relaxed);
             table.retain(|_, b| {
-                let elapsed = now_ms.saturating_sub(b.at_ms) as f64;
+                let elapsed = now_ms.saturating_sub(b.at_ms).max(0) as f64;
                 b.tokens + refill * elapsed < capacity
             });
         }
@@ -98,7 +100,7 @@ impl BucketTable {
             tokens: capacity,
             at_ms: now_ms,
         });
-        let elapsed = now_ms.saturating_sub(bucket.at_ms) as f64;
+        let elapsed = now_ms.saturating_sub(bucket.at_ms).max(0) as f64;
         bucket.tokens = (bucket.tokens + elapsed * refill).min(capacity);
         bucket.at_ms = now_ms;
         if bucket.tokens >= 1.0 {
@@ -112,9 +114,9 @@ impl BucketTable {
 
 #[derive(Debug, Clone, Copy)]
 struct Failures {
-    window_start_ms: u64,
+    window_start_ms: i64,
     count: u32,
-    locked_until_ms: u64,
+    locked_until_ms: i64,
 }
 
 /// Failed logins per account (by e-mail blind index, whether or not the account exists) and
@@ -124,7 +126,7 @@ pub struct Lockouts {
     rate: Rate,
     lockout: Duration,
     table: Mutex<HashMap<Vec<u8>, Failures>>,
-    next_sweep_ms: AtomicU64,
+    next_sweep_ms: AtomicI64,
     /// Sweeps made (tests).
     sweeps: AtomicU64,
 }
@@ -136,23 +138,19 @@ impl Lockouts {
             rate,
             lockout,
             table: Mutex::new(HashMap::new()),
-            next_sweep_ms: AtomicU64::new(0),
+            next_sweep_ms: AtomicI64::new(0),
             sweeps: AtomicU64::new(0),
         }
-    }
-
-    fn ms(d: Duration) -> u64 {
-        u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Takes an attempt for `key` before the password is checked, so that concurrent attempts
     /// count: `Err(retry_after_secs)` while the key is locked, or while as many attempts as the
     /// limit are already counted (in flight or failed) in the window.
-    pub fn reserve(&self, key: &[u8], now_ms: u64) -> Result<(), u64> {
+    pub fn reserve(&self, key: &[u8], now_ms: i64) -> Result<(), u64> {
         if self.rate.count == 0 {
             return Ok(());
         }
-        let window = Self::ms(self.rate.per);
+        let window = crate::clock::ms(self.rate.per);
         let mut table = self
             .table
             .lock()
@@ -172,7 +170,8 @@ impl Lockouts {
             locked_until_ms: 0,
         });
         if f.locked_until_ms > now_ms {
-            return Err((f.locked_until_ms - now_ms).div_ceil(1000).max(1));
+            let wait_ms = u64::try_from(f.locked_until_ms - now_ms).unwrap_or(1);
+            return Err(wait_ms.div_ceil(1000).max(1));
         }
         if now_ms.saturating_sub(f.window_start_ms) >= window {
             f.window_start_ms = now_ms;
@@ -198,7 +197,7 @@ impl Lockouts {
     }
 
     /// The reserved attempt failed; true when that locked the key.
-    pub fn fail(&self, key: &[u8], now_ms: u64) -> bool {
+    pub fn fail(&self, key: &[u8], now_ms: i64) -> bool {
         if self.rate.count == 0 {
             return false;
         }
@@ -210,7 +209,7 @@ impl Lockouts {
             return false;
         };
         if f.count >= self.rate.count && f.locked_until_ms <= now_ms {
-            f.locked_until_ms = now_ms.saturating_add(Self::ms(self.lockout));
+            f.locked_until_ms = now_ms.saturating_add(crate::clock::ms(self.lockout));
             f.count = 0;
             f.window_start_ms = now_ms;
             return true;
@@ -252,7 +251,7 @@ mod tests {
     #[test]
     fn lockout_after_failures_then_expires() {
         let l = Lockouts::new(rate(3, 60), Duration::from_secs(30));
-        let attempt = |key: &[u8], now: u64, ok: bool| -> Result<bool, u64> {
+        let attempt = |key: &[u8], now: i64, ok: bool| -> Result<bool, u64> {
             l.reserve(key, now)?;
             if ok {
                 l.succeed(key);

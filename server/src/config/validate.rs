@@ -1,0 +1,471 @@
+//! The second stage of configuration: every bound of SPEC §1 and §9 checked and every value parsed,
+//! one function per section (storage, accounts, transport, engine, logs), each error naming the key
+//! and where its value came from. Builds the engine's [`EngineConfig`] directly, so that no value
+//! is declared twice. Reads nothing but the raw configuration and its layers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use engine::{ConflictPolicy, EngineConfig, RateSpec};
+use protocol::envelope::RoomId;
+
+use super::{
+    AccountSettings, Cidr, Config, ConfigError, JwtAlgorithm, Layers, LogFormat, Mode, Rate,
+    RawConfig, StorageConfig, TokenBinding, format_duration, parse_duration,
+};
+
+const SECOND: Duration = Duration::from_secs(1);
+const DAY: Duration = Duration::from_secs(86_400);
+/// How long a stopping server waits for connections to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+struct Checker<'a> {
+    layers: &'a Layers,
+}
+
+impl Checker<'_> {
+    fn fail(&self, key: &str, why: impl std::fmt::Display) -> ConfigError {
+        ConfigError(format!(
+            "invalid value for `{key}` (from {}): {why}",
+            self.layers.origin_of(key)
+        ))
+    }
+
+    fn range<T: PartialOrd + std::fmt::Display + Copy>(
+        &self,
+        key: &str,
+        v: T,
+        lo: T,
+        hi: T,
+    ) -> Result<T, ConfigError> {
+        if v < lo || v > hi {
+            Err(self.fail(key, format!("{v} is out of range {lo}..={hi}")))
+        } else {
+            Ok(v)
+        }
+    }
+
+    /// A size in range, as `usize`.
+    fn size(&self, key: &str, v: u64, lo: u64, hi: u64) -> Result<usize, ConfigError> {
+        let v = self.range(key, v, lo, hi)?;
+        usize::try_from(v).map_err(|_| self.fail(key, "too large for this machine"))
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        text: &str,
+        lo: Duration,
+        hi: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let d = parse_duration(text).map_err(|e| self.fail(key, e))?;
+        if d < lo || d > hi {
+            return Err(self.fail(
+                key,
+                format!(
+                    "{text} is out of range {}..={}",
+                    format_duration(lo),
+                    format_duration(hi)
+                ),
+            ));
+        }
+        Ok(d)
+    }
+
+    fn rate(&self, key: &str, text: &str) -> Result<Rate, ConfigError> {
+        text.parse().map_err(|e| self.fail(key, e))
+    }
+
+    /// A rate whose bucket holds `burst` tokens; a burst of 0 on an enabled rate is refused.
+    fn burst_rate(
+        &self,
+        key: &str,
+        text: &str,
+        burst_key: &str,
+        burst: u32,
+    ) -> Result<RateSpec, ConfigError> {
+        let rate = self.rate(key, text)?;
+        if burst == 0 && !rate.is_disabled() {
+            return Err(self.fail(
+                burst_key,
+                "a burst of 0 would refuse everything; disable the rate with \"0/1s\" instead",
+            ));
+        }
+        Ok(RateSpec {
+            count: rate.count,
+            per: rate.per,
+            burst,
+        })
+    }
+
+    /// A rate whose bucket holds one window's worth.
+    fn plain_rate(&self, key: &str, text: &str) -> Result<RateSpec, ConfigError> {
+        let rate = self.rate(key, text)?;
+        Ok(RateSpec {
+            count: rate.count,
+            per: rate.per,
+            burst: rate.count,
+        })
+    }
+
+    fn choice<T: Copy>(
+        &self,
+        key: &str,
+        text: &str,
+        options: &[(&str, T)],
+    ) -> Result<T, ConfigError> {
+        options
+            .iter()
+            .find(|(name, _)| *name == text)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                self.fail(key, format!("`{text}` is not one of {}", names.join(", ")))
+            })
+    }
+}
+
+impl Config {
+    /// The second stage: checks every bound and parses every value of `raw`.
+    pub fn validate(raw: RawConfig, layers: &Layers) -> Result<Config, ConfigError> {
+        let c = Checker { layers };
+        let mode = c.choice(
+            "mode",
+            &raw.mode,
+            &[
+                ("development", Mode::Development),
+                ("production", Mode::Production),
+            ],
+        )?;
+        let storage = storage(&c, &raw)?;
+        let accounts = accounts(&c, &raw)?;
+        let tls = tls(&c, &raw, mode)?;
+        let engine = engine(&c, &raw)?;
+        let (log_format, log_level) = logs(&c, &raw)?;
+        Ok(Config {
+            mode,
+            storage,
+            accounts,
+            engine,
+            tls,
+            behind_proxy: raw.behind_proxy,
+            transparent_huge_pages: raw.transparent_huge_pages,
+            log_format,
+            log_level,
+            raw,
+        })
+    }
+}
+
+fn storage(c: &Checker<'_>, raw: &RawConfig) -> Result<StorageConfig, ConfigError> {
+    if raw.data_dir.trim().is_empty() {
+        return Err(c.fail("data_dir", "must not be empty"));
+    }
+    for (key, url) in [
+        ("database_url", &raw.database_url),
+        ("database_read_url", &raw.database_read_url),
+    ] {
+        if let Some(url) = url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(c.fail(key, "must start with postgres:// or postgresql://"));
+        }
+    }
+    if raw.database_read_url.is_some() && raw.database_url.is_none() {
+        return Err(c.fail("database_read_url", "needs database_url"));
+    }
+    if let Some(url) = &raw.redis_url
+        && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+    {
+        return Err(c.fail("redis_url", "must start with redis:// or rediss://"));
+    }
+    Ok(StorageConfig {
+        data_dir: PathBuf::from(&raw.data_dir),
+        database_url: raw.database_url.clone(),
+        database_read_url: raw.database_read_url.clone(),
+        database_pool: c.range("database_pool", raw.database_pool, 1, 256)?,
+        redis_url: raw.redis_url.clone(),
+    })
+}
+
+fn accounts(c: &Checker<'_>, raw: &RawConfig) -> Result<AccountSettings, ConfigError> {
+    let jwt_algorithm = c.choice(
+        "jwt_algorithm",
+        &raw.jwt_algorithm,
+        &[
+            ("HS256", JwtAlgorithm::Hs256),
+            ("EdDSA", JwtAlgorithm::EdDsa),
+        ],
+    )?;
+    if jwt_algorithm == JwtAlgorithm::EdDsa && raw.jwt_private_key_file.is_none() {
+        return Err(c.fail(
+            "jwt_private_key_file",
+            "is required when jwt_algorithm = \"EdDSA\"",
+        ));
+    }
+    let access_ttl = c.duration("access_ttl", &raw.access_ttl, SECOND, DAY)?;
+    let refresh_ttl = c.duration("refresh_ttl", &raw.refresh_ttl, SECOND, 365 * DAY)?;
+    let session_max_age =
+        c.duration("session_max_age", &raw.session_max_age, SECOND, 3650 * DAY)?;
+    if refresh_ttl > session_max_age {
+        return Err(c.fail("refresh_ttl", "must not be longer than session_max_age"));
+    }
+    let token_binding = c.choice(
+        "token_binding",
+        &raw.token_binding,
+        &[
+            ("ip_and_user_agent", TokenBinding::IpAndUserAgent),
+            ("user_agent", TokenBinding::UserAgent),
+            ("none", TokenBinding::None),
+        ],
+    )?;
+    let rl = &raw.rate_limits;
+    Ok(AccountSettings {
+        jwt_algorithm,
+        jwt_private_key_file: raw.jwt_private_key_file.as_ref().map(PathBuf::from),
+        access_ttl,
+        refresh_ttl,
+        session_max_age,
+        token_binding,
+        bcrypt_cost: c.range("bcrypt_cost", raw.bcrypt_cost, 4, 16)?,
+        hash_queue: c.range("hash_queue", raw.hash_queue, 1, 1_000_000)?,
+        refresh_reuse_interval: c.duration(
+            "refresh_reuse_interval",
+            &raw.refresh_reuse_interval,
+            Duration::ZERO,
+            Duration::from_secs(300),
+        )?,
+        refresh_cookie: raw.refresh_cookie,
+        login_per_ip: c.rate("rate_limits.login_per_ip", &rl.login_per_ip)?,
+        failed_logins_per_account: c.rate(
+            "rate_limits.failed_logins_per_account",
+            &rl.failed_logins_per_account,
+        )?,
+        lockout: c.duration("rate_limits.lockout", &rl.lockout, Duration::ZERO, DAY)?,
+        register_per_ip: c.rate("rate_limits.register_per_ip", &rl.register_per_ip)?,
+        refresh_per_session: c.rate("rate_limits.refresh_per_session", &rl.refresh_per_session)?,
+    })
+}
+
+type TlsFiles = Option<(PathBuf, PathBuf)>;
+
+fn tls(c: &Checker<'_>, raw: &RawConfig, mode: Mode) -> Result<TlsFiles, ConfigError> {
+    let tls = match (&raw.tls_cert_file, &raw.tls_key_file) {
+        (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+        (None, None) => None,
+        (Some(_), None) => return Err(c.fail("tls_key_file", "is required with tls_cert_file")),
+        (None, Some(_)) => return Err(c.fail("tls_cert_file", "is required with tls_key_file")),
+    };
+    if mode == Mode::Production && tls.is_none() && !raw.behind_proxy {
+        return Err(ConfigError(
+            "production mode refuses plaintext: configure tls_cert_file and tls_key_file, or set \
+             behind_proxy = true when a proxy terminates TLS"
+                .into(),
+        ));
+    }
+    Ok(tls)
+}
+
+fn engine(c: &Checker<'_>, raw: &RawConfig) -> Result<EngineConfig, ConfigError> {
+    let listen: SocketAddr = raw.listen.parse().map_err(|_| {
+        c.fail(
+            "listen",
+            format!("`{}` is not an IP:port address", raw.listen),
+        )
+    })?;
+    let trusted_proxies = raw
+        .trusted_proxies
+        .iter()
+        .map(|text| {
+            text.parse::<Cidr>()
+                .map_err(|e| c.fail("trusted_proxies", e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for origin in &raw.allowed_origins {
+        if !is_origin(origin) {
+            return Err(c.fail(
+                "allowed_origins",
+                format!("`{origin}` is not an origin like https://app.example.com"),
+            ));
+        }
+    }
+    let mut default_rooms = Vec::with_capacity(raw.default_rooms.len());
+    for room in &raw.default_rooms {
+        let id =
+            RoomId::parse(room).map_err(|e| c.fail("default_rooms", format!("`{room}`: {e}")))?;
+        if id.is_personal() {
+            return Err(c.fail(
+                "default_rooms",
+                format!("`{room}`: personal rooms are joined automatically"),
+            ));
+        }
+        default_rooms.push(id);
+    }
+    let max_rooms_per_connection = c.range(
+        "max_rooms_per_connection",
+        raw.max_rooms_per_connection,
+        1,
+        10_000,
+    )?;
+    if default_rooms.len() + 1 > max_rooms_per_connection as usize {
+        return Err(c.fail(
+            "default_rooms",
+            "plus the personal room exceed max_rooms_per_connection",
+        ));
+    }
+    let rl = &raw.rate_limits;
+    Ok(EngineConfig {
+        listen,
+        shards: c.range("shards", raw.shards, 1, 256)?,
+        max_message_bytes: c.size("max_message_bytes", raw.max_message_bytes, 128, 16 << 20)?,
+        max_json_depth: c.range("max_json_depth", raw.max_json_depth, 2, 128)? as usize,
+        compression_threshold: c.size(
+            "compression_threshold",
+            raw.compression_threshold,
+            0,
+            16 << 20,
+        )?,
+        default_rooms,
+        implicit_rooms: raw.implicit_rooms,
+        max_room_members: c.range("max_room_members", raw.max_room_members, 1, 10_000_000)?,
+        max_connections_per_user: c.range(
+            "max_connections_per_user",
+            raw.max_connections_per_user,
+            1,
+            100_000,
+        )?,
+        session_conflict: c.choice(
+            "session_conflict",
+            &raw.session_conflict,
+            &[
+                ("close_oldest", ConflictPolicy::CloseOldest),
+                ("reject_new", ConflictPolicy::RejectNew),
+            ],
+        )?,
+        max_connections_per_ip: c.range(
+            "max_connections_per_ip",
+            raw.max_connections_per_ip,
+            1,
+            10_000_000,
+        )?,
+        max_rooms_per_connection,
+        max_queued_bytes: c.size("max_queued_bytes", raw.max_queued_bytes, 4096, 1 << 30)?,
+        history_size: c.range("history_size", raw.history_size, 0, 100_000)? as usize,
+        history_ttl: c.duration("history_ttl", &raw.history_ttl, Duration::ZERO, 30 * DAY)?,
+        history_room_bytes: c.size("history_room_bytes", raw.history_room_bytes, 4096, 1 << 30)?,
+        history_total_bytes: c.size(
+            "history_total_bytes",
+            raw.history_total_bytes,
+            1 << 20,
+            64 << 30,
+        )?,
+        http_head_timeout: c.duration(
+            "http_head_timeout",
+            &raw.http_head_timeout,
+            SECOND,
+            Duration::from_secs(300),
+        )?,
+        http_body_timeout: c.duration(
+            "http_body_timeout",
+            &raw.http_body_timeout,
+            SECOND,
+            Duration::from_secs(300),
+        )?,
+        max_pending_per_ip: c.range("max_pending_per_ip", raw.max_pending_per_ip, 1, 1_000_000)?,
+        resume_ttl: c.duration("resume_ttl", &raw.resume_ttl, Duration::ZERO, DAY)?,
+        heartbeat: c.duration(
+            "heartbeat",
+            &raw.heartbeat,
+            SECOND,
+            Duration::from_secs(600),
+        )?,
+        presence_batch: c.duration(
+            "presence_batch",
+            &raw.presence_batch,
+            Duration::ZERO,
+            Duration::from_secs(10),
+        )?,
+        expiry_grace: c.duration(
+            "expiry_grace",
+            &raw.expiry_grace,
+            Duration::ZERO,
+            Duration::from_secs(300),
+        )?,
+        write_delay: c.duration(
+            "write_delay",
+            &raw.write_delay,
+            Duration::ZERO,
+            Duration::from_millis(100),
+        )?,
+        busy_write_delay: c.duration(
+            "busy_write_delay",
+            &raw.busy_write_delay,
+            Duration::ZERO,
+            Duration::from_millis(100),
+        )?,
+        force_epoll: c.choice(
+            "io_driver",
+            &raw.io_driver,
+            &[("auto", false), ("epoll", true)],
+        )?,
+        allowed_origins: raw.allowed_origins.clone(),
+        allow_missing_origin: raw.allow_missing_origin,
+        trusted_proxies,
+        connect_per_ip: c.burst_rate(
+            "rate_limits.connect_per_ip",
+            &rl.connect_per_ip,
+            "rate_limits.connect_burst",
+            rl.connect_burst,
+        )?,
+        publish_per_connection: c.burst_rate(
+            "rate_limits.publish_per_connection",
+            &rl.publish_per_connection,
+            "rate_limits.publish_burst",
+            rl.publish_burst,
+        )?,
+        publish_per_room: c.plain_rate("rate_limits.publish_per_room", &rl.publish_per_room)?,
+        query_per_connection: c
+            .plain_rate("rate_limits.query_per_connection", &rl.query_per_connection)?,
+        join_per_connection: c.burst_rate(
+            "rate_limits.join_per_connection",
+            &rl.join_per_connection,
+            "rate_limits.join_burst",
+            rl.join_burst,
+        )?,
+        shutdown_grace: SHUTDOWN_GRACE,
+    })
+}
+
+fn logs(c: &Checker<'_>, raw: &RawConfig) -> Result<(LogFormat, String), ConfigError> {
+    let format = c.choice(
+        "log_format",
+        &raw.log_format,
+        &[("json", LogFormat::Json), ("pretty", LogFormat::Pretty)],
+    )?;
+    c.choice(
+        "log_level",
+        &raw.log_level,
+        &[
+            ("error", ()),
+            ("warn", ()),
+            ("info", ()),
+            ("debug", ()),
+            ("trace", ()),
+        ],
+    )?;
+    Ok((format, raw.log_level.clone()))
+}
+
+/// `scheme://host[:port]` with no path, as browsers send `Origin`.
+fn is_origin(text: &str) -> bool {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains('/')
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+}
