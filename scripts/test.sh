@@ -50,6 +50,9 @@ fi
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "the engine's module graph has no cycle"
+python3 scripts/module-graph.py --root engine/src
+
 step "cargo clippy (workspace, all targets, -D warnings)"
 cargo clippy --workspace --all-targets -j "$jobs" -- -D warnings
 

@@ -13,7 +13,8 @@ use protocol::http::{
 };
 
 use crate::net::request_client_ip;
-use crate::routes::{HttpRequest, HttpResponse, Routed};
+use crate::response::HttpResponse;
+use crate::routes::{HttpRequest, Routed};
 use crate::shard::Shard;
 use crate::transport::{Stream, Transport};
 use crate::upgrade::{Upgrade, upgrade};

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use atomic_waker::AtomicWaker;
 use protocol::ErrorCode;
 
-use crate::HttpResponse;
+use crate::response::HttpResponse;
 
 struct Slot {
     response: Mutex<Option<HttpResponse>>,

@@ -1,13 +1,13 @@
-//! What the engine asks of the server's HTTP route table: the request it hands over, the
-//! response it writes, and the trait the server implements. Plain types; the HTTP loop that uses
-//! them is `http`.
+//! What the engine asks of the server's HTTP route table: the request it hands over, what a route
+//! answers (now, or later from a pool), and the trait the server implements. Plain types; the HTTP
+//! loop that uses them is `http`.
 
 use std::net::SocketAddr;
 
-use protocol::ErrorCode;
 use protocol::http::RequestHead;
 
 use crate::pending::PendingResponse;
+use crate::response::HttpResponse;
 
 /// An HTTP request the engine does not handle itself.
 #[derive(Debug)]
@@ -22,18 +22,6 @@ pub struct HttpRequest<'a> {
     pub client_ip: std::net::IpAddr,
     /// The request id echoed in `X-Request-Id` (the caller's if sane, else generated).
     pub request_id: &'a str,
-}
-
-/// The answer to an [`HttpRequest`]. `Content-Length`, `Connection` and `X-Request-Id` are added
-/// by the engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpResponse {
-    /// Status code.
-    pub status: u16,
-    /// Headers.
-    pub headers: Vec<(&'static str, String)>,
-    /// Body.
-    pub body: Vec<u8>,
 }
 
 /// What a route answers: at once, or later from another thread.
@@ -56,21 +44,4 @@ impl From<HttpResponse> for Routed {
 pub trait HttpRoutes: Send + Sync + 'static {
     /// Answers one request.
     fn handle(&self, request: &HttpRequest<'_>) -> Routed;
-}
-
-/// Builds a JSON response.
-impl HttpResponse {
-    /// `status` with a JSON body.
-    pub fn json(status: u16, body: Vec<u8>) -> Self {
-        Self {
-            status,
-            headers: vec![("Content-Type", "application/json".to_owned())],
-            body,
-        }
-    }
-
-    /// The SPEC §2 error shape.
-    pub fn error(status: u16, code: ErrorCode, message: &str) -> Self {
-        Self::json(status, protocol::http::error_body(code, message, None))
-    }
 }

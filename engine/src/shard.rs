@@ -52,6 +52,25 @@ pub(crate) struct Shard {
     pub(crate) outbox_waker: RefCell<Option<Waker>>,
 }
 
+/// The trace of one client request, current until dropped (see [`Shard::begin_trace`]).
+pub(crate) struct TraceScope<'a> {
+    shard: &'a Shard,
+    id: u64,
+}
+
+impl TraceScope<'_> {
+    /// The trace id.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for TraceScope<'_> {
+    fn drop(&mut self) {
+        self.shard.trace.set(0);
+    }
+}
+
 impl Shard {
     pub(crate) fn new(id: usize, shared: Arc<Shared>) -> std::io::Result<Self> {
         let zstd = |e: protocol::compression::ZstdError| std::io::Error::other(e.to_string());
@@ -92,12 +111,14 @@ impl Shard {
     /// Starts the trace of a client request: a fresh id (the shard in the top 16 bits), carried
     /// by the messages the request makes and named `trace_id` in their log lines, so that one
     /// request can be followed from the connection's shard to the room's home.
-    pub(crate) fn begin_trace(&self) -> u64 {
+    /// It lasts as long as the returned scope: messages made after it (a join at connect, a
+    /// re-check) carry 0, never the id of a request that has ended.
+    pub(crate) fn begin_trace(&self) -> TraceScope<'_> {
         let n = self.next_trace.get();
         self.next_trace.set(n + 1);
-        let trace = ((self.id as u64) << 48) | (n & 0xFFFF_FFFF_FFFF);
-        self.trace.set(trace);
-        trace
+        let id = ((self.id as u64) << 48) | (n & 0xFFFF_FFFF_FFFF);
+        self.trace.set(id);
+        TraceScope { shard: self, id }
     }
 
     /// The trace of the request being handled (0 outside one).

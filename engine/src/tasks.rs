@@ -1,7 +1,6 @@
-//! A shard's tasks: the dispatcher (its mailbox and the messages it sends itself, each handed to
-//! its owner, `home` or `session`), the reader of its connections, the ticker of its periodic
-//! duties, and the accept loop. This is the only module that runs the handlers; it decides
-//! nothing about rooms or connections.
+//! A shard's tasks: the dispatcher (it waits on the mailbox and has `router` pump it, each message
+//! to its owner, `home` or `session`), the reader of its connections, the ticker of its periodic
+//! duties, and the accept loop. It decides nothing about rooms or connections.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,6 +10,7 @@ use std::time::Duration;
 
 use crate::clock::now_ms;
 use crate::shard::Shard;
+use crate::state::Counters;
 use crate::sys::ReadySet;
 
 /// The periodic duties of a shard: heartbeats, idle and expiry closes, refresh warnings,
@@ -42,9 +42,7 @@ pub(crate) async fn ticker(shard: Rc<Shard>) {
         shard
             .shared
             .state
-            .local()
-            .ips()
-            .sweep(scans.wrapping_mul(shard.shared.config.shards) + shard.id);
+            .upkeep(scans.wrapping_mul(shard.shared.config.shards) + shard.id);
         crate::session::scan(&shard, now);
         crate::router::pump(&shard);
     }

@@ -56,13 +56,15 @@ impl Visit for Collect<'_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.fields
-            .set(field.name(), FieldValue::Raw(value.to_string()));
+        self.number(field, value <= MAX_SAFE_INTEGER, value.to_string());
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.fields
-            .set(field.name(), FieldValue::Raw(value.to_string()));
+        self.number(
+            field,
+            value.unsigned_abs() <= MAX_SAFE_INTEGER,
+            value.to_string(),
+        );
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -71,7 +73,21 @@ impl Visit for Collect<'_> {
     }
 }
 
+/// The largest integer every JSON reader holds exactly (JavaScript, jq: doubles).
+const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
 impl Collect<'_> {
+    /// A number, bare when JSON readers keep it exact, else quoted (connection ids carry the
+    /// shard in their top bits).
+    fn number(&mut self, field: &Field, exact: bool, text: String) {
+        let value = if exact {
+            FieldValue::Raw(text)
+        } else {
+            FieldValue::Text(text)
+        };
+        self.fields.set(field.name(), value);
+    }
+
     fn text(&mut self, field: &Field, value: String) {
         match (&mut self.message, field.name()) {
             (Some(message), "message") => **message = value,
@@ -181,10 +197,15 @@ fn render(
     let level = level_name(metadata.level());
     let mut line = String::with_capacity(128);
     if pretty {
-        let _ = write!(line, "{ts} {level:5} {} {message}", metadata.target());
+        let _ = write!(
+            line,
+            "{ts} {level:5} {} {}",
+            metadata.target(),
+            readable(message, false)
+        );
         for (name, value) in &fields.0 {
             let (FieldValue::Text(v) | FieldValue::Raw(v)) = value;
-            let _ = write!(line, " {name}={v}");
+            let _ = write!(line, " {name}={}", readable(v, true));
         }
     } else {
         let _ = write!(
@@ -205,6 +226,19 @@ fn render(
     line
 }
 
+/// A text as a readable line shows it: quoted and escaped when it holds a control character (a
+/// newline must not start a forged line) or, for a field's value, a space, quote or `=`.
+fn readable(text: &str, is_value: bool) -> std::borrow::Cow<'_, str> {
+    let plain = !text
+        .chars()
+        .any(|c| c.is_control() || (is_value && (c.is_whitespace() || c == '"' || c == '=')));
+    if plain {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(format!("{text:?}"))
+    }
+}
+
 /// Installs the logger once (later calls are ignored): JSON lines, or readable ones with
 /// `pretty`, at `level` (`error` … `trace`; anything else is `info`).
 pub fn init(pretty: bool, level: &str) {
@@ -221,8 +255,11 @@ pub fn init(pretty: bool, level: &str) {
 }
 
 /// Runs `work` inside the span of HTTP request `request_id`: every line it logs carries the id.
+/// The span is made at level `error` so that it exists whatever `log_level` is (a span's level
+/// only decides whether it is made): the warnings and errors of a request, the lines that remain
+/// at `log_level = "warn"`, carry its id too.
 pub fn with_request_id<T>(request_id: &str, work: impl FnOnce() -> T) -> T {
-    tracing::info_span!("request", request_id = %request_id).in_scope(work)
+    tracing::error_span!("request", request_id = %request_id).in_scope(work)
 }
 
 /// An e-mail as logs show it: first character, `***`, the domain (`a***@example.com`).
@@ -266,6 +303,13 @@ mod tests {
         assert!(
             pretty.ends_with(" info  ringhub::test said request_id=r-2 conn=42\n"),
             "{pretty}"
+        );
+        fields.set("email", FieldValue::Text("a\n{\"level\":\"error\"}".into()));
+        let forged = render(true, &metadata, "two\nlines", &fields);
+        assert_eq!(forged.matches('\n').count(), 1, "{forged}");
+        assert!(
+            forged.contains(r#"email="a\n{\"level\":\"error\"}""#),
+            "{forged}"
         );
     }
 

@@ -202,8 +202,17 @@ fn migrate(client: &mut Client) -> Result<StoreResult<u32>, postgres::Error> {
     Ok(Ok(latest))
 }
 
-/// An error's text with its cause (the client's `Display` leaves the cause out).
+/// An error's text with its cause (the client's `Display` leaves the cause out). A database
+/// error gives its severity, code, message and constraint, never its `DETAIL`, which quotes row
+/// values (password and token hashes, ciphertexts) and would carry them into the logs.
 fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(constraint) = db.constraint() {
+            text.push_str(&format!(" (constraint {constraint})"));
+        }
+        return text;
+    }
     match std::error::Error::source(e) {
         Some(cause) => format!("{e}: {cause}"),
         None => e.to_string(),

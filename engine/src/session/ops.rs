@@ -131,7 +131,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
     let metrics = &shard.shared.metrics;
     metrics.message_in(request.op.name());
     let trace = shard.begin_trace();
-    trace_request(conn, &request, trace);
+    trace_request(conn, &request, trace.id());
     let id = request.id;
     match request.op {
         Op::Ping => send(shard, conn, &Push::Pong { id }),

@@ -287,7 +287,7 @@ impl InProcess {
         }
     }
 
-    /// This node's per-IP table (connections in progress, sweeping).
+    /// This node's per-IP table (its connections in progress are this node's alone).
     pub(crate) fn ips(&self) -> &Arc<IpTable> {
         &self.ips
     }
@@ -348,6 +348,10 @@ impl Counters for InProcess {
         if users.get_mut(user).is_some_and(|entry| entry.remove(conn)) {
             users.remove(user);
         }
+    }
+
+    fn upkeep(&self, turn: usize) {
+        self.ips.sweep(turn);
     }
 }
 

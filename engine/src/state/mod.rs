@@ -2,9 +2,9 @@
 //! (SPEC §10) — count together: connection caps and connect rates ([`Counters`]), who is connected
 //! and on which shards ([`Presence`]), closed sessions that may be resumed ([`Resumes`]). Each is
 //! a trait; [`InProcess`] (striped maps in this process, `local.rs`) is the embedded default and
-//! today's only implementation. [`Backend`] holds the implementation the configuration chose as an
-//! enum (static dispatch, nothing boxed per call); the engine calls the traits and never asks
-//! which.
+//! today's only implementation. [`Backend`] holds the implementation as an enum (static dispatch,
+//! nothing boxed per call); the engine calls the traits and never asks which, except for the
+//! node's own count of connections in progress ([`Backend::local`]), which is never shared.
 //!
 //! Rooms' order and history (the broker of the architecture) live in the room core, which is the
 //! in-process broker; a shared broker answers a publish's `seq` asynchronously, which is shaped
@@ -22,7 +22,8 @@ pub(crate) use seams::{CapRefusal, Counters, Presence, Resumes};
 use crate::conn::ConnId;
 use crate::room::OnlineUser;
 
-/// The implementation of the shared state the configuration chose.
+/// The implementation of the shared state. Today always [`InProcess`]; a shared store joins as a
+/// variant chosen by the configuration.
 pub(crate) enum Backend {
     /// This process's own maps (the embedded default).
     InProcess(InProcess),
@@ -60,6 +61,12 @@ impl Counters for Backend {
     fn release(&self, ip: IpAddr, user: &Arc<str>, conn: ConnId) {
         match self {
             Self::InProcess(s) => s.release(ip, user, conn),
+        }
+    }
+
+    fn upkeep(&self, turn: usize) {
+        match self {
+            Self::InProcess(s) => s.upkeep(turn),
         }
     }
 }

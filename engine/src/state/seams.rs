@@ -31,6 +31,9 @@ pub(crate) trait Counters {
     ) -> Result<Option<ConnId>, CapRefusal>;
     /// Undoes [`Counters::admit`] when the connection ends.
     fn release(&self, ip: IpAddr, user: &Arc<str>, conn: ConnId);
+    /// Periodic upkeep, called by every shard's ticker with a turn number that differs between
+    /// shards and rises with time (the in-process maps sweep one stripe of stale entries).
+    fn upkeep(&self, turn: usize);
 }
 
 /// Who is connected, and where (a personal room's owner, SPEC §5).

@@ -422,20 +422,19 @@ impl Accounts {
             .as_ref()
             .map_or_else(|| self.dummy_hash(), |u| u.password_hash.as_str());
         let matches = password_matches(password, hash);
+        let known = user.is_some();
         let Some(user) = user.filter(|_| matches) else {
-            let reason = if matches {
-                "no_account"
-            } else {
-                "bad_password"
-            };
+            let reason = if known { "bad_password" } else { "no_account" };
             self.metrics.auth_failure(reason);
             let locked = self.lockouts.fail(&index, now);
-            tracing::info!(
-                reason,
-                email = %crate::logging::mask_email(email),
-                locked,
-                "login failed"
-            );
+            // The e-mail (masked) only when it names an account: what was typed into the field
+            // of an unknown one may be anything, a password included.
+            let email = if known {
+                crate::logging::mask_email(email)
+            } else {
+                "-".to_owned()
+            };
+            tracing::info!(reason, email = %email, locked, "login failed");
             let answer = StoredAnswer::refusal(ApiError::invalid_credentials());
             return self
                 .remember(idempotency, &answer, None)
