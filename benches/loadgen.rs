@@ -274,6 +274,16 @@ fn server_counters(addr: SocketAddr) -> String {
             out.push_str(&format!(",\"{key}\":{v}"));
         }
     }
+    // Connections the server closed or lost, by close code (a run whose clients fell behind shows
+    // its 4011 slow-consumer closes here rather than as a mysteriously low rate).
+    let closed: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ringhub_disconnects_total{code=\""))
+        .filter_map(|l| l.split_once("\"} "))
+        .filter(|(_, v)| *v != "0")
+        .map(|(code, v)| format!("\"{code}\":{v}"))
+        .collect();
+    out.push_str(&format!(",\"server_disconnects\":{{{}}}", closed.join(",")));
     out
 }
 

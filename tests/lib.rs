@@ -21,7 +21,7 @@ pub fn ringhub_bin() -> PathBuf {
 }
 
 /// A fresh, empty directory for one test.
-pub fn scratch_dir(name: &str) -> PathBuf {
+pub fn scratch_dir(name: &str) -> Scratch {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "ringhub-test-{}-{}-{name}",
@@ -30,7 +30,39 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
+    Scratch(dir)
+}
+
+/// A scratch directory, removed when dropped (unless kept by [`Scratch::keep`]).
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// The path, no longer removed by this guard (its new owner removes it).
+    pub fn keep(mut self) -> PathBuf {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// What one run of the binary did.
@@ -100,7 +132,7 @@ impl Server {
     /// waits for its `listening` line.
     pub fn start(name: &str, flags: &[&str]) -> Server {
         let flags: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
-        Self::start_in(scratch_dir(name), &flags)
+        Self::start_in(scratch_dir(name).keep(), &flags)
     }
 
     /// Starts the server in an existing scratch directory (its `data` subdirectory is the data
@@ -739,7 +771,7 @@ impl Db {
         let (mut all, schema) = self.flags(name);
         all.extend(flags.iter().map(|f| (*f).to_owned()));
         Fixture {
-            server: Server::start_in(scratch_dir(name), &all),
+            server: Server::start_in(scratch_dir(name).keep(), &all),
             schema,
         }
     }
