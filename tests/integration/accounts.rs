@@ -777,7 +777,7 @@ fn eddsa_tokens_and_the_jwks_endpoint() {
     ]
     .map(str::to_owned)
     .to_vec();
-    let server = Server::start_in(dir, &flags);
+    let server = Server::start_in(dir.keep(), &flags);
     let jwks = server.api("GET", "/.well-known/jwks.json", &[], None);
     assert_eq!(jwks.status, 200, "{jwks:?}");
     assert!(jwks.body.contains(r#""kty":"OKP""#) && jwks.body.contains(r#""crv":"Ed25519""#));
