@@ -113,6 +113,42 @@ pub struct EngineConfig {
     pub join_per_connection: RateSpec,
     /// How long shutdown waits for connections to drain.
     pub shutdown_grace: Duration,
+    /// Redis, when several nodes act as one (SPEC §10); `None` keeps every shared state in this
+    /// process (the embedded default).
+    pub redis: Option<RedisSettings>,
+}
+
+/// How this node reaches Redis and names itself there.
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// `host:port`.
+    pub addr: String,
+    /// ACL user (`None`: the default user).
+    pub username: Option<String>,
+    /// Password (never logged).
+    pub password: Option<String>,
+    /// Database number.
+    pub db: u32,
+    /// Every key and channel starts with it.
+    pub prefix: String,
+    /// This node's name in Redis, logs and metrics.
+    pub node_id: String,
+    /// A node that has not renewed its leases for this long is dead.
+    pub node_ttl: Duration,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("addr", &self.addr)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("db", &self.db)
+            .field("prefix", &self.prefix)
+            .field("node_id", &self.node_id)
+            .field("node_ttl", &self.node_ttl)
+            .finish()
+    }
 }
 
 impl EngineConfig {
@@ -160,6 +196,7 @@ impl EngineConfig {
             query_per_connection: rate(10, 1, 10),
             join_per_connection: rate(10, 1, 50),
             shutdown_grace: Duration::from_secs(5),
+            redis: None,
         }
     }
 }

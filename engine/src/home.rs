@@ -11,11 +11,13 @@ use std::sync::atomic::Ordering;
 use protocol::ErrorCode;
 use protocol::envelope::{PresenceEntry, RoomId, Value};
 
+use crate::answers::{answer_join, fan_out, join_locally, online_owner};
+use crate::broker;
 use crate::clock::now_ms;
 use crate::conn::{ConnId, shard_of};
 use crate::frames::FrameKey;
-use crate::msg::{ConnMsg, JoinMsg, Joined, Reply, RoomMsg};
-use crate::room::{Fanout, JoinRequest, NewMessage, OnlineUser, Published, Refused, owner_of};
+use crate::msg::{JoinMsg, Reply, RoomMsg};
+use crate::room::{NewMessage, Published, owner_of};
 use crate::rooms::RoomSettings;
 use crate::shard::Shard;
 use crate::state::Presence;
@@ -23,21 +25,28 @@ use crate::state::Presence;
 /// Mailbox messages waiting on a shard above which its presence flushes are put off.
 const PRESENCE_DELAY_BACKLOG: usize = 4096;
 
-fn to_conn(shard: &Rc<Shard>, conn: ConnId, msg: ConnMsg) {
-    shard.dispatch(shard_of(conn), msg);
-}
-
-/// Handles one message to a room homed here.
+/// Handles one message to a room homed here: through the shared broker while it is reachable
+/// (several nodes), else in this shard's room core alone.
 pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
+    let shared = broker::is_up(shard);
     match msg {
-        RoomMsg::Join(join) => self::join(shard, join),
+        RoomMsg::Join(join) if shared => broker::join(shard, join),
+        RoomMsg::Join(join) => {
+            go_local(shard, &join.room);
+            self::join(shard, join);
+        }
         RoomMsg::Leave {
             room,
             conn,
             user,
             name,
             key,
-        } => leave(shard, &room, conn, &user, &name, key),
+        } => {
+            leave(shard, &room, conn, &user, &name, key);
+            if shard.broker.is_some() {
+                broker::left(shard, &room, conn, &user);
+            }
+        }
         RoomMsg::Publish {
             trace,
             room,
@@ -46,7 +55,17 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
             name,
             data,
             id,
-        } => publish(shard, trace, room, conn, &user, &name, data, id),
+        } => {
+            if shared {
+                broker::publish(shard, trace, room, conn, &user, &name, &data, id);
+            } else {
+                go_local(shard, &room);
+                publish(shard, trace, room, conn, &user, &name, data, id);
+            }
+        }
+        RoomMsg::PresenceQuery { room, conn, id } if shared => {
+            broker::presence_query(shard, &room, conn, id);
+        }
         RoomMsg::PresenceQuery { room, conn, id } => presence_query(shard, &room, conn, id),
         RoomMsg::HistoryQuery {
             room,
@@ -54,10 +73,20 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
             id,
             since,
             limit,
-        } => history_query(shard, &room, conn, id, since, limit),
+        } => {
+            if shared {
+                broker::history_query(shard, &room, conn, id, since, limit);
+            } else {
+                history_query(shard, &room, conn, id, since, limit);
+            }
+        }
         RoomMsg::DropRoom { room, done } => {
             shard.rooms.borrow_mut().drop_room(&room);
-            done.tick();
+            if shared {
+                broker::drop_room(shard, &room, done);
+            } else {
+                done.tick();
+            }
         }
         RoomMsg::PublishExternal {
             room,
@@ -66,85 +95,32 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
             data,
             settings,
             answer,
-        } => answer.set(publish_external(shard, room, &user, &name, data, settings)),
+        } => {
+            if shared {
+                broker::publish_external(shard, &room, &user, &name, &data, settings.as_ref(), answer);
+            } else {
+                go_local(shard, &room);
+                answer.set(publish_external(shard, room, &user, &name, data, settings));
+            }
+        }
+        RoomMsg::PresenceExternal { room, answer } if shared => {
+            broker::presence_external(shard, &room, answer);
+        }
         RoomMsg::PresenceExternal { room, answer } => answer.set(presence_of(shard, &room)),
     }
 }
 
-/// The connected owner of `room` when it is a personal room.
-fn online_owner(shard: &Shard, room: &RoomId) -> Option<OnlineUser> {
-    owner_of(room).and_then(|owner| shard.shared.state.online_user(owner))
-}
-
-/// Hands one room's frames to every shard in `targets`.
-fn fan_out(shard: &Rc<Shard>, fanout: Fanout) {
-    let delivery = Arc::new(fanout.delivery);
-    for target in fanout.targets {
-        shard.dispatch(target, ConnMsg::Deliver(delivery.clone()));
+/// With Redis configured but unreachable: `room` goes on in this shard alone, under an epoch of
+/// its own (SPEC §10 "Redis unreachable").
+fn go_local(shard: &Rc<Shard>, room: &RoomId) {
+    if shard.broker.is_some() {
+        shard.rooms.borrow_mut().go_local(room);
     }
 }
 
 fn join(shard: &Rc<Shard>, msg: JoinMsg) {
-    let request = JoinRequest {
-        room: &msg.room,
-        user: &msg.user,
-        name: &msg.name,
-        shard: shard_of(msg.conn),
-        key: msg.key,
-        wants_presence: msg.id.is_some(),
-        already: msg.already,
-        resume: msg.resume.as_ref(),
-        settings: msg.settings.as_ref(),
-    };
-    let owner = if request.needs_owner() {
-        online_owner(shard, &msg.room)
-    } else {
-        None
-    };
-    let answer = shard
-        .rooms
-        .borrow_mut()
-        .join(&request, owner.as_ref(), now_ms());
-    if let Ok(answer) = &answer {
-        tracing::debug!(
-            room = %msg.room,
-            conn = msg.conn,
-            user_id = %msg.user,
-            seq = answer.seq,
-            trace_id = %format_args!("{:x}", msg.trace),
-            "joined"
-        );
-    }
-    let reply = match answer {
-        Ok(answer) => ConnMsg::Joined(Box::new(Joined {
-            room: msg.room,
-            conn: msg.conn,
-            id: msg.id,
-            initial: msg.initial,
-            seq: answer.seq,
-            epoch: answer.epoch,
-            presence: answer.presence,
-            recovery: answer.recovery,
-        })),
-        Err(Refused { code, message }) => {
-            if code == ErrorCode::RoomFull {
-                shard
-                    .shared
-                    .metrics
-                    .room_full
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            ConnMsg::JoinFailed {
-                room: msg.room,
-                conn: msg.conn,
-                id: msg.id,
-                initial: msg.initial,
-                code,
-                message,
-            }
-        }
-    };
-    to_conn(shard, msg.conn, reply);
+    let answer = join_locally(shard, &msg);
+    answer_join(shard, msg, answer);
 }
 
 fn leave(

@@ -10,7 +10,9 @@
 //! Main types: [`start`] → [`Engine`]; [`EngineConfig`]; [`Metrics`].
 #![deny(unsafe_code)]
 
+mod answers;
 pub mod auth;
+mod broker;
 mod buffers;
 mod clock;
 pub mod config;
@@ -24,6 +26,7 @@ pub mod metrics;
 mod msg;
 mod net;
 mod pending;
+mod redis;
 mod response;
 mod room;
 pub mod rooms;
@@ -47,7 +50,8 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 
 pub use auth::{AuthFailure, Authenticator, ClientInfo, Identity, Revoked};
-pub use config::{ConflictPolicy, EngineConfig, RateSpec};
+pub use config::{ConflictPolicy, EngineConfig, RateSpec, RedisSettings};
+pub use redis::check as check_redis;
 pub use metrics::Metrics;
 use msg::{ConnMsg, RoomMsg, ShardMsg};
 pub use net::{Cidr, client_ip, ip_group};
@@ -101,6 +105,14 @@ pub fn start(
     let mut listeners = vec![first];
     for _ in 1..shards {
         listeners.push(bind(local_addr)?);
+    }
+    if config.redis.is_some() {
+        let redis = &metrics.redis;
+        redis.configured.store(true, Ordering::Relaxed);
+        let links = i64::try_from(shards * 2).unwrap_or(i64::MAX);
+        redis
+            .links_expected
+            .store(links, Ordering::Relaxed);
     }
     let shared = Arc::new(Shared::new(config, auth, routes, policy, metrics));
     let cores = core_affinity::get_core_ids().unwrap_or_default();

@@ -85,6 +85,126 @@ pub struct Metrics {
     shard_queue_depth: Vec<AtomicI64>,
     shard_write_delay_us: Vec<AtomicU64>,
     shard_history_bytes: Vec<AtomicU64>,
+    /// Redis (several nodes), rendered only when configured.
+    pub redis: RedisMetrics,
+}
+
+/// A histogram with fixed upper bounds (the last bucket is `+Inf`).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [u64],
+    buckets: Vec<AtomicU64>,
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [u64]) -> Self {
+        Self {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one observation.
+    pub fn observe(&self, value: u64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(self.bounds.len());
+        bump(&self.buckets[i]);
+        self.sum.fetch_add(value, Ordering::Relaxed);
+    }
+
+    /// Prometheus text; bounds and sum divided by `scale` (1e6 turns microseconds into seconds).
+    fn render(&self, out: &mut String, name: &str, scale: f64) {
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            match self.bounds.get(i) {
+                Some(b) => {
+                    let le = *b as f64 / scale;
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let sum = self.sum.load(Ordering::Relaxed) as f64 / scale;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
+/// What the Redis connections of a node do.
+#[derive(Debug)]
+pub struct RedisMetrics {
+    /// Redis is configured (the metrics are rendered).
+    pub configured: std::sync::atomic::AtomicBool,
+    /// Connections the node keeps (two per shard).
+    pub links_expected: AtomicI64,
+    /// Connections up now.
+    pub links_up: AtomicI64,
+    /// Commands sent.
+    pub commands: AtomicU64,
+    /// Commands per write.
+    pub pipeline_size: Histogram,
+    /// Time from a command's write to its reply, in microseconds (sampled).
+    pub round_trip_us: Histogram,
+    /// Messages that arrived after a gap in a room's `seq` (a subscription was lost meanwhile).
+    pub gaps: AtomicU64,
+    /// Rooms gone on locally (a new epoch) because Redis was unreachable.
+    pub local_fallbacks: AtomicU64,
+}
+
+impl RedisMetrics {
+    fn new() -> Self {
+        Self {
+            configured: std::sync::atomic::AtomicBool::new(false),
+            links_expected: AtomicI64::new(0),
+            links_up: AtomicI64::new(0),
+            commands: AtomicU64::new(0),
+            pipeline_size: Histogram::new(&[1, 2, 4, 8, 16, 32, 64, 128, 256, 1024]),
+            round_trip_us: Histogram::new(&[
+                50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000,
+            ]),
+            gaps: AtomicU64::new(0),
+            local_fallbacks: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether every Redis connection of the node is up.
+    pub fn up(&self) -> bool {
+        self.links_up.load(Ordering::Relaxed) >= self.links_expected.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String) {
+        if !self.configured.load(Ordering::Relaxed) {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE ringhub_redis_up gauge\nringhub_redis_up {}",
+            u8::from(self.up())
+        );
+        for (name, counter) in [
+            ("ringhub_redis_commands_total", &self.commands),
+            ("ringhub_redis_gaps_total", &self.gaps),
+            ("ringhub_redis_local_fallbacks_total", &self.local_fallbacks),
+        ] {
+            let _ = writeln!(
+                out,
+                "# TYPE {name} counter\n{name} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        self.pipeline_size
+            .render(out, "ringhub_redis_pipeline_size", 1.0);
+        self.round_trip_us
+            .render(out, "ringhub_redis_roundtrip_seconds", 1e6);
+    }
 }
 
 fn zeros<const N: usize>() -> [AtomicU64; N] {
@@ -120,6 +240,7 @@ impl Metrics {
             shard_queue_depth: (0..shards).map(|_| AtomicI64::new(0)).collect(),
             shard_write_delay_us: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             shard_history_bytes: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            redis: RedisMetrics::new(),
         }
     }
 
@@ -289,6 +410,7 @@ impl Metrics {
                 .iter()
                 .map(|g| i128::from(g.load(Ordering::Relaxed))),
         );
+        self.redis.render(out);
     }
 }
 

@@ -13,6 +13,7 @@ use std::task::Waker;
 use protocol::compression::{Compressor, DEFAULT_LEVEL, Decompressor};
 use protocol::envelope::RoomId;
 
+use crate::broker::state::Broker;
 use crate::buffers::BufferPool;
 use crate::conn::{Conn, ConnId, shard_of};
 use crate::msg::{ConnMsg, Reply, ShardMsg};
@@ -50,6 +51,8 @@ pub(crate) struct Shard {
     outbox: RefCell<VecDeque<ShardMsg>>,
     /// The dispatcher, parked while the outbox and the mailbox are empty.
     pub(crate) outbox_waker: RefCell<Option<Waker>>,
+    /// The shared broker's connections and channels, when Redis is configured.
+    pub(crate) broker: Option<Broker>,
 }
 
 /// The trace of one client request, current until dropped (see [`Shard::begin_trace`]).
@@ -86,6 +89,11 @@ impl Shard {
             RoomRules::of(&shared.config),
             Arc::from(shared.instance.as_str()),
         );
+        let broker = shared
+            .config
+            .redis
+            .clone()
+            .map(|settings| Broker::new(settings, id));
         Ok(Self {
             id,
             shared,
@@ -105,6 +113,7 @@ impl Shard {
             ready_set: ReadySet::new()?,
             outbox: RefCell::new(VecDeque::new()),
             outbox_waker: RefCell::new(None),
+            broker,
         })
     }
 

@@ -81,6 +81,8 @@ pub struct Routes {
     storage_pool: Arc<Pool>,
     hash_pool: Arc<Pool>,
     cors: Cors,
+    /// This process's name, answered by `/healthz`.
+    node_id: Arc<str>,
 }
 
 impl std::fmt::Debug for Routes {
@@ -161,7 +163,15 @@ impl Routes {
             storage_pool,
             hash_pool,
             cors,
+            node_id: Arc::from(""),
         }
+    }
+
+    /// Names this process in `/healthz` (SPEC §10 `node_id`).
+    #[must_use]
+    pub fn with_node_id(mut self, node_id: &str) -> Self {
+        self.node_id = Arc::from(node_id);
+        self
     }
 
     /// Runs `job` on `pool` (its log lines carry the request id); 503 when the queue is full.
@@ -559,12 +569,22 @@ impl Routes {
                 )
             }
             ("GET" | "HEAD", "/healthz") => {
-                Ok(HttpResponse::json(200, br#"{"status":"ok"}"#.to_vec()).into())
+                let body = sonic_rs::to_vec(&sonic_rs::json!({
+                    "status": "ok",
+                    "node_id": &*self.node_id,
+                }))
+                .unwrap_or_default();
+                Ok(HttpResponse::json(200, body).into())
             }
             ("GET" | "HEAD", "/readyz") => {
                 let accounts = self.accounts.clone();
+                let redis = &self.metrics.engine.redis;
+                let redis = redis
+                    .configured
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .then(|| redis.up());
                 Ok(Self::defer(&self.storage_pool, request, move || {
-                    Ok(readiness(&accounts))
+                    Ok(readiness(&accounts, redis))
                 }))
             }
             ("GET" | "HEAD", "/metrics") => Ok(HttpResponse {
@@ -628,25 +648,34 @@ fn cookie(request: &HttpRequest<'_>, name: &str) -> Option<String> {
         })
 }
 
-fn readiness(accounts: &Accounts) -> HttpResponse {
+/// `/readyz`: 200 while storage answers and (when configured) every Redis connection is up;
+/// 503 naming what fails.
+fn readiness(accounts: &Accounts, redis_up: Option<bool>) -> HttpResponse {
     let store = accounts.store();
-    match store.ping() {
-        Ok(()) => HttpResponse::json(
-            200,
-            format!(r#"{{"status":"ready","storage":"{}"}}"#, store.kind()).into_bytes(),
-        ),
+    let storage_ok = match store.ping() {
+        Ok(()) => true,
         Err(e) => {
             tracing::warn!(error = %e, "readiness: storage fails");
-            HttpResponse::json(
-                503,
-                format!(
-                    r#"{{"status":"unavailable","failing":["storage"],"storage":"{}"}}"#,
-                    store.kind()
-                )
-                .into_bytes(),
-            )
+            false
         }
+    };
+    let mut failing = Vec::new();
+    if !storage_ok {
+        failing.push("storage");
     }
+    if redis_up == Some(false) {
+        failing.push("redis");
+    }
+    let status = if failing.is_empty() { "ready" } else { "unavailable" };
+    let mut body = sonic_rs::json!({ "status": status, "storage": store.kind() });
+    if let Some(up) = redis_up {
+        body["redis"] = sonic_rs::json!(if up { "up" } else { "down" });
+    }
+    if !failing.is_empty() {
+        body["failing"] = sonic_rs::json!(failing);
+    }
+    let code = if failing.is_empty() { 200 } else { 503 };
+    HttpResponse::json(code, sonic_rs::to_vec(&body).unwrap_or_default())
 }
 
 /// Adds headers to an answer, whether it is ready now or later.

@@ -58,6 +58,9 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// Redis cannot be reached (or refuses the credentials) at start.
+    #[error("{0}")]
+    Redis(String),
     /// The signal handler cannot be installed.
     #[error("cannot install signal handler: {0}")]
     Signals(#[from] ctrlc::Error),
@@ -114,15 +117,16 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
     if !config.transparent_huge_pages {
         engine::disable_transparent_huge_pages();
     }
-    if config.storage.redis_url.is_some() {
-        // A configured key is never ignored: until several nodes are built, a Redis URL would
-        // promise shared state that this node does not share.
+    if config.raw.redis_cluster {
+        // A configured key is never ignored: a cluster's slots are not followed yet.
         return Err(ServeError::NotBuilt {
-            key: "redis_url",
-            why: "Redis (several nodes acting as one) is not built yet; this node keeps \
-                  presence, limits and history in process memory. Remove redis_url to run a \
-                  single node",
+            key: "redis_cluster",
+            why: "Redis Cluster is not built yet; point redis_url at one Redis server",
         });
+    }
+    if let Some(redis) = &config.engine.redis {
+        // SPEC §10: a configured Redis that cannot be reached at start is an error.
+        engine::check_redis(redis).map_err(ServeError::Redis)?;
     }
     if config.tls.is_some() {
         // Never fall back to plaintext silently when TLS was asked for.
@@ -194,7 +198,8 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
         Cors {
             allowed_origins: config.engine.allowed_origins.clone(),
         },
-    ));
+    )
+    .with_node_id(&config.node_id));
     let engine = engine::start(
         config.engine.clone(),
         auth,
@@ -228,6 +233,8 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
         target: crate::logging::LIFECYCLE,
         addr = %engine.local_addr(),
         shards = config.engine.shards,
+        node_id = %config.node_id,
+        redis = config.engine.redis.as_ref().map_or("none", |r| r.addr.as_str()),
         driver = engine.driver(),
         storage = store.kind(),
         revocations_loaded = loaded,

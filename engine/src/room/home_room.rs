@@ -20,6 +20,8 @@ pub(crate) struct HomeRoom {
     pub(super) seq: u64,
     /// Names this history's lifetime (see [`RoomCore::epoch_name`]).
     pub(super) epoch: u64,
+    /// The epoch the shared broker names (several nodes), which then wins over `epoch`.
+    pub(super) shared_epoch: Option<Arc<str>>,
     pub(super) members: u32,
     pub(super) max_members: u32,
     /// Members per shard: where to deliver.
@@ -70,6 +72,7 @@ impl HomeRoom {
         Self {
             seq: 0,
             epoch,
+            shared_epoch: None,
             members: 0,
             max_members: rules.max_room_members,
             shard_members: vec![0; rules.shards].into_boxed_slice(),

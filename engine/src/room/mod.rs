@@ -86,6 +86,14 @@ impl RoomCore {
         Arc::from(format!("{}{epoch:x}", self.instance))
     }
 
+    /// A room's epoch as clients see it: the shared broker's, else this process's.
+    fn epoch_of(&self, home: &HomeRoom) -> Arc<str> {
+        match &home.shared_epoch {
+            Some(shared) => shared.clone(),
+            None => self.epoch_name(home.epoch),
+        }
+    }
+
     fn new_room(&mut self, ephemeral: bool) -> Box<HomeRoom> {
         let epoch = self.new_epoch();
         Box::new(HomeRoom::new(&self.rules, epoch, ephemeral))
@@ -132,7 +140,7 @@ impl RoomCore {
                 Vec::new()
             };
             let max_bytes = self.rules.max_recovery_bytes;
-            let epoch = self.rooms.get(room).map(|h| self.epoch_name(h.epoch));
+            let epoch = self.rooms.get(room).map(|h| self.epoch_of(h));
             return Ok(match (self.rooms.get_mut(room), epoch) {
                 (Some(home), Some(epoch)) => JoinAnswer {
                     seq: home.seq,
@@ -188,7 +196,9 @@ impl RoomCore {
             let conns = home.presence.add(request.user, request.name);
             // A personal room has one possible member: its diffs would tell the owner only about
             // itself, so none are sent (the `presence` query still answers).
+            // With a shared broker the diffs come from it, for the user's connections anywhere.
             if conns == 1
+                && !self.rules.shared
                 && !room.is_personal()
                 && home.presence_on
                 && home.note_presence(request.user, request.name, true)
@@ -196,7 +206,10 @@ impl RoomCore {
                 self.presence_dirty.push(room.clone());
             }
         }
-        let epoch: Arc<str> = Arc::from(format!("{instance}{:x}", home.epoch));
+        let epoch: Arc<str> = match &home.shared_epoch {
+            Some(shared) => shared.clone(),
+            None => Arc::from(format!("{instance}{:x}", home.epoch)),
+        };
         let recovery = request
             .resume
             .map(|from| recover(home, from, &epoch, bounds, max_bytes, now));
@@ -237,6 +250,7 @@ impl RoomCore {
             *k = k.saturating_sub(1);
             if home.presence.remove(user) == Some(0)
                 && owner.is_none()
+                && !self.rules.shared
                 && home.presence_on
                 && home.note_presence(user, name, false)
             {
@@ -380,6 +394,134 @@ impl RoomCore {
         self.publish(message, owner, now, compressor).map(Some)
     }
 
+    /// With a shared broker: whether a message may be sent to the broker for `room` — the room
+    /// is held here (or is the personal room of a connected `owner`) and its publish rate allows
+    /// it. The broker assigns the `seq`; the message comes back through [`Self::deliver_shared`].
+    pub(crate) fn admit_publish(
+        &mut self,
+        room: &RoomId,
+        owner: Option<&OnlineUser>,
+        now: u64,
+    ) -> Result<(), Refused> {
+        if owner.is_some() && !self.rooms.contains_key(room) {
+            let home = self.new_room(true);
+            self.rooms.insert(room.clone(), home);
+        }
+        let generation = self.next_generation;
+        let Some(home) = self.rooms.get_mut(room) else {
+            return Err(refused(ErrorCode::NotJoined, "not joined to this room"));
+        };
+        let rules = &self.rules;
+        let traffic = home.traffic.get_or_insert_with(|| {
+            Box::new(Traffic {
+                history: RoomHistory::new(self.ledger.clone()),
+                generation,
+                publish_bucket: Bucket::new(&rules.publish_per_room, now),
+            })
+        });
+        if traffic.generation == generation {
+            self.next_generation += 1;
+        }
+        if traffic.publish_bucket.attempt(&rules.publish_per_room, now) != Verdict::Allow {
+            return Err(refused(
+                ErrorCode::RateLimited,
+                "room publish rate exceeded",
+            ));
+        }
+        Ok(())
+    }
+
+    /// With a shared broker: a message the broker sequenced (on any node) for `room`, encoded
+    /// for the members held here (and a personal room's connected `owner`); `None` when nobody
+    /// here is in the room. The room takes the message's `seq` and the broker's `epoch`.
+    pub(crate) fn deliver_shared(
+        &mut self,
+        record: &MessageRecord,
+        epoch: &Arc<str>,
+        owner: Option<&OnlineUser>,
+        compressor: &mut Compressor,
+    ) -> Option<Fanout> {
+        let room = &record.room;
+        if owner.is_some() {
+            self.bring_up_personal(room, owner);
+        }
+        let home = self.rooms.get_mut(room)?;
+        home.seq = record.seq;
+        if home.shared_epoch.as_ref() != Some(epoch) {
+            home.shared_epoch = Some(epoch.clone());
+        }
+        let in_use = if room.is_personal() {
+            [1; FRAME_KEYS]
+        } else {
+            home.key_counts
+        };
+        let mut targets = home.member_shards();
+        if let Some(owner) = owner {
+            targets.extend(owner.shards.iter().copied());
+            targets.sort_unstable();
+            targets.dedup();
+        }
+        if targets.is_empty() {
+            return None;
+        }
+        let (frames, _) = Frames::message(
+            record,
+            &in_use,
+            self.rules.compression_threshold,
+            compressor,
+            false,
+        );
+        Some(Fanout {
+            targets,
+            delivery: Delivery {
+                room: room.clone(),
+                frames,
+                sheddable: false,
+            },
+        })
+    }
+
+    /// With a shared broker: a user joined or left `room` across nodes (its first connection
+    /// anywhere, or its last), for the next presence flush of the members held here.
+    pub(crate) fn note_shared_presence(
+        &mut self,
+        room: &RoomId,
+        user: &Arc<str>,
+        name: &Arc<str>,
+        joined: bool,
+    ) {
+        let Some(home) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if home.presence_on && home.note_presence(user, name, joined) {
+            self.presence_dirty.push(room.clone());
+        }
+    }
+
+    /// With a shared broker: the broker is unreachable, so `room` goes on locally under an epoch
+    /// of this process (a later resume across the gap answers `false`).
+    pub(crate) fn go_local(&mut self, room: &RoomId) {
+        let epoch = self.new_epoch();
+        if let Some(home) = self.rooms.get_mut(room)
+            && home.shared_epoch.take().is_some()
+        {
+            home.epoch = epoch;
+        }
+    }
+
+    /// The connections held here in `room`.
+    pub(crate) fn local_members(&self, room: &RoomId) -> u32 {
+        self.rooms.get(room).map_or(0, |h| h.members)
+    }
+
+    /// Whether `room` keeps presence diffs and history (a persistent room's settings as last
+    /// applied here; on for rooms not held here).
+    pub(crate) fn switches(&self, room: &RoomId) -> (bool, bool) {
+        self.rooms
+            .get(room)
+            .map_or((true, true), |h| (h.presence_on, h.history_on))
+    }
+
     /// Drops the oldest messages of these rooms while past this shard's history budget; returns
     /// how many.
     fn enforce_budget(&mut self) -> usize {
@@ -434,8 +576,8 @@ impl RoomCore {
                     .take(usize::try_from(limit).unwrap_or(usize::MAX))
                     .cloned()
                     .collect();
-                let epoch = home.epoch;
-                (messages, self.epoch_name(epoch))
+                let (shared, number) = (home.shared_epoch.clone(), home.epoch);
+                (messages, shared.unwrap_or_else(|| self.epoch_name(number)))
             }
             None => {
                 let epoch = self.new_epoch();

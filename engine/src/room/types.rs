@@ -30,6 +30,9 @@ pub(crate) struct RoomRules {
     pub(crate) compression_threshold: usize,
     /// The most a resume may recover in bytes (half of `max_queued_bytes`).
     pub(crate) max_recovery_bytes: usize,
+    /// Several nodes share the rooms through a broker (Redis): `seq`, history and presence diffs
+    /// come from it, the core keeps the local members and encodes what arrives.
+    pub(crate) shared: bool,
 }
 
 impl RoomRules {
@@ -48,6 +51,7 @@ impl RoomRules {
             publish_per_room: config.publish_per_room,
             compression_threshold: config.compression_threshold,
             max_recovery_bytes: config.max_queued_bytes / 2,
+            shared: config.redis.is_some(),
         }
     }
 }

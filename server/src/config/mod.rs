@@ -77,8 +77,6 @@ pub struct StorageConfig {
     pub database_read_url: Option<String>,
     /// PostgreSQL pool size.
     pub database_pool: u32,
-    /// Redis URL.
-    pub redis_url: Option<String>,
 }
 
 /// Tokens, passwords, sessions and the abuse limits of the account routes.
@@ -124,6 +122,8 @@ pub struct Config {
     pub raw: RawConfig,
     /// Development or production.
     pub mode: Mode,
+    /// This process's name (configured, or generated at start).
+    pub node_id: String,
     /// Storage.
     pub storage: StorageConfig,
     /// Accounts and tokens.

@@ -75,6 +75,8 @@ defaults! {
     d_io_driver: String = "auto".into();
     d_log_format: String = "json".into();
     d_log_level: String = "info".into();
+    d_redis_prefix: String = "ringhub".into();
+    d_node_ttl: String = "10s".into();
     d_login_per_ip: String = "30/1m".into();
     d_failed_logins: String = "5/15m".into();
     d_lockout: String = "15m".into();
@@ -130,6 +132,18 @@ pub struct RawConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub redis_url: Option<String>,
+    /// Redis Cluster instead of one Redis server.
+    #[serde(default, deserialize_with = "lenient_bool")]
+    pub redis_cluster: bool,
+    /// Every Redis key and channel starts with it.
+    #[serde(default = "d_redis_prefix")]
+    pub redis_prefix: String,
+    /// This process's name (empty: generated at start).
+    #[serde(default)]
+    pub node_id: String,
+    /// A node that has not renewed its leases for this long is dead.
+    #[serde(default = "d_node_ttl")]
+    pub node_ttl: String,
     /// HS256 signing secret (≥ 32 bytes in production; generated in development).
     #[serde(
         default,

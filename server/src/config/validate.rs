@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use engine::{ConflictPolicy, EngineConfig, RateSpec};
+use engine::{ConflictPolicy, EngineConfig, RateSpec, RedisSettings};
 use protocol::envelope::RoomId;
 
 use super::{
@@ -141,10 +141,13 @@ impl Config {
         let storage = storage(&c, &raw)?;
         let accounts = accounts(&c, &raw)?;
         let tls = tls(&c, &raw, mode)?;
-        let engine = engine(&c, &raw)?;
+        let node_id = node_id(&c, &raw)?;
+        let mut engine = engine(&c, &raw)?;
+        engine.redis = redis(&c, &raw, &node_id)?;
         let (log_format, log_level) = logs(&c, &raw)?;
         Ok(Config {
             mode,
+            node_id,
             storage,
             accounts,
             engine,
@@ -175,17 +178,11 @@ fn storage(c: &Checker<'_>, raw: &RawConfig) -> Result<StorageConfig, ConfigErro
     if raw.database_read_url.is_some() && raw.database_url.is_none() {
         return Err(c.fail("database_read_url", "needs database_url"));
     }
-    if let Some(url) = &raw.redis_url
-        && !(url.starts_with("redis://") || url.starts_with("rediss://"))
-    {
-        return Err(c.fail("redis_url", "must start with redis:// or rediss://"));
-    }
     Ok(StorageConfig {
         data_dir: PathBuf::from(&raw.data_dir),
         database_url: raw.database_url.clone(),
         database_read_url: raw.database_read_url.clone(),
         database_pool: c.range("database_pool", raw.database_pool, 1, 256)?,
-        redis_url: raw.redis_url.clone(),
     })
 }
 
@@ -434,6 +431,139 @@ fn engine(c: &Checker<'_>, raw: &RawConfig) -> Result<EngineConfig, ConfigError>
             rl.join_burst,
         )?,
         shutdown_grace: SHUTDOWN_GRACE,
+        redis: None,
+    })
+}
+
+/// `node_id`, or a new one: 12 hex digits of a random UUID.
+fn node_id(c: &Checker<'_>, raw: &RawConfig) -> Result<String, ConfigError> {
+    let id = raw.node_id.trim();
+    if id.is_empty() {
+        return Ok(uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
+    }
+    let ok = id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        return Err(c.fail("node_id", "must be 1 to 64 of A-Z a-z 0-9 . _ -"));
+    }
+    Ok(id.to_owned())
+}
+
+/// The Redis section (SPEC §10): the URL parsed, the prefix and lease checked.
+fn redis(
+    c: &Checker<'_>,
+    raw: &RawConfig,
+    node_id: &str,
+) -> Result<Option<RedisSettings>, ConfigError> {
+    let prefix = raw.redis_prefix.trim();
+    let prefix_ok = !prefix.is_empty()
+        && prefix.len() <= 64
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'{' | b'}'));
+    if !prefix_ok {
+        return Err(c.fail(
+            "redis_prefix",
+            "must be 1 to 64 visible characters without { or }",
+        ));
+    }
+    let node_ttl = c.duration(
+        "node_ttl",
+        &raw.node_ttl,
+        Duration::from_secs(2),
+        Duration::from_secs(300),
+    )?;
+    let Some(url) = &raw.redis_url else {
+        if raw.redis_cluster {
+            return Err(c.fail("redis_cluster", "needs redis_url"));
+        }
+        return Ok(None);
+    };
+    let target = parse_redis_url(url).map_err(|why| c.fail("redis_url", why))?;
+    Ok(Some(RedisSettings {
+        addr: target.addr,
+        username: target.username,
+        password: target.password,
+        db: target.db,
+        prefix: prefix.to_owned(),
+        node_id: node_id.to_owned(),
+        node_ttl,
+    }))
+}
+
+/// Where a `redis://` URL points.
+#[derive(Debug, PartialEq, Eq)]
+struct RedisTarget {
+    addr: String,
+    username: Option<String>,
+    password: Option<String>,
+    db: u32,
+}
+
+/// `redis://[user:pass@]host[:port][/db]` (percent-escapes decoded in user and password).
+fn parse_redis_url(url: &str) -> Result<RedisTarget, String> {
+    let rest = if let Some(rest) = url.strip_prefix("redis://") {
+        rest
+    } else if url.starts_with("rediss://") {
+        return Err("rediss:// (TLS to Redis) is not built yet; use redis:// on a private \
+                    network or a TLS tunnel"
+            .into());
+    } else {
+        return Err("must start with redis://".into());
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| "the user or password is not valid UTF-8".to_owned())
+    };
+    let (username, password) = match userinfo {
+        None => (None, None),
+        Some(info) => match info.split_once(':') {
+            Some((user, pass)) => (
+                Some(decode(user)?).filter(|u| !u.is_empty()),
+                Some(decode(pass)?),
+            ),
+            None => (Some(decode(info)?).filter(|u| !u.is_empty()), None),
+        },
+    };
+    if hostport.is_empty() {
+        return Err("names no host".into());
+    }
+    let has_port = match hostport.rfind(']') {
+        Some(end) => hostport[end..].contains(':'),
+        None => hostport.contains(':'),
+    };
+    let addr = if has_port {
+        let port = hostport.rsplit_once(':').map(|(_, p)| p).unwrap_or_default();
+        if port.parse::<u16>().is_err() {
+            return Err(format!("`{port}` is not a port"));
+        }
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:6379")
+    };
+    let db = match path.split('?').next().unwrap_or_default() {
+        "" => 0,
+        db => db
+            .parse::<u32>()
+            .map_err(|_| format!("`{db}` is not a database number"))?,
+    };
+    if path.contains('?') {
+        return Err("query parameters are not supported".into());
+    }
+    Ok(RedisTarget {
+        addr,
+        username,
+        password,
+        db,
     })
 }
 
@@ -468,4 +598,27 @@ fn is_origin(text: &str) -> bool {
         && rest
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_urls() {
+        let t = parse_redis_url("redis://127.0.0.1:6380/2").unwrap();
+        assert_eq!((t.addr.as_str(), t.db, t.password), ("127.0.0.1:6380", 2, None));
+        let t = parse_redis_url("redis://app:p%40ss@cache.internal").unwrap();
+        assert_eq!(t.addr, "cache.internal:6379");
+        assert_eq!(t.username.as_deref(), Some("app"));
+        assert_eq!(t.password.as_deref(), Some("p@ss"));
+        let t = parse_redis_url("redis://:secret@[::1]:7000").unwrap();
+        assert_eq!((t.addr.as_str(), t.username), ("[::1]:7000", None));
+        assert_eq!(t.password.as_deref(), Some("secret"));
+        assert!(parse_redis_url("rediss://h").unwrap_err().contains("TLS"));
+        assert!(parse_redis_url("http://h").is_err());
+        assert!(parse_redis_url("redis://h:port").is_err());
+        assert!(parse_redis_url("redis://h/x").is_err());
+        assert!(parse_redis_url("redis://").is_err());
+    }
 }

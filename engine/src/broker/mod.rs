@@ -1,0 +1,1202 @@
+//! The shared broker of a shard (SPEC §10 points 1–4 and 9): with Redis configured, the rooms
+//! homed on this shard are counted, sequenced and kept in Redis, so that several nodes act as
+//! one. A publish is one `EVALSHA` that assigns the room's `seq`, keeps the message in the room's
+//! stream and sends it on the room's channel; every node with members (this one included)
+//! delivers what arrives on the channel, in channel order, which is `seq` order. A join is one
+//! script that checks `max_members` over every node, counts the connection, renews this node's
+//! lease and answers the room's epoch, `seq`, presence and what a resume missed. Presence diffs
+//! arrive on the channel too. A node whose lease passed is purged by the next script that sees it.
+//!
+//! The room core still holds this node's members (where to deliver, in which formats); this
+//! module carries Redis's answers into it and out to connections through `answers`. While Redis
+//! is unreachable the home shard goes on locally (`home` checks [`is_up`]); here only what was
+//! in flight when the connection dropped falls back. It must not block: every command is queued
+//! on the shard's link and answered by its reply handler.
+
+pub(crate) mod state;
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use protocol::ErrorCode;
+use protocol::envelope::{
+    DecodeLimits, Format, MessageRecord, PresenceEntry, Push, RoomId, Value, decode_value,
+    encode_push, encode_value,
+};
+use redis::RedisError;
+
+use crate::answers::{answer_join, fan_out, join_locally, online_owner};
+use crate::clock::{monotonic_ms32, now_ms};
+use crate::conn::ConnId;
+use crate::msg::{JoinMsg, Reply};
+use crate::redis::keys::{self, RoomKeys};
+use crate::redis::link::LinkEvents;
+use crate::redis::resp::{bytes, int, items, message};
+use crate::redis::scripts;
+use crate::room::history::StoredMessage;
+use crate::room::{JoinAnswer, Recovery, ResumeFrom, owner_of};
+use crate::rooms::{Answer, RoomSettings};
+use crate::shard::Shard;
+use state::{Broker, Channel, HeldJoin, Pending};
+
+/// How long a room's epoch and `seq` outlive its last publish in Redis.
+const META_TTL_SECS: u64 = 30 * 24 * 3600;
+/// Channels per `SUBSCRIBE` when subscribing again after a reconnect.
+const SUBSCRIBE_BATCH: usize = 512;
+/// The longest a join waits for the messages its answer names.
+const HOLD_MS: u32 = 1000;
+
+/// The broker of `shard`, when Redis is configured.
+fn broker(shard: &Shard) -> Option<&Broker> {
+    shard.broker.as_ref()
+}
+
+/// Whether rooms go through the shared broker now (configured and reachable).
+pub(crate) fn is_up(shard: &Shard) -> bool {
+    broker(shard).is_some_and(Broker::is_up)
+}
+
+fn limits(shard: &Shard) -> DecodeLimits {
+    let cfg = &shard.shared.config;
+    DecodeLimits {
+        // A body is the message's fields around its data: a little over the data's bound.
+        max_message_bytes: cfg.max_message_bytes.saturating_mul(2).saturating_add(4096),
+        max_depth: cfg.max_json_depth + 1,
+        max_resume_rooms: 0,
+    }
+}
+
+fn flag(on: bool) -> &'static str {
+    if on { "1" } else { "0" }
+}
+
+/// Counts `msg`'s connection in its room through Redis (the room's channel is subscribed first).
+pub(crate) fn join(shard: &Rc<Shard>, msg: JoinMsg) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let personal_owner = owner_of(&msg.room) == Some(&*msg.user);
+    if !personal_owner
+        && !msg.room.is_personal()
+        && msg.settings.is_none()
+        && !shard.shared.config.implicit_rooms
+    {
+        // Refused before Redis is asked (the room core would refuse the same way).
+        let answer = join_locally(shard, &msg);
+        answer_join(shard, msg, answer);
+        return;
+    }
+    let msg = Box::new(msg);
+    let mut channels = broker.channels.borrow_mut();
+    let subscribed = match channels.get_mut(&msg.room) {
+        Some(channel) if channel.subscribed => true,
+        Some(channel) => {
+            channel.waiting.push(msg);
+            return;
+        }
+        None => {
+            let channel_name = keys::channel(&broker.settings.prefix, &msg.room);
+            let mut subscribe = redis::cmd("SUBSCRIBE");
+            subscribe.arg(channel_name);
+            if broker.subscriber.send(&subscribe, ()).is_err() {
+                drop(channels);
+                local_join(shard, *msg);
+                return;
+            }
+            let room = msg.room.clone();
+            channels.insert(
+                room,
+                Channel {
+                    waiting: vec![msg],
+                    ..Channel::default()
+                },
+            );
+            return;
+        }
+    };
+    drop(channels);
+    if subscribed {
+        ask_join(shard, msg);
+    }
+}
+
+/// Joins counted here alone (Redis unreachable): the room goes on under a local epoch.
+fn local_join(shard: &Rc<Shard>, msg: JoinMsg) {
+    shard.rooms.borrow_mut().go_local(&msg.room);
+    let answer = join_locally(shard, &msg);
+    answer_join(shard, msg, answer);
+}
+
+/// Sends the join script (or, for a personal room's owner, the history script) for `msg`.
+fn ask_join(shard: &Rc<Shard>, msg: Box<JoinMsg>) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let settings = &broker.settings;
+    let keys = RoomKeys::new(&settings.prefix, &msg.room);
+    let cfg = &shard.shared.config;
+    if owner_of(&msg.room) == Some(&*msg.user) {
+        // The owner is never counted (SPEC §5); its join needs the room's state only when the
+        // answer names it.
+        if msg.id.is_none() && msg.resume.is_none() {
+            let answer = join_locally(shard, &msg);
+            answer_join(shard, *msg, answer);
+            return;
+        }
+        let after = msg.resume.as_ref().map_or(u64::MAX >> 1, |r| r.seq);
+        let mut cmd = scripts::HISTORY.call(&[&keys.meta, &keys.hist]);
+        cmd.arg(after)
+            .arg(cfg.history_size.max(1))
+            .arg(broker.new_epoch())
+            .arg(META_TTL_SECS);
+        if broker.commands.send(&cmd, Pending::PersonalJoin(msg)).is_err() {
+            // Unreachable since the check: answered locally by the link's `down`.
+        }
+        return;
+    }
+    let max = msg
+        .settings
+        .as_ref()
+        .map_or(cfg.max_room_members, |s| s.max_members);
+    let presence_on = msg.settings.as_ref().is_none_or(|s| s.presence);
+    let resume_from = match &msg.resume {
+        Some(from) if !msg.already || from.valid => i128::from(from.seq),
+        _ => -1,
+    };
+    let mut cmd = scripts::JOIN.call(&[
+        &keys.count,
+        &keys.users,
+        &keys.names,
+        &keys.leases,
+        &keys.channel,
+        &keys.meta,
+        &keys.hist,
+    ]);
+    cmd.arg(&settings.node_id)
+        .arg(&*msg.user)
+        .arg(&*msg.name)
+        .arg(if msg.already { 0 } else { max })
+        .arg(now_ms())
+        .arg(broker.lease_ms())
+        .arg(flag(presence_on))
+        .arg(&keys.nu)
+        .arg(broker.new_epoch())
+        .arg(META_TTL_SECS)
+        .arg(flag(msg.id.is_some()))
+        .arg(resume_from.to_string())
+        .arg(cfg.history_size.max(1))
+        .arg(flag(!msg.already));
+    let conn = msg.conn;
+    let room = msg.room.clone();
+    if broker.commands.send(&cmd, Pending::Join(msg)).is_ok()
+        && let Some(channel) = broker.channels.borrow_mut().get_mut(&room)
+    {
+        channel.in_flight.push(conn);
+    }
+}
+
+/// After the room core counted a connection out of `room`: Redis counts it out too (or, for a
+/// join not answered yet, when its answer comes), and the channel is given up with the room's
+/// last member here.
+pub(crate) fn left(shard: &Rc<Shard>, room: &RoomId, conn: ConnId, user: &Arc<str>) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let counted_in_redis = {
+        let mut channels = broker.channels.borrow_mut();
+        let Some(channel) = channels.get_mut(room) else {
+            return;
+        };
+        if let Some(at) = channel.waiting.iter().position(|m| m.conn == conn) {
+            // Never sent to Redis.
+            channel.waiting.remove(at);
+            false
+        } else if let Some(at) = channel.held.iter().position(|h| h.msg.conn == conn) {
+            // Counted in Redis, not here yet.
+            channel.held.remove(at);
+            true
+        } else if channel.in_flight.contains(&conn) {
+            channel.cancelled.push(conn);
+            false
+        } else {
+            true
+        }
+    };
+    if counted_in_redis && owner_of(room) != Some(&**user) {
+        send_leave(shard, broker, room, user);
+    }
+    release_channel(shard, room);
+}
+
+fn send_leave(shard: &Shard, broker: &Broker, room: &RoomId, user: &Arc<str>) {
+    let keys = RoomKeys::new(&broker.settings.prefix, room);
+    let mut cmd = scripts::LEAVE.call(&keys.membership());
+    cmd.arg(&broker.settings.node_id)
+        .arg(&**user)
+        .arg(now_ms())
+        .arg(flag(presence_on(shard, room)))
+        .arg(&keys.nu);
+    let _ = broker.commands.send(&cmd, Pending::Ignore);
+}
+
+/// Whether presence diffs are on for `room` (a persistent room may switch them off).
+fn presence_on(shard: &Shard, room: &RoomId) -> bool {
+    shard.rooms.borrow().switches(room).0
+}
+
+/// Unsubscribes `room`'s channel when nobody here needs it any more: no member held here, no
+/// join waiting or in flight, and (a personal room) its owner not connected to this node.
+fn release_channel(shard: &Shard, room: &RoomId) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    if shard.rooms.borrow().local_members(room) > 0
+        || (room.is_personal() && online_owner(shard, room).is_some())
+    {
+        return;
+    }
+    let mut channels = broker.channels.borrow_mut();
+    let Some(channel) = channels.get(room) else {
+        return;
+    };
+    if !channel.waiting.is_empty() || !channel.held.is_empty() || !channel.in_flight.is_empty() {
+        return;
+    }
+    channels.remove(room);
+    let mut cmd = redis::cmd("UNSUBSCRIBE");
+    cmd.arg(keys::channel(&broker.settings.prefix, room));
+    let _ = broker.subscriber.send(&cmd, ());
+}
+
+/// A connection's publish, sent to Redis (the room core admitted it).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn publish(
+    shard: &Rc<Shard>,
+    trace: u64,
+    room: RoomId,
+    conn: ConnId,
+    user: &Arc<str>,
+    name: &Arc<str>,
+    data: &Value,
+    id: Option<u64>,
+) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let owner = online_owner(shard, &room);
+    if let Err(refused) = shard
+        .rooms
+        .borrow_mut()
+        .admit_publish(&room, owner.as_ref(), now_ms())
+    {
+        if refused.code == ErrorCode::RateLimited {
+            shard.shared.metrics.rate_limited("publish_per_room");
+        }
+        shard.reply(
+            conn,
+            Reply::Error {
+                id,
+                code: refused.code,
+                message: refused.message,
+            },
+        );
+        return;
+    }
+    let history_on = shard.rooms.borrow().switches(&room).1;
+    let Some(cmd) = publish_cmd(shard, broker, &room, Some(user), name, data, history_on) else {
+        shard.reply(
+            conn,
+            Reply::Error {
+                id,
+                code: ErrorCode::Internal,
+                message: "the message cannot be encoded",
+            },
+        );
+        return;
+    };
+    let pending = Pending::Publish {
+        conn,
+        id,
+        trace,
+        room,
+    };
+    let _ = broker.commands.send(&cmd, pending);
+}
+
+/// The publish script's call for a message.
+fn publish_cmd(
+    shard: &Shard,
+    broker: &Broker,
+    room: &RoomId,
+    user: Option<&Arc<str>>,
+    name: &Arc<str>,
+    data: &Value,
+    history_on: bool,
+) -> Option<redis::Cmd> {
+    let cfg = &shard.shared.config;
+    let body = encode_value(
+        &(user.map(|u| &**u), &**name, now_ms(), data),
+        Format::MsgPack,
+    )
+    .ok()?;
+    let keys = RoomKeys::new(&broker.settings.prefix, room);
+    let mut cmd = scripts::PUBLISH.call(&[&keys.meta, &keys.hist, &keys.channel]);
+    let ttl_ms = u64::try_from(cfg.history_ttl.as_millis()).unwrap_or(u64::MAX);
+    cmd.arg(body)
+        .arg(if history_on { cfg.history_size } else { 0 })
+        .arg(ttl_ms)
+        .arg(META_TTL_SECS)
+        .arg(broker.new_epoch());
+    Some(cmd)
+}
+
+/// An HTTP publish, sent to Redis; the room's `seq` comes back through `answer`.
+pub(crate) fn publish_external(
+    shard: &Rc<Shard>,
+    room: &RoomId,
+    user: &Arc<str>,
+    name: &Arc<str>,
+    data: &Value,
+    settings: Option<&RoomSettings>,
+    answer: Arc<Answer<Result<u64, ErrorCode>>>,
+) {
+    let Some(broker) = broker(shard) else {
+        answer.set(Err(ErrorCode::Unavailable));
+        return;
+    };
+    // The room's rate, where the room is held here (other nodes count their own publishes).
+    if shard.rooms.borrow().local_members(room) > 0
+        && let Err(refused) = shard.rooms.borrow_mut().admit_publish(room, None, now_ms())
+    {
+        if refused.code == ErrorCode::RateLimited {
+            shard.shared.metrics.rate_limited("publish_per_room");
+        }
+        answer.set(Err(refused.code));
+        return;
+    }
+    let history_on = settings.is_none_or(|s| s.history);
+    let Some(cmd) = publish_cmd(shard, broker, room, Some(user), name, data, history_on) else {
+        answer.set(Err(ErrorCode::Internal));
+        return;
+    };
+    let _ = broker
+        .commands
+        .send(&cmd, Pending::PublishExternal { answer });
+}
+
+fn presence_cmd(broker: &Broker, shard: &Shard, room: &RoomId) -> redis::Cmd {
+    let keys = RoomKeys::new(&broker.settings.prefix, room);
+    let mut cmd = scripts::PRESENCE.call(&keys.membership());
+    cmd.arg(now_ms())
+        .arg(flag(presence_on(shard, room)))
+        .arg(&keys.nu);
+    cmd
+}
+
+/// A connection's `presence`, answered from Redis (every node's connections).
+pub(crate) fn presence_query(shard: &Rc<Shard>, room: &RoomId, conn: ConnId, id: Option<u64>) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    if room.is_personal() {
+        // A personal room's presence is its owner (never counted in Redis).
+        let presence = shard
+            .rooms
+            .borrow()
+            .presence(room, online_owner(shard, room).as_ref());
+        shard.reply(conn, Reply::Presence { id, presence });
+        return;
+    }
+    let cmd = presence_cmd(broker, shard, room);
+    let _ = broker.commands.send(&cmd, Pending::Presence { conn, id });
+}
+
+/// A room's presence for the HTTP API, from Redis.
+pub(crate) fn presence_external(
+    shard: &Rc<Shard>,
+    room: &RoomId,
+    answer: Arc<Answer<Vec<PresenceEntry>>>,
+) {
+    let Some(broker) = broker(shard) else {
+        answer.set(Vec::new());
+        return;
+    };
+    let cmd = presence_cmd(broker, shard, room);
+    let _ = broker
+        .commands
+        .send(&cmd, Pending::PresenceExternal { answer });
+}
+
+/// A connection's `history`, read from the room's stream.
+pub(crate) fn history_query(
+    shard: &Rc<Shard>,
+    room: &RoomId,
+    conn: ConnId,
+    id: Option<u64>,
+    since: u64,
+    limit: u64,
+) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let keys = RoomKeys::new(&broker.settings.prefix, room);
+    let mut cmd = scripts::HISTORY.call(&[&keys.meta, &keys.hist]);
+    cmd.arg(since)
+        .arg(limit.max(1))
+        .arg(broker.new_epoch())
+        .arg(META_TTL_SECS);
+    let pending = Pending::History {
+        conn,
+        id,
+        room: room.clone(),
+        since,
+    };
+    let _ = broker.commands.send(&cmd, pending);
+}
+
+/// A deleted room: its keys in Redis go too.
+pub(crate) fn drop_room(shard: &Rc<Shard>, room: &RoomId, done: Arc<crate::rooms::Countdown>) {
+    let Some(broker) = broker(shard).filter(|b| b.is_up()) else {
+        done.tick();
+        return;
+    };
+    let keys = RoomKeys::new(&broker.settings.prefix, room);
+    let mut cmd = redis::cmd("DEL");
+    for key in [
+        &keys.meta,
+        &keys.hist,
+        &keys.count,
+        &keys.users,
+        &keys.names,
+        &keys.leases,
+    ] {
+        cmd.arg(key);
+    }
+    if broker
+        .commands
+        .send(&cmd, Pending::Dropped(done.clone()))
+        .is_err()
+    {
+        done.tick();
+    }
+}
+
+/// Renews this node's leases in the rooms held here and completes joins held too long (the
+/// ticker calls this).
+pub(crate) fn upkeep(shard: &Rc<Shard>) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let now = monotonic_ms32();
+    // Held joins whose messages never came (a subscription lost meanwhile): answered as they are.
+    let overdue: Vec<HeldJoin> = {
+        let mut channels = broker.channels.borrow_mut();
+        let mut out = Vec::new();
+        for channel in channels.values_mut() {
+            let (late, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut channel.held)
+                .into_iter()
+                .partition(|h| now.wrapping_sub(h.since_ms) > HOLD_MS);
+            channel.held = keep;
+            out.extend(late);
+        }
+        out
+    };
+    for held in overdue {
+        complete_join(shard, held);
+    }
+    if !broker.is_up() || now.wrapping_sub(broker.last_touch_ms.get()) < broker.touch_every_ms() {
+        return;
+    }
+    broker.last_touch_ms.set(now);
+    let rooms: Vec<RoomId> = broker
+        .channels
+        .borrow()
+        .keys()
+        .filter(|r| !r.is_personal())
+        .cloned()
+        .collect();
+    for room in rooms {
+        if shard.rooms.borrow().local_members(&room) == 0 {
+            continue;
+        }
+        let keys = RoomKeys::new(&broker.settings.prefix, &room);
+        let mut cmd = scripts::TOUCH.call(&keys.membership());
+        cmd.arg(&broker.settings.node_id)
+            .arg(now_ms())
+            .arg(broker.lease_ms())
+            .arg(flag(presence_on(shard, &room)))
+            .arg(&keys.nu);
+        let _ = broker.commands.send(&cmd, Pending::Ignore);
+    }
+}
+
+// ---- what arrives on a room's channel -------------------------------------------------------
+
+/// A value on the subscriber connection.
+fn on_push(shard: &Rc<Shard>, value: &redis::Value) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    if let Some((channel, payload)) = message(value) {
+        let Some(room) = keys::room_of_channel(&broker.settings.prefix, channel)
+            .and_then(|r| RoomId::parse(r).ok())
+        else {
+            return;
+        };
+        on_channel(shard, room, payload);
+        return;
+    }
+    // `subscribe` confirmations: the room's waiting joins may ask Redis now.
+    let parts = items(value);
+    if let [kind, channel, _] = parts
+        && bytes(kind) == Some(b"subscribe")
+        && let Some(room) = bytes(channel)
+            .and_then(|c| keys::room_of_channel(&broker.settings.prefix, c))
+            .and_then(|r| RoomId::parse(r).ok())
+    {
+        let waiting = match broker.channels.borrow_mut().get_mut(&room) {
+            Some(channel) => {
+                channel.subscribed = true;
+                std::mem::take(&mut channel.waiting)
+            }
+            None => Vec::new(),
+        };
+        for msg in waiting {
+            ask_join(shard, msg);
+        }
+    }
+}
+
+/// A message (`m|seq|epoch|body`) or a presence change (`p|j|user|name`) of `room`.
+fn on_channel(shard: &Rc<Shard>, room: RoomId, payload: &[u8]) {
+    let mut fields = payload.splitn(4, |b| *b == b'|');
+    match (fields.next(), fields.next(), fields.next(), fields.next()) {
+        (Some(b"m"), Some(seq), Some(epoch), Some(body)) => {
+            let seq = std::str::from_utf8(seq).ok().and_then(|s| s.parse().ok());
+            let epoch = std::str::from_utf8(epoch).ok();
+            if let (Some(seq), Some(epoch)) = (seq, epoch) {
+                deliver(shard, room, seq, epoch, body);
+            }
+        }
+        (Some(b"p"), Some(kind), Some(user), Some(name)) => {
+            let (Ok(user), Ok(name)) = (std::str::from_utf8(user), std::str::from_utf8(name))
+            else {
+                return;
+            };
+            shard.rooms.borrow_mut().note_shared_presence(
+                &room,
+                &Arc::from(user),
+                &Arc::from(name),
+                kind == b"j",
+            );
+        }
+        _ => {}
+    }
+}
+
+/// The message record a body of the publish script holds.
+fn decode_body(shard: &Shard, room: RoomId, seq: u64, body: &[u8]) -> Option<MessageRecord> {
+    let Value::Array(fields) = decode_value(body, Format::MsgPack, &limits(shard)).ok()? else {
+        return None;
+    };
+    let [from, name, ts, data]: [Value; 4] = fields.try_into().ok()?;
+    let from = match from {
+        Value::Str(s) => Some(s),
+        _ => None,
+    };
+    let Value::Str(name) = name else {
+        return None;
+    };
+    let ts = match ts {
+        Value::UInt(t) => t,
+        _ => return None,
+    };
+    Some(MessageRecord {
+        room,
+        seq,
+        from,
+        name,
+        ts,
+        data,
+    })
+}
+
+/// Delivers a sequenced message to the members held here, in `seq` order.
+fn deliver(shard: &Rc<Shard>, room: RoomId, seq: u64, epoch: &str, body: &[u8]) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let epoch: Arc<str> = {
+        let mut channels = broker.channels.borrow_mut();
+        let Some(channel) = channels.get_mut(&room) else {
+            return;
+        };
+        let same_epoch = channel.epoch.as_deref() == Some(epoch);
+        if same_epoch && seq <= channel.last_seq {
+            // Already delivered (a resubscription may repeat).
+            return;
+        }
+        if same_epoch && channel.last_seq > 0 && seq > channel.last_seq + 1 {
+            shard.shared.metrics.redis.gaps.fetch_add(1, Ordering::Relaxed);
+        }
+        channel.last_seq = seq;
+        if !same_epoch {
+            channel.epoch = Some(Arc::from(epoch));
+        }
+        channel.epoch.clone().unwrap_or_else(|| Arc::from(epoch))
+    };
+    if let Some(record) = decode_body(shard, room.clone(), seq, body) {
+        let owner = online_owner(shard, &room);
+        let fanout = shard.rooms.borrow_mut().deliver_shared(
+            &record,
+            &epoch,
+            owner.as_ref(),
+            &mut shard.compressor.borrow_mut(),
+        );
+        if let Some(fanout) = fanout {
+            fan_out(shard, fanout);
+        }
+    }
+    release_held(shard, &room);
+}
+
+/// Completes the held joins of `room` whose messages have now been delivered.
+fn release_held(shard: &Rc<Shard>, room: &RoomId) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let ready: Vec<HeldJoin> = {
+        let mut channels = broker.channels.borrow_mut();
+        let Some(channel) = channels.get_mut(room) else {
+            return;
+        };
+        if channel.held.is_empty() {
+            return;
+        }
+        let last = channel.last_seq;
+        let epoch = channel.epoch.clone();
+        let (ready, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut channel.held)
+            .into_iter()
+            .partition(|h| h.seq <= last || epoch.as_ref() != Some(&h.epoch));
+        channel.held = keep;
+        ready
+    };
+    for held in ready {
+        complete_join(shard, held);
+    }
+}
+
+// ---- replies --------------------------------------------------------------------------------
+
+/// The events of a shard's command connection.
+pub(crate) struct CommandEvents(pub(crate) Rc<Shard>);
+
+/// The events of a shard's subscriber connection.
+pub(crate) struct SubscriberEvents(pub(crate) Rc<Shard>);
+
+impl LinkEvents<Pending> for CommandEvents {
+    fn reply(&mut self, handler: Pending, reply: Result<redis::Value, RedisError>) {
+        on_reply(&self.0, handler, reply);
+    }
+
+    fn push(&mut self, _value: redis::Value) {}
+
+    fn up(&mut self) {
+        let metrics = &self.0.shared.metrics.redis;
+        metrics.links_up.fetch_add(1, Ordering::Relaxed);
+        announce(&self.0);
+    }
+
+    fn down(&mut self, unanswered: Vec<Pending>) {
+        let metrics = &self.0.shared.metrics.redis;
+        metrics.links_up.fetch_sub(1, Ordering::Relaxed);
+        for handler in unanswered {
+            fail(&self.0, handler);
+        }
+    }
+
+    fn wrote(&mut self, commands: usize) {
+        let metrics = &self.0.shared.metrics.redis;
+        metrics
+            .commands
+            .fetch_add(commands as u64, Ordering::Relaxed);
+        metrics.pipeline_size.observe(commands as u64);
+    }
+
+    fn round_trip(&mut self, micros: u64) {
+        self.0.shared.metrics.redis.round_trip_us.observe(micros);
+    }
+}
+
+impl LinkEvents<()> for SubscriberEvents {
+    fn reply(&mut self, (): (), _reply: Result<redis::Value, RedisError>) {}
+
+    fn push(&mut self, value: redis::Value) {
+        on_push(&self.0, &value);
+        crate::router::pump(&self.0);
+    }
+
+    fn up(&mut self) {
+        let metrics = &self.0.shared.metrics.redis;
+        metrics.links_up.fetch_add(1, Ordering::Relaxed);
+        resubscribe(&self.0);
+    }
+
+    fn down(&mut self, _unanswered: Vec<()>) {
+        let metrics = &self.0.shared.metrics.redis;
+        metrics.links_up.fetch_sub(1, Ordering::Relaxed);
+        let Some(broker) = broker(&self.0) else {
+            return;
+        };
+        for channel in broker.channels.borrow_mut().values_mut() {
+            channel.subscribed = false;
+        }
+    }
+
+    fn wrote(&mut self, commands: usize) {
+        self.0
+            .shared
+            .metrics
+            .redis
+            .commands
+            .fetch_add(commands as u64, Ordering::Relaxed);
+    }
+
+    fn round_trip(&mut self, _micros: u64) {}
+}
+
+/// Subscribes every room channel held here again (after the subscriber connection came back).
+fn resubscribe(shard: &Rc<Shard>) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let names: Vec<String> = broker
+        .channels
+        .borrow()
+        .keys()
+        .map(|room| keys::channel(&broker.settings.prefix, room))
+        .collect();
+    for batch in names.chunks(SUBSCRIBE_BATCH) {
+        let mut cmd = redis::cmd("SUBSCRIBE");
+        for name in batch {
+            cmd.arg(name);
+        }
+        let _ = broker.subscriber.send(&cmd, ());
+    }
+}
+
+/// Announces this node's connections in every room held here again (after the command
+/// connection came back: Redis may have lost them).
+fn announce(shard: &Rc<Shard>) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let rooms: Vec<RoomId> = broker
+        .channels
+        .borrow()
+        .keys()
+        .filter(|r| !r.is_personal())
+        .cloned()
+        .collect();
+    for room in rooms {
+        let members = shard.rooms.borrow().presence(&room, None);
+        let keys = RoomKeys::new(&broker.settings.prefix, &room);
+        let mut cmd = scripts::ANNOUNCE.call(&keys.membership());
+        cmd.arg(&broker.settings.node_id)
+            .arg(now_ms())
+            .arg(broker.lease_ms())
+            .arg(flag(presence_on(shard, &room)))
+            .arg(&keys.nu);
+        for member in &members {
+            cmd.arg(&member.user).arg(member.conns).arg(&member.name);
+        }
+        let _ = broker.commands.send(&cmd, Pending::Ignore);
+    }
+}
+
+/// A command that will never be answered (the connection dropped): what it was for falls back.
+fn fail(shard: &Rc<Shard>, handler: Pending) {
+    match handler {
+        Pending::Ignore => {}
+        Pending::Join(msg) | Pending::PersonalJoin(msg) => local_join(shard, *msg),
+        Pending::Publish { conn, id, .. } => shard.reply(
+            conn,
+            Reply::Error {
+                id,
+                code: ErrorCode::Unavailable,
+                message: "redis is unreachable; publish again",
+            },
+        ),
+        Pending::PublishExternal { answer } => answer.set(Err(ErrorCode::Unavailable)),
+        Pending::Presence { conn, id } => shard.reply(
+            conn,
+            Reply::Error {
+                id,
+                code: ErrorCode::Unavailable,
+                message: "redis is unreachable",
+            },
+        ),
+        Pending::PresenceExternal { answer } => answer.set(Vec::new()),
+        Pending::History { conn, id, .. } => shard.reply(
+            conn,
+            Reply::Error {
+                id,
+                code: ErrorCode::Unavailable,
+                message: "redis is unreachable",
+            },
+        ),
+        Pending::Dropped(done) => done.tick(),
+    }
+    crate::router::pump(shard);
+}
+
+fn on_reply(shard: &Rc<Shard>, handler: Pending, reply: Result<redis::Value, RedisError>) {
+    let value = match reply {
+        Ok(value) => value,
+        Err(e) => {
+            tracing::warn!(error = %e, "redis command failed");
+            fail(shard, handler);
+            return;
+        }
+    };
+    match handler {
+        Pending::Ignore => {}
+        Pending::Join(msg) => on_joined(shard, msg, &value),
+        Pending::PersonalJoin(msg) => on_personal_joined(shard, msg, &value),
+        Pending::Publish {
+            conn,
+            id,
+            trace,
+            room,
+        } => {
+            let parts = items(&value);
+            let seq = parts.first().and_then(int).unwrap_or(0);
+            tracing::debug!(
+                room = %room,
+                seq,
+                conn,
+                trace_id = %format_args!("{trace:x}"),
+                "published"
+            );
+            if id.is_some() {
+                shard.reply(
+                    conn,
+                    Reply::Published {
+                        id,
+                        seq: u64::try_from(seq).unwrap_or(0),
+                    },
+                );
+            }
+        }
+        Pending::PublishExternal { answer } => {
+            let seq = items(&value).first().and_then(int).unwrap_or(0);
+            answer.set(Ok(u64::try_from(seq).unwrap_or(0)));
+        }
+        Pending::Presence { conn, id } => {
+            let presence = presence_list(&value);
+            shard.reply(conn, Reply::Presence { id, presence });
+        }
+        Pending::PresenceExternal { answer } => answer.set(presence_list(&value)),
+        Pending::History {
+            conn,
+            id,
+            room,
+            since,
+        } => {
+            let parts = items(&value);
+            let epoch: Arc<str> = parts
+                .first()
+                .and_then(bytes)
+                .map(|e| Arc::from(String::from_utf8_lossy(e).as_ref()))
+                .unwrap_or_else(|| Arc::from(""));
+            let messages = stored_messages(shard, &room, parts.get(2), since);
+            shard.reply(
+                conn,
+                Reply::History {
+                    id,
+                    messages,
+                    epoch,
+                },
+            );
+        }
+        Pending::Dropped(done) => done.tick(),
+    }
+    crate::router::pump(shard);
+}
+
+/// `user, conns, name` triples as presence entries, sorted by user.
+fn presence_list(value: &redis::Value) -> Vec<PresenceEntry> {
+    let mut list: Vec<PresenceEntry> = items(value)
+        .chunks_exact(3)
+        .filter_map(|t| {
+            Some(PresenceEntry {
+                user: String::from_utf8_lossy(bytes(&t[0])?).into_owned(),
+                conns: u32::try_from(int(&t[1])?).ok()?,
+                name: String::from_utf8_lossy(bytes(&t[2])?).into_owned(),
+            })
+        })
+        .filter(|e| e.conns > 0)
+        .collect();
+    list.sort_by(|a, b| a.user.cmp(&b.user));
+    list
+}
+
+/// Stream entries (`[id, [d, body]]`) after `since`, as history keeps messages, within
+/// `history_ttl`.
+fn stored_messages(
+    shard: &Shard,
+    room: &RoomId,
+    entries: Option<&redis::Value>,
+    since: u64,
+) -> Vec<Arc<StoredMessage>> {
+    let ttl = u64::try_from(shard.shared.config.history_ttl.as_millis()).unwrap_or(u64::MAX);
+    let now = now_ms();
+    let mut out = Vec::new();
+    for entry in entries.map(items).unwrap_or_default() {
+        let [id, fields] = items(entry) else {
+            continue;
+        };
+        let Some(seq) = bytes(id)
+            .and_then(|id| std::str::from_utf8(id).ok())
+            .and_then(|id| id.split('-').next())
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if seq <= since {
+            continue;
+        }
+        let Some(body) = items(fields).get(1).and_then(bytes) else {
+            continue;
+        };
+        let Some(record) = decode_body(shard, room.clone(), seq, body) else {
+            continue;
+        };
+        if ttl > 0 && now.saturating_sub(record.ts) > ttl {
+            continue;
+        }
+        let Ok(encoded) = encode_push(&Push::Message(&record), Format::MsgPack) else {
+            continue;
+        };
+        out.push(Arc::new(StoredMessage::new(
+            seq,
+            record.ts,
+            None,
+            Some(bytes::Bytes::from(encoded)),
+        )));
+    }
+    out
+}
+
+/// The join script's answer.
+fn on_joined(shard: &Rc<Shard>, msg: Box<JoinMsg>, value: &redis::Value) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let room = msg.room.clone();
+    let cancelled = {
+        let mut channels = broker.channels.borrow_mut();
+        match channels.get_mut(&room) {
+            Some(channel) => {
+                channel.in_flight.retain(|c| *c != msg.conn);
+                let at = channel.cancelled.iter().position(|c| *c == msg.conn);
+                at.map(|at| channel.cancelled.swap_remove(at)).is_some()
+            }
+            None => false,
+        }
+    };
+    let parts = items(value);
+    if parts.first().and_then(int) != Some(1) {
+        if !cancelled {
+            let full = crate::room::Refused {
+                code: ErrorCode::RoomFull,
+                message: "room is full",
+            };
+            answer_join(shard, *msg, Err(full));
+        }
+        release_channel(shard, &room);
+        return;
+    }
+    if cancelled {
+        // The connection left while Redis counted it in: counted out again.
+        if !msg.already {
+            send_leave(shard, broker, &room, &msg.user);
+        }
+        release_channel(shard, &room);
+        return;
+    }
+    let epoch: Arc<str> = parts
+        .get(1)
+        .and_then(bytes)
+        .map(|e| Arc::from(String::from_utf8_lossy(e).as_ref()))
+        .unwrap_or_else(|| Arc::from(""));
+    let seq = parts
+        .get(2)
+        .and_then(int)
+        .and_then(|s| u64::try_from(s).ok())
+        .unwrap_or(0);
+    let presence = parts.get(3).map(presence_list).unwrap_or_default();
+    let recovered = parts.get(4).cloned().unwrap_or(redis::Value::Nil);
+    let held = HeldJoin {
+        msg,
+        epoch,
+        seq,
+        presence,
+        recovered,
+        since_ms: monotonic_ms32(),
+    };
+    let mut channels = broker.channels.borrow_mut();
+    let Some(channel) = channels.get_mut(&room) else {
+        drop(channels);
+        complete_join(shard, held);
+        return;
+    };
+    match &channel.epoch {
+        None => {
+            // The first answer for this channel: deliveries start after it.
+            channel.epoch = Some(held.epoch.clone());
+            channel.last_seq = channel.last_seq.max(held.seq);
+        }
+        Some(e) if *e == held.epoch && channel.last_seq < held.seq => {
+            // Messages before this join are still on their way here: the join waits for them.
+            channel.held.push(held);
+            return;
+        }
+        Some(e) if *e != held.epoch => {
+            channel.epoch = Some(held.epoch.clone());
+            channel.last_seq = held.seq;
+        }
+        Some(_) => {}
+    }
+    drop(channels);
+    complete_join(shard, held);
+}
+
+/// Counts a join here with Redis's answer: the room's `seq` for this node (what was delivered
+/// here), its epoch, presence and recovery.
+fn complete_join(shard: &Rc<Shard>, held: HeldJoin) {
+    let last_here = broker(shard)
+        .and_then(|b| b.channels.borrow().get(&held.msg.room).map(|c| c.last_seq))
+        .unwrap_or(held.seq);
+    let seq = last_here.max(held.seq);
+    let answer = join_locally(shard, &held.msg);
+    let answer = answer.map(|local| {
+        let recovery = held.msg.resume.as_ref().map(|from| {
+            recover(
+                shard,
+                &held.msg.room,
+                from,
+                &held.epoch,
+                seq,
+                &held.recovered,
+            )
+        });
+        JoinAnswer {
+            seq,
+            epoch: held.epoch.clone(),
+            presence: if held.msg.id.is_some() {
+                held.presence
+            } else {
+                local.presence
+            },
+            recovery,
+        }
+    });
+    if answer.is_err()
+        && !held.msg.already
+        && owner_of(&held.msg.room) != Some(&*held.msg.user)
+        && let Some(broker) = broker(shard)
+    {
+        // Refused here after Redis counted it: counted out again.
+        send_leave(shard, broker, &held.msg.room, &held.msg.user);
+    }
+    answer_join(shard, *held.msg, answer);
+}
+
+/// The resume decision over what Redis returned (SPEC §7): every missed message, in order,
+/// within the recovery bound, or `Lost`.
+fn recover(
+    shard: &Shard,
+    room: &RoomId,
+    from: &ResumeFrom,
+    epoch: &str,
+    seq: u64,
+    entries: &redis::Value,
+) -> Recovery {
+    if !from.valid || from.epoch != epoch {
+        return Recovery::Lost;
+    }
+    let first = from.seq.saturating_add(1);
+    let last = from.upto.unwrap_or(seq).min(seq);
+    if first > last {
+        return Recovery::Recovered(Vec::new());
+    }
+    let messages: Vec<Arc<StoredMessage>> = stored_messages(shard, room, Some(entries), from.seq)
+        .into_iter()
+        .filter(|m| m.seq <= last)
+        .collect();
+    let contiguous = messages.first().map(|m| m.seq) == Some(first)
+        && messages.last().map(|m| m.seq) == Some(last)
+        && messages.len() as u64 == last - first + 1;
+    let bytes: usize = messages.iter().map(|m| m.cost()).sum();
+    let max_bytes = shard.shared.config.max_queued_bytes / 2;
+    if contiguous && bytes <= max_bytes {
+        Recovery::Recovered(messages)
+    } else {
+        Recovery::Lost
+    }
+}
+
+/// A personal room's owner asked for its state: the history script's answer.
+fn on_personal_joined(shard: &Rc<Shard>, msg: Box<JoinMsg>, value: &redis::Value) {
+    let parts = items(value);
+    let epoch: Arc<str> = parts
+        .first()
+        .and_then(bytes)
+        .map(|e| Arc::from(String::from_utf8_lossy(e).as_ref()))
+        .unwrap_or_else(|| Arc::from(""));
+    let seq = parts
+        .get(1)
+        .and_then(int)
+        .and_then(|s| u64::try_from(s).ok())
+        .unwrap_or(0);
+    let recovered = parts.get(2).cloned().unwrap_or(redis::Value::Nil);
+    if let Some(broker) = broker(shard)
+        && let Some(channel) = broker.channels.borrow_mut().get_mut(&msg.room)
+        && channel.epoch.is_none()
+    {
+        channel.epoch = Some(epoch.clone());
+        channel.last_seq = channel.last_seq.max(seq);
+    }
+    let held = HeldJoin {
+        msg,
+        epoch,
+        seq,
+        presence: Vec::new(),
+        recovered,
+        since_ms: monotonic_ms32(),
+    };
+    complete_join(shard, held);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_triples_become_sorted_entries() {
+        let v = redis::Value::Array(vec![
+            redis::Value::BulkString(b"u2".to_vec()),
+            redis::Value::Int(2),
+            redis::Value::BulkString(b"Bob".to_vec()),
+            redis::Value::BulkString(b"u1".to_vec()),
+            redis::Value::BulkString(b"1".to_vec()),
+            redis::Value::BulkString(b"Ann".to_vec()),
+        ]);
+        let list = presence_list(&v);
+        assert_eq!(list.len(), 2);
+        assert_eq!((list[0].user.as_str(), list[0].conns), ("u1", 1));
+        assert_eq!(list[1].name, "Bob");
+    }
+}

@@ -1,0 +1,134 @@
+//! What a shard keeps of the shared broker (Redis) for the rooms homed on it: its two
+//! connections, the room channels it subscribed and what waits on them, and the handlers of the
+//! commands in flight. Plain state, held by the shard; `broker` acts on it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use protocol::ErrorCode;
+use protocol::envelope::{PresenceEntry, RoomId};
+
+use crate::conn::ConnId;
+use crate::config::RedisSettings;
+use crate::msg::JoinMsg;
+use crate::redis::link::{Link, Role};
+use crate::rooms::{Answer, Countdown};
+
+/// What to do with a command's reply.
+pub(crate) enum Pending {
+    /// Nothing (a leave, a lease renewal, an announcement).
+    Ignore,
+    /// A join counted in Redis; the connection is counted here with the answer.
+    Join(Box<JoinMsg>),
+    /// A personal room's state (its owner's explicit join or resume).
+    PersonalJoin(Box<JoinMsg>),
+    /// A connection's publish: its `seq` goes back as the reply.
+    Publish {
+        conn: ConnId,
+        id: Option<u64>,
+        trace: u64,
+        room: RoomId,
+    },
+    /// An HTTP publish.
+    PublishExternal {
+        answer: Arc<Answer<Result<u64, ErrorCode>>>,
+    },
+    /// A connection's `presence`.
+    Presence { conn: ConnId, id: Option<u64> },
+    /// The HTTP presence of a room.
+    PresenceExternal {
+        answer: Arc<Answer<Vec<PresenceEntry>>>,
+    },
+    /// A connection's `history`.
+    History {
+        conn: ConnId,
+        id: Option<u64>,
+        room: RoomId,
+        since: u64,
+    },
+    /// A deleted room's keys removed (the countdown ticks on the reply).
+    Dropped(Arc<Countdown>),
+}
+
+/// A join whose Redis answer names messages this node has not delivered yet: it completes once
+/// they are (or after a second).
+pub(crate) struct HeldJoin {
+    pub(crate) msg: Box<JoinMsg>,
+    pub(crate) epoch: Arc<str>,
+    pub(crate) seq: u64,
+    pub(crate) presence: Vec<PresenceEntry>,
+    pub(crate) recovered: redis::Value,
+    pub(crate) since_ms: u32,
+}
+
+/// A room channel this shard subscribed (or is subscribing).
+#[derive(Default)]
+pub(crate) struct Channel {
+    /// The subscription is confirmed: what is published from now on arrives.
+    pub(crate) subscribed: bool,
+    /// The last `seq` delivered here, and its epoch.
+    pub(crate) last_seq: u64,
+    pub(crate) epoch: Option<Arc<str>>,
+    /// Joins waiting for the subscription (Redis is asked once it is confirmed, so that nothing
+    /// published after the join's answer can be missed).
+    pub(crate) waiting: Vec<Box<JoinMsg>>,
+    /// Joins answered by Redis ahead of this node's deliveries.
+    pub(crate) held: Vec<HeldJoin>,
+    /// Connections whose join script is in flight.
+    pub(crate) in_flight: Vec<ConnId>,
+    /// Of those, the ones that left meanwhile (counted out when the answer comes).
+    pub(crate) cancelled: Vec<ConnId>,
+}
+
+/// A shard's part of the shared broker.
+pub(crate) struct Broker {
+    pub(crate) settings: Rc<RedisSettings>,
+    pub(crate) commands: Rc<Link<Pending>>,
+    pub(crate) subscriber: Rc<Link<()>>,
+    pub(crate) channels: RefCell<HashMap<RoomId, Channel>>,
+    /// Epochs made here: the node, the shard and a counter.
+    next_epoch: Cell<u64>,
+    shard: usize,
+    /// When this shard last renewed its leases (monotonic ms).
+    pub(crate) last_touch_ms: Cell<u32>,
+}
+
+impl Broker {
+    pub(crate) fn new(settings: RedisSettings, shard: usize) -> Self {
+        Self {
+            settings: Rc::new(settings),
+            commands: Rc::new(Link::new(Role::Commands)),
+            subscriber: Rc::new(Link::new(Role::Subscriber)),
+            channels: RefCell::new(HashMap::new()),
+            next_epoch: Cell::new(0),
+            shard,
+            last_touch_ms: Cell::new(0),
+        }
+    }
+
+    /// Whether commands can be sent now.
+    pub(crate) fn is_up(&self) -> bool {
+        self.commands.is_up()
+    }
+
+    /// An epoch for a room that has none in Redis yet: unique to this node, shard and moment.
+    pub(crate) fn new_epoch(&self) -> String {
+        let n = self.next_epoch.get();
+        self.next_epoch.set(n + 1);
+        let ms = crate::clock::now_ms();
+        format!("{}-{}-{ms:x}{n:x}", self.settings.node_id, self.shard)
+    }
+
+    /// A lease's length in ms: three quarters of `node_ttl`, renewed every quarter, so that a
+    /// dead node is noticed within `node_ttl`.
+    pub(crate) fn lease_ms(&self) -> u64 {
+        u64::try_from(self.settings.node_ttl.as_millis() * 3 / 4).unwrap_or(u64::MAX)
+    }
+
+    /// How often leases are renewed (a quarter of `node_ttl`).
+    pub(crate) fn touch_every_ms(&self) -> u32 {
+        u32::try_from(self.settings.node_ttl.as_millis() / 4).unwrap_or(u32::MAX)
+    }
+}
