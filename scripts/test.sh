@@ -47,6 +47,17 @@ if [ -z "${RINGHUB_TEST_DATABASE_URL:-}" ] && ! pg_up; then
   pg_up || { echo "PostgreSQL is not reachable on 127.0.0.1:5432" >&2; exit 1; }
 fi
 
+step "Redis on 127.0.0.1:6379 (the several-nodes tests share it; failure tests start their own)"
+redis_up() { python3 -c 'import socket; s = socket.create_connection(("127.0.0.1", 6379), 1); s.sendall(b"PING\r\n"); assert s.recv(16).startswith(b"+PONG")' 2>/dev/null; }
+if ! command -v redis-server >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq redis-server
+fi
+if ! redis_up; then
+  redis-server --port 6379 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes >/dev/null
+  for _ in $(seq 1 30); do redis_up && break; sleep 0.2; done
+  redis_up || { echo "Redis is not reachable on 127.0.0.1:6379" >&2; exit 1; }
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -69,6 +80,13 @@ set +e
 cargo test --workspace -j "$jobs" -- --test-threads="${TEST_THREADS:-4}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+
+step "the black-box suite again, every server on Redis (the shared broker)"
+set +e
+RINGHUB_TEST_REDIS=redis://127.0.0.1:6379 cargo test -p ringhub-tests -j "$jobs" -- --test-threads="${TEST_THREADS:-4}" 2>&1 | tee -a "$log"
+redis_status=${PIPESTATUS[0]}
+set -e
+if [ "$status" -eq 0 ]; then status=$redis_status; fi
 # One closing line over every test binary (cargo prints one per binary, the last often a doc-test
 # run with 0 tests).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }

@@ -33,6 +33,26 @@ pub fn scratch_dir(name: &str) -> Scratch {
     Scratch(dir)
 }
 
+/// Whether this run puts every test server on Redis (`RINGHUB_TEST_REDIS`): the tests of the
+/// embedded history store (its byte budget, its gauge) and of a room's lifetime in one process
+/// do not apply there, where history lives in Redis.
+pub fn over_redis() -> bool {
+    std::env::var("RINGHUB_TEST_REDIS").is_ok_and(|u| !u.is_empty())
+}
+
+/// A Redis prefix no other test (or earlier run) uses.
+pub fn redis_prefix() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "t{}x{}x{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// A scratch directory, removed when dropped (unless kept by [`Scratch::keep`]).
 #[derive(Debug)]
 pub struct Scratch(PathBuf);
@@ -141,6 +161,15 @@ impl Server {
         let mut all: Vec<String> =
             vec!["--data-dir".into(), dir.join("data").display().to_string()];
         all.extend(flags.iter().cloned());
+        // `RINGHUB_TEST_REDIS=redis://…` runs every single-node test over Redis (the shared
+        // broker), each server under a prefix of its own.
+        if let Ok(url) = std::env::var("RINGHUB_TEST_REDIS")
+            && !url.is_empty()
+            && !all.iter().any(|f| f == "--redis-url")
+        {
+            all.extend(["--redis-url".to_owned(), url, "--redis-prefix".to_owned()]);
+            all.push(redis_prefix());
+        }
         let mut cmd = Command::new(ringhub_bin());
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0"])
@@ -527,6 +556,125 @@ impl Answer {
         v.as_str()
             .unwrap_or_else(|| panic!("`{path}` is not a string in {self:?}"))
             .to_owned()
+    }
+}
+
+impl Server {
+    /// Kills the process at once (SIGKILL: no goodbye to anybody).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Redis the several-nodes tests share (`RINGHUB_TEST_REDIS_URL`, else the local one).
+pub fn shared_redis_url() -> String {
+    std::env::var("RINGHUB_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Starts `count` nodes of one service on `redis_url`: the same secrets (what every node of a
+/// service shares), a Redis prefix of their own, node ids `n0`, `n1`…, each with `flags`.
+pub fn start_nodes(name: &str, count: usize, redis_url: &str, flags: &[&str]) -> Vec<Server> {
+    const SECRET: &str = "several-nodes-share-this-secret-0123456789";
+    const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let prefix = redis_prefix();
+    (0..count)
+        .map(|i| {
+            let mut all: Vec<String> = [
+                "--redis-url",
+                redis_url,
+                "--redis-prefix",
+                &prefix,
+                "--node-id",
+                &format!("n{i}"),
+                "--jwt-secret",
+                SECRET,
+                "--encryption-key",
+                KEY,
+                "--blind-index-key",
+                SECRET,
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+            all.extend(flags.iter().map(|f| (*f).to_owned()));
+            Server::start_in(scratch_dir(&format!("{name}-n{i}")).keep(), &all)
+        })
+        .collect()
+}
+
+/// A `redis-server` of a test's own on a free loopback port (no persistence), killed when
+/// dropped; [`OwnRedis::stop`] and [`OwnRedis::restart`] for failure tests.
+#[derive(Debug)]
+pub struct OwnRedis {
+    child: Option<Child>,
+    /// Its port.
+    pub port: u16,
+}
+
+impl OwnRedis {
+    /// Starts one and waits until it answers.
+    pub fn start() -> OwnRedis {
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            probe.local_addr().expect("addr").port()
+        };
+        let mut redis = OwnRedis { child: None, port };
+        redis.restart();
+        redis
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: nothing was persisted).
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = stream.write_all(b"PING\r\n");
+                let mut buf = [0u8; 16];
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                if matches!(stream.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"+PONG")) {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

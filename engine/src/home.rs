@@ -83,7 +83,7 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
         RoomMsg::DropRoom { room, done } => {
             shard.rooms.borrow_mut().drop_room(&room);
             if shared {
-                broker::drop_room(shard, &room, done);
+                broker::drop_room(shard, &room, &done);
             } else {
                 done.tick();
             }
@@ -97,7 +97,15 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
             answer,
         } => {
             if shared {
-                broker::publish_external(shard, &room, &user, &name, &data, settings.as_ref(), answer);
+                broker::publish_external(
+                    shard,
+                    &room,
+                    &user,
+                    &name,
+                    &data,
+                    settings.as_ref(),
+                    answer,
+                );
             } else {
                 go_local(shard, &room);
                 answer.set(publish_external(shard, room, &user, &name, data, settings));

@@ -51,11 +51,11 @@ use std::thread::JoinHandle;
 
 pub use auth::{AuthFailure, Authenticator, ClientInfo, Identity, Revoked};
 pub use config::{ConflictPolicy, EngineConfig, RateSpec, RedisSettings};
-pub use redis::check as check_redis;
 pub use metrics::Metrics;
 use msg::{ConnMsg, RoomMsg, ShardMsg};
 pub use net::{Cidr, client_ip, ip_group};
 pub use pending::{PendingResponse, ResponseSender, pending_response};
+pub use redis::check as check_redis;
 pub use response::HttpResponse;
 pub use rooms::{OpenRooms, RoomAccess, RoomPolicy, RoomSettings};
 pub use routes::{HttpRequest, HttpRoutes, Routed};
@@ -110,9 +110,7 @@ pub fn start(
         let redis = &metrics.redis;
         redis.configured.store(true, Ordering::Relaxed);
         let links = i64::try_from(shards * 2).unwrap_or(i64::MAX);
-        redis
-            .links_expected
-            .store(links, Ordering::Relaxed);
+        redis.links_expected.store(links, Ordering::Relaxed);
     }
     let shared = Arc::new(Shared::new(config, auth, routes, policy, metrics));
     let cores = core_affinity::get_core_ids().unwrap_or_default();

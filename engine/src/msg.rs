@@ -131,12 +131,25 @@ pub(crate) enum ConnMsg {
     /// To every shard: ask the policy again for every connection in `room` (its permission
     /// changed); those denied are kicked, the publish right of the others is updated.
     Reauthorize { room: RoomId, done: Arc<Countdown> },
+    /// Whether a `resume`'s session was found in the shared store (several nodes); the resume
+    /// goes on with that answer.
+    ResumeChecked(Box<ResumeCheck>),
     /// To every shard: ask the policy again for every room each connection of `user` holds (the
     /// user lost the admin role).
     ReauthorizeUser {
         user: Arc<str>,
         done: Arc<Countdown>,
     },
+}
+
+/// A `resume` whose session is looked up in the shared store.
+pub(crate) struct ResumeCheck {
+    pub(crate) conn: ConnId,
+    pub(crate) id: Option<u64>,
+    pub(crate) session: String,
+    pub(crate) rooms: Vec<(RoomId, protocol::envelope::ResumePoint)>,
+    /// The session belongs to this user and has not expired.
+    pub(crate) valid: bool,
 }
 
 /// A counted join, answered to the connection's shard.

@@ -569,12 +569,9 @@ impl Routes {
                 )
             }
             ("GET" | "HEAD", "/healthz") => {
-                let body = sonic_rs::to_vec(&sonic_rs::json!({
-                    "status": "ok",
-                    "node_id": &*self.node_id,
-                }))
-                .unwrap_or_default();
-                Ok(HttpResponse::json(200, body).into())
+                // `node_id` is validated to [A-Za-z0-9._-]: nothing to escape.
+                let body = format!(r#"{{"status":"ok","node_id":"{}"}}"#, self.node_id);
+                Ok(HttpResponse::json(200, body.into_bytes()).into())
             }
             ("GET" | "HEAD", "/readyz") => {
                 let accounts = self.accounts.clone();
@@ -666,16 +663,22 @@ fn readiness(accounts: &Accounts, redis_up: Option<bool>) -> HttpResponse {
     if redis_up == Some(false) {
         failing.push("redis");
     }
-    let status = if failing.is_empty() { "ready" } else { "unavailable" };
-    let mut body = sonic_rs::json!({ "status": status, "storage": store.kind() });
-    if let Some(up) = redis_up {
-        body["redis"] = sonic_rs::json!(if up { "up" } else { "down" });
-    }
+    let status = if failing.is_empty() {
+        "ready"
+    } else {
+        "unavailable"
+    };
+    let mut body = format!(r#"{{"status":"{status}""#);
     if !failing.is_empty() {
-        body["failing"] = sonic_rs::json!(failing);
+        body.push_str(&format!(r#","failing":["{}"]"#, failing.join(r#"",""#)));
     }
+    body.push_str(&format!(r#","storage":"{}""#, store.kind()));
+    if let Some(up) = redis_up {
+        body.push_str(&format!(r#","redis":"{}""#, if up { "up" } else { "down" }));
+    }
+    body.push('}');
     let code = if failing.is_empty() { 200 } else { 503 };
-    HttpResponse::json(code, sonic_rs::to_vec(&body).unwrap_or_default())
+    HttpResponse::json(code, body.into_bytes())
 }
 
 /// Adds headers to an answer, whether it is ready now or later.

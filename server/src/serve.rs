@@ -188,18 +188,20 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
     ));
     let warm = accounts.clone();
     let _ = hash_pool.submit(move || warm.warm_up());
-    let routes = Arc::new(Routes::new(
-        metrics,
-        accounts.clone(),
-        rooms.clone(),
-        auth.clone(),
-        storage_pool,
-        hash_pool,
-        Cors {
-            allowed_origins: config.engine.allowed_origins.clone(),
-        },
-    )
-    .with_node_id(&config.node_id));
+    let routes = Arc::new(
+        Routes::new(
+            metrics,
+            accounts.clone(),
+            rooms.clone(),
+            auth.clone(),
+            storage_pool,
+            hash_pool,
+            Cors {
+                allowed_origins: config.engine.allowed_origins.clone(),
+            },
+        )
+        .with_node_id(&config.node_id),
+    );
     let engine = engine::start(
         config.engine.clone(),
         auth,

@@ -313,42 +313,69 @@ fn development_secrets_are_generated_once_with_mode_0600() {
 }
 
 #[test]
-fn a_redis_url_is_refused_by_serve_not_ignored() {
-    let dir = scratch_dir("redis-refused");
-    // The syntax is still checked...
+fn redis_settings_are_checked_and_an_unreachable_redis_stops_serve() {
+    let dir = scratch_dir("redis-checked");
+    // The syntax is checked...
     let bad = ringhub(&["check-config", "--redis-url", "http://h"], &[], &dir);
     assert_eq!(bad.code, 2, "{bad:?}");
     assert!(bad.stderr.contains("`redis_url`"), "{}", bad.stderr);
-    // ...and a valid URL makes `serve` stop at once, naming the key, rather than run a node that
-    // shares nothing (a server that starts is killed after 10 s and fails the test).
-    let mut child = std::process::Command::new(ringhub_tests::ringhub_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "data"])
-        .args(["--redis-url", "redis://127.0.0.1:6379"])
-        .current_dir(&dir)
-        .env_clear()
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            break None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let run: ringhub_tests::Run = child.wait_with_output().expect("output").into();
-    let status = status.unwrap_or_else(|| panic!("serve ran with redis_url set: {run:?}"));
-    assert!(!status.success(), "{run:?}");
-    assert!(
-        run.stderr.contains("redis_url") && run.stderr.contains("not built"),
-        "{}",
-        run.stderr
+    // ...TLS to Redis is not built and says so rather than connecting in plaintext...
+    let tls = ringhub(
+        &["check-config", "--redis-url", "rediss://h:6380"],
+        &[],
+        &dir,
     );
+    assert_eq!(tls.code, 2, "{tls:?}");
+    assert!(tls.stderr.contains("TLS"), "{}", tls.stderr);
+    let prefix = ringhub(&["check-config", "--redis-prefix", "a{b}"], &[], &dir);
+    assert_eq!(prefix.code, 2, "{prefix:?}");
+    assert!(
+        prefix.stderr.contains("`redis_prefix`"),
+        "{}",
+        prefix.stderr
+    );
+    // ...and a Redis nobody answers at makes `serve` stop at once, naming the address (a server
+    // that starts is killed after 10 s and fails the test).
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr").port()
+    };
+    let url = format!("redis://127.0.0.1:{port}");
+    for (flags, expected) in [
+        (
+            vec!["--redis-url", url.as_str()],
+            format!("127.0.0.1:{port}"),
+        ),
+        (
+            vec!["--redis-url", "redis://127.0.0.1:6379", "--redis-cluster"],
+            "redis_cluster".to_owned(),
+        ),
+    ] {
+        let mut child = std::process::Command::new(ringhub_tests::ringhub_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "data"])
+            .args(&flags)
+            .current_dir(&*dir)
+            .env_clear()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let run: ringhub_tests::Run = child.wait_with_output().expect("output").into();
+        let status = status.unwrap_or_else(|| panic!("serve ran with {flags:?}: {run:?}"));
+        assert!(!status.success(), "{run:?}");
+        assert!(run.stderr.contains(&expected), "{}", run.stderr);
+    }
 }
 
 #[test]

@@ -586,6 +586,11 @@ fn a_personal_room_follows_its_owner_on_every_shard() {
     left.socket.close(None).unwrap();
     assert_eq!(left.ended(), Ended::Closed(1000));
     drop(left);
+    if ringhub_tests::over_redis() {
+        // Over Redis a room's history outlives this node's connections (another node may hold
+        // the owner): what follows is the embedded room's lifetime.
+        return;
+    }
     // The owner's last connection ended the room's lifetime: a new connection finds no history
     // and another epoch.
     std::thread::sleep(Duration::from_millis(200));

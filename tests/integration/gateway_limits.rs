@@ -66,7 +66,7 @@ fn upgrade_refusals_have_the_spec_statuses() {
         server.http("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: trace-42\r\n\r\n");
     assert_eq!(status, 200);
     assert!(
-        text.contains("X-Request-Id: trace-42") && text.contains(r#"{"status":"ok"}"#),
+        text.contains("X-Request-Id: trace-42") && text.contains(r#"{"status":"ok","node_id":""#),
         "{text}"
     );
     let (_, metrics) = server.http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");

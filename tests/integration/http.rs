@@ -134,7 +134,7 @@ fn chunked_bodies_are_decoded_and_bad_framing_is_refused_and_closed() {
     let (status, text, _) = exchange(&server, &two);
     assert_eq!(status, 404, "{text}");
     assert!(
-        text.contains(r#"{"status":"ok"}"#),
+        text.contains(r#"{"status":"ok","node_id":""#),
         "second response: {text}"
     );
     healthy(&server);

@@ -11,5 +11,6 @@ mod gateway_limits;
 mod history;
 mod http;
 mod logs;
+mod nodes;
 mod rooms;
 mod third_party;

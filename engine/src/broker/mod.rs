@@ -150,7 +150,11 @@ fn ask_join(shard: &Rc<Shard>, msg: Box<JoinMsg>) {
             .arg(cfg.history_size.max(1))
             .arg(broker.new_epoch())
             .arg(META_TTL_SECS);
-        if broker.commands.send(&cmd, Pending::PersonalJoin(msg)).is_err() {
+        if broker
+            .commands
+            .send(&cmd, Pending::PersonalJoin(msg))
+            .is_err()
+        {
             // Unreachable since the check: answered locally by the link's `down`.
         }
         return;
@@ -203,30 +207,46 @@ pub(crate) fn left(shard: &Rc<Shard>, room: &RoomId, conn: ConnId, user: &Arc<st
     let Some(broker) = broker(shard) else {
         return;
     };
-    let counted_in_redis = {
+    let (counted_in_redis, abandoned) = {
         let mut channels = broker.channels.borrow_mut();
         let Some(channel) = channels.get_mut(room) else {
             return;
         };
         if let Some(at) = channel.waiting.iter().position(|m| m.conn == conn) {
             // Never sent to Redis.
-            channel.waiting.remove(at);
-            false
+            (false, Some(channel.waiting.remove(at)))
         } else if let Some(at) = channel.held.iter().position(|h| h.msg.conn == conn) {
             // Counted in Redis, not here yet.
-            channel.held.remove(at);
-            true
+            (
+                !channel.held[at].msg.already,
+                Some(channel.held.remove(at).msg),
+            )
         } else if channel.in_flight.contains(&conn) {
             channel.cancelled.push(conn);
-            false
+            (false, None)
         } else {
-            true
+            (true, None)
         }
     };
     if counted_in_redis && owner_of(room) != Some(&**user) {
         send_leave(shard, broker, room, user);
     }
+    if let Some(msg) = abandoned {
+        answer_abandoned(shard, *msg);
+    }
     release_channel(shard, room);
+}
+
+/// Answers a join whose connection left the room before it was counted: the connection side
+/// finds the room gone and only notes the answer (an initial room's answer lets the welcome out).
+fn answer_abandoned(shard: &Rc<Shard>, msg: JoinMsg) {
+    let answer = JoinAnswer {
+        seq: 0,
+        epoch: Arc::from(""),
+        presence: Vec::new(),
+        recovery: None,
+    };
+    answer_join(shard, msg, Ok(answer));
 }
 
 fn send_leave(shard: &Shard, broker: &Broker, room: &RoomId, user: &Arc<str>) {
@@ -456,7 +476,7 @@ pub(crate) fn history_query(
 }
 
 /// A deleted room: its keys in Redis go too.
-pub(crate) fn drop_room(shard: &Rc<Shard>, room: &RoomId, done: Arc<crate::rooms::Countdown>) {
+pub(crate) fn drop_room(shard: &Rc<Shard>, room: &RoomId, done: &Arc<crate::rooms::Countdown>) {
     let Some(broker) = broker(shard).filter(|b| b.is_up()) else {
         done.tick();
         return;
@@ -480,6 +500,41 @@ pub(crate) fn drop_room(shard: &Rc<Shard>, room: &RoomId, done: Arc<crate::rooms
     {
         done.tick();
     }
+}
+
+/// The key of a resumable session (hash-tagged by itself).
+fn session_key(broker: &Broker, session: &str) -> String {
+    format!("{}:{{s:{session}}}", broker.settings.prefix)
+}
+
+/// Keeps a closed connection's session resumable on every node for `resume_ttl`; false when
+/// Redis cannot be told (the caller keeps it in this process).
+pub(crate) fn remember_session(shard: &Shard, session: &str, user: &str) -> bool {
+    let Some(broker) = broker(shard).filter(|b| b.is_up()) else {
+        return false;
+    };
+    let ttl = u64::try_from(shard.shared.config.resume_ttl.as_millis()).unwrap_or(u64::MAX);
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(session_key(broker, session))
+        .arg(user)
+        .arg("PX")
+        .arg(ttl.max(1));
+    broker.commands.send(&cmd, Pending::Ignore).is_ok()
+}
+
+/// Looks a session up in Redis for a `resume` (another node may have held it); the answer comes
+/// back to the connection as [`crate::msg::ConnMsg::ResumeChecked`]. False when Redis cannot be
+/// asked (the caller goes on without).
+pub(crate) fn check_session(shard: &Shard, check: crate::msg::ResumeCheck, user: Arc<str>) -> bool {
+    let Some(broker) = broker(shard).filter(|b| b.is_up()) else {
+        return false;
+    };
+    let mut cmd = redis::cmd("GETDEL");
+    cmd.arg(session_key(broker, &check.session));
+    broker
+        .commands
+        .send(&cmd, Pending::Resume(Box::new(check), user))
+        .is_ok()
 }
 
 /// Renews this node's leases in the rooms held here and completes joins held too long (the
@@ -544,7 +599,7 @@ fn on_push(shard: &Rc<Shard>, value: &redis::Value) {
         else {
             return;
         };
-        on_channel(shard, room, payload);
+        on_channel(shard, &room, payload);
         return;
     }
     // `subscribe` confirmations: the room's waiting joins may ask Redis now.
@@ -569,7 +624,7 @@ fn on_push(shard: &Rc<Shard>, value: &redis::Value) {
 }
 
 /// A message (`m|seq|epoch|body`) or a presence change (`p|j|user|name`) of `room`.
-fn on_channel(shard: &Rc<Shard>, room: RoomId, payload: &[u8]) {
+fn on_channel(shard: &Rc<Shard>, room: &RoomId, payload: &[u8]) {
     let mut fields = payload.splitn(4, |b| *b == b'|');
     match (fields.next(), fields.next(), fields.next(), fields.next()) {
         (Some(b"m"), Some(seq), Some(epoch), Some(body)) => {
@@ -585,7 +640,7 @@ fn on_channel(shard: &Rc<Shard>, room: RoomId, payload: &[u8]) {
                 return;
             };
             shard.rooms.borrow_mut().note_shared_presence(
-                &room,
+                room,
                 &Arc::from(user),
                 &Arc::from(name),
                 kind == b"j",
@@ -623,13 +678,13 @@ fn decode_body(shard: &Shard, room: RoomId, seq: u64, body: &[u8]) -> Option<Mes
 }
 
 /// Delivers a sequenced message to the members held here, in `seq` order.
-fn deliver(shard: &Rc<Shard>, room: RoomId, seq: u64, epoch: &str, body: &[u8]) {
+fn deliver(shard: &Rc<Shard>, room: &RoomId, seq: u64, epoch: &str, body: &[u8]) {
     let Some(broker) = broker(shard) else {
         return;
     };
     let epoch: Arc<str> = {
         let mut channels = broker.channels.borrow_mut();
-        let Some(channel) = channels.get_mut(&room) else {
+        let Some(channel) = channels.get_mut(room) else {
             return;
         };
         let same_epoch = channel.epoch.as_deref() == Some(epoch);
@@ -638,7 +693,12 @@ fn deliver(shard: &Rc<Shard>, room: RoomId, seq: u64, epoch: &str, body: &[u8]) 
             return;
         }
         if same_epoch && channel.last_seq > 0 && seq > channel.last_seq + 1 {
-            shard.shared.metrics.redis.gaps.fetch_add(1, Ordering::Relaxed);
+            shard
+                .shared
+                .metrics
+                .redis
+                .gaps
+                .fetch_add(1, Ordering::Relaxed);
         }
         channel.last_seq = seq;
         if !same_epoch {
@@ -647,7 +707,7 @@ fn deliver(shard: &Rc<Shard>, room: RoomId, seq: u64, epoch: &str, body: &[u8]) 
         channel.epoch.clone().unwrap_or_else(|| Arc::from(epoch))
     };
     if let Some(record) = decode_body(shard, room.clone(), seq, body) {
-        let owner = online_owner(shard, &room);
+        let owner = online_owner(shard, room);
         let fanout = shard.rooms.borrow_mut().deliver_shared(
             &record,
             &epoch,
@@ -658,7 +718,7 @@ fn deliver(shard: &Rc<Shard>, room: RoomId, seq: u64, epoch: &str, body: &[u8]) 
             fan_out(shard, fanout);
         }
     }
-    release_held(shard, &room);
+    release_held(shard, room);
 }
 
 /// Completes the held joins of `room` whose messages have now been delivered.
@@ -847,6 +907,13 @@ fn fail(shard: &Rc<Shard>, handler: Pending) {
             },
         ),
         Pending::Dropped(done) => done.tick(),
+        Pending::Resume(check, _) => {
+            let conn = check.conn;
+            shard.dispatch(
+                crate::conn::shard_of(conn),
+                crate::msg::ConnMsg::ResumeChecked(check),
+            );
+        }
     }
     crate::router::pump(shard);
 }
@@ -921,6 +988,14 @@ fn on_reply(shard: &Rc<Shard>, handler: Pending, reply: Result<redis::Value, Red
             );
         }
         Pending::Dropped(done) => done.tick(),
+        Pending::Resume(mut check, user) => {
+            check.valid = bytes(&value) == Some(user.as_bytes());
+            let conn = check.conn;
+            shard.dispatch(
+                crate::conn::shard_of(conn),
+                crate::msg::ConnMsg::ResumeChecked(check),
+            );
+        }
     }
     crate::router::pump(shard);
 }
@@ -1008,7 +1083,9 @@ fn on_joined(shard: &Rc<Shard>, msg: Box<JoinMsg>, value: &redis::Value) {
     };
     let parts = items(value);
     if parts.first().and_then(int) != Some(1) {
-        if !cancelled {
+        if cancelled {
+            answer_abandoned(shard, *msg);
+        } else {
             let full = crate::room::Refused {
                 code: ErrorCode::RoomFull,
                 message: "room is full",
@@ -1023,6 +1100,7 @@ fn on_joined(shard: &Rc<Shard>, msg: Box<JoinMsg>, value: &redis::Value) {
         if !msg.already {
             send_leave(shard, broker, &room, &msg.user);
         }
+        answer_abandoned(shard, *msg);
         release_channel(shard, &room);
         return;
     }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use protocol::ErrorCode;
 use protocol::envelope::{PresenceEntry, RoomId};
 
-use crate::conn::ConnId;
 use crate::config::RedisSettings;
+use crate::conn::ConnId;
 use crate::msg::JoinMsg;
 use crate::redis::link::{Link, Role};
 use crate::rooms::{Answer, Countdown};
@@ -50,6 +50,8 @@ pub(crate) enum Pending {
     },
     /// A deleted room's keys removed (the countdown ticks on the reply).
     Dropped(Arc<Countdown>),
+    /// A resumable session looked up (and taken) in Redis for this user.
+    Resume(Box<crate::msg::ResumeCheck>, Arc<str>),
 }
 
 /// A join whose Redis answer names messages this node has not delivered yet: it completes once
@@ -72,7 +74,9 @@ pub(crate) struct Channel {
     pub(crate) last_seq: u64,
     pub(crate) epoch: Option<Arc<str>>,
     /// Joins waiting for the subscription (Redis is asked once it is confirmed, so that nothing
-    /// published after the join's answer can be missed).
+    /// published after the join's answer can be missed). Boxed: each moves on into a
+    /// [`Pending`], which stays small.
+    #[allow(clippy::vec_box)]
     pub(crate) waiting: Vec<Box<JoinMsg>>,
     /// Joins answered by Redis ahead of this node's deliveries.
     pub(crate) held: Vec<HeldJoin>,

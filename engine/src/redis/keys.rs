@@ -66,7 +66,11 @@ mod tests {
     fn a_rooms_keys_share_its_hash_tag_and_its_channel_names_it() {
         let room = RoomId::parse("chat.1:x@y").unwrap();
         let keys = RoomKeys::new("rh", &room);
-        for key in keys.membership().into_iter().chain([&*keys.meta, &*keys.hist]) {
+        for key in keys
+            .membership()
+            .into_iter()
+            .chain([&*keys.meta, &*keys.hist])
+        {
             assert!(key.starts_with("rh:{r:chat.1:x@y}:"), "{key}");
         }
         assert_eq!(keys.channel, channel("rh", &room));

@@ -270,10 +270,7 @@ async fn connect(
         }
         replies.feed(&buf);
         buf.clear();
-        while let Some(value) = replies
-            .next()
-            .map_err(|e| Ended::Protocol(e.to_string()))?
-        {
+        while let Some(value) = replies.next().map_err(|e| Ended::Protocol(e.to_string()))? {
             got += 1;
             if let Err(e) = value.extract_error() {
                 return Err(Ended::Refused(e.to_string()));

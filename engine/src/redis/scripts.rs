@@ -92,7 +92,8 @@ end
 /// messages in `seq` order.
 /// KEYS: meta, hist, channel. ARGV: body, max history length, history ttl (ms, 0 = none), meta
 /// ttl (s), a new epoch (used if the room has none). Returns `{seq, epoch}`.
-pub(crate) static PUBLISH: Script = Script::new(r"
+pub(crate) static PUBLISH: Script = Script::new(
+    r"
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
   e = ARGV[5]
@@ -141,7 +142,8 @@ pub(crate) static TOUCH: Script = Script::new(TOUCH_SOURCE);
 
 /// A room's history after a seq. KEYS: meta, hist. ARGV: [1] after seq, [2] most entries,
 /// [3] a new epoch, [4] meta ttl (s). Returns `{epoch, last seq, entries}`.
-pub(crate) static HISTORY: Script = Script::new(r"
+pub(crate) static HISTORY: Script = Script::new(
+    r"
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
   e = ARGV[3]

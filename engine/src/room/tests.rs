@@ -14,6 +14,7 @@ use history::RoomBounds;
 
 fn rules() -> RoomRules {
     RoomRules {
+        shared: false,
         shards: 2,
         max_room_members: 1000,
         implicit_rooms: true,

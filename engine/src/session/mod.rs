@@ -320,10 +320,11 @@ pub(crate) fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     }
     shard.conns.borrow_mut().remove(&conn.id);
     if !shard.shared.config.resume_ttl.is_zero() {
-        shard
-            .shared
-            .state
-            .remember(&conn.session(&shard.shared.instance), &conn.user_id());
+        let session = conn.session(&shard.shared.instance);
+        // With Redis, there alone (a resume may come to any node); else in this process.
+        if !crate::broker::remember_session(shard, &session, &conn.user_id()) {
+            shard.shared.state.remember(&session, &conn.user_id());
+        }
     }
     let metrics = &shard.shared.metrics;
     metrics.connections.fetch_sub(1, Ordering::Relaxed);
@@ -368,6 +369,13 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: ConnMsg) {
             message,
         } => membership::on_join_failed(shard, &room, conn, id, initial, code, message),
         ConnMsg::Deliver(delivery) => deliver(shard, &delivery),
+        ConnMsg::ResumeChecked(check) => {
+            if let Some(conn) = shard.conn(check.conn) {
+                conn.with_rare(|rare| rare.resume = None);
+                let check = *check;
+                ops::resume_rooms(shard, &conn, check.id, check.rooms, check.valid);
+            }
+        }
         ConnMsg::Reply { conn, reply } => on_reply(shard, conn, reply),
         ConnMsg::Close { conn, code } => {
             if let Some(c) = shard.conn(conn) {

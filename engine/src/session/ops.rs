@@ -314,7 +314,43 @@ pub(crate) fn resume(
         );
         return;
     }
-    let valid = shard.shared.state.take(session, &conn.user_id());
+    let user = conn.user_id();
+    // Sessions kept while Redis was unreachable are in this process.
+    let valid = shard.shared.state.take(session, &user);
+    if !valid && crate::broker::is_up(shard) {
+        // Closed on another node, perhaps: asked of Redis, the resume goes on with the answer.
+        let check = crate::msg::ResumeCheck {
+            conn: conn.id,
+            id,
+            session: session.to_owned(),
+            rooms,
+            valid: false,
+        };
+        let placeholder = || crate::conn::PendingResume {
+            id,
+            waiting: Vec::new(),
+            results: Vec::new(),
+        };
+        conn.with_rare(|rare| rare.resume = Some(Box::new(placeholder())));
+        if crate::broker::check_session(shard, check, user) {
+            return;
+        }
+        // Not sent (Redis just went down): the check is lost with its rooms; answer none.
+        conn.with_rare(|rare| rare.resume = None);
+        send(shard, conn, &Push::ResumeReply { id, recovered: &[] });
+        return;
+    }
+    resume_rooms(shard, conn, id, rooms, valid);
+}
+
+/// The rooms of a `resume`, once the session's validity is known.
+pub(crate) fn resume_rooms(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    id: Option<u64>,
+    rooms: Vec<(RoomId, protocol::envelope::ResumePoint)>,
+    valid: bool,
+) {
     let max = shard.shared.config.max_rooms_per_connection as usize;
     let mut results = Vec::new();
     let mut joins = Vec::new();

@@ -507,9 +507,11 @@ fn parse_redis_url(url: &str) -> Result<RedisTarget, String> {
     let rest = if let Some(rest) = url.strip_prefix("redis://") {
         rest
     } else if url.starts_with("rediss://") {
-        return Err("rediss:// (TLS to Redis) is not built yet; use redis:// on a private \
+        return Err(
+            "rediss:// (TLS to Redis) is not built yet; use redis:// on a private \
                     network or a TLS tunnel"
-            .into());
+                .into(),
+        );
     } else {
         return Err("must start with redis://".into());
     };
@@ -542,7 +544,10 @@ fn parse_redis_url(url: &str) -> Result<RedisTarget, String> {
         None => hostport.contains(':'),
     };
     let addr = if has_port {
-        let port = hostport.rsplit_once(':').map(|(_, p)| p).unwrap_or_default();
+        let port = hostport
+            .rsplit_once(':')
+            .map(|(_, p)| p)
+            .unwrap_or_default();
         if port.parse::<u16>().is_err() {
             return Err(format!("`{port}` is not a port"));
         }
@@ -607,7 +612,10 @@ mod tests {
     #[test]
     fn redis_urls() {
         let t = parse_redis_url("redis://127.0.0.1:6380/2").unwrap();
-        assert_eq!((t.addr.as_str(), t.db, t.password), ("127.0.0.1:6380", 2, None));
+        assert_eq!(
+            (t.addr.as_str(), t.db, t.password),
+            ("127.0.0.1:6380", 2, None)
+        );
         let t = parse_redis_url("redis://app:p%40ss@cache.internal").unwrap();
         assert_eq!(t.addr, "cache.internal:6379");
         assert_eq!(t.username.as_deref(), Some("app"));

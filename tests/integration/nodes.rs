@@ -1,0 +1,468 @@
+//! Several nodes as one service (SPEC §10) through the real binary: two or three `ringhub`
+//! processes on one Redis (the local one, each test under a prefix of its own; the failure test
+//! starts a `redis-server` of its own), clients spread over them.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use protocol::envelope::Value;
+use ringhub_tests::{Client, Ended, OwnRedis, Server, n, obj, s, shared_redis_url, start_nodes};
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("{key} missing in {v:?}"))
+}
+
+fn u64_of(v: &Value, key: &str) -> u64 {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("{key} missing in {v:?}"))
+}
+
+fn connect(server: &Server, user: &str) -> Client {
+    let mut client = server.connect(&server.token(user), None);
+    client.expect("welcome", None);
+    client.set_timeout(Duration::from_secs(10));
+    client
+}
+
+/// Joins `room`; the reply.
+fn join(client: &mut Client, room: &str) -> Value {
+    let id = client.request("join", &[("room", s(room))]);
+    client.expect("reply", Some(id))
+}
+
+/// The next `message` of `room`, skipping everything else.
+fn next_message(client: &mut Client, room: &str) -> Value {
+    loop {
+        let m = client.expect("message", None);
+        if str_of(&m, "room") == room {
+            return m;
+        }
+    }
+}
+
+/// A room's `presence` answer as (user, connections) pairs.
+fn presence(client: &mut Client, room: &str) -> Vec<(String, u64)> {
+    let id = client.request("presence", &[("room", s(room))]);
+    let reply = client.expect("reply", Some(id));
+    reply
+        .get("presence")
+        .and_then(Value::as_array)
+        .unwrap()
+        .iter()
+        .map(|e| (str_of(e, "user").to_owned(), u64_of(e, "conns")))
+        .collect()
+}
+
+/// Waits (bounded) until `f` holds, asking again every 50 ms.
+fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: not within {within:?}");
+}
+
+/// Messages published concurrently on two nodes reach every member on every node in one order,
+/// with consecutive `seq`s.
+#[test]
+fn fan_out_and_order_are_the_same_on_every_node() {
+    let nodes = start_nodes("order", 2, &shared_redis_url(), &["--shards", "2"]);
+    let mut members: Vec<Client> = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for j in 0..3 {
+            let mut c = connect(node, &format!("m{i}{j}"));
+            join(&mut c, "order");
+            members.push(c);
+        }
+    }
+    const EACH: u64 = 30;
+    let publishers: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let mut p = connect(node, &format!("pub{i}"));
+            join(&mut p, "order");
+            p
+        })
+        .collect();
+    let threads: Vec<_> = publishers
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut p)| {
+            std::thread::spawn(move || {
+                for k in 0..EACH {
+                    p.send_value(
+                        &obj(&[
+                            ("op", s("publish")),
+                            ("room", s("order")),
+                            ("data", obj(&[("node", n(i as u64)), ("k", n(k))])),
+                        ]),
+                        false,
+                    );
+                }
+                p
+            })
+        })
+        .collect();
+    let publishers: Vec<Client> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut orders = Vec::new();
+    for member in members
+        .iter_mut()
+        .chain(publishers.into_iter().collect::<Vec<_>>().iter_mut())
+    {
+        let mut seen = Vec::new();
+        for _ in 0..2 * EACH {
+            let m = next_message(member, "order");
+            let data = m.get("data").unwrap();
+            seen.push((u64_of(&m, "seq"), u64_of(data, "node"), u64_of(data, "k")));
+        }
+        let seqs: Vec<u64> = seen.iter().map(|t| t.0).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "consecutive seqs: {seqs:?}"
+        );
+        // Each publisher's messages in the order it sent them.
+        for node in 0..2 {
+            let ks: Vec<u64> = seen.iter().filter(|t| t.1 == node).map(|t| t.2).collect();
+            assert_eq!(ks, (0..EACH).collect::<Vec<_>>());
+        }
+        orders.push(seen);
+    }
+    assert!(
+        orders.windows(2).all(|w| w[0] == w[1]),
+        "every member sees the same order"
+    );
+    let id = members[0].request("ping", &[]);
+    members[0].expect("pong", Some(id));
+}
+
+/// `POST /rooms/{id}/messages` on one node reaches the room's member on another.
+#[test]
+fn an_http_publish_reaches_a_member_on_another_node() {
+    let nodes = start_nodes("httppub", 2, &shared_redis_url(), &[]);
+    let token = nodes[1].token("pat");
+    let mut pat = nodes[1].connect(&token, None);
+    pat.expect("welcome", None);
+    pat.set_timeout(Duration::from_secs(10));
+    let token0 = nodes[0].token("pat");
+    let answer = nodes[0].api_as(
+        &token0,
+        "POST",
+        "/rooms/user:pat/messages",
+        Some(r#"{"data":{"hello":"from n0"}}"#),
+    );
+    assert_eq!(answer.status, 202, "{answer:?}");
+    let seq = answer.json().get("seq").and_then(Value::as_u64).unwrap();
+    let m = next_message(&mut pat, "user:pat");
+    assert_eq!(u64_of(&m, "seq"), seq);
+    assert_eq!(str_of(m.get("data").unwrap(), "hello"), "from n0");
+}
+
+/// History read on one node holds what was published on another; a connection closed on one
+/// node resumes on another and gets exactly what it missed, in order, before the reply.
+#[test]
+fn history_and_resume_span_nodes() {
+    let nodes = start_nodes("resume", 2, &shared_redis_url(), &[]);
+    let mut reader = connect(&nodes[0], "rita");
+    let mut leaving = nodes[0].connect(&nodes[0].token("rita"), None);
+    let welcome = leaving.expect("welcome", None);
+    let session = str_of(&welcome, "session").to_owned();
+    leaving.set_timeout(Duration::from_secs(10));
+    let joined = join(&mut leaving, "story");
+    let epoch = str_of(&joined, "epoch").to_owned();
+    join(&mut reader, "story");
+    let mut writer = connect(&nodes[1], "walt");
+    join(&mut writer, "story");
+    let publish = |w: &mut Client, i: u64| {
+        let id = w.request(
+            "publish",
+            &[("room", s("story")), ("data", obj(&[("i", n(i))]))],
+        );
+        w.expect("reply", Some(id));
+    };
+    for i in 1..=3 {
+        publish(&mut writer, i);
+    }
+    let mut last = 0;
+    for _ in 0..3 {
+        last = u64_of(&next_message(&mut leaving, "story"), "seq");
+    }
+    assert_eq!(last, 3);
+    leaving.socket.close(None).unwrap();
+    assert_eq!(leaving.ended(), Ended::Closed(1000));
+    // The TCP connection ends too: the node lets go of it (and keeps its session) then.
+    drop(leaving);
+    for i in 4..=5 {
+        publish(&mut writer, i);
+    }
+    // History on the other node holds every message.
+    let mut other = connect(&nodes[1], "olga");
+    join(&mut other, "story");
+    let id = other.request("history", &[("room", s("story")), ("since", n(0))]);
+    let history = other.expect("reply", Some(id));
+    let seqs: Vec<u64> = history
+        .get("messages")
+        .and_then(Value::as_array)
+        .unwrap()
+        .iter()
+        .map(|m| u64_of(m, "seq"))
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    assert_eq!(str_of(&history, "epoch"), epoch);
+    // The closed connection resumes on node 1.
+    let mut back = nodes[1].connect(&nodes[1].token("rita"), None);
+    back.expect("welcome", None);
+    back.set_timeout(Duration::from_secs(10));
+    let id = back.request(
+        "resume",
+        &[
+            ("session", s(&session)),
+            (
+                "rooms",
+                obj(&[("story", obj(&[("seq", n(3)), ("epoch", s(&epoch))]))]),
+            ),
+        ],
+    );
+    let mut got = Vec::new();
+    let reply = loop {
+        let v = back.recv().expect("resume answers");
+        match str_of(&v, "op") {
+            "message" if str_of(&v, "room") == "story" => got.push(u64_of(&v, "seq")),
+            "reply" if v.get("id").and_then(Value::as_u64) == Some(id) => break v,
+            _ => {}
+        }
+    };
+    assert_eq!(
+        got,
+        [4, 5],
+        "exactly the missed messages, before the reply: {reply:?}"
+    );
+    assert_eq!(
+        reply.get("recovered").and_then(|r| r.get("story")),
+        Some(&Value::Bool(true)),
+        "{reply:?}"
+    );
+    // A session resumes once: a second attempt anywhere is not recovered.
+    let mut again = nodes[0].connect(&nodes[0].token("rita"), None);
+    again.expect("welcome", None);
+    let id = again.request(
+        "resume",
+        &[
+            ("session", s(&session)),
+            (
+                "rooms",
+                obj(&[("story", obj(&[("seq", n(3)), ("epoch", s(&epoch))]))]),
+            ),
+        ],
+    );
+    let reply = again.expect("reply", Some(id));
+    assert_eq!(
+        reply.get("recovered").and_then(|r| r.get("story")),
+        Some(&Value::Bool(false))
+    );
+}
+
+/// Presence lists users connected anywhere; a user on two nodes is one entry with its
+/// connections summed; diffs reach members on every node, and a user's first and last
+/// connection anywhere are what they report.
+#[test]
+fn presence_spans_nodes() {
+    let nodes = start_nodes("presence", 2, &shared_redis_url(), &[]);
+    let mut watcher = connect(&nodes[0], "wes");
+    join(&mut watcher, "hall");
+    let mut u_here = connect(&nodes[0], "uma");
+    join(&mut u_here, "hall");
+    let mut u_there = connect(&nodes[1], "uma");
+    join(&mut u_there, "hall");
+    let mut v = connect(&nodes[1], "vic");
+    join(&mut v, "hall");
+    eventually("presence on node 0", Duration::from_secs(5), || {
+        presence(&mut watcher, "hall")
+            == [
+                ("uma".to_owned(), 2),
+                ("vic".to_owned(), 1),
+                ("wes".to_owned(), 1),
+            ]
+    });
+    assert_eq!(
+        presence(&mut v, "hall"),
+        [
+            ("uma".to_owned(), 2),
+            ("vic".to_owned(), 1),
+            ("wes".to_owned(), 1)
+        ]
+    );
+    // Uma leaves node 0 but stays on node 1: nobody is told she left. Vic leaves: everyone is.
+    u_here.socket.close(None).unwrap();
+    assert_eq!(u_here.ended(), Ended::Closed(1000));
+    v.socket.close(None).unwrap();
+    assert_eq!(v.ended(), Ended::Closed(1000));
+    let mut left = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !left.contains("vic") {
+        let p = watcher.expect("presence", None);
+        for e in p.get("left").and_then(Value::as_array).unwrap() {
+            left.insert(str_of(e, "user").to_owned());
+        }
+    }
+    assert!(left.contains("vic"), "{left:?}");
+    assert!(!left.contains("uma"), "{left:?}");
+    assert_eq!(
+        presence(&mut watcher, "hall"),
+        [("uma".to_owned(), 1), ("wes".to_owned(), 1)]
+    );
+}
+
+/// A node killed without a goodbye: its users are reported `left` on the other nodes within
+/// `node_ttl` + `presence_batch`, and the others go on.
+#[test]
+fn a_killed_nodes_users_are_reported_left() {
+    let mut nodes = start_nodes("killed", 2, &shared_redis_url(), &["--node-ttl", "2s"]);
+    let mut watcher = connect(&nodes[0], "wanda");
+    join(&mut watcher, "vigil");
+    let mut doomed = connect(&nodes[1], "xavier");
+    join(&mut doomed, "vigil");
+    eventually("both present", Duration::from_secs(5), || {
+        presence(&mut watcher, "vigil").len() == 2
+    });
+    watcher.clear();
+    let killed = Instant::now();
+    nodes[1].kill();
+    let mut reported = false;
+    while killed.elapsed() < Duration::from_secs(8) {
+        let p = watcher.expect("presence", None);
+        if p.get("left")
+            .and_then(Value::as_array)
+            .unwrap()
+            .iter()
+            .any(|e| str_of(e, "user") == "xavier")
+        {
+            reported = true;
+            break;
+        }
+    }
+    let took = killed.elapsed();
+    assert!(reported, "xavier reported left");
+    // node_ttl (2 s) + presence_batch (100 ms), with a margin for a loaded machine.
+    assert!(took < Duration::from_secs(4), "reported after {took:?}");
+    assert_eq!(presence(&mut watcher, "vigil"), [("wanda".to_owned(), 1)]);
+    let id = watcher.request(
+        "publish",
+        &[("room", s("vigil")), ("data", s("still here"))],
+    );
+    watcher.expect("reply", Some(id));
+}
+
+/// `max_members` holds over every node when joins race on both.
+#[test]
+fn max_members_holds_across_nodes_under_a_join_race() {
+    let nodes = start_nodes(
+        "maxmembers",
+        2,
+        &shared_redis_url(),
+        &["--max-room-members", "5", "--shards", "2"],
+    );
+    let mut clients: Vec<Client> = (0..10)
+        .map(|i| connect(&nodes[i % 2], &format!("racer{i}")))
+        .collect();
+    let threads: Vec<_> = clients
+        .drain(..)
+        .map(|mut c| {
+            std::thread::spawn(move || {
+                let id = c.request("join", &[("room", s("tight"))]);
+                let answer = loop {
+                    let v = c.recv().expect("an answer");
+                    if v.get("id").and_then(Value::as_u64) == Some(id) {
+                        break v;
+                    }
+                };
+                (c, answer)
+            })
+        })
+        .collect();
+    let results: Vec<(Client, Value)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let admitted = results
+        .iter()
+        .filter(|(_, a)| str_of(a, "op") == "reply")
+        .count();
+    let full = results
+        .iter()
+        .filter(|(_, a)| str_of(a, "op") == "error" && str_of(a, "code") == "room_full")
+        .count();
+    assert_eq!(
+        (admitted, full),
+        (5, 5),
+        "{:?}",
+        results.iter().map(|r| &r.1).collect::<Vec<_>>()
+    );
+    let (mut member, _) = results
+        .into_iter()
+        .find(|(_, a)| str_of(a, "op") == "reply")
+        .unwrap();
+    let total: u64 = presence(&mut member, "tight").iter().map(|p| p.1).sum();
+    assert_eq!(total, 5);
+}
+
+/// Redis killed under traffic: each node keeps delivering to its own members (a new epoch),
+/// `/readyz` names redis, and once Redis is back cross-node delivery comes back by itself.
+#[test]
+fn redis_down_keeps_local_delivery_and_recovers() {
+    let mut redis = OwnRedis::start();
+    let nodes = start_nodes("redisdown", 2, &redis.url(), &[]);
+    let mut a = connect(&nodes[0], "ann");
+    let mut a2 = connect(&nodes[0], "amy");
+    let mut b = connect(&nodes[1], "bob");
+    for c in [&mut a, &mut a2, &mut b] {
+        join(c, "live");
+    }
+    let id = a.request("publish", &[("room", s("live")), ("data", s("before"))]);
+    a.expect("reply", Some(id));
+    assert_eq!(str_of(&next_message(&mut b, "live"), "data"), "before");
+    assert_eq!(str_of(&next_message(&mut a2, "live"), "data"), "before");
+    redis.stop();
+    eventually("readyz names redis", Duration::from_secs(10), || {
+        let (status, text) = nodes[0].http("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
+        status == 503 && text.contains(r#""failing":["redis"]"#)
+    });
+    let metrics = nodes[0].http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").1;
+    assert!(metrics.contains("ringhub_redis_up 0"), "{metrics}");
+    // Local delivery goes on.
+    let id = a.request("publish", &[("room", s("live")), ("data", s("alone"))]);
+    a.expect("reply", Some(id));
+    assert_eq!(str_of(&next_message(&mut a2, "live"), "data"), "alone");
+    redis.restart();
+    eventually("readyz again", Duration::from_secs(15), || {
+        nodes
+            .iter()
+            .all(|n| n.http("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").0 == 200)
+    });
+    // Cross-node delivery is back (the subscriptions were renewed by themselves).
+    let mut delivered = false;
+    for attempt in 0..20 {
+        let id = a.request("publish", &[("room", s("live")), ("data", n(attempt))]);
+        a.expect("reply", Some(id));
+        b.set_timeout(Duration::from_millis(500));
+        loop {
+            match b.recv() {
+                Ok(v) if str_of(&v, "op") == "message" && v.get("data") == Some(&n(attempt)) => {
+                    delivered = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        if delivered {
+            break;
+        }
+    }
+    assert!(delivered, "cross-node delivery came back");
+    b.set_timeout(Duration::from_secs(10));
+    assert!(presence(&mut b, "live").len() >= 2);
+}
