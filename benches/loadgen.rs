@@ -9,7 +9,12 @@
 //! loadgen fanout  [--rooms 10] [--room-size 100] [--publishers 1] [--payload 64] [--duration 10]
 //! loadgen ceiling [--rooms 10] [--room-size 100] [--payload 64] [--duration 10]
 //! common: [--server target/release/ringhub] [--shards 2] [--threads 2] [--format json|msgpack] [--zstd]
+//! several nodes (fanout): [--nodes 2] [--redis-url redis://127.0.0.1:6379]
 //! ```
+//! With `--nodes N` (or `--redis-url`), N servers are started on one Redis (a prefix of their own,
+//! the same secrets) and the connections are spread over them round-robin, so that every room has
+//! members on every node; the report adds the Redis commands per publish and Redis's CPU per
+//! 1,000 publishes (`INFO cpu`).
 //! This machine caps a process at 20,000 open files: keep --conns (and rooms × room-size) under
 //! about 18,000, since the load generator holds one descriptor per connection; `connect` closes
 //! each connection after its welcome, so there only --concurrency counts (--conns up to 100,000,
@@ -62,6 +67,9 @@ struct Opts {
     /// Create the fan-out rooms through `POST /rooms` with this permission (owned by each room's
     /// first publisher), so that joins and publishes go through the permission checks.
     permission: Option<String>,
+    /// Servers started (several nodes on one Redis when more than one, or with `redis_url`).
+    nodes: usize,
+    redis_url: Option<String>,
 }
 
 fn parse_opts() -> Opts {
@@ -83,6 +91,8 @@ fn parse_opts() -> Opts {
         rate: 0,
         users: 0,
         permission: None,
+        nodes: 1,
+        redis_url: None,
     };
     let mut i = 1;
     while i < args.len() {
@@ -107,6 +117,8 @@ fn parse_opts() -> Opts {
             "--rate" => o.rate = num(),
             "--users" => o.users = num() as usize,
             "--permission" => o.permission = Some(value.clone()),
+            "--nodes" => o.nodes = (num() as usize).max(1),
+            "--redis-url" => o.redis_url = Some(value.clone()),
             "--zstd" => {
                 o.zstd = true;
                 i += 1;
@@ -133,6 +145,8 @@ struct ServerProc {
     child: Child,
     addr: SocketAddr,
     dir: std::path::PathBuf,
+    /// Started with the secrets every node shares.
+    shared_secrets: bool,
 }
 
 impl Drop for ServerProc {
@@ -143,8 +157,71 @@ impl Drop for ServerProc {
     }
 }
 
-fn start_server(o: &Opts) -> ServerProc {
-    let dir = std::env::temp_dir().join(format!("ringhub-loadgen-{}", std::process::id()));
+/// The secrets the nodes of one service share (several-nodes runs).
+const SHARED_SECRET: &str = "loadgen-nodes-share-this-secret-0123456789";
+const SHARED_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// Whether this run starts several nodes on Redis.
+fn on_redis(o: &Opts) -> bool {
+    o.nodes > 1 || o.redis_url.is_some()
+}
+
+/// The servers of a run: one, or `--nodes` on one Redis.
+fn start_servers(o: &Opts) -> Vec<ServerProc> {
+    if !on_redis(o) {
+        return vec![start_server(o, 0, &[])];
+    }
+    let url = o
+        .redis_url
+        .clone()
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+    let prefix = format!("loadgen{}", std::process::id());
+    (0..o.nodes)
+        .map(|i| {
+            let node = format!("n{i}");
+            start_server(
+                o,
+                i,
+                &[
+                    "--redis-url",
+                    &url,
+                    "--redis-prefix",
+                    &prefix,
+                    "--node-id",
+                    &node,
+                    "--jwt-secret",
+                    SHARED_SECRET,
+                    "--encryption-key",
+                    SHARED_KEY,
+                    "--blind-index-key",
+                    SHARED_SECRET,
+                ],
+            )
+        })
+        .collect()
+}
+
+/// Redis's CPU so far (user + system), in ms, from `INFO cpu`.
+fn redis_cpu_ms(o: &Opts) -> Option<f64> {
+    use std::io::{Read, Write};
+    let url = o.redis_url.as_deref().unwrap_or("redis://127.0.0.1:6379");
+    let addr = url.trim_start_matches("redis://").split('/').next()?;
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    stream.write_all(b"INFO cpu\r\n").ok()?;
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    let field = |name: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some((field("used_cpu_user:")? + field("used_cpu_sys:")?) * 1000.0)
+}
+
+fn start_server(o: &Opts, node: usize, extra: &[&str]) -> ServerProc {
+    let dir = std::env::temp_dir().join(format!("ringhub-loadgen-{}-{node}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let shards = o.shards.to_string();
@@ -193,6 +270,7 @@ fn start_server(o: &Opts) -> ServerProc {
             "--compression-threshold",
             "256",
         ])
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| {
@@ -209,12 +287,22 @@ fn start_server(o: &Opts) -> ServerProc {
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    ServerProc { child, addr, dir }
+    ServerProc {
+        child,
+        addr,
+        dir,
+        shared_secrets: !extra.is_empty(),
+    }
 }
 
 fn tokens(server: &ServerProc, count: usize, users: usize) -> Vec<String> {
     let data = server.dir.join("data").display().to_string();
-    let flags = vec![("--data-dir".to_owned(), data)];
+    let mut flags = vec![("--data-dir".to_owned(), data)];
+    if server.shared_secrets {
+        flags.push(("--jwt-secret".to_owned(), SHARED_SECRET.to_owned()));
+        flags.push(("--encryption-key".to_owned(), SHARED_KEY.to_owned()));
+        flags.push(("--blind-index-key".to_owned(), SHARED_SECRET.to_owned()));
+    }
     let (raw, layers) = server::config::load(None, Vec::new(), &flags).unwrap();
     let config = server::config::Config::validate(raw, &layers).unwrap();
     let (secrets, _) =
@@ -239,6 +327,22 @@ fn identity(user: usize) -> (String, String) {
         format!("{user:08x}-7e1d-4c2a-9b3f-{user:012x}"),
         format!("user{user}"),
     )
+}
+
+/// One counter of a server's `/metrics` (0 when absent).
+fn server_counter(addr: SocketAddr, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return 0.0;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The server's counters of interest, as `"name":value` JSON fields.
@@ -485,7 +589,7 @@ fn runtime() -> monoio::FusionRuntime<
 }
 
 fn scenario_idle(o: &Opts) {
-    let server = start_server(o);
+    let server = start_server(o, 0, &[]);
     let pid = server.child.id();
     let tokens = Arc::new(tokens(&server, o.conns, o.users));
     std::thread::sleep(Duration::from_millis(500));
@@ -546,7 +650,7 @@ fn scenario_idle(o: &Opts) {
 }
 
 fn scenario_connect(o: &Opts) {
-    let server = start_server(o);
+    let server = start_server(o, 0, &[]);
     let tokens = Arc::new(tokens(&server, o.conns, o.users));
     let next = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -671,9 +775,11 @@ fn report_fanout(
 }
 
 fn scenario_fanout(o: &Opts) {
-    let server = start_server(o);
+    let servers = start_servers(o);
+    let server = &servers[0];
+    let addrs: Arc<Vec<SocketAddr>> = Arc::new(servers.iter().map(|s| s.addr).collect());
     let total = o.rooms * o.room_size;
-    let tokens = Arc::new(tokens(&server, total, o.users));
+    let tokens = Arc::new(tokens(server, total, o.users));
     if let Some(permission) = &o.permission {
         for room in 0..o.rooms {
             let body =
@@ -693,7 +799,7 @@ fn scenario_fanout(o: &Opts) {
     let stop = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = (0..o.threads)
         .map(|t| {
-            let (tokens, ready, measuring, stop, o, addr) = (tokens.clone(), ready.clone(), measuring.clone(), stop.clone(), o.clone(), server.addr);
+            let (tokens, ready, measuring, stop, o, addrs) = (tokens.clone(), ready.clone(), measuring.clone(), stop.clone(), o.clone(), addrs.clone());
             std::thread::spawn(move || {
                 let tally = Rc::new(RefCell::new(Tally::default()));
                 let tally2 = tally.clone();
@@ -701,6 +807,7 @@ fn scenario_fanout(o: &Opts) {
                     let mut tasks = Vec::new();
                     for i in (t..o.rooms * o.room_size).step_by(o.threads) {
                         let (room, member) = (i / o.room_size, i % o.room_size);
+                        let addr = addrs[i % addrs.len()];
                         let (mut stream, mut reader) = open(addr, i, &tokens[i], protocol_name(&o)).await.unwrap();
                         let join = encode(&o, &format!(r#"{{"op":"join","id":1,"room":"r{room}"}}"#));
                         let (res, _) = stream.write_all(join).await;
@@ -785,23 +892,61 @@ fn scenario_fanout(o: &Opts) {
     // Publishers start when their connection is up; measure a steady window after a warm-up.
     std::thread::sleep(Duration::from_secs(1));
     let storm = storm.map(|s| s.run(o.duration));
-    let server_pid = server.child.id().to_string();
-    let cpu_before = (cpu_ticks(&server_pid), cpu_ticks("self"));
+    let pids: Vec<String> = servers.iter().map(|s| s.child.id().to_string()).collect();
+    let servers_ticks = || pids.iter().map(|p| cpu_ticks(p)).sum::<u64>();
+    let publishes = || {
+        servers
+            .iter()
+            .map(|s| server_counter(s.addr, "ringhub_messages_in_total{op=\"publish\"} "))
+            .sum::<f64>()
+    };
+    let redis_commands = || {
+        servers
+            .iter()
+            .map(|s| server_counter(s.addr, "ringhub_redis_commands_total "))
+            .sum::<f64>()
+    };
+    let cpu_before = (servers_ticks(), cpu_ticks("self"));
+    let redis_before = on_redis(o).then(|| (redis_cpu_ms(o), publishes(), redis_commands()));
     measuring.store(true, Ordering::Relaxed);
     let window = Instant::now();
     std::thread::sleep(Duration::from_secs(o.duration));
     measuring.store(false, Ordering::Relaxed);
     let secs = window.elapsed().as_secs_f64();
     let cpu = WindowCpu {
-        server_ticks: cpu_ticks(&server_pid) - cpu_before.0,
+        server_ticks: servers_ticks() - cpu_before.0,
         client_ticks: cpu_ticks("self") - cpu_before.1,
     };
     let mut counters = server_counters(server.addr);
+    if let Some((cpu0, pub0, cmd0)) = redis_before {
+        let published = (publishes() - pub0).max(1.0);
+        let commands = redis_commands() - cmd0;
+        let pipelines: f64 = servers
+            .iter()
+            .map(|s| server_counter(s.addr, "ringhub_redis_pipeline_size_count "))
+            .sum();
+        let piped: f64 = servers
+            .iter()
+            .map(|s| server_counter(s.addr, "ringhub_redis_pipeline_size_sum "))
+            .sum();
+        counters.push_str(&format!(
+            ",\"nodes\":{},\"redis_commands_per_publish\":{:.2},\"redis_pipeline_mean\":{:.1}",
+            servers.len(),
+            commands / published,
+            piped / pipelines.max(1.0)
+        ));
+        if let (Some(before), Some(after)) = (cpu0, redis_cpu_ms(o)) {
+            counters.push_str(&format!(
+                ",\"redis_cpu_ms_per_1000_publishes\":{:.2}",
+                (after - before) * 1000.0 / published
+            ));
+        }
+    }
     if let Some(storm) = storm {
         counters.push_str(&storm.finish());
     }
     stop.store(true, Ordering::Relaxed);
-    drop(server);
+    drop(servers);
     let tallies: Vec<Tally> = handles
         .into_iter()
         .map(|h| h.join().unwrap_or_default())

@@ -121,8 +121,13 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
 /// With Redis configured but unreachable: `room` goes on in this shard alone, under an epoch of
 /// its own (SPEC §10 "Redis unreachable").
 fn go_local(shard: &Rc<Shard>, room: &RoomId) {
-    if shard.broker.is_some() {
-        shard.rooms.borrow_mut().go_local(room);
+    if shard.broker.is_some() && shard.rooms.borrow_mut().go_local(room) {
+        shard
+            .shared
+            .metrics
+            .redis
+            .local_fallbacks
+            .fetch_add(1, Ordering::Relaxed);
     }
 }
 

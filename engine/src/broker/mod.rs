@@ -123,7 +123,10 @@ pub(crate) fn join(shard: &Rc<Shard>, msg: JoinMsg) {
 
 /// Joins counted here alone (Redis unreachable): the room goes on under a local epoch.
 fn local_join(shard: &Rc<Shard>, msg: JoinMsg) {
-    shard.rooms.borrow_mut().go_local(&msg.room);
+    if shard.rooms.borrow_mut().go_local(&msg.room) {
+        let metrics = &shard.shared.metrics.redis;
+        metrics.local_fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
     let answer = join_locally(shard, &msg);
     answer_join(shard, msg, answer);
 }
@@ -793,8 +796,9 @@ impl LinkEvents<()> for SubscriberEvents {
     fn reply(&mut self, (): (), _reply: Result<redis::Value, RedisError>) {}
 
     fn push(&mut self, value: redis::Value) {
+        // What this made the shard send itself is handled by its dispatcher, which the outbox
+        // wakes.
         on_push(&self.0, &value);
-        crate::router::pump(&self.0);
     }
 
     fn up(&mut self) {
@@ -915,7 +919,6 @@ fn fail(shard: &Rc<Shard>, handler: Pending) {
             );
         }
     }
-    crate::router::pump(shard);
 }
 
 fn on_reply(shard: &Rc<Shard>, handler: Pending, reply: Result<redis::Value, RedisError>) {
@@ -997,7 +1000,6 @@ fn on_reply(shard: &Rc<Shard>, handler: Pending, reply: Result<redis::Value, Red
             );
         }
     }
-    crate::router::pump(shard);
 }
 
 /// `user, conns, name` triples as presence entries, sorted by user.

@@ -500,13 +500,20 @@ impl RoomCore {
 
     /// With a shared broker: the broker is unreachable, so `room` goes on locally under an epoch
     /// of this process (a later resume across the gap answers `false`).
-    pub(crate) fn go_local(&mut self, room: &RoomId) {
-        let epoch = self.new_epoch();
-        if let Some(home) = self.rooms.get_mut(room)
-            && home.shared_epoch.take().is_some()
-        {
-            home.epoch = epoch;
+    /// True when the room switched now (it was following the broker).
+    pub(crate) fn go_local(&mut self, room: &RoomId) -> bool {
+        let following = self
+            .rooms
+            .get(room)
+            .is_some_and(|h| h.shared_epoch.is_some());
+        if following {
+            let epoch = self.new_epoch();
+            if let Some(home) = self.rooms.get_mut(room) {
+                home.shared_epoch = None;
+                home.epoch = epoch;
+            }
         }
+        following
     }
 
     /// The connections held here in `room`.
