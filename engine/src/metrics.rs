@@ -157,6 +157,8 @@ pub struct RedisMetrics {
     pub gaps: AtomicU64,
     /// Rooms gone on locally (a new epoch) because Redis was unreachable.
     pub local_fallbacks: AtomicU64,
+    /// Nodes whose lease was live at the last look (this one included).
+    pub nodes: AtomicI64,
 }
 
 impl RedisMetrics {
@@ -172,6 +174,7 @@ impl RedisMetrics {
             ]),
             gaps: AtomicU64::new(0),
             local_fallbacks: AtomicU64::new(0),
+            nodes: AtomicI64::new(0),
         }
     }
 
@@ -188,6 +191,11 @@ impl RedisMetrics {
             out,
             "# TYPE ringhub_redis_up gauge\nringhub_redis_up {}",
             u8::from(self.up())
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE ringhub_nodes gauge\nringhub_nodes {}",
+            self.nodes.load(Ordering::Relaxed)
         );
         for (name, counter) in [
             ("ringhub_redis_commands_total", &self.commands),

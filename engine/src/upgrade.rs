@@ -209,7 +209,16 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) 
                 .state
                 .admit(ip, &identity.user_id, &identity.username, conn_id)
             {
-                Ok(replaced) => replaced,
+                Ok(replaced) => {
+                    if !admitted_across_nodes(&shard, &identity.user_id, conn_id).await {
+                        shard.shared.state.release(ip, &identity.user_id, conn_id);
+                        let r = cap_refusal(CapRefusal::TooManyForUser);
+                        metrics.connect(r.metric);
+                        respond_refusal(stream, &r, &request_id, &[]).await;
+                        return;
+                    }
+                    replaced
+                }
                 Err(refused) => {
                     let r = cap_refusal(refused);
                     metrics.connect(r.metric);
@@ -264,6 +273,19 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) 
                 &connected.identity.username,
                 conn_id,
             ) {
+                Ok(replaced)
+                    if !admitted_across_nodes(&shard, &connected.identity.user_id, conn_id)
+                        .await =>
+                {
+                    let _ = replaced;
+                    shard
+                        .shared
+                        .state
+                        .release(ip, &connected.identity.user_id, conn_id);
+                    let refused = cap_refusal(CapRefusal::TooManyForUser);
+                    metrics.connect(refused.metric);
+                    refuse_socketio(&stream, refused.message).await;
+                }
                 Ok(replaced) => {
                     let accepted = crate::session::Accepted {
                         stream,
@@ -284,6 +306,19 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) 
             }
         }
     }
+}
+
+/// With Redis: whether the user's connection cap over every node admits this connection (a
+/// replaced connection elsewhere is closed by its node). Without Redis, or when Redis does not
+/// answer, the node's own count (already taken) decides.
+async fn admitted_across_nodes(shard: &Rc<Shard>, user: &str, conn: crate::conn::ConnId) -> bool {
+    if !crate::broker::is_up(shard) {
+        return true;
+    }
+    !matches!(
+        crate::broker::admit_user(shard, user, conn).await,
+        crate::broker::Admission::Refused
+    )
 }
 
 fn cap_refusal(refused: CapRefusal) -> Refusal {

@@ -466,3 +466,53 @@ fn redis_down_keeps_local_delivery_and_recovers() {
     b.set_timeout(Duration::from_secs(10));
     assert!(presence(&mut b, "live").len() >= 2);
 }
+
+/// `max_connections_per_user` counts every node: under `close_oldest` the oldest connection is
+/// closed with 4509 on whichever node holds it; under `reject_new` a connection past the cap is
+/// refused on any node.
+#[test]
+fn connection_caps_count_every_node() {
+    let nodes = start_nodes(
+        "caps",
+        2,
+        &shared_redis_url(),
+        &["--max-connections-per-user", "2"],
+    );
+    eventually("both nodes registered", Duration::from_secs(5), || {
+        nodes[0]
+            .http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .1
+            .contains("ringhub_nodes 2")
+    });
+    let mut first = connect(&nodes[0], "carol");
+    let _second = connect(&nodes[1], "carol");
+    let _third = connect(&nodes[1], "carol");
+    // The oldest, on the other node, is closed as replaced.
+    assert_eq!(first.ended(), Ended::Closed(4509));
+
+    let strict = start_nodes(
+        "capsreject",
+        2,
+        &shared_redis_url(),
+        &[
+            "--max-connections-per-user",
+            "1",
+            "--session-conflict",
+            "reject_new",
+        ],
+    );
+    let mut only = connect(&strict[0], "dave");
+    let Err(error) = strict[1].try_connect(&strict[1].token("dave"), None, &[]) else {
+        panic!("a connection past the cap was accepted");
+    };
+    assert!(error.contains("409"), "{error}");
+    let id = only.request("ping", &[]);
+    only.expect("pong", Some(id));
+    drop(only);
+    // Its release frees the slot on every node.
+    eventually("the slot is free again", Duration::from_secs(5), || {
+        strict[1]
+            .try_connect(&strict[1].token("dave"), None, &[])
+            .is_ok()
+    });
+}

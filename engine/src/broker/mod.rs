@@ -505,6 +505,130 @@ pub(crate) fn drop_room(shard: &Rc<Shard>, room: &RoomId, done: &Arc<crate::room
     }
 }
 
+/// The node registry: node → lease deadline.
+fn registry_key(broker: &Broker) -> String {
+    format!("{}:nodes", broker.settings.prefix)
+}
+
+/// A node's control channel.
+fn node_channel(prefix: &str, node: &str) -> String {
+    format!("{prefix}:node:{node}")
+}
+
+/// The key of a user's connections on every node (hash-tagged by the user).
+fn user_key(broker: &Broker, user: &str) -> String {
+    format!("{}:{{u:{user}}}:conns", broker.settings.prefix)
+}
+
+/// Renews this node's lease in the registry and counts the live nodes.
+fn register(shard: &Shard, broker: &Broker) {
+    let mut cmd = scripts::REGISTER.call(&[&registry_key(broker)]);
+    cmd.arg(&broker.settings.node_id)
+        .arg(now_ms())
+        .arg(broker.lease_ms());
+    let _ = broker.commands.send(&cmd, Pending::Nodes);
+    let _ = shard;
+}
+
+/// What the connection cap across nodes answered an upgrade.
+pub(crate) enum Admission {
+    /// Counted (under `close_oldest`, the oldest connection was told to close, wherever it is).
+    Admitted,
+    /// At `max_connections_per_user` under `reject_new`.
+    Refused,
+    /// Redis did not answer: the node's own count decided.
+    Unanswered,
+}
+
+/// Counts a new connection of `user` in Redis against `max_connections_per_user` over every node
+/// (SPEC §10 point 4); under `close_oldest` the oldest connection is closed with 4509 wherever it
+/// is. Awaited by the upgrade (never by a shard's message handling).
+pub(crate) async fn admit_user(shard: &Rc<Shard>, user: &str, conn: ConnId) -> Admission {
+    let Some(broker) = broker(shard).filter(|b| b.is_up()) else {
+        return Admission::Unanswered;
+    };
+    let cfg = &shard.shared.config;
+    let policy = match cfg.session_conflict {
+        crate::config::ConflictPolicy::CloseOldest => "close",
+        crate::config::ConflictPolicy::RejectNew => "reject",
+    };
+    let member = format!("{}|{conn}", broker.settings.node_id);
+    let mut cmd = scripts::ADMIT.call(&[&user_key(broker, user), &registry_key(broker)]);
+    cmd.arg(&member)
+        .arg(now_ms())
+        .arg(cfg.max_connections_per_user)
+        .arg(policy)
+        .arg(7 * 24 * 3600 * 1000u64);
+    let slot = Rc::new(state::Awaited::default());
+    if broker
+        .commands
+        .send(&cmd, Pending::Wake(slot.clone()))
+        .is_err()
+    {
+        return Admission::Unanswered;
+    }
+    let Some(value) = state::Reply(slot).await else {
+        return Admission::Unanswered;
+    };
+    let parts = items(&value);
+    if parts.first().and_then(int) != Some(1) {
+        return Admission::Refused;
+    }
+    if let Some(oldest) = parts.get(1).and_then(bytes) {
+        close_member(shard, oldest);
+    }
+    Admission::Admitted
+}
+
+/// Closes the connection `node|conn` with 4509: here, or through its node's channel.
+fn close_member(shard: &Rc<Shard>, member: &[u8]) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let Some((node, conn)) = std::str::from_utf8(member)
+        .ok()
+        .and_then(|m| m.rsplit_once('|'))
+    else {
+        return;
+    };
+    let Ok(conn) = conn.parse::<ConnId>() else {
+        return;
+    };
+    if node == broker.settings.node_id {
+        shard.dispatch(
+            crate::conn::shard_of(conn),
+            crate::msg::ConnMsg::Close {
+                conn,
+                code: protocol::CloseCode::SESSION_REPLACED,
+            },
+        );
+        return;
+    }
+    let mut cmd = redis::cmd("PUBLISH");
+    cmd.arg(node_channel(&broker.settings.prefix, node))
+        .arg(format!(
+            "c|{conn}|{}",
+            protocol::CloseCode::SESSION_REPLACED.0
+        ));
+    let _ = broker.commands.send(&cmd, Pending::Ignore);
+}
+
+/// A connection of `user` ended: it no longer counts against the cap on any node (once Redis is
+/// reachable again, if it is not now).
+pub(crate) fn release_user(shard: &Shard, user: &Arc<str>, conn: ConnId) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    if !broker.is_up() {
+        broker.unreleased.borrow_mut().push((user.clone(), conn));
+        return;
+    }
+    let mut cmd = redis::cmd("ZREM");
+    cmd.arg(user_key(broker, user))
+        .arg(format!("{}|{conn}", broker.settings.node_id));
+    let _ = broker.commands.send(&cmd, Pending::Ignore);
+}
+
 /// The key of a resumable session (hash-tagged by itself).
 fn session_key(broker: &Broker, session: &str) -> String {
     format!("{}:{{s:{session}}}", broker.settings.prefix)
@@ -567,6 +691,9 @@ pub(crate) fn upkeep(shard: &Rc<Shard>) {
         return;
     }
     broker.last_touch_ms.set(now);
+    if shard.id == 0 {
+        register(shard, broker);
+    }
     let rooms: Vec<RoomId> = broker
         .channels
         .borrow()
@@ -597,6 +724,10 @@ fn on_push(shard: &Rc<Shard>, value: &redis::Value) {
         return;
     };
     if let Some((channel, payload)) = message(value) {
+        if channel == node_channel(&broker.settings.prefix, &broker.settings.node_id).as_bytes() {
+            on_node_message(shard, payload);
+            return;
+        }
         let Some(room) = keys::room_of_channel(&broker.settings.prefix, channel)
             .and_then(|r| RoomId::parse(r).ok())
         else {
@@ -623,6 +754,23 @@ fn on_push(shard: &Rc<Shard>, value: &redis::Value) {
         for msg in waiting {
             ask_join(shard, msg);
         }
+    }
+}
+
+/// A message to this node: `c|conn|code` closes one of its connections.
+fn on_node_message(shard: &Rc<Shard>, payload: &[u8]) {
+    let text = String::from_utf8_lossy(payload);
+    let mut fields = text.split('|');
+    if let (Some("c"), Some(conn), Some(code)) = (fields.next(), fields.next(), fields.next())
+        && let (Ok(conn), Ok(code)) = (conn.parse::<ConnId>(), code.parse::<u16>())
+    {
+        shard.dispatch(
+            crate::conn::shard_of(conn),
+            crate::msg::ConnMsg::Close {
+                conn,
+                code: protocol::CloseCode(code),
+            },
+        );
     }
 }
 
@@ -768,6 +916,13 @@ impl LinkEvents<Pending> for CommandEvents {
     fn up(&mut self) {
         let metrics = &self.0.shared.metrics.redis;
         metrics.links_up.fetch_add(1, Ordering::Relaxed);
+        if let Some(broker) = broker(&self.0) {
+            register(&self.0, broker);
+            let unreleased = std::mem::take(&mut *broker.unreleased.borrow_mut());
+            for (user, conn) in unreleased {
+                release_user(&self.0, &user, conn);
+            }
+        }
         announce(&self.0);
     }
 
@@ -835,12 +990,18 @@ fn resubscribe(shard: &Rc<Shard>) {
     let Some(broker) = broker(shard) else {
         return;
     };
-    let names: Vec<String> = broker
+    let mut names: Vec<String> = broker
         .channels
         .borrow()
         .keys()
         .map(|room| keys::channel(&broker.settings.prefix, room))
         .collect();
+    if shard.id == 0 {
+        names.push(node_channel(
+            &broker.settings.prefix,
+            &broker.settings.node_id,
+        ));
+    }
     for batch in names.chunks(SUBSCRIBE_BATCH) {
         let mut cmd = redis::cmd("SUBSCRIBE");
         for name in batch {
@@ -910,6 +1071,8 @@ fn fail(shard: &Rc<Shard>, handler: Pending) {
                 message: "redis is unreachable",
             },
         ),
+        Pending::Wake(slot) => slot.set(None),
+        Pending::Nodes => {}
         Pending::Dropped(done) => done.tick(),
         Pending::Resume(check, _) => {
             let conn = check.conn;
@@ -989,6 +1152,13 @@ fn on_reply(shard: &Rc<Shard>, handler: Pending, reply: Result<redis::Value, Red
                     epoch,
                 },
             );
+        }
+        Pending::Wake(slot) => slot.set(Some(value)),
+        Pending::Nodes => {
+            if let Some(live) = int(&value) {
+                let metrics = &shard.shared.metrics.redis;
+                metrics.nodes.store(live, Ordering::Relaxed);
+            }
         }
         Pending::Dropped(done) => done.tick(),
         Pending::Resume(mut check, user) => {

@@ -4,6 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -52,6 +53,44 @@ pub(crate) enum Pending {
     Dropped(Arc<Countdown>),
     /// A resumable session looked up (and taken) in Redis for this user.
     Resume(Box<crate::msg::ResumeCheck>, Arc<str>),
+    /// A reply a task waits for (an upgrade asking the connection cap).
+    Wake(Rc<Awaited>),
+    /// The count of live nodes.
+    Nodes,
+}
+
+/// A reply a task awaits.
+#[derive(Default)]
+pub(crate) struct Awaited {
+    value: RefCell<Option<Option<redis::Value>>>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl Awaited {
+    /// The reply (`None`: no reply will come, or an error reply).
+    pub(crate) fn set(&self, value: Option<redis::Value>) {
+        *self.value.borrow_mut() = Some(value);
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+}
+
+/// Resolves with an [`Awaited`] reply.
+pub(crate) struct Reply(pub(crate) Rc<Awaited>);
+
+impl Future for Reply {
+    type Output = Option<redis::Value>;
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if let Some(value) = self.0.value.borrow_mut().take() {
+            return std::task::Poll::Ready(value);
+        }
+        *self.0.waker.borrow_mut() = Some(cx.waker().clone());
+        std::task::Poll::Pending
+    }
 }
 
 /// A join whose Redis answer names messages this node has not delivered yet: it completes once
@@ -97,6 +136,9 @@ pub(crate) struct Broker {
     shard: usize,
     /// When this shard last renewed its leases (monotonic ms).
     pub(crate) last_touch_ms: Cell<u32>,
+    /// Connections that ended while Redis was unreachable: taken out of the user caps in Redis
+    /// once it is back.
+    pub(crate) unreleased: RefCell<Vec<(Arc<str>, ConnId)>>,
 }
 
 impl Broker {
@@ -109,6 +151,7 @@ impl Broker {
             next_epoch: Cell::new(0),
             shard,
             last_touch_ms: Cell::new(0),
+            unreleased: RefCell::new(Vec::new()),
         }
     }
 

@@ -286,7 +286,47 @@ return here
 "
 );
 
+/// Counts a new connection of a user across nodes (SPEC §10 point 4): connections of dead nodes
+/// (no live lease in the node registry) are dropped first; at `max_connections_per_user` the
+/// oldest is given up (`close_oldest`, answered so that its node closes it with 4509) or the new
+/// one refused (`reject_new`). KEYS: the user's connections (a sorted set of `node|conn` by
+/// connect time), the node registry. ARGV: [1] `node|conn`, [2] now ms, [3] max, [4] `close` or
+/// `reject`, [5] the set's ttl ms. Returns `{1}`, `{1, oldest}` or `{0}` (refused).
+///
+/// The registry is not in the user's slot: this script is for one Redis server (Redis Cluster is
+/// not built).
+pub(crate) static ADMIT: Script = Script::new(
+    r"
+local now = tonumber(ARGV[2])
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local node = string.match(member, '^(.*)|[^|]*$')
+  local lease = node and redis.call('ZSCORE', KEYS[2], node)
+  if (not lease) or tonumber(lease) < now then redis.call('ZREM', KEYS[1], member) end
+end
+local oldest = nil
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  if ARGV[4] ~= 'close' then return {0} end
+  oldest = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+  redis.call('ZREM', KEYS[1], oldest)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if oldest then return {1, oldest} end
+return {1}
+",
+);
+
+/// Renews this node's lease in the node registry, forgets dead nodes, counts the live ones.
+/// KEYS: the registry. ARGV: [1] node, [2] now ms, [3] lease ms. Returns the live nodes.
+pub(crate) static REGISTER: Script = Script::new(
+    r"
+redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2])
+return redis.call('ZCARD', KEYS[1])
+",
+);
+
 /// Every script, loaded on each command connection.
-pub(crate) static ALL: [&Script; 7] = [
-    &PUBLISH, &JOIN, &LEAVE, &PRESENCE, &TOUCH, &HISTORY, &ANNOUNCE,
+pub(crate) static ALL: [&Script; 9] = [
+    &PUBLISH, &JOIN, &LEAVE, &PRESENCE, &TOUCH, &HISTORY, &ANNOUNCE, &ADMIT, &REGISTER,
 ];

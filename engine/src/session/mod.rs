@@ -300,6 +300,7 @@ pub(crate) fn cleanup(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         .shared
         .state
         .release(conn.ip, &conn.user_id(), conn.id);
+    crate::broker::release_user(shard, &conn.user_id(), conn.id);
     let rooms: Vec<RoomId> = conn.rooms.borrow().iter().map(|(r, _)| r.clone()).collect();
     for room in &rooms {
         if abnormal {

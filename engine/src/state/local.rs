@@ -309,7 +309,10 @@ impl Counters for InProcess {
         let mut users = lock(&self.users[stripe(&**user)]);
         let held = users.get(user).map_or(0, |e| e.conns().len());
         let mut replaced = None;
-        if held >= self.max_connections_per_user {
+        // While Redis is up the cap counts every node's connections there (see `broker`).
+        let redis = &self.ips.metrics.redis;
+        let counted_in_redis = redis.configured.load(Ordering::Relaxed) && redis.up();
+        if held >= self.max_connections_per_user && !counted_in_redis {
             match self.session_conflict {
                 ConflictPolicy::RejectNew => {
                     drop(users);
