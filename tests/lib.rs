@@ -629,6 +629,22 @@ impl OwnRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Sends one inline command and returns the first line of its reply.
+    pub fn command(&self, line: &str) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("redis answers");
+        stream
+            .write_all(format!("{line}\r\n").as_bytes())
+            .expect("write");
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut buf = [0u8; 512];
+        let n = stream.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     /// Kills it (SIGKILL).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

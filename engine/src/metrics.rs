@@ -153,8 +153,11 @@ pub struct RedisMetrics {
     pub pipeline_size: Histogram,
     /// Time from a command's write to its reply, in microseconds (sampled).
     pub round_trip_us: Histogram,
-    /// Messages that arrived after a gap in a room's `seq` (a subscription was lost meanwhile).
+    /// Messages of a room missed by a subscription (lost meanwhile) that its stream no longer
+    /// held: skipped.
     pub gaps: AtomicU64,
+    /// Messages missed by a subscription and read back from the room's stream.
+    pub repaired: AtomicU64,
     /// Rooms gone on locally (a new epoch) because Redis was unreachable.
     pub local_fallbacks: AtomicU64,
     /// Nodes whose lease was live at the last look (this one included).
@@ -173,6 +176,7 @@ impl RedisMetrics {
                 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000,
             ]),
             gaps: AtomicU64::new(0),
+            repaired: AtomicU64::new(0),
             local_fallbacks: AtomicU64::new(0),
             nodes: AtomicI64::new(0),
         }
@@ -200,6 +204,7 @@ impl RedisMetrics {
         for (name, counter) in [
             ("ringhub_redis_commands_total", &self.commands),
             ("ringhub_redis_gaps_total", &self.gaps),
+            ("ringhub_redis_repaired_total", &self.repaired),
             ("ringhub_redis_local_fallbacks_total", &self.local_fallbacks),
         ] {
             let _ = writeln!(

@@ -516,3 +516,49 @@ fn connection_caps_count_every_node() {
             .is_ok()
     });
 }
+
+/// A node's subscriber connections cut (Redis `CLIENT KILL TYPE pubsub`) while another node
+/// publishes: the messages published before the subscription came back are read from the room's
+/// stream and delivered in order before the next one, so the member misses nothing.
+#[test]
+fn a_lost_subscription_is_repaired_from_the_stream() {
+    let redis = OwnRedis::start();
+    let nodes = start_nodes(
+        "repair",
+        2,
+        &redis.url(),
+        &[
+            "--shards",
+            "1",
+            "--rate-limits.publish-per-connection",
+            "1000/1s",
+        ],
+    );
+    let mut publisher = connect(&nodes[0], "pia");
+    let mut member = connect(&nodes[1], "mo");
+    join(&mut publisher, "steady");
+    join(&mut member, "steady");
+    const TOTAL: u64 = 60;
+    let mut killed = String::new();
+    for k in 0..TOTAL {
+        if k == 10 {
+            killed = redis.command("CLIENT KILL TYPE pubsub");
+        }
+        let id = publisher.request("publish", &[("room", s("steady")), ("data", n(k))]);
+        publisher.expect("reply", Some(id));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(killed.starts_with(':'), "CLIENT KILL answered {killed}");
+    let mut seqs = Vec::new();
+    for k in 0..TOTAL {
+        let m = next_message(&mut member, "steady");
+        assert_eq!(m.get("data"), Some(&n(k)), "message {k} in order: {m:?}");
+        seqs.push(u64_of(&m, "seq"));
+    }
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let repaired = nodes[1]
+        .metric_sum("ringhub_redis_repaired_total")
+        .unwrap_or(0.0);
+    assert!(repaired >= 1.0, "the gap was filled from the stream");
+    assert_eq!(nodes[1].metric_sum("ringhub_redis_gaps_total"), Some(0.0));
+}

@@ -838,18 +838,36 @@ fn deliver(shard: &Rc<Shard>, room: &RoomId, seq: u64, epoch: &str, body: &[u8])
         let Some(channel) = channels.get_mut(room) else {
             return;
         };
+        if let Some(waiting) = channel.repairing.as_mut() {
+            // A gap is being filled from the stream: what arrives meanwhile waits behind it.
+            waiting.push((seq, Arc::from(epoch), body.to_vec()));
+            return;
+        }
         let same_epoch = channel.epoch.as_deref() == Some(epoch);
         if same_epoch && seq <= channel.last_seq {
             // Already delivered (a resubscription may repeat).
             return;
         }
-        if same_epoch && channel.last_seq > 0 && seq > channel.last_seq + 1 {
-            shard
-                .shared
-                .metrics
-                .redis
-                .gaps
-                .fetch_add(1, Ordering::Relaxed);
+        if same_epoch && channel.last_seq > 0 && seq > channel.last_seq + 1 && broker.is_up() {
+            // Messages were missed (the subscription was lost for a while): read them from the
+            // room's stream, then this one.
+            let after = channel.last_seq;
+            channel.repairing = Some(vec![(seq, Arc::from(epoch), body.to_vec())]);
+            drop(channels);
+            let keys = RoomKeys::new(&broker.settings.prefix, room);
+            let mut cmd = scripts::HISTORY.call(&[&keys.meta, &keys.hist]);
+            cmd.arg(after)
+                .arg(seq - after - 1)
+                .arg(broker.new_epoch())
+                .arg(META_TTL_SECS);
+            let pending = Pending::Repair {
+                room: room.clone(),
+                upto: seq - 1,
+            };
+            if broker.commands.send(&cmd, pending).is_err() {
+                finish_repair(shard, room, &redis::Value::Nil, seq - 1);
+            }
+            return;
         }
         channel.last_seq = seq;
         if !same_epoch {
@@ -857,11 +875,16 @@ fn deliver(shard: &Rc<Shard>, room: &RoomId, seq: u64, epoch: &str, body: &[u8])
         }
         channel.epoch.clone().unwrap_or_else(|| Arc::from(epoch))
     };
+    deliver_now(shard, room, seq, &epoch, body);
+}
+
+/// Encodes a sequenced message for the members held here and hands it to their shards.
+fn deliver_now(shard: &Rc<Shard>, room: &RoomId, seq: u64, epoch: &Arc<str>, body: &[u8]) {
     if let Some(record) = decode_body(shard, room.clone(), seq, body) {
         let owner = online_owner(shard, room);
         let fanout = shard.rooms.borrow_mut().deliver_shared(
             &record,
-            &epoch,
+            epoch,
             owner.as_ref(),
             &mut shard.compressor.borrow_mut(),
         );
@@ -870,6 +893,72 @@ fn deliver(shard: &Rc<Shard>, room: &RoomId, seq: u64, epoch: &str, body: &[u8])
         }
     }
     release_held(shard, room);
+}
+
+/// The stream's answer for a gap of `room` (up to `upto`): the missed messages delivered in
+/// order, then what arrived meanwhile. What the stream no longer holds stays missed (counted in
+/// `ringhub_redis_gaps_total`; the recovered ones in `ringhub_redis_repaired_total`).
+fn finish_repair(shard: &Rc<Shard>, room: &RoomId, answer: &redis::Value, upto: u64) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let (after, epoch, waiting) = {
+        let mut channels = broker.channels.borrow_mut();
+        let Some(channel) = channels.get_mut(room) else {
+            return;
+        };
+        let waiting = channel.repairing.take().unwrap_or_default();
+        (channel.last_seq, channel.epoch.clone(), waiting)
+    };
+    let mut filled = after;
+    // The HISTORY script's answer: epoch, last seq, entries. Entries of another epoch (Redis
+    // restarted empty meanwhile) are not this gap's.
+    let (stream_epoch, entries) = match items(answer) {
+        [e, _, entries] => (bytes(e), items(entries)),
+        _ => (None, &[][..]),
+    };
+    if let Some(epoch) = epoch
+        .as_ref()
+        .filter(|e| stream_epoch == Some(e.as_bytes()))
+    {
+        for entry in entries {
+            let [id, fields] = items(entry) else {
+                continue;
+            };
+            let Some(seq) = bytes(id)
+                .and_then(|id| std::str::from_utf8(id).ok())
+                .and_then(|id| id.split('-').next())
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let Some(body) = items(fields).get(1).and_then(bytes) else {
+                continue;
+            };
+            if seq != filled + 1 || seq > upto {
+                continue;
+            }
+            filled = seq;
+            if let Some(channel) = broker.channels.borrow_mut().get_mut(room) {
+                channel.last_seq = seq;
+            }
+            deliver_now(shard, room, seq, epoch, body);
+        }
+    }
+    let metrics = &shard.shared.metrics.redis;
+    metrics
+        .repaired
+        .fetch_add(filled - after, Ordering::Relaxed);
+    if filled < upto {
+        metrics.gaps.fetch_add(upto - filled, Ordering::Relaxed);
+        if let Some(channel) = broker.channels.borrow_mut().get_mut(room) {
+            // What the stream lost is skipped: the rest follows.
+            channel.last_seq = upto;
+        }
+    }
+    for (seq, epoch, body) in waiting {
+        deliver(shard, room, seq, &epoch, &body);
+    }
 }
 
 /// Completes the held joins of `room` whose messages have now been delivered.
@@ -1073,6 +1162,7 @@ fn fail(shard: &Rc<Shard>, handler: Pending) {
         ),
         Pending::Wake(slot) => slot.set(None),
         Pending::Nodes => {}
+        Pending::Repair { room, upto } => finish_repair(shard, &room, &redis::Value::Nil, upto),
         Pending::Dropped(done) => done.tick(),
         Pending::Resume(check, _) => {
             let conn = check.conn;
@@ -1154,6 +1244,7 @@ fn on_reply(shard: &Rc<Shard>, handler: Pending, reply: Result<redis::Value, Red
             );
         }
         Pending::Wake(slot) => slot.set(Some(value)),
+        Pending::Repair { room, upto } => finish_repair(shard, &room, &value, upto),
         Pending::Nodes => {
             if let Some(live) = int(&value) {
                 let metrics = &shard.shared.metrics.redis;

@@ -57,6 +57,8 @@ pub(crate) enum Pending {
     Wake(Rc<Awaited>),
     /// The count of live nodes.
     Nodes,
+    /// The messages of a gap, read from the room's stream.
+    Repair { room: RoomId, upto: u64 },
 }
 
 /// A reply a task awaits.
@@ -123,7 +125,12 @@ pub(crate) struct Channel {
     pub(crate) in_flight: Vec<ConnId>,
     /// Of those, the ones that left meanwhile (counted out when the answer comes).
     pub(crate) cancelled: Vec<ConnId>,
+    /// A gap is being filled from the stream: the messages that arrived since, in order.
+    pub(crate) repairing: Option<Vec<Arrived>>,
 }
+
+/// A message that came on a room's channel: its `seq`, epoch and body.
+pub(crate) type Arrived = (u64, Arc<str>, Vec<u8>);
 
 /// A shard's part of the shared broker.
 pub(crate) struct Broker {
