@@ -688,6 +688,192 @@ impl OwnRedis {
     }
 }
 
+/// A Redis Cluster of a test's own: `masters` `redis-server --cluster-enabled yes` on free
+/// loopback ports (each with its bus port, +10000, free too), joined by
+/// `redis-cli --cluster create` with no replicas; killed when dropped.
+#[derive(Debug)]
+pub struct OwnCluster {
+    children: Vec<Child>,
+    /// The masters' ports.
+    pub ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+impl OwnCluster {
+    /// Starts one and waits until every node says `cluster_state:ok`.
+    pub fn start(name: &str, masters: usize) -> OwnCluster {
+        let dir = scratch_dir(&format!("cluster-{name}")).keep();
+        let mut ports = Vec::new();
+        let mut held = Vec::new();
+        while ports.len() < masters {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let port = probe.local_addr().expect("addr").port();
+            let bus_free =
+                port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok();
+            if bus_free && !ports.contains(&port) {
+                ports.push(port);
+            }
+            held.push(probe);
+        }
+        drop(held);
+        let mut cluster = OwnCluster {
+            children: Vec::new(),
+            ports: ports.clone(),
+            dir,
+        };
+        for port in &ports {
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &cluster
+                        .dir
+                        .join(format!("nodes-{port}.conf"))
+                        .display()
+                        .to_string(),
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--dir",
+                    &cluster.dir.display().to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed");
+            cluster.children.push(child);
+        }
+        for port in &ports {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while cluster.cli(*port, &["PING"]).trim() != "PONG" {
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server on {port} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in &ports {
+            while !cluster
+                .cli(*port, &["CLUSTER", "INFO"])
+                .contains("cluster_state:ok")
+            {
+                assert!(Instant::now() < deadline, "the cluster did not become ok");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        cluster
+    }
+
+    /// `redis_url` for the cluster: every master as a seed.
+    pub fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Runs `redis-cli -p port args…` and returns what it printed.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli must be installed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The port of the master serving `key`'s slot, and the slot.
+    pub fn owner_of(&self, key: &str) -> (u16, u16) {
+        let slot: u16 = self
+            .cli(self.ports[0], &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("a slot");
+        let nodes = self.cli(self.ports[0], &["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") {
+                continue;
+            }
+            let port: u16 = fields[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .expect("a port");
+            for range in &fields[8..] {
+                let (start, end) = match range.split_once('-') {
+                    Some((a, b)) => (a.parse().unwrap_or(u16::MAX), b.parse().unwrap_or(0)),
+                    None => {
+                        let one = range.parse().unwrap_or(u16::MAX);
+                        (one, one)
+                    }
+                };
+                if (start..=end).contains(&slot) {
+                    return (port, slot);
+                }
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+
+    /// Moves `slot`, with its keys, from the master on `from` to the one on `to` (the steps of
+    /// a resharding: importing, migrating, `MIGRATE` of each key, the new owner told to all).
+    pub fn move_slot(&self, slot: u16, from: u16, to: u16) {
+        let id = |port: u16| self.cli(port, &["CLUSTER", "MYID"]).trim().to_owned();
+        let (from_id, to_id) = (id(from), id(to));
+        let slot = slot.to_string();
+        self.cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+        self.cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+        let keys = self.cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "1000"]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if !keys.is_empty() {
+            let port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().copied());
+            let out = self.cli(from, &args);
+            assert!(out.contains("OK"), "MIGRATE: {out}");
+        }
+        for port in &self.ports {
+            self.cli(*port, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        }
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.stop();

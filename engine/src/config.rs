@@ -121,8 +121,11 @@ pub struct EngineConfig {
 /// How this node reaches Redis and names itself there.
 #[derive(Clone)]
 pub struct RedisSettings {
-    /// `host:port`.
-    pub addr: String,
+    /// `host:port` of the Redis server, or (cluster) of the seed nodes asked for the map of
+    /// slots.
+    pub seeds: Vec<String>,
+    /// A Redis Cluster: commands go to the master of their key's slot.
+    pub cluster: bool,
     /// ACL user (`None`: the default user).
     pub username: Option<String>,
     /// Password (never logged).
@@ -140,7 +143,8 @@ pub struct RedisSettings {
 impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
-            .field("addr", &self.addr)
+            .field("seeds", &self.seeds)
+            .field("cluster", &self.cluster)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("db", &self.db)

@@ -106,10 +106,16 @@ pub fn start(
     for _ in 1..shards {
         listeners.push(bind(local_addr)?);
     }
-    if config.redis.is_some() {
+    if let Some(settings) = &config.redis {
         let redis = &metrics.redis;
         redis.configured.store(true, Ordering::Relaxed);
-        let links = i64::try_from(shards * 2).unwrap_or(i64::MAX);
+        // Two connections per master per shard; a cluster's are counted again once its map of
+        // slots is read.
+        let links = i64::try_from(shards * 2 * settings.seeds.len()).unwrap_or(i64::MAX);
+        if settings.cluster {
+            let missing = i64::try_from(shards).unwrap_or(i64::MAX);
+            redis.maps_missing.store(missing, Ordering::Relaxed);
+        }
         redis.links_expected.store(links, Ordering::Relaxed);
     }
     let shared = Arc::new(Shared::new(config, auth, routes, policy, metrics));

@@ -158,10 +158,14 @@ pub struct RedisMetrics {
     pub gaps: AtomicU64,
     /// Messages missed by a subscription and read back from the room's stream.
     pub repaired: AtomicU64,
+    /// Redis Cluster: commands and subscriptions sent again where a `MOVED` or `ASK` pointed.
+    pub redirects: AtomicU64,
     /// Rooms gone on locally (a new epoch) because Redis was unreachable.
     pub local_fallbacks: AtomicU64,
     /// Nodes whose lease was live at the last look (this one included).
     pub nodes: AtomicI64,
+    /// Redis Cluster: shards that do not know a master for every slot yet.
+    pub maps_missing: AtomicI64,
 }
 
 impl RedisMetrics {
@@ -177,14 +181,18 @@ impl RedisMetrics {
             ]),
             gaps: AtomicU64::new(0),
             repaired: AtomicU64::new(0),
+            redirects: AtomicU64::new(0),
             local_fallbacks: AtomicU64::new(0),
             nodes: AtomicI64::new(0),
+            maps_missing: AtomicI64::new(0),
         }
     }
 
-    /// Whether every Redis connection of the node is up.
+    /// Whether every Redis connection of the node is up (and, with a cluster, every shard
+    /// knows where each slot is served).
     pub fn up(&self) -> bool {
         self.links_up.load(Ordering::Relaxed) >= self.links_expected.load(Ordering::Relaxed)
+            && self.maps_missing.load(Ordering::Relaxed) <= 0
     }
 
     fn render(&self, out: &mut String) {
@@ -205,6 +213,7 @@ impl RedisMetrics {
             ("ringhub_redis_commands_total", &self.commands),
             ("ringhub_redis_gaps_total", &self.gaps),
             ("ringhub_redis_repaired_total", &self.repaired),
+            ("ringhub_redis_redirects_total", &self.redirects),
             ("ringhub_redis_local_fallbacks_total", &self.local_fallbacks),
         ] {
             let _ = writeln!(

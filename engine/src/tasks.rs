@@ -150,20 +150,7 @@ pub(crate) async fn shard_main(shard: Rc<Shard>, listener: monoio::net::TcpListe
     monoio::spawn(reader(shard.clone()));
     monoio::spawn(crate::writer::flusher(shard.writer.clone()));
     monoio::spawn(crate::writer::deferred_flusher(shard.writer.clone()));
-    if let Some(broker) = &shard.broker {
-        monoio::spawn(crate::redis::link::drive(
-            broker.commands.clone(),
-            broker.settings.clone(),
-            &crate::redis::scripts::ALL,
-            crate::broker::CommandEvents(shard.clone()),
-        ));
-        monoio::spawn(crate::redis::link::drive(
-            broker.subscriber.clone(),
-            broker.settings.clone(),
-            &[],
-            crate::broker::SubscriberEvents(shard.clone()),
-        ));
-    }
+    crate::broker::start(&shard);
     loop {
         let stopped = StopSignal(shard.clone());
         monoio::select! {

@@ -117,13 +117,6 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
     if !config.transparent_huge_pages {
         engine::disable_transparent_huge_pages();
     }
-    if config.raw.redis_cluster {
-        // A configured key is never ignored: a cluster's slots are not followed yet.
-        return Err(ServeError::NotBuilt {
-            key: "redis_cluster",
-            why: "Redis Cluster is not built yet; point redis_url at one Redis server",
-        });
-    }
     if let Some(redis) = &config.engine.redis {
         // SPEC §10: a configured Redis that cannot be reached at start is an error.
         engine::check_redis(redis).map_err(ServeError::Redis)?;
@@ -236,7 +229,13 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
         addr = %engine.local_addr(),
         shards = config.engine.shards,
         node_id = %config.node_id,
-        redis = config.engine.redis.as_ref().map_or("none", |r| r.addr.as_str()),
+        redis = %config.engine.redis.as_ref().map_or_else(
+            || "none".to_owned(),
+            |r| {
+                let seeds = r.seeds.join(",");
+                if r.cluster { format!("cluster {seeds}") } else { seeds }
+            }
+        ),
         driver = engine.driver(),
         storage = store.kind(),
         revocations_loaded = loaded,

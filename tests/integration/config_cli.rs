@@ -348,7 +348,7 @@ fn redis_settings_are_checked_and_an_unreachable_redis_stops_serve() {
         ),
         (
             vec!["--redis-url", "redis://127.0.0.1:6379", "--redis-cluster"],
-            "redis_cluster".to_owned(),
+            "is not a Redis Cluster node, but redis_cluster = true".to_owned(),
         ),
     ] {
         let mut child = std::process::Command::new(ringhub_tests::ringhub_bin())

@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use protocol::envelope::Value;
-use ringhub_tests::{Client, Ended, OwnRedis, Server, n, obj, s, shared_redis_url, start_nodes};
+use ringhub_tests::{
+    Client, Ended, OwnCluster, OwnRedis, Server, n, obj, s, shared_redis_url, start_nodes,
+};
 
 fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key)
@@ -73,11 +75,17 @@ fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 #[test]
 fn fan_out_and_order_are_the_same_on_every_node() {
     let nodes = start_nodes("order", 2, &shared_redis_url(), &["--shards", "2"]);
+    fan_out_and_order(&nodes, "order");
+}
+
+/// Three members per node and one publisher per node in `room`; each publisher sends 30 messages
+/// at once; every member sees them all, in one order, with consecutive `seq`s.
+fn fan_out_and_order(nodes: &[Server], room: &str) {
     let mut members: Vec<Client> = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         for j in 0..3 {
             let mut c = connect(node, &format!("m{i}{j}"));
-            join(&mut c, "order");
+            join(&mut c, room);
             members.push(c);
         }
     }
@@ -87,7 +95,7 @@ fn fan_out_and_order_are_the_same_on_every_node() {
         .enumerate()
         .map(|(i, node)| {
             let mut p = connect(node, &format!("pub{i}"));
-            join(&mut p, "order");
+            join(&mut p, room);
             p
         })
         .collect();
@@ -95,12 +103,13 @@ fn fan_out_and_order_are_the_same_on_every_node() {
         .into_iter()
         .enumerate()
         .map(|(i, mut p)| {
+            let room = room.to_owned();
             std::thread::spawn(move || {
                 for k in 0..EACH {
                     p.send_value(
                         &obj(&[
                             ("op", s("publish")),
-                            ("room", s("order")),
+                            ("room", s(&room)),
                             ("data", obj(&[("node", n(i as u64)), ("k", n(k))])),
                         ]),
                         false,
@@ -117,8 +126,8 @@ fn fan_out_and_order_are_the_same_on_every_node() {
         .chain(publishers.into_iter().collect::<Vec<_>>().iter_mut())
     {
         let mut seen = Vec::new();
-        for _ in 0..2 * EACH {
-            let m = next_message(member, "order");
+        for _ in 0..nodes.len() as u64 * EACH {
+            let m = next_message(member, room);
             let data = m.get("data").unwrap();
             seen.push((u64_of(&m, "seq"), u64_of(data, "node"), u64_of(data, "k")));
         }
@@ -128,7 +137,7 @@ fn fan_out_and_order_are_the_same_on_every_node() {
             "consecutive seqs: {seqs:?}"
         );
         // Each publisher's messages in the order it sent them.
-        for node in 0..2 {
+        for node in 0..nodes.len() as u64 {
             let ks: Vec<u64> = seen.iter().filter(|t| t.1 == node).map(|t| t.2).collect();
             assert_eq!(ks, (0..EACH).collect::<Vec<_>>());
         }
@@ -561,4 +570,182 @@ fn a_lost_subscription_is_repaired_from_the_stream() {
         .unwrap_or(0.0);
     assert!(repaired >= 1.0, "the gap was filled from the stream");
     assert_eq!(nodes[1].metric_sum("ringhub_redis_gaps_total"), Some(0.0));
+}
+
+/// Waits until every node answers `/readyz` with 200 (its Redis connections are up and, on a
+/// cluster, every shard knows where each slot is served).
+fn wait_ready(nodes: &[Server]) {
+    eventually("every node ready", Duration::from_secs(15), || {
+        nodes
+            .iter()
+            .all(|n| n.http("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").0 == 200)
+    });
+}
+
+/// Rooms whose keys are served by each master of `cluster`, one per master.
+fn rooms_on_every_master(cluster: &OwnCluster) -> Vec<String> {
+    let mut rooms = Vec::new();
+    let mut owners = HashSet::new();
+    for i in 0..200 {
+        let room = format!("c{i}");
+        let (port, _) = cluster.owner_of(&format!("{{r:{room}}}"));
+        if owners.insert(port) {
+            rooms.push(room);
+        }
+        if owners.len() == cluster.ports.len() {
+            break;
+        }
+    }
+    assert_eq!(owners.len(), cluster.ports.len(), "rooms on every master");
+    rooms
+}
+
+/// Three nodes on a Redis Cluster of three masters act as one: fan-out and order in rooms
+/// served by each master; `history` and `presence` from another node; the connection cap over
+/// every node (its script runs in the user's slot; the live nodes come from the registry, in
+/// another slot).
+#[test]
+fn several_nodes_act_as_one_on_a_redis_cluster() {
+    let cluster = OwnCluster::start("act-as-one", 3);
+    let nodes = start_nodes(
+        "cluster",
+        3,
+        &cluster.url(),
+        &["--redis-cluster", "true", "--max-connections-per-user", "2"],
+    );
+    wait_ready(&nodes);
+    let metrics = nodes[0].http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").1;
+    assert!(metrics.contains("ringhub_redis_up 1"), "{metrics}");
+    let rooms = rooms_on_every_master(&cluster);
+    for room in &rooms {
+        fan_out_and_order(&nodes, room);
+    }
+    // History and presence of each room, asked on the third node by a newcomer.
+    let mut reader = connect(&nodes[2], "reader");
+    for room in &rooms {
+        join(&mut reader, room);
+        let id = reader.request("history", &[("room", s(room)), ("since", n(0))]);
+        let history = reader.expect("reply", Some(id));
+        let messages = history.get("messages").and_then(Value::as_array).unwrap();
+        assert_eq!(messages.len(), 90, "{room}: every node's messages");
+        assert!(
+            presence(&mut reader, room)
+                .iter()
+                .any(|(u, _)| u == "reader")
+        );
+    }
+    // The cap counts every node.
+    eventually("every node registered", Duration::from_secs(5), || {
+        nodes[2]
+            .http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .1
+            .contains("ringhub_nodes 3")
+    });
+    let mut first = connect(&nodes[0], "carol");
+    let _second = connect(&nodes[1], "carol");
+    let _third = connect(&nodes[2], "carol");
+    assert_eq!(first.ended(), Ended::Closed(4509));
+}
+
+/// A room's slot moved to another master while it is in use (a resharding): publishes follow
+/// the `MOVED` answer, the member's node subscribes where the channel lives now, and the member
+/// misses nothing (what it missed meanwhile is read from the stream).
+#[test]
+fn a_slot_moved_between_masters_is_followed() {
+    let cluster = OwnCluster::start("reshard", 3);
+    let nodes = start_nodes(
+        "reshard",
+        2,
+        &cluster.url(),
+        &[
+            "--redis-cluster",
+            "true",
+            "--shards",
+            "1",
+            "--rate-limits.publish-per-connection",
+            "1000/1s",
+        ],
+    );
+    wait_ready(&nodes);
+    let room = "moving";
+    let (from, slot) = cluster.owner_of(&format!("{{r:{room}}}"));
+    let to = *cluster.ports.iter().find(|p| **p != from).unwrap();
+    let mut publisher = connect(&nodes[0], "pia");
+    let mut member = connect(&nodes[1], "mo");
+    join(&mut publisher, room);
+    join(&mut member, room);
+    const TOTAL: u64 = 40;
+    for k in 0..TOTAL {
+        if k == 10 {
+            cluster.move_slot(slot, from, to);
+            assert_eq!(cluster.owner_of(&format!("{{r:{room}}}")).0, to);
+        }
+        let id = publisher.request("publish", &[("room", s(room)), ("data", n(k))]);
+        let reply = publisher.expect("reply", Some(id));
+        assert_eq!(u64_of(&reply, "seq"), k + 1, "{reply:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut seqs = Vec::new();
+    for k in 0..TOTAL {
+        let m = next_message(&mut member, room);
+        assert_eq!(m.get("data"), Some(&n(k)), "message {k} in order: {m:?}");
+        seqs.push(u64_of(&m, "seq"));
+    }
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let redirected = nodes[0]
+        .metric_sum("ringhub_redis_redirects_total")
+        .unwrap_or(0.0);
+    assert!(redirected >= 1.0, "the publisher's node followed a MOVED");
+    // The room's state moved with its slot: a newcomer on either node sees the whole history.
+    let mut late = connect(&nodes[0], "late");
+    join(&mut late, room);
+    let id = late.request("history", &[("room", s(room)), ("since", n(0))]);
+    let history = late.expect("reply", Some(id));
+    let messages = history.get("messages").and_then(Value::as_array).unwrap();
+    assert_eq!(messages.len() as u64, TOTAL);
+}
+
+/// A Redis with ACL users only: nodes given `redis://user:password@…` work across nodes; a
+/// wrong password stops `serve` naming the address, never the password.
+#[test]
+fn acl_users_authenticate_and_a_wrong_password_is_not_shown() {
+    let redis = OwnRedis::start();
+    assert_eq!(
+        redis.command("ACL SETUSER app on >s3cret-pass ~* &* +@all"),
+        "+OK"
+    );
+    assert_eq!(redis.command("ACL SETUSER default off"), "+OK");
+    let url = format!("redis://app:s3cret-pass@127.0.0.1:{}", redis.port);
+    let nodes = start_nodes("acl", 2, &url, &[]);
+    wait_ready(&nodes);
+    let mut a = connect(&nodes[0], "ann");
+    let mut b = connect(&nodes[1], "bob");
+    join(&mut a, "acl");
+    join(&mut b, "acl");
+    let id = a.request("publish", &[("room", s("acl")), ("data", s("through acl"))]);
+    a.expect("reply", Some(id));
+    assert_eq!(str_of(&next_message(&mut b, "acl"), "data"), "through acl");
+
+    let dir = ringhub_tests::scratch_dir("acl-wrong");
+    let wrong = format!("redis://app:not-the-pass@127.0.0.1:{}", redis.port);
+    let run = ringhub_tests::ringhub(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "data",
+            "--redis-url",
+            &wrong,
+        ],
+        &[],
+        &dir,
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains(&format!("127.0.0.1:{}", redis.port)),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("not-the-pass"), "{}", run.stderr);
 }

@@ -11,7 +11,11 @@
 //! module carries Redis's answers into it and out to connections through `answers`. While Redis
 //! is unreachable the home shard goes on locally (`home` checks [`is_up`]); here only what was
 //! in flight when the connection dropped falls back. It must not block: every command is queued
-//! on the shard's link and answered by its reply handler.
+//! on the link of the master serving its key and answered by its reply handler.
+//!
+//! With a Redis Cluster it also keeps the shard's map of slots: read from a master when a
+//! connection comes up, every 5 s and after a `MOVED`; commands answered `MOVED` or `ASK` are sent
+//! again where the answer points; channels whose slot moved are subscribed where they live now.
 
 pub(crate) mod state;
 
@@ -30,6 +34,7 @@ use crate::answers::{answer_join, fan_out, join_locally, online_owner};
 use crate::clock::{monotonic_ms32, now_ms};
 use crate::conn::ConnId;
 use crate::msg::{JoinMsg, Reply};
+use crate::redis::cluster::SlotMap;
 use crate::redis::keys::{self, RoomKeys};
 use crate::redis::link::LinkEvents;
 use crate::redis::resp::{bytes, int, items, message};
@@ -38,14 +43,18 @@ use crate::room::history::StoredMessage;
 use crate::room::{JoinAnswer, Recovery, ResumeFrom, owner_of};
 use crate::rooms::{Answer, RoomSettings};
 use crate::shard::Shard;
-use state::{Broker, Channel, HeldJoin, Pending};
+use state::{Broker, Channel, HeldJoin, Master, Pending};
 
 /// How long a room's epoch and `seq` outlive its last publish in Redis.
 const META_TTL_SECS: u64 = 30 * 24 * 3600;
-/// Channels per `SUBSCRIBE` when subscribing again after a reconnect.
-const SUBSCRIBE_BATCH: usize = 512;
 /// The longest a join waits for the messages its answer names.
 const HOLD_MS: u32 = 1000;
+/// How often a Redis Cluster's map of slots is read again (besides after a `MOVED`).
+const SLOTS_EVERY_MS: u32 = 5000;
+/// A burst of redirections asks for the map once per this long.
+const SLOTS_AT_MOST_EVERY_MS: u32 = 200;
+/// A command redirected more often than this is answered as failed.
+const MAX_REDIRECTS: u8 = 5;
 
 /// The broker of `shard`, when Redis is configured.
 fn broker(shard: &Shard) -> Option<&Broker> {
@@ -97,9 +106,7 @@ pub(crate) fn join(shard: &Rc<Shard>, msg: JoinMsg) {
         }
         None => {
             let channel_name = keys::channel(&broker.settings.prefix, &msg.room);
-            let mut subscribe = redis::cmd("SUBSCRIBE");
-            subscribe.arg(channel_name);
-            if broker.subscriber.send(&subscribe, ()).is_err() {
+            if !broker.subscription(&channel_name, true) {
                 drop(channels);
                 local_join(shard, *msg);
                 return;
@@ -153,12 +160,8 @@ fn ask_join(shard: &Rc<Shard>, msg: Box<JoinMsg>) {
             .arg(cfg.history_size.max(1))
             .arg(broker.new_epoch())
             .arg(META_TTL_SECS);
-        if broker
-            .commands
-            .send(&cmd, Pending::PersonalJoin(msg))
-            .is_err()
-        {
-            // Unreachable since the check: answered locally by the link's `down`.
+        if let Err(pending) = broker.send(&keys.meta, &cmd, Pending::PersonalJoin(msg)) {
+            fail(shard, pending);
         }
         return;
     }
@@ -196,10 +199,13 @@ fn ask_join(shard: &Rc<Shard>, msg: Box<JoinMsg>) {
         .arg(flag(!msg.already));
     let conn = msg.conn;
     let room = msg.room.clone();
-    if broker.commands.send(&cmd, Pending::Join(msg)).is_ok()
-        && let Some(channel) = broker.channels.borrow_mut().get_mut(&room)
-    {
-        channel.in_flight.push(conn);
+    match broker.send(&keys.meta, &cmd, Pending::Join(msg)) {
+        Ok(()) => {
+            if let Some(channel) = broker.channels.borrow_mut().get_mut(&room) {
+                channel.in_flight.push(conn);
+            }
+        }
+        Err(pending) => fail(shard, pending),
     }
 }
 
@@ -260,7 +266,7 @@ fn send_leave(shard: &Shard, broker: &Broker, room: &RoomId, user: &Arc<str>) {
         .arg(now_ms())
         .arg(flag(presence_on(shard, room)))
         .arg(&keys.nu);
-    let _ = broker.commands.send(&cmd, Pending::Ignore);
+    let _ = broker.send(&keys.count, &cmd, Pending::Ignore);
 }
 
 /// Whether presence diffs are on for `room` (a persistent room may switch them off).
@@ -287,9 +293,7 @@ fn release_channel(shard: &Shard, room: &RoomId) {
         return;
     }
     channels.remove(room);
-    let mut cmd = redis::cmd("UNSUBSCRIBE");
-    cmd.arg(keys::channel(&broker.settings.prefix, room));
-    let _ = broker.subscriber.send(&cmd, ());
+    broker.subscription(&keys::channel(&broker.settings.prefix, room), false);
 }
 
 /// A connection's publish, sent to Redis (the room core admitted it).
@@ -338,13 +342,14 @@ pub(crate) fn publish(
         );
         return;
     };
+    let key = keys::channel(&broker.settings.prefix, &room);
     let pending = Pending::Publish {
         conn,
         id,
         trace,
         room,
     };
-    let _ = broker.commands.send(&cmd, pending);
+    send(shard, broker, &key, &cmd, pending);
 }
 
 /// The publish script's call for a message.
@@ -403,9 +408,14 @@ pub(crate) fn publish_external(
         answer.set(Err(ErrorCode::Internal));
         return;
     };
-    let _ = broker
-        .commands
-        .send(&cmd, Pending::PublishExternal { answer });
+    let key = keys::channel(&broker.settings.prefix, room);
+    send(
+        shard,
+        broker,
+        &key,
+        &cmd,
+        Pending::PublishExternal { answer },
+    );
 }
 
 fn presence_cmd(broker: &Broker, shard: &Shard, room: &RoomId) -> redis::Cmd {
@@ -432,7 +442,8 @@ pub(crate) fn presence_query(shard: &Rc<Shard>, room: &RoomId, conn: ConnId, id:
         return;
     }
     let cmd = presence_cmd(broker, shard, room);
-    let _ = broker.commands.send(&cmd, Pending::Presence { conn, id });
+    let key = keys::channel(&broker.settings.prefix, room);
+    send(shard, broker, &key, &cmd, Pending::Presence { conn, id });
 }
 
 /// A room's presence for the HTTP API, from Redis.
@@ -446,9 +457,14 @@ pub(crate) fn presence_external(
         return;
     };
     let cmd = presence_cmd(broker, shard, room);
-    let _ = broker
-        .commands
-        .send(&cmd, Pending::PresenceExternal { answer });
+    let key = keys::channel(&broker.settings.prefix, room);
+    send(
+        shard,
+        broker,
+        &key,
+        &cmd,
+        Pending::PresenceExternal { answer },
+    );
 }
 
 /// A connection's `history`, read from the room's stream.
@@ -475,7 +491,7 @@ pub(crate) fn history_query(
         room: room.clone(),
         since,
     };
-    let _ = broker.commands.send(&cmd, pending);
+    send(shard, broker, &keys.meta, &cmd, pending);
 }
 
 /// A deleted room: its keys in Redis go too.
@@ -496,12 +512,19 @@ pub(crate) fn drop_room(shard: &Rc<Shard>, room: &RoomId, done: &Arc<crate::room
     ] {
         cmd.arg(key);
     }
-    if broker
-        .commands
-        .send(&cmd, Pending::Dropped(done.clone()))
-        .is_err()
-    {
-        done.tick();
+    send(
+        shard,
+        broker,
+        &keys.meta,
+        &cmd,
+        Pending::Dropped(done.clone()),
+    );
+}
+
+/// Sends `cmd` (about `key`); when the connection is down, what it was for falls back at once.
+fn send(shard: &Rc<Shard>, broker: &Broker, key: &str, cmd: &redis::Cmd, pending: Pending) {
+    if let Err(pending) = broker.send(key, cmd, pending) {
+        fail(shard, pending);
     }
 }
 
@@ -520,14 +543,15 @@ fn user_key(broker: &Broker, user: &str) -> String {
     format!("{}:{{u:{user}}}:conns", broker.settings.prefix)
 }
 
-/// Renews this node's lease in the registry and counts the live nodes.
-fn register(shard: &Shard, broker: &Broker) {
-    let mut cmd = scripts::REGISTER.call(&[&registry_key(broker)]);
+/// Renews this node's lease in the registry and reads the live nodes (each shard keeps the list
+/// for the connection caps).
+fn register(broker: &Broker) {
+    let key = registry_key(broker);
+    let mut cmd = scripts::REGISTER.call(&[&key]);
     cmd.arg(&broker.settings.node_id)
         .arg(now_ms())
         .arg(broker.lease_ms());
-    let _ = broker.commands.send(&cmd, Pending::Nodes);
-    let _ = shard;
+    let _ = broker.send(&key, &cmd, Pending::Nodes);
 }
 
 /// What the connection cap across nodes answered an upgrade.
@@ -553,16 +577,21 @@ pub(crate) async fn admit_user(shard: &Rc<Shard>, user: &str, conn: ConnId) -> A
         crate::config::ConflictPolicy::RejectNew => "reject",
     };
     let member = format!("{}|{conn}", broker.settings.node_id);
-    let mut cmd = scripts::ADMIT.call(&[&user_key(broker, user), &registry_key(broker)]);
+    let key = user_key(broker, user);
+    let mut cmd = scripts::ADMIT.call(&[&key]);
     cmd.arg(&member)
         .arg(now_ms())
         .arg(cfg.max_connections_per_user)
         .arg(policy)
-        .arg(7 * 24 * 3600 * 1000u64);
+        .arg(7 * 24 * 3600 * 1000u64)
+        .arg(u64::try_from(broker.settings.node_ttl.as_millis()).unwrap_or(u64::MAX))
+        .arg(&broker.settings.node_id);
+    for node in broker.live_nodes.borrow().iter() {
+        cmd.arg(node);
+    }
     let slot = Rc::new(state::Awaited::default());
     if broker
-        .commands
-        .send(&cmd, Pending::Wake(slot.clone()))
+        .send(&key, &cmd, Pending::Wake(slot.clone()))
         .is_err()
     {
         return Admission::Unanswered;
@@ -604,13 +633,13 @@ fn close_member(shard: &Rc<Shard>, member: &[u8]) {
         );
         return;
     }
-    let mut cmd = redis::cmd("PUBLISH");
-    cmd.arg(node_channel(&broker.settings.prefix, node))
-        .arg(format!(
-            "c|{conn}|{}",
-            protocol::CloseCode::SESSION_REPLACED.0
-        ));
-    let _ = broker.commands.send(&cmd, Pending::Ignore);
+    let channel = node_channel(&broker.settings.prefix, node);
+    let mut cmd = redis::cmd("SPUBLISH");
+    cmd.arg(&channel).arg(format!(
+        "c|{conn}|{}",
+        protocol::CloseCode::SESSION_REPLACED.0
+    ));
+    let _ = broker.send(&channel, &cmd, Pending::Ignore);
 }
 
 /// A connection of `user` ended: it no longer counts against the cap on any node (once Redis is
@@ -623,10 +652,11 @@ pub(crate) fn release_user(shard: &Shard, user: &Arc<str>, conn: ConnId) {
         broker.unreleased.borrow_mut().push((user.clone(), conn));
         return;
     }
+    let key = user_key(broker, user);
     let mut cmd = redis::cmd("ZREM");
-    cmd.arg(user_key(broker, user))
+    cmd.arg(&key)
         .arg(format!("{}|{conn}", broker.settings.node_id));
-    let _ = broker.commands.send(&cmd, Pending::Ignore);
+    let _ = broker.send(&key, &cmd, Pending::Ignore);
 }
 
 /// The key of a resumable session (hash-tagged by itself).
@@ -641,12 +671,10 @@ pub(crate) fn remember_session(shard: &Shard, session: &str, user: &str) -> bool
         return false;
     };
     let ttl = u64::try_from(shard.shared.config.resume_ttl.as_millis()).unwrap_or(u64::MAX);
+    let key = session_key(broker, session);
     let mut cmd = redis::cmd("SET");
-    cmd.arg(session_key(broker, session))
-        .arg(user)
-        .arg("PX")
-        .arg(ttl.max(1));
-    broker.commands.send(&cmd, Pending::Ignore).is_ok()
+    cmd.arg(&key).arg(user).arg("PX").arg(ttl.max(1));
+    broker.send(&key, &cmd, Pending::Ignore).is_ok()
 }
 
 /// Looks a session up in Redis for a `resume` (another node may have held it); the answer comes
@@ -656,11 +684,11 @@ pub(crate) fn check_session(shard: &Shard, check: crate::msg::ResumeCheck, user:
     let Some(broker) = broker(shard).filter(|b| b.is_up()) else {
         return false;
     };
+    let key = session_key(broker, &check.session);
     let mut cmd = redis::cmd("GETDEL");
-    cmd.arg(session_key(broker, &check.session));
+    cmd.arg(&key);
     broker
-        .commands
-        .send(&cmd, Pending::Resume(Box::new(check), user))
+        .send(&key, &cmd, Pending::Resume(Box::new(check), user))
         .is_ok()
 }
 
@@ -687,13 +715,14 @@ pub(crate) fn upkeep(shard: &Rc<Shard>) {
     for held in overdue {
         complete_join(shard, held);
     }
+    if broker.settings.cluster && now.wrapping_sub(broker.slots_asked_ms.get()) > SLOTS_EVERY_MS {
+        ask_slots(broker);
+    }
     if !broker.is_up() || now.wrapping_sub(broker.last_touch_ms.get()) < broker.touch_every_ms() {
         return;
     }
     broker.last_touch_ms.set(now);
-    if shard.id == 0 {
-        register(shard, broker);
-    }
+    register(broker);
     let rooms: Vec<RoomId> = broker
         .channels
         .borrow()
@@ -712,7 +741,7 @@ pub(crate) fn upkeep(shard: &Rc<Shard>) {
             .arg(broker.lease_ms())
             .arg(flag(presence_on(shard, &room)))
             .arg(&keys.nu);
-        let _ = broker.commands.send(&cmd, Pending::Ignore);
+        let _ = broker.send(&keys.count, &cmd, Pending::Ignore);
     }
 }
 
@@ -736,10 +765,45 @@ fn on_push(shard: &Rc<Shard>, value: &redis::Value) {
         on_channel(shard, &room, payload);
         return;
     }
-    // `subscribe` confirmations: the room's waiting joins may ask Redis now.
+    if let redis::Value::ServerError(_) = value {
+        // A subscription refused: in a cluster, its slot moved (`MOVED`); read the map again
+        // and subscribe where it says.
+        if let Err(e) = value.clone().extract_error() {
+            if let Some((addr, slot)) = e.redirect_node() {
+                let metrics = &shard.shared.metrics.redis;
+                metrics.redirects.fetch_add(1, Ordering::Relaxed);
+                if let Some(map) = broker.slots.borrow_mut().as_mut() {
+                    map.moved(slot, addr);
+                }
+                ask_slots(broker);
+                resubscribe(shard, None);
+            } else {
+                tracing::warn!(error = %e, "redis refused a subscription");
+            }
+        }
+        return;
+    }
     let parts = items(value);
     if let [kind, channel, _] = parts
-        && bytes(kind) == Some(b"subscribe")
+        && bytes(kind) == Some(b"sunsubscribe")
+        && let Some(room) = bytes(channel)
+            .and_then(|c| keys::room_of_channel(&broker.settings.prefix, c))
+            .and_then(|r| RoomId::parse(r).ok())
+        && broker.channels.borrow().contains_key(&room)
+    {
+        // Not asked for: the channel's slot left that master (a cluster resharded or failed
+        // over). Messages published meanwhile are read from the stream with the next one.
+        if let Some(channel) = broker.channels.borrow_mut().get_mut(&room) {
+            channel.subscribed = false;
+        }
+        ask_slots(broker);
+        let name = keys::channel(&broker.settings.prefix, &room);
+        broker.subscription(&name, true);
+        return;
+    }
+    // `ssubscribe` confirmations: the room's waiting joins may ask Redis now.
+    if let [kind, channel, _] = parts
+        && bytes(kind) == Some(b"ssubscribe")
         && let Some(room) = bytes(channel)
             .and_then(|c| keys::room_of_channel(&broker.settings.prefix, c))
             .and_then(|r| RoomId::parse(r).ok())
@@ -864,7 +928,7 @@ fn deliver(shard: &Rc<Shard>, room: &RoomId, seq: u64, epoch: &str, body: &[u8])
                 room: room.clone(),
                 upto: seq - 1,
             };
-            if broker.commands.send(&cmd, pending).is_err() {
+            if broker.send(&keys.meta, &cmd, pending).is_err() {
                 finish_repair(shard, room, &redis::Value::Nil, seq - 1);
             }
             return;
@@ -989,42 +1053,101 @@ fn release_held(shard: &Rc<Shard>, room: &RoomId) {
 
 // ---- replies --------------------------------------------------------------------------------
 
-/// The events of a shard's command connection.
-pub(crate) struct CommandEvents(pub(crate) Rc<Shard>);
+/// The events of a shard's command connection to the master at `addr`.
+pub(crate) struct CommandEvents {
+    shard: Rc<Shard>,
+    addr: Rc<str>,
+}
 
-/// The events of a shard's subscriber connection.
-pub(crate) struct SubscriberEvents(pub(crate) Rc<Shard>);
+/// The events of a shard's subscriber connection to the master at `addr`.
+pub(crate) struct SubscriberEvents {
+    shard: Rc<Shard>,
+    addr: Rc<str>,
+}
+
+/// Starts the connections of every master the broker of `shard` knows (at start: the one Redis,
+/// or a cluster's seed nodes).
+pub(crate) fn start(shard: &Rc<Shard>) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let masters: Vec<_> = broker
+        .masters
+        .borrow()
+        .iter()
+        .map(|m| (m.addr.clone(), m.commands.clone(), m.subscriber.clone()))
+        .collect();
+    for (addr, commands, subscriber) in masters {
+        spawn_links(shard, broker, addr, commands, subscriber);
+    }
+}
+
+fn spawn_links(
+    shard: &Rc<Shard>,
+    broker: &Broker,
+    addr: Rc<str>,
+    commands: Rc<crate::redis::link::Link<Pending>>,
+    subscriber: Rc<crate::redis::link::Link<()>>,
+) {
+    monoio::spawn(crate::redis::link::drive(
+        commands,
+        addr.clone(),
+        broker.settings.clone(),
+        &scripts::ALL,
+        CommandEvents {
+            shard: shard.clone(),
+            addr: addr.clone(),
+        },
+    ));
+    monoio::spawn(crate::redis::link::drive(
+        subscriber,
+        addr.clone(),
+        broker.settings.clone(),
+        &[],
+        SubscriberEvents {
+            shard: shard.clone(),
+            addr,
+        },
+    ));
+}
 
 impl LinkEvents<Pending> for CommandEvents {
     fn reply(&mut self, handler: Pending, reply: Result<redis::Value, RedisError>) {
-        on_reply(&self.0, handler, reply);
+        on_reply(&self.shard, handler, reply);
     }
 
     fn push(&mut self, _value: redis::Value) {}
 
     fn up(&mut self) {
-        let metrics = &self.0.shared.metrics.redis;
+        let shard = &self.shard;
+        let metrics = &shard.shared.metrics.redis;
         metrics.links_up.fetch_add(1, Ordering::Relaxed);
-        if let Some(broker) = broker(&self.0) {
-            register(&self.0, broker);
+        let Some(broker) = broker(shard) else {
+            return;
+        };
+        if broker.settings.cluster {
+            ask_slots(broker);
+        }
+        register(broker);
+        if broker.is_up() {
             let unreleased = std::mem::take(&mut *broker.unreleased.borrow_mut());
             for (user, conn) in unreleased {
-                release_user(&self.0, &user, conn);
+                release_user(shard, &user, conn);
             }
         }
-        announce(&self.0);
+        announce(shard, Some(&self.addr));
     }
 
     fn down(&mut self, unanswered: Vec<Pending>) {
-        let metrics = &self.0.shared.metrics.redis;
+        let metrics = &self.shard.shared.metrics.redis;
         metrics.links_up.fetch_sub(1, Ordering::Relaxed);
         for handler in unanswered {
-            fail(&self.0, handler);
+            fail(&self.shard, handler);
         }
     }
 
     fn wrote(&mut self, commands: usize) {
-        let metrics = &self.0.shared.metrics.redis;
+        let metrics = &self.shard.shared.metrics.redis;
         metrics
             .commands
             .fetch_add(commands as u64, Ordering::Relaxed);
@@ -1032,7 +1155,12 @@ impl LinkEvents<Pending> for CommandEvents {
     }
 
     fn round_trip(&mut self, micros: u64) {
-        self.0.shared.metrics.redis.round_trip_us.observe(micros);
+        self.shard
+            .shared
+            .metrics
+            .redis
+            .round_trip_us
+            .observe(micros);
     }
 }
 
@@ -1042,28 +1170,32 @@ impl LinkEvents<()> for SubscriberEvents {
     fn push(&mut self, value: redis::Value) {
         // What this made the shard send itself is handled by its dispatcher, which the outbox
         // wakes.
-        on_push(&self.0, &value);
+        on_push(&self.shard, &value);
     }
 
     fn up(&mut self) {
-        let metrics = &self.0.shared.metrics.redis;
+        let metrics = &self.shard.shared.metrics.redis;
         metrics.links_up.fetch_add(1, Ordering::Relaxed);
-        resubscribe(&self.0);
+        resubscribe(&self.shard, Some(&self.addr));
     }
 
     fn down(&mut self, _unanswered: Vec<()>) {
-        let metrics = &self.0.shared.metrics.redis;
+        let metrics = &self.shard.shared.metrics.redis;
         metrics.links_up.fetch_sub(1, Ordering::Relaxed);
-        let Some(broker) = broker(&self.0) else {
+        let Some(broker) = broker(&self.shard) else {
             return;
         };
-        for channel in broker.channels.borrow_mut().values_mut() {
-            channel.subscribed = false;
+        let prefix = &broker.settings.prefix;
+        for (room, channel) in broker.channels.borrow_mut().iter_mut() {
+            let name = keys::channel(prefix, room);
+            if broker.master_addr(name.as_bytes()).as_deref() == Some(&*self.addr) {
+                channel.subscribed = false;
+            }
         }
     }
 
     fn wrote(&mut self, commands: usize) {
-        self.0
+        self.shard
             .shared
             .metrics
             .redis
@@ -1074,8 +1206,9 @@ impl LinkEvents<()> for SubscriberEvents {
     fn round_trip(&mut self, _micros: u64) {}
 }
 
-/// Subscribes every room channel held here again (after the subscriber connection came back).
-fn resubscribe(shard: &Rc<Shard>) {
+/// Subscribes every room channel held here again (after a subscriber connection came back, or
+/// a cluster's slots moved): those served by the master at `only`, or all.
+fn resubscribe(shard: &Rc<Shard>, only: Option<&str>) {
     let Some(broker) = broker(shard) else {
         return;
     };
@@ -1091,18 +1224,17 @@ fn resubscribe(shard: &Rc<Shard>) {
             &broker.settings.node_id,
         ));
     }
-    for batch in names.chunks(SUBSCRIBE_BATCH) {
-        let mut cmd = redis::cmd("SUBSCRIBE");
-        for name in batch {
-            cmd.arg(name);
+    for name in names {
+        if only.is_none_or(|addr| broker.master_addr(name.as_bytes()).as_deref() == Some(addr)) {
+            broker.subscription(&name, true);
         }
-        let _ = broker.subscriber.send(&cmd, ());
     }
 }
 
-/// Announces this node's connections in every room held here again (after the command
-/// connection came back: Redis may have lost them).
-fn announce(shard: &Rc<Shard>) {
+/// Announces this node's connections in every room held here again (after a command
+/// connection came back: Redis may have lost them): the rooms served by the master at `only`,
+/// or all.
+fn announce(shard: &Rc<Shard>, only: Option<&str>) {
     let Some(broker) = broker(shard) else {
         return;
     };
@@ -1114,8 +1246,13 @@ fn announce(shard: &Rc<Shard>) {
         .cloned()
         .collect();
     for room in rooms {
-        let members = shard.rooms.borrow().presence(&room, None);
         let keys = RoomKeys::new(&broker.settings.prefix, &room);
+        if only
+            .is_some_and(|addr| broker.master_addr(keys.count.as_bytes()).as_deref() != Some(addr))
+        {
+            continue;
+        }
+        let members = shard.rooms.borrow().presence(&room, None);
         let mut cmd = scripts::ANNOUNCE.call(&keys.membership());
         cmd.arg(&broker.settings.node_id)
             .arg(now_ms())
@@ -1125,14 +1262,145 @@ fn announce(shard: &Rc<Shard>) {
         for member in &members {
             cmd.arg(&member.user).arg(member.conns).arg(&member.name);
         }
-        let _ = broker.commands.send(&cmd, Pending::Ignore);
+        let _ = broker.send(&keys.count, &cmd, Pending::Ignore);
+    }
+}
+
+// ---- a Redis Cluster's slots ----------------------------------------------------------------
+
+/// Asks a master for the cluster's map of slots (at most once per `SLOTS_AT_MOST_EVERY_MS`).
+fn ask_slots(broker: &Broker) {
+    let now = monotonic_ms32().max(1);
+    let asked = broker.slots_asked_ms.get();
+    if asked != 0 && now.wrapping_sub(asked) < SLOTS_AT_MOST_EVERY_MS {
+        return;
+    }
+    let masters = broker.masters.borrow();
+    // Start at a different master each time, so that one that answers badly is not the only one.
+    let start = usize::try_from(now).unwrap_or(0) % masters.len().max(1);
+    let Some(master) = masters
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(masters.len())
+        .find(|m| m.commands.is_up())
+    else {
+        return;
+    };
+    broker.slots_asked_ms.set(now);
+    let mut cmd = redis::cmd("CLUSTER");
+    cmd.arg("SLOTS");
+    let _ = master
+        .commands
+        .send(&cmd, Pending::Slots(master.addr.clone()));
+}
+
+/// A new map of slots: connections to new masters are made, those to former masters closed,
+/// and what moved is subscribed and announced where it lives now.
+fn apply_slots(shard: &Rc<Shard>, map: SlotMap) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    if broker.slots.borrow().as_ref() == Some(&map) {
+        return;
+    }
+    if !map.covers_all() {
+        tracing::warn!("the redis cluster does not serve every slot (CLUSTER SLOTS)");
+    }
+    let metrics = &shard.shared.metrics.redis;
+    let mut started = Vec::new();
+    let gone: Vec<Master> = {
+        let mut masters = broker.masters.borrow_mut();
+        for addr in &map.masters {
+            if !masters.iter().any(|m| &*m.addr == addr) {
+                let master = Master::new(addr);
+                started.push((
+                    master.addr.clone(),
+                    master.commands.clone(),
+                    master.subscriber.clone(),
+                ));
+                masters.push(master);
+            }
+        }
+        let (keep, gone) = std::mem::take(&mut *masters)
+            .into_iter()
+            .partition(|m| map.masters.iter().any(|a| *a == *m.addr));
+        *masters = keep;
+        gone
+    };
+    if shard.id == 0 {
+        tracing::info!(masters = ?map.masters, "redis cluster slots read");
+    }
+    let covered_before = broker
+        .slots
+        .borrow()
+        .as_ref()
+        .is_some_and(SlotMap::covers_all);
+    match (covered_before, map.covers_all()) {
+        (false, true) => metrics.maps_missing.fetch_sub(1, Ordering::Relaxed),
+        (true, false) => metrics.maps_missing.fetch_add(1, Ordering::Relaxed),
+        _ => 0,
+    };
+    *broker.slots.borrow_mut() = Some(map);
+    let change =
+        2 * (i64::try_from(started.len()).unwrap_or(0) - i64::try_from(gone.len()).unwrap_or(0));
+    metrics.links_expected.fetch_add(change, Ordering::Relaxed);
+    for master in gone {
+        master.commands.retire();
+        master.subscriber.retire();
+    }
+    for (addr, commands, subscriber) in started {
+        spawn_links(shard, broker, addr, commands, subscriber);
+    }
+    resubscribe(shard, None);
+    announce(shard, None);
+}
+
+/// A cluster command answered `MOVED` or `ASK`: sent again to the master named (after
+/// `ASKING` for `ASK`); a `MOVED` also updates the map and asks for it anew.
+fn redirect(shard: &Rc<Shard>, mut routed: state::Routed, addr: &str, slot: u16, ask: bool) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    if routed.redirects >= MAX_REDIRECTS {
+        tracing::warn!(slot, "redis cluster: too many redirections");
+        fail(shard, routed.pending);
+        return;
+    }
+    routed.redirects += 1;
+    let metrics = &shard.shared.metrics.redis;
+    metrics.redirects.fetch_add(1, Ordering::Relaxed);
+    if !ask {
+        if let Some(map) = broker.slots.borrow_mut().as_mut() {
+            map.moved(slot, addr);
+        }
+        ask_slots(broker);
+    }
+    let masters = broker.masters.borrow();
+    let Some(master) = masters.iter().find(|m| &*m.addr == addr) else {
+        // A master not met yet: the map, asked for above, will name it.
+        drop(masters);
+        fail(shard, routed.pending);
+        return;
+    };
+    if ask {
+        let _ = master.commands.send(&redis::cmd("ASKING"), Pending::Ignore);
+    }
+    let packed = routed.packed.clone();
+    if let Err(pending) = master
+        .commands
+        .send_packed(&packed, Pending::Routed(Box::new(routed)))
+    {
+        drop(masters);
+        fail(shard, pending.unrouted());
     }
 }
 
 /// A command that will never be answered (the connection dropped): what it was for falls back.
 fn fail(shard: &Rc<Shard>, handler: Pending) {
     match handler {
-        Pending::Ignore => {}
+        Pending::Ignore | Pending::Slots(_) => {}
+        Pending::Routed(routed) => fail(shard, routed.pending),
         Pending::Join(msg) | Pending::PersonalJoin(msg) => local_join(shard, *msg),
         Pending::Publish { conn, id, .. } => shard.reply(
             conn,
@@ -1175,6 +1443,19 @@ fn fail(shard: &Rc<Shard>, handler: Pending) {
 }
 
 fn on_reply(shard: &Rc<Shard>, handler: Pending, reply: Result<redis::Value, RedisError>) {
+    let handler = match handler {
+        Pending::Routed(routed) => {
+            if let Err(e) = &reply
+                && let Some((addr, slot)) = e.redirect_node()
+            {
+                let ask = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Ask);
+                redirect(shard, *routed, addr, slot, ask);
+                return;
+            }
+            routed.pending
+        }
+        other => other,
+    };
     let value = match reply {
         Ok(value) => value,
         Err(e) => {
@@ -1246,11 +1527,29 @@ fn on_reply(shard: &Rc<Shard>, handler: Pending, reply: Result<redis::Value, Red
         Pending::Wake(slot) => slot.set(Some(value)),
         Pending::Repair { room, upto } => finish_repair(shard, &room, &value, upto),
         Pending::Nodes => {
-            if let Some(live) = int(&value) {
+            let live: Vec<String> = items(&value)
+                .iter()
+                .filter_map(bytes)
+                .map(|node| String::from_utf8_lossy(node).into_owned())
+                .collect();
+            if shard.id == 0 {
                 let metrics = &shard.shared.metrics.redis;
-                metrics.nodes.store(live, Ordering::Relaxed);
+                let count = i64::try_from(live.len()).unwrap_or(i64::MAX);
+                metrics.nodes.store(count, Ordering::Relaxed);
+            }
+            if let Some(broker) = broker(shard) {
+                *broker.live_nodes.borrow_mut() = live;
             }
         }
+        Pending::Slots(addr) => {
+            match SlotMap::from_cluster_slots(&value, crate::redis::cluster::host_of(&addr)) {
+                Ok(map) => apply_slots(shard, map),
+                Err(why) => {
+                    tracing::warn!(addr = %addr, why, "redis cluster: unreadable CLUSTER SLOTS");
+                }
+            }
+        }
+        Pending::Routed(routed) => on_reply(shard, routed.pending, Ok(value)),
         Pending::Dropped(done) => done.tick(),
         Pending::Resume(mut check, user) => {
             check.valid = bytes(&value) == Some(user.as_bytes());

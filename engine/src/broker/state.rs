@@ -1,6 +1,7 @@
 //! What a shard keeps of the shared broker (Redis) for the rooms homed on it: its two
-//! connections, the room channels it subscribed and what waits on them, and the handlers of the
-//! commands in flight. Plain state, held by the shard; `broker` acts on it.
+//! connections to each Redis master (one master, or each master of a Redis Cluster with the map
+//! of its slots), the room channels it subscribed and what waits on them, and the handlers of
+//! the commands in flight. Plain state, held by the shard; `broker` acts on it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use protocol::envelope::{PresenceEntry, RoomId};
 use crate::config::RedisSettings;
 use crate::conn::ConnId;
 use crate::msg::JoinMsg;
+use crate::redis::cluster::{self, SlotMap};
 use crate::redis::link::{Link, Role};
 use crate::rooms::{Answer, Countdown};
 
@@ -59,6 +61,44 @@ pub(crate) enum Pending {
     Nodes,
     /// The messages of a gap, read from the room's stream.
     Repair { room: RoomId, upto: u64 },
+    /// A Redis Cluster's map of slots (asked of the master at this address).
+    Slots(Rc<str>),
+    /// A command sent to a Redis Cluster: sent again where a `MOVED` or `ASK` points.
+    Routed(Box<Routed>),
+}
+
+impl Pending {
+    /// What a cluster command was for, without its routing.
+    pub(crate) fn unrouted(self) -> Pending {
+        match self {
+            Pending::Routed(routed) => routed.pending,
+            other => other,
+        }
+    }
+}
+
+/// A cluster command kept until its reply, so that a redirection can send it again.
+pub(crate) struct Routed {
+    pub(crate) pending: Pending,
+    pub(crate) packed: Vec<u8>,
+    pub(crate) redirects: u8,
+}
+
+/// One Redis master's connections, owned by this shard.
+pub(crate) struct Master {
+    pub(crate) addr: Rc<str>,
+    pub(crate) commands: Rc<Link<Pending>>,
+    pub(crate) subscriber: Rc<Link<()>>,
+}
+
+impl Master {
+    pub(crate) fn new(addr: &str) -> Self {
+        Self {
+            addr: Rc::from(addr),
+            commands: Rc::new(Link::new(Role::Commands)),
+            subscriber: Rc::new(Link::new(Role::Subscriber)),
+        }
+    }
 }
 
 /// A reply a task awaits.
@@ -135,8 +175,14 @@ pub(crate) type Arrived = (u64, Arc<str>, Vec<u8>);
 /// A shard's part of the shared broker.
 pub(crate) struct Broker {
     pub(crate) settings: Rc<RedisSettings>,
-    pub(crate) commands: Rc<Link<Pending>>,
-    pub(crate) subscriber: Rc<Link<()>>,
+    /// The masters this shard talks to: the one Redis, or (cluster) every master of the map.
+    pub(crate) masters: RefCell<Vec<Master>>,
+    /// Redis Cluster: which master serves each slot (`None` until first read).
+    pub(crate) slots: RefCell<Option<SlotMap>>,
+    /// When the slot map was last asked for (monotonic ms): a burst of `MOVED` asks once.
+    pub(crate) slots_asked_ms: Cell<u32>,
+    /// The nodes of the service whose lease was live at the last look (this one included).
+    pub(crate) live_nodes: RefCell<Vec<String>>,
     pub(crate) channels: RefCell<HashMap<RoomId, Channel>>,
     /// Epochs made here: the node, the shard and a counter.
     next_epoch: Cell<u64>,
@@ -151,9 +197,11 @@ pub(crate) struct Broker {
 impl Broker {
     pub(crate) fn new(settings: RedisSettings, shard: usize) -> Self {
         Self {
+            masters: RefCell::new(settings.seeds.iter().map(|a| Master::new(a)).collect()),
             settings: Rc::new(settings),
-            commands: Rc::new(Link::new(Role::Commands)),
-            subscriber: Rc::new(Link::new(Role::Subscriber)),
+            slots: RefCell::new(None),
+            slots_asked_ms: Cell::new(0),
+            live_nodes: RefCell::new(Vec::new()),
             channels: RefCell::new(HashMap::new()),
             next_epoch: Cell::new(0),
             shard,
@@ -162,9 +210,74 @@ impl Broker {
         }
     }
 
-    /// Whether commands can be sent now.
+    /// Whether commands can be sent now: every master's command connection is up (and, in a
+    /// cluster, every slot has a master).
     pub(crate) fn is_up(&self) -> bool {
-        self.commands.is_up()
+        if self.settings.cluster
+            && !self
+                .slots
+                .borrow()
+                .as_ref()
+                .is_some_and(SlotMap::covers_all)
+        {
+            return false;
+        }
+        let masters = self.masters.borrow();
+        !masters.is_empty() && masters.iter().all(|m| m.commands.is_up())
+    }
+
+    /// The master serving `key` (a key or a shard channel).
+    fn route<'m>(&self, masters: &'m [Master], key: &[u8]) -> Option<&'m Master> {
+        if !self.settings.cluster {
+            return masters.first();
+        }
+        let slots = self.slots.borrow();
+        let addr = slots.as_ref()?.master_of(cluster::slot(key))?;
+        masters.iter().find(|m| &*m.addr == addr)
+    }
+
+    /// The address of the master serving `key`.
+    pub(crate) fn master_addr(&self, key: &[u8]) -> Option<Rc<str>> {
+        let masters = self.masters.borrow();
+        self.route(&masters, key).map(|m| m.addr.clone())
+    }
+
+    /// Queues `cmd` (about `key`) on the connection of the master serving `key`; its reply
+    /// goes to `pending`. Refused at once while that connection is down (`pending` comes back).
+    pub(crate) fn send(
+        &self,
+        key: &str,
+        cmd: &redis::Cmd,
+        pending: Pending,
+    ) -> Result<(), Pending> {
+        let masters = self.masters.borrow();
+        let Some(master) = self.route(&masters, key.as_bytes()) else {
+            return Err(pending);
+        };
+        if self.settings.cluster {
+            let routed = Routed {
+                pending,
+                packed: cmd.get_packed_command(),
+                redirects: 0,
+            };
+            return master
+                .commands
+                .send(cmd, Pending::Routed(Box::new(routed)))
+                .map_err(Pending::unrouted);
+        }
+        master.commands.send(cmd, pending)
+    }
+
+    /// `SSUBSCRIBE`s (or `SUNSUBSCRIBE`s) a shard channel on the connection of its master;
+    /// false when that connection is down.
+    pub(crate) fn subscription(&self, channel: &str, on: bool) -> bool {
+        let masters = self.masters.borrow();
+        let Some(master) = self.route(&masters, channel.as_bytes()) else {
+            return false;
+        };
+        let mut cmd = redis::cmd(if on { "SSUBSCRIBE" } else { "SUNSUBSCRIBE" });
+        cmd.arg(channel);
+        master.subscriber.send(&cmd, ()).is_ok()
     }
 
     /// An epoch for a room that has none in Redis yet: unique to this node, shard and moment.

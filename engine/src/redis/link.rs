@@ -39,10 +39,6 @@ pub(crate) enum Role {
     Subscriber,
 }
 
-/// The link is down: the command was not sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Down;
-
 /// What the owner of a link is told.
 pub(crate) trait LinkEvents<P> {
     /// The reply to the command queued with `handler` (an error reply is `Err`).
@@ -76,6 +72,9 @@ pub(crate) struct Link<P> {
     reset: Cell<bool>,
     /// Commands written since the reading side last told the owner.
     written: Cell<usize>,
+    /// Set when the owner no longer needs this connection (a master left the cluster): it is
+    /// closed and not made again.
+    retired: Cell<bool>,
 }
 
 impl<P> Link<P> {
@@ -91,7 +90,35 @@ impl<P> Link<P> {
             writer: RefCell::new(None),
             reset: Cell::new(false),
             written: Cell::new(0),
+            retired: Cell::new(false),
         }
+    }
+
+    /// Closes the connection for good: what is in flight is told `down`, nothing reconnects.
+    pub(crate) fn retire(&self) {
+        self.retired.set(true);
+        self.reset.set(true);
+        if let Some(waker) = self.writer.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    /// Queues a command already encoded (a redirected one); its reply goes to `handler`.
+    pub(crate) fn send_packed(&self, packed: &[u8], handler: P) -> Result<(), P> {
+        let mut inner = self.inner.borrow_mut();
+        if !inner.up {
+            return Err(handler);
+        }
+        inner.out.extend_from_slice(packed);
+        inner.queued += 1;
+        if self.role == Role::Commands {
+            inner.pending.push_back((handler, monotonic_ms32()));
+        }
+        drop(inner);
+        if let Some(waker) = self.writer.borrow_mut().take() {
+            waker.wake();
+        }
+        Ok(())
     }
 
     /// Whether commands can be sent.
@@ -99,11 +126,12 @@ impl<P> Link<P> {
         self.inner.borrow().up
     }
 
-    /// Queues `cmd`; its reply goes to `handler`. Refused at once while the link is down.
-    pub(crate) fn send(&self, cmd: &Cmd, handler: P) -> Result<(), Down> {
+    /// Queues `cmd`; its reply goes to `handler`. Refused at once while the link is down (the
+    /// handler comes back).
+    pub(crate) fn send(&self, cmd: &Cmd, handler: P) -> Result<(), P> {
         let mut inner = self.inner.borrow_mut();
         if !inner.up {
-            return Err(Down);
+            return Err(handler);
         }
         cmd.write_packed_command(&mut inner.out);
         inner.queued += 1;
@@ -170,9 +198,11 @@ impl From<std::io::Error> for Ended {
     }
 }
 
-/// Keeps `link` connected for ever: connects, hands the owner its events, reconnects.
+/// Keeps `link` connected to `addr` until it is retired: connects, hands the owner its events,
+/// reconnects.
 pub(crate) async fn drive<P>(
     link: Rc<Link<P>>,
+    addr: Rc<str>,
     settings: Rc<RedisSettings>,
     scripts: &'static [&'static Script],
     mut events: impl LinkEvents<P>,
@@ -180,14 +210,20 @@ pub(crate) async fn drive<P>(
     let mut backoff = Duration::from_millis(100);
     let mut jitter = Jitter::new();
     let mut failures = 0u32;
-    loop {
-        let connected =
-            monoio::time::timeout(CONNECT_TIMEOUT, connect(&settings, scripts, link.role)).await;
+    while !link.retired.get() {
+        let connected = monoio::time::timeout(
+            CONNECT_TIMEOUT,
+            connect(&addr, &settings, scripts, link.role),
+        )
+        .await;
+        if link.retired.get() {
+            return;
+        }
         match connected {
             Ok(Ok((stream, replies))) => {
                 backoff = Duration::from_millis(100);
                 if failures > 0 {
-                    tracing::info!(addr = %settings.addr, role = ?link.role, "redis connected again");
+                    tracing::info!(addr = %addr, role = ?link.role, "redis connected again");
                 }
                 failures = 0;
                 link.reset.set(false);
@@ -201,18 +237,23 @@ pub(crate) async fn drive<P>(
                     inner.queued = 0;
                     inner.pending.drain(..).map(|(p, _)| p).collect()
                 };
-                tracing::warn!(addr = %settings.addr, role = ?link.role, error = %ended, "redis connection lost");
+                if !link.retired.get() {
+                    tracing::warn!(addr = %addr, role = ?link.role, error = %ended, "redis connection lost");
+                }
                 events.down(unanswered);
+                if link.retired.get() {
+                    return;
+                }
             }
             Ok(Err(e)) => {
                 if failures == 0 {
-                    tracing::warn!(addr = %settings.addr, role = ?link.role, error = %e, "cannot connect to redis");
+                    tracing::warn!(addr = %addr, role = ?link.role, error = %e, "cannot connect to redis");
                 }
                 failures += 1;
             }
             Err(_) => {
                 if failures == 0 {
-                    tracing::warn!(addr = %settings.addr, role = ?link.role, "redis did not answer in time");
+                    tracing::warn!(addr = %addr, role = ?link.role, "redis did not answer in time");
                 }
                 failures += 1;
             }
@@ -224,11 +265,12 @@ pub(crate) async fn drive<P>(
 
 /// Connects and prepares a connection: AUTH, SELECT, and (for commands) every script loaded.
 async fn connect(
+    addr: &str,
     settings: &RedisSettings,
     scripts: &[&Script],
     role: Role,
 ) -> Result<(TcpStream, Replies), Ended> {
-    let mut stream = TcpStream::connect(settings.addr.as_str()).await?;
+    let mut stream = TcpStream::connect(addr).await?;
     let _ = stream.set_nodelay(true);
     let mut hello = Vec::new();
     let mut expected = 0;

@@ -1,10 +1,11 @@
 //! Redis, for several nodes acting as one (SPEC §10): the connections a shard owns (`link`),
-//! reading replies (`resp`), the Lua scripts that make each change of a room one atomic step
+//! reading replies (`resp`), a Redis Cluster's slots (`cluster`), the Lua scripts that make each change of a room one atomic step
 //! (`scripts`) and the names of a room's keys (`keys`). The `redis` crate encodes the commands and
 //! parses the replies; the sockets are this engine's own, driven by the shard's runtime, so no
 //! other runtime and no blocking call runs on a shard. What the commands mean for rooms is
 //! `broker`'s.
 
+pub(crate) mod cluster;
 pub(crate) mod keys;
 pub(crate) mod link;
 pub(crate) mod resp;
@@ -15,13 +16,31 @@ use std::time::Duration;
 
 use crate::config::RedisSettings;
 
-/// Checks, blocking (at start, before any shard runs), that Redis answers at `settings` with
-/// these credentials: connects, authenticates, selects the database and pings. The error names
-/// the address and what failed, never the password.
+/// Checks, blocking (at start, before any shard runs), that Redis answers with these
+/// credentials and is what the settings say: connects, authenticates, selects the database,
+/// reads `INFO` (Redis 7.0 or later, for sharded pub/sub; a cluster node exactly when
+/// `redis_cluster` is set) and, for a cluster, that its slots are all served. The error names the
+/// address and what failed, never the password.
 pub fn check(settings: &RedisSettings) -> Result<(), String> {
-    let fail = |what: &str| format!("redis at {}: {what}", settings.addr);
-    let addrs = std::net::ToSocketAddrs::to_socket_addrs(settings.addr.as_str())
-        .map_err(|e| fail(&format!("cannot resolve: {e}")))?;
+    let mut last = String::from("no seed node");
+    for addr in &settings.seeds {
+        match check_one(addr, settings) {
+            Ok(()) => return Ok(()),
+            // A seed that answers with the wrong kind of server is wrong for all of them.
+            Err((false, why)) => return Err(why),
+            Err((true, why)) => last = why,
+        }
+    }
+    Err(last)
+}
+
+/// Checks one server; the error says whether another seed may do better.
+fn check_one(addr: &str, settings: &RedisSettings) -> Result<(), (bool, String)> {
+    let fail = |what: &str| format!("redis at {addr}: {what}");
+    let unreachable = |what: &str| (true, fail(what));
+    let wrong = |what: &str| (false, fail(what));
+    let addrs = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| unreachable(&format!("cannot resolve: {e}")))?;
     let timeout = Duration::from_secs(3);
     let mut last = String::from("no address");
     let mut stream = None;
@@ -34,7 +53,7 @@ pub fn check(settings: &RedisSettings) -> Result<(), String> {
             Err(e) => last = e.to_string(),
         }
     }
-    let mut stream = stream.ok_or_else(|| fail(&format!("cannot connect: {last}")))?;
+    let mut stream = stream.ok_or_else(|| unreachable(&format!("cannot connect: {last}")))?;
     let _ = stream.set_read_timeout(Some(timeout));
     let _ = stream.set_write_timeout(Some(timeout));
     let mut out = Vec::new();
@@ -53,24 +72,82 @@ pub fn check(settings: &RedisSettings) -> Result<(), String> {
             .write_packed_command(&mut out);
         expected += 1;
     }
-    redis::cmd("PING").write_packed_command(&mut out);
+    redis::cmd("INFO").write_packed_command(&mut out);
+    if settings.cluster {
+        redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .write_packed_command(&mut out);
+        expected += 1;
+    }
     stream
         .write_all(&out)
-        .map_err(|e| fail(&format!("cannot write: {e}")))?;
+        .map_err(|e| unreachable(&format!("cannot write: {e}")))?;
     let mut replies = resp::Replies::default();
     let mut buf = [0u8; 4096];
-    let mut got = 0;
-    while got < expected {
+    let mut values = Vec::new();
+    while values.len() < expected {
         let n = stream
             .read(&mut buf)
-            .map_err(|e| fail(&format!("no answer: {e}")))?;
+            .map_err(|e| unreachable(&format!("no answer: {e}")))?;
         if n == 0 {
-            return Err(fail("closed the connection"));
+            return Err(unreachable("closed the connection"));
         }
         replies.feed(&buf[..n]);
-        while let Some(value) = replies.next().map_err(|e| fail(&e.to_string()))? {
-            got += 1;
-            value.extract_error().map_err(|e| fail(&e.to_string()))?;
+        while let Some(value) = replies.next().map_err(|e| wrong(&e.to_string()))? {
+            values.push(value);
+        }
+    }
+    // Errors in order, except the last for a cluster: `CLUSTER SLOTS` on a server that is not
+    // one is told below, in words.
+    let checked = expected - usize::from(settings.cluster);
+    for value in values.iter_mut().take(checked) {
+        let taken = std::mem::replace(value, redis::Value::Nil);
+        *value = taken.extract_error().map_err(|e| wrong(&e.to_string()))?;
+    }
+    let info = values
+        .get(expected - 1 - usize::from(settings.cluster))
+        .and_then(resp::bytes)
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+            .map(str::to_owned)
+    };
+    let version = field("redis_version").unwrap_or_default();
+    let major = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok())
+        .unwrap_or(0);
+    if major < 7 {
+        return Err(wrong(&format!(
+            "is Redis {version}; ringhub needs Redis 7.0 or later (sharded pub/sub)"
+        )));
+    }
+    let is_cluster = field("cluster_enabled").as_deref() == Some("1");
+    if is_cluster && !settings.cluster {
+        return Err(wrong(
+            "is a Redis Cluster node; set redis_cluster = true and list seed nodes in redis_url",
+        ));
+    }
+    if settings.cluster {
+        if !is_cluster {
+            return Err(wrong(
+                "is not a Redis Cluster node, but redis_cluster = true",
+            ));
+        }
+        let map = values
+            .pop()
+            .map(|v| v.extract_error().map_err(|e| e.to_string()))
+            .unwrap_or_else(|| Err("no answer to CLUSTER SLOTS".into()))
+            .and_then(|v| cluster::SlotMap::from_cluster_slots(&v, cluster::host_of(addr)))
+            .map_err(|why| wrong(&why))?;
+        if !map.covers_all() {
+            return Err(unreachable(
+                "the cluster does not serve every slot (CLUSTER SLOTS)",
+            ));
         }
     }
     Ok(())

@@ -100,7 +100,10 @@ pub(crate) fn is_noscript(e: &RedisError) -> bool {
 pub(crate) fn message(value: &Value) -> Option<(&[u8], &[u8])> {
     let parts = match value {
         Value::Array(items) => &items[..],
-        Value::Push { kind, data } if *kind == redis::PushKind::Message => {
+        Value::Push {
+            kind: redis::PushKind::Message | redis::PushKind::SMessage,
+            data,
+        } => {
             return match &data[..] {
                 [channel, payload] => Some((bytes(channel)?, bytes(payload)?)),
                 _ => None,
@@ -109,7 +112,7 @@ pub(crate) fn message(value: &Value) -> Option<(&[u8], &[u8])> {
         _ => return None,
     };
     match parts {
-        [kind, channel, payload] if bytes(kind) == Some(b"message") => {
+        [kind, channel, payload] if matches!(bytes(kind), Some(b"message" | b"smessage")) => {
             Some((bytes(channel)?, bytes(payload)?))
         }
         _ => None,

@@ -8,7 +8,8 @@
 //!   losing the room's state in Redis (eviction, an unpersisted restart) always comes with a new
 //!   epoch and a gap is never hidden.
 //! - `P:{r:R}:hist`: stream of the kept messages, entry id `<seq>-0`, field `d` = the body.
-//! - `P:{r:R}:ch`: the channel every node with members subscribes to: `m|seq|epoch|body`
+//! - `P:{r:R}:ch`: the shard channel (`SPUBLISH`/`SSUBSCRIBE`, in the room's slot) every node
+//!   with members subscribes to: `m|seq|epoch|body`
 //!   (a message) and `p|j|user|name` / `p|l|user|name` (a user joined or left, across nodes).
 //! - `P:{r:R}:count` hash node → connections there; `P:{r:R}:users` hash user → connections
 //!   anywhere; `P:{r:R}:names` hash user → name; `P:{r:R}:nu:<node>` hash user → connections on
@@ -68,7 +69,7 @@ local function purge(now, nu, presence_on)
         redis.call('HDEL', KEYS[2], user)
         redis.call('HDEL', KEYS[3], user)
         if presence_on == '1' then
-          redis.call('PUBLISH', KEYS[5], 'p|l|' .. user .. '|' .. name)
+          redis.call('SPUBLISH', KEYS[5], 'p|l|' .. user .. '|' .. name)
         end
       end
     end
@@ -106,7 +107,7 @@ if tonumber(ARGV[2]) > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], s .. '-0', 'd', ARGV[1])
   if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
 end
-redis.call('PUBLISH', KEYS[3], 'm|' .. s .. '|' .. e .. '|' .. ARGV[1])
+redis.call('SPUBLISH', KEYS[3], 'm|' .. s .. '|' .. e .. '|' .. ARGV[1])
 return {s, e}
 ",
 );
@@ -178,7 +179,7 @@ if ARGV[14] == '1' then
   local conns = redis.call('HINCRBY', KEYS[2], user, 1)
   redis.call('HSET', KEYS[3], user, ARGV[3])
   if conns == 1 and ARGV[7] == '1' then
-    redis.call('PUBLISH', KEYS[5], 'p|j|' .. user .. '|' .. ARGV[3])
+    redis.call('SPUBLISH', KEYS[5], 'p|j|' .. user .. '|' .. ARGV[3])
   end
 end
 redis.call('ZADD', KEYS[4], tonumber(ARGV[5]) + tonumber(ARGV[6]), node)
@@ -221,7 +222,7 @@ if conns <= 0 then
   redis.call('HDEL', KEYS[2], user)
   redis.call('HDEL', KEYS[3], user)
   if ARGV[4] == '1' then
-    redis.call('PUBLISH', KEYS[5], 'p|l|' .. user .. '|' .. name)
+    redis.call('SPUBLISH', KEYS[5], 'p|l|' .. user .. '|' .. name)
   end
 end
 return total()
@@ -272,7 +273,7 @@ for i = 6, #ARGV, 3 do
   local total_conns = redis.call('HINCRBY', KEYS[2], user, conns)
   redis.call('HSET', KEYS[3], user, name)
   if total_conns == conns and ARGV[4] == '1' then
-    redis.call('PUBLISH', KEYS[5], 'p|j|' .. user .. '|' .. name)
+    redis.call('SPUBLISH', KEYS[5], 'p|j|' .. user .. '|' .. name)
   end
 end
 if here > 0 then
@@ -287,21 +288,23 @@ return here
 );
 
 /// Counts a new connection of a user across nodes (SPEC §10 point 4): connections of dead nodes
-/// (no live lease in the node registry) are dropped first; at `max_connections_per_user` the
-/// oldest is given up (`close_oldest`, answered so that its node closes it with 4509) or the new
-/// one refused (`reject_new`). KEYS: the user's connections (a sorted set of `node|conn` by
-/// connect time), the node registry. ARGV: [1] `node|conn`, [2] now ms, [3] max, [4] `close` or
-/// `reject`, [5] the set's ttl ms. Returns `{1}`, `{1, oldest}` or `{0}` (refused).
-///
-/// The registry is not in the user's slot: this script is for one Redis server (Redis Cluster is
-/// not built).
+/// are dropped first; at `max_connections_per_user` the oldest is given up (`close_oldest`,
+/// answered so that its node closes it with 4509) or the new one refused (`reject_new`). KEYS:
+/// the user's connections (a sorted set of `node|conn` by connect time). ARGV: [1] `node|conn`,
+/// [2] now ms, [3] max, [4] `close` or `reject`, [5] the set's ttl ms, [6] a grace in ms, then
+/// the live nodes as the caller last read them from the registry. A connection is dead when its
+/// node is not among them and it is older than the grace (a node started since the caller's
+/// last look keeps its connections). The registry itself is not read here: it is in another slot
+/// of a Redis Cluster. Returns `{1}`, `{1, oldest}` or `{0}` (refused).
 pub(crate) static ADMIT: Script = Script::new(
     r"
 local now = tonumber(ARGV[2])
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+local live = {}
+for i = 7, #ARGV do live[ARGV[i]] = true end
+local young = now - tonumber(ARGV[6])
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', young, 'BYSCORE')) do
   local node = string.match(member, '^(.*)|[^|]*$')
-  local lease = node and redis.call('ZSCORE', KEYS[2], node)
-  if (not lease) or tonumber(lease) < now then redis.call('ZREM', KEYS[1], member) end
+  if not (node and live[node]) then redis.call('ZREM', KEYS[1], member) end
 end
 local oldest = nil
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
@@ -316,13 +319,13 @@ return {1}
 ",
 );
 
-/// Renews this node's lease in the node registry, forgets dead nodes, counts the live ones.
+/// Renews this node's lease in the node registry, forgets dead nodes, lists the live ones.
 /// KEYS: the registry. ARGV: [1] node, [2] now ms, [3] lease ms. Returns the live nodes.
 pub(crate) static REGISTER: Script = Script::new(
     r"
 redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2])
-return redis.call('ZCARD', KEYS[1])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 ",
 );
 

@@ -481,9 +481,11 @@ fn redis(
         }
         return Ok(None);
     };
-    let target = parse_redis_url(url).map_err(|why| c.fail("redis_url", why))?;
+    let target =
+        parse_redis_urls(url, raw.redis_cluster).map_err(|why| c.fail("redis_url", why))?;
     Ok(Some(RedisSettings {
-        addr: target.addr,
+        seeds: target.seeds,
+        cluster: raw.redis_cluster,
         username: target.username,
         password: target.password,
         db: target.db,
@@ -500,6 +502,48 @@ struct RedisTarget {
     username: Option<String>,
     password: Option<String>,
     db: u32,
+}
+
+/// Where `redis_url` points: one URL, or (cluster) a comma-separated list of seed nodes, which
+/// must agree on the credentials; a cluster has only database 0.
+#[derive(Debug, PartialEq, Eq)]
+struct RedisTargets {
+    seeds: Vec<String>,
+    username: Option<String>,
+    password: Option<String>,
+    db: u32,
+}
+
+fn parse_redis_urls(text: &str, cluster: bool) -> Result<RedisTargets, String> {
+    let urls: Vec<&str> = text.split(',').map(str::trim).collect();
+    if urls.len() > 1 && !cluster {
+        return Err("a list of seed nodes needs redis_cluster = true".into());
+    }
+    if urls.len() > 64 {
+        return Err("at most 64 seed nodes".into());
+    }
+    let mut targets = urls.into_iter().map(parse_redis_url);
+    let first = targets.next().unwrap_or_else(|| Err("is empty".into()))?;
+    let mut seeds = vec![first.addr];
+    for target in targets {
+        let target = target?;
+        if (&target.username, &target.password) != (&first.username, &first.password) {
+            return Err("every seed node must name the same user and password".into());
+        }
+        if target.db != first.db {
+            return Err("every seed node must name the same database".into());
+        }
+        seeds.push(target.addr);
+    }
+    if cluster && first.db != 0 {
+        return Err("a Redis Cluster has only database 0".into());
+    }
+    Ok(RedisTargets {
+        seeds,
+        username: first.username,
+        password: first.password,
+        db: first.db,
+    })
 }
 
 /// `redis://[user:pass@]host[:port][/db]` (percent-escapes decoded in user and password).
@@ -628,5 +672,29 @@ mod tests {
         assert!(parse_redis_url("redis://h:port").is_err());
         assert!(parse_redis_url("redis://h/x").is_err());
         assert!(parse_redis_url("redis://").is_err());
+    }
+
+    #[test]
+    fn seed_lists_are_for_a_cluster_and_agree() {
+        let t = parse_redis_urls("redis://a:7000, redis://b:7001", true).unwrap();
+        assert_eq!(t.seeds, ["a:7000", "b:7001"]);
+        assert!(
+            parse_redis_urls("redis://a:7000,redis://b:7001", false)
+                .unwrap_err()
+                .contains("redis_cluster")
+        );
+        assert!(
+            parse_redis_urls("redis://u:p@a,redis://u:q@b", true)
+                .unwrap_err()
+                .contains("same user")
+        );
+        assert!(
+            parse_redis_urls("redis://a/1", true)
+                .unwrap_err()
+                .contains("database 0")
+        );
+        assert!(parse_redis_urls("redis://a,", true).is_err());
+        let t = parse_redis_urls("redis://a/3", false).unwrap();
+        assert_eq!((t.seeds.len(), t.db), (1, 3));
     }
 }
