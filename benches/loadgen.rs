@@ -9,12 +9,13 @@
 //! loadgen fanout  [--rooms 10] [--room-size 100] [--publishers 1] [--payload 64] [--duration 10]
 //! loadgen ceiling [--rooms 10] [--room-size 100] [--payload 64] [--duration 10]
 //! common: [--server target/release/ringhub] [--shards 2] [--threads 2] [--format json|msgpack] [--zstd]
-//! several nodes (fanout): [--nodes 2] [--redis-url redis://127.0.0.1:6379]
+//! several nodes (fanout): [--nodes 2] [--redis-url redis://127.0.0.1:6379] [--redis-cluster true]
 //! ```
 //! With `--nodes N` (or `--redis-url`), N servers are started on one Redis (a prefix of their own,
 //! the same secrets) and the connections are spread over them round-robin, so that every room has
 //! members on every node; the report adds the Redis commands per publish and Redis's CPU per
-//! 1,000 publishes (`INFO cpu`).
+//! 1,000 publishes (`INFO cpu`, summed over every server of `--redis-url`; with
+//! `--redis-cluster true` it lists the cluster's masters as seeds).
 //! This machine caps a process at 20,000 open files: keep --conns (and rooms × room-size) under
 //! about 18,000, since the load generator holds one descriptor per connection; `connect` closes
 //! each connection after its welcome, so there only --concurrency counts (--conns up to 100,000,
@@ -70,6 +71,8 @@ struct Opts {
     /// Servers started (several nodes on one Redis when more than one, or with `redis_url`).
     nodes: usize,
     redis_url: Option<String>,
+    /// `--redis-url` lists the seed nodes of a Redis Cluster.
+    redis_cluster: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -93,6 +96,7 @@ fn parse_opts() -> Opts {
         permission: None,
         nodes: 1,
         redis_url: None,
+        redis_cluster: false,
     };
     let mut i = 1;
     while i < args.len() {
@@ -119,6 +123,7 @@ fn parse_opts() -> Opts {
             "--permission" => o.permission = Some(value.clone()),
             "--nodes" => o.nodes = (num() as usize).max(1),
             "--redis-url" => o.redis_url = Some(value.clone()),
+            "--redis-cluster" => o.redis_cluster = value == "true",
             "--zstd" => {
                 o.zstd = true;
                 i += 1;
@@ -176,6 +181,7 @@ fn start_servers(o: &Opts) -> Vec<ServerProc> {
         .clone()
         .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
     let prefix = format!("loadgen{}", std::process::id());
+    let cluster = if o.redis_cluster { "true" } else { "false" };
     (0..o.nodes)
         .map(|i| {
             let node = format!("n{i}");
@@ -183,6 +189,8 @@ fn start_servers(o: &Opts) -> Vec<ServerProc> {
                 o,
                 i,
                 &[
+                    "--redis-cluster",
+                    cluster,
                     "--redis-url",
                     &url,
                     "--redis-prefix",
@@ -201,10 +209,15 @@ fn start_servers(o: &Opts) -> Vec<ServerProc> {
         .collect()
 }
 
-/// Redis's CPU so far (user + system), in ms, from `INFO cpu`.
+/// Redis's CPU so far (user + system, every server of `--redis-url`), in ms, from `INFO cpu`.
 fn redis_cpu_ms(o: &Opts) -> Option<f64> {
-    use std::io::{Read, Write};
     let url = o.redis_url.as_deref().unwrap_or("redis://127.0.0.1:6379");
+    url.split(',').map(|u| server_cpu_ms(u.trim())).sum()
+}
+
+/// One Redis server's CPU so far, in ms.
+fn server_cpu_ms(url: &str) -> Option<f64> {
+    use std::io::{Read, Write};
     let addr = url.trim_start_matches("redis://").split('/').next()?;
     let mut stream = std::net::TcpStream::connect(addr).ok()?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));

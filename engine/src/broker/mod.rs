@@ -1331,12 +1331,8 @@ fn apply_slots(shard: &Rc<Shard>, map: SlotMap) {
     if shard.id == 0 {
         tracing::info!(masters = ?map.masters, "redis cluster slots read");
     }
-    let covered_before = broker
-        .slots
-        .borrow()
-        .as_ref()
-        .is_some_and(SlotMap::covers_all);
-    match (covered_before, map.covers_all()) {
+    let covers = map.covers_all();
+    match (broker.slots_cover.replace(covers), covers) {
         (false, true) => metrics.maps_missing.fetch_sub(1, Ordering::Relaxed),
         (true, false) => metrics.maps_missing.fetch_add(1, Ordering::Relaxed),
         _ => 0,

@@ -179,6 +179,9 @@ pub(crate) struct Broker {
     pub(crate) masters: RefCell<Vec<Master>>,
     /// Redis Cluster: which master serves each slot (`None` until first read).
     pub(crate) slots: RefCell<Option<SlotMap>>,
+    /// Whether `slots` names a master for every slot (kept with it: `is_up` is asked per
+    /// message).
+    pub(crate) slots_cover: Cell<bool>,
     /// When the slot map was last asked for (monotonic ms): a burst of `MOVED` asks once.
     pub(crate) slots_asked_ms: Cell<u32>,
     /// The nodes of the service whose lease was live at the last look (this one included).
@@ -200,6 +203,7 @@ impl Broker {
             masters: RefCell::new(settings.seeds.iter().map(|a| Master::new(a)).collect()),
             settings: Rc::new(settings),
             slots: RefCell::new(None),
+            slots_cover: Cell::new(false),
             slots_asked_ms: Cell::new(0),
             live_nodes: RefCell::new(Vec::new()),
             channels: RefCell::new(HashMap::new()),
@@ -213,13 +217,7 @@ impl Broker {
     /// Whether commands can be sent now: every master's command connection is up (and, in a
     /// cluster, every slot has a master).
     pub(crate) fn is_up(&self) -> bool {
-        if self.settings.cluster
-            && !self
-                .slots
-                .borrow()
-                .as_ref()
-                .is_some_and(SlotMap::covers_all)
-        {
+        if self.settings.cluster && !self.slots_cover.get() {
             return false;
         }
         let masters = self.masters.borrow();
