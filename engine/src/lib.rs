@@ -10,6 +10,7 @@
 //! Main types: [`start`] → [`Engine`]; [`EngineConfig`]; [`Metrics`].
 #![deny(unsafe_code)]
 
+pub mod announce;
 mod answers;
 pub mod auth;
 mod broker;
@@ -56,6 +57,7 @@ use msg::{ConnMsg, RoomMsg, ShardMsg};
 pub use net::{Cidr, client_ip, ip_group};
 pub use pending::{PendingResponse, ResponseSender, pending_response};
 pub use redis::check as check_redis;
+pub use redis::tell_nodes_blocking;
 pub use response::HttpResponse;
 pub use rooms::{OpenRooms, RoomAccess, RoomPolicy, RoomSettings};
 pub use routes::{HttpRequest, HttpRoutes, Routed};
@@ -374,6 +376,31 @@ impl Control {
                 },
             );
         }
+    }
+
+    /// Closes, on every shard, the live connections whose identity the authenticator now finds
+    /// revoked (after revocations were reloaded). Returns once every shard has been told.
+    pub fn close_revoked_anywhere(&self) {
+        for shard in 0..self.0.mailboxes.len() {
+            self.0.send(shard, ConnMsg::CloseAllRevoked);
+        }
+    }
+
+    /// Sets the listener of what other nodes announce (several nodes; never called without
+    /// Redis).
+    pub fn listen(&self, listener: Arc<dyn announce::Listener>) {
+        self.0.listeners.set(listener);
+    }
+
+    /// Tells every other node of the service `message` (through Redis; false when no Redis is
+    /// configured). Delivery is best effort: a node that misses it is told
+    /// [`announce::Listener::missed`] when it is back.
+    pub fn announce(&self, message: Vec<u8>) -> bool {
+        if self.0.config.redis.is_none() {
+            return false;
+        }
+        self.0.send(0, ShardMsg::Announce(message));
+        true
     }
 
     /// See [`Engine::shutdown`].

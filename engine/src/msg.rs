@@ -21,6 +21,8 @@ pub(crate) enum ShardMsg {
     Conn(ConnMsg),
     /// Stop accepting, close every connection with 1001, exit.
     Shutdown,
+    /// To shard 0: tell the other nodes (see [`crate::announce`]).
+    Announce(Vec<u8>),
 }
 
 /// To a room's home.
@@ -114,6 +116,8 @@ pub(crate) enum ConnMsg {
     Reply { conn: ConnId, reply: Reply },
     /// Close a connection.
     Close { conn: ConnId, code: CloseCode },
+    /// To every shard: close the connections the authenticator now finds revoked.
+    CloseAllRevoked,
     /// To every shard: close the connections of a user (of one session only, when given).
     CloseAuthorized {
         user: Arc<str>,

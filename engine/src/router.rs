@@ -20,6 +20,7 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: ShardMsg) {
     match msg {
         ShardMsg::Room(msg) => crate::home::handle(shard, msg),
         ShardMsg::Conn(msg) => crate::session::handle(shard, msg),
+        ShardMsg::Announce(message) => crate::broker::tell_nodes(shard, &message),
         ShardMsg::Shutdown => {
             shard.stopping.set(true);
             if let Some(w) = shard.stop_waker.borrow_mut().take() {

@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     /// Distinguishes room epochs and session ids across restarts of this process.
     pub(crate) instance: String,
+    /// The server's listener of other nodes' announcements.
+    pub(crate) listeners: crate::announce::Listeners,
 }
 
 impl Shared {
@@ -55,6 +57,7 @@ impl Shared {
             mailboxes: (0..shards).map(|_| Mailbox::new()).collect(),
             shutting_down: AtomicBool::new(false),
             instance: nonce.iter().map(|b| format!("{b:02x}")).collect(),
+            listeners: crate::announce::Listeners::default(),
         }
     }
 

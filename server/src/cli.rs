@@ -441,6 +441,16 @@ fn execute(
                 user.id,
                 role.as_str()
             );
+            // Running nodes re-read the admins every 2 s; with Redis they are told at once.
+            if let Some(redis) = &config.engine.redis {
+                let told = crate::announce::Announcement::AdminsChanged.encode();
+                if let Err(why) = engine::tell_nodes_blocking(redis, &told) {
+                    let _ = writeln!(
+                        out,
+                        "ringhub: the running nodes will see it within 2 s ({why})"
+                    );
+                }
+            }
         }
         Command::CheckConfig | Command::Print(_) | Command::Completions(_) => {}
     }

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod announce;
 pub mod api_error;
 pub mod cli;
 pub mod clock;

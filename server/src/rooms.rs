@@ -13,6 +13,7 @@ use protocol::envelope::RoomId;
 use serde::Serialize;
 use storage::{MemberRole, Permission, RoomRecord, RoomUpdate, Store, StoreError};
 
+use crate::announce::Announcement;
 use crate::api_error::{Answer, ApiError};
 use crate::clock::now_ms;
 use crate::config::Rate;
@@ -208,6 +209,52 @@ impl RoomDirectory {
             .remove(room);
     }
 
+    /// Replaces this node's copy of `room` with what storage holds now (another node changed
+    /// it); false when storage has no such room.
+    fn refresh(&self, store: &dyn Store, room: &str) -> Result<bool, StoreError> {
+        let Some(record) = store.room(room)? else {
+            self.remove(room);
+            return Ok(false);
+        };
+        let members = store.members(room)?.into_iter().collect();
+        self.put(Entry {
+            record,
+            members,
+            deleted: false,
+        });
+        Ok(true)
+    }
+
+    /// Replaces every room with what storage holds now (announcements may have been missed):
+    /// the rooms that changed, and those that are gone.
+    fn reload(&self, store: &dyn Store) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let fresh = Self::load(store)?;
+        let fresh = fresh
+            .rooms
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut current = self
+            .rooms
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = fresh
+            .iter()
+            .filter(|(id, entry)| {
+                current
+                    .get(*id)
+                    .is_none_or(|old| old.record != entry.record || old.members != entry.members)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let gone = current
+            .keys()
+            .filter(|id| !fresh.contains_key(*id))
+            .cloned()
+            .collect();
+        *current = fresh;
+        Ok((changed, gone))
+    }
+
     /// A user's rights in a persistent room; `None` when the room is not persistent.
     pub fn rights_of(&self, room: &str, user: &str) -> Option<Rights> {
         let entry = self.get(room)?;
@@ -358,6 +405,57 @@ impl RoomService {
         let _ = self.control.set(control);
     }
 
+    /// Another node changed `room` (and removed `removed` from it): read it again, then kick the
+    /// removed user or ask the policy again for every member here.
+    pub fn changed_elsewhere(&self, room: &str, removed: Option<&str>) {
+        let Ok(id) = RoomId::parse(room) else {
+            return;
+        };
+        if let Err(e) = self.directory.refresh(&*self.store, room) {
+            tracing::warn!(room, error = %e, "cannot read a room changed on another node");
+            return;
+        }
+        if let Some(control) = self.control.get() {
+            match removed {
+                Some(user) => control.kick(&id, Some(user), "removed"),
+                None => control.reauthorize(&id),
+            };
+        }
+    }
+
+    /// Another node deleted `room`: its members here are kicked and it is forgotten.
+    pub fn deleted_elsewhere(&self, room: &str) {
+        let Ok(id) = RoomId::parse(room) else {
+            return;
+        };
+        self.directory.modify(room, |e| e.deleted = true);
+        if let Some(control) = self.control.get() {
+            control.delete_room(&id);
+        }
+        self.directory.remove(room);
+    }
+
+    /// Reads every room again (announcements may have been missed): members of changed rooms
+    /// are asked for again, those of rooms gone are kicked.
+    pub fn reload_all(&self) {
+        let (changed, gone) = match self.directory.reload(&*self.store) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reload rooms");
+                return;
+            }
+        };
+        let Some(control) = self.control.get() else {
+            return;
+        };
+        for room in changed.iter().filter_map(|r| RoomId::parse(r).ok()) {
+            control.reauthorize(&room);
+        }
+        for room in gone.iter().filter_map(|r| RoomId::parse(r).ok()) {
+            control.kick(&room, None, "room_deleted");
+        }
+    }
+
     /// Reloads the admin set from storage.
     pub fn reload_admins(&self) {
         match self.store.admins() {
@@ -449,6 +547,10 @@ impl RoomService {
         if let Some(control) = self.control.get() {
             control.reauthorize(&new.id);
         }
+        Announcement::RoomChanged {
+            room: record.id.clone(),
+        }
+        .tell(self.control.get());
         tracing::info!(room = %record.id, user_id = %who.user_id, "room created");
         Ok(HttpResponse::json(
             201,
@@ -487,6 +589,10 @@ impl RoomService {
         if let Some(control) = self.control.get() {
             control.reauthorize(room);
         }
+        Announcement::RoomChanged {
+            room: room.as_str().to_owned(),
+        }
+        .tell(self.control.get());
         Ok(HttpResponse::json(
             200,
             room_body(&record, self.online(room)),
@@ -511,6 +617,10 @@ impl RoomService {
             control.delete_room(room);
         }
         self.directory.remove(room.as_str());
+        Announcement::RoomDeleted {
+            room: room.as_str().to_owned(),
+        }
+        .tell(self.control.get());
         tracing::info!(room = %room, user_id = %who.user_id, "room deleted");
         Ok(HttpResponse::json(204, Vec::new()))
     }
@@ -555,6 +665,10 @@ impl RoomService {
         if let Some(control) = self.control.get() {
             control.reauthorize(room);
         }
+        Announcement::RoomChanged {
+            room: room.as_str().to_owned(),
+        }
+        .tell(self.control.get());
         Ok(HttpResponse::json(204, Vec::new()))
     }
 
@@ -589,6 +703,11 @@ impl RoomService {
         if let Some(control) = self.control.get() {
             control.kick(room, Some(user), "removed");
         }
+        Announcement::MemberRemoved {
+            room: room.as_str().to_owned(),
+            user: user.to_owned(),
+        }
+        .tell(self.control.get());
         Ok(HttpResponse::json(204, Vec::new()))
     }
 

@@ -158,6 +158,7 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
         .unwrap_or(8)
         .max(2);
     let storage_pool = Arc::new(Pool::new("storage", storage_threads, 1024, false));
+    let announce_pool = storage_pool.clone();
     let hash_pool = Arc::new(Pool::new(
         "hash",
         cores,
@@ -208,6 +209,16 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
     })?;
     accounts.attach(engine.control());
     rooms.attach(engine.control());
+    if config.engine.redis.is_some() {
+        // What other nodes announce (revocations, room and role changes) is applied here.
+        engine
+            .control()
+            .listen(Arc::new(crate::announce::NodeListener::new(
+                accounts.clone(),
+                rooms.clone(),
+                announce_pool,
+            )));
+    }
     let pruner = accounts;
     let _ = std::thread::Builder::new()
         .name("ringhub-upkeep".into())

@@ -12,5 +12,6 @@ mod history;
 mod http;
 mod logs;
 mod nodes;
+mod nodes_accounts;
 mod rooms;
 mod third_party;

@@ -538,6 +538,29 @@ fn node_channel(prefix: &str, node: &str) -> String {
     format!("{prefix}:node:{node}")
 }
 
+/// The service channel every node listens on (shard 0): announcements (see `announce`).
+fn service_channel(prefix: &str) -> String {
+    format!("{prefix}:{{svc}}:all")
+}
+
+/// Tells the other nodes `message` on the service channel, as `node|message` (nodes skip their
+/// own). Dropped while Redis is unreachable: the others reload when they notice (`missed`).
+pub(crate) fn tell_nodes(shard: &Rc<Shard>, message: &[u8]) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let channel = service_channel(&broker.settings.prefix);
+    let mut payload = Vec::with_capacity(broker.settings.node_id.len() + 1 + message.len());
+    payload.extend_from_slice(broker.settings.node_id.as_bytes());
+    payload.push(b'|');
+    payload.extend_from_slice(message);
+    let mut cmd = redis::cmd("SPUBLISH");
+    cmd.arg(&channel).arg(payload);
+    if broker.send(&channel, &cmd, Pending::Ignore).is_err() {
+        tracing::warn!("redis is unreachable: an announcement to the other nodes was dropped");
+    }
+}
+
 /// The key of a user's connections on every node (hash-tagged by the user).
 fn user_key(broker: &Broker, user: &str) -> String {
     format!("{}:{{u:{user}}}:conns", broker.settings.prefix)
@@ -757,6 +780,14 @@ fn on_push(shard: &Rc<Shard>, value: &redis::Value) {
             on_node_message(shard, payload);
             return;
         }
+        if channel == service_channel(&broker.settings.prefix).as_bytes() {
+            if let Some(bar) = payload.iter().position(|b| *b == b'|')
+                && &payload[..bar] != broker.settings.node_id.as_bytes()
+            {
+                shard.shared.listeners.heard(&payload[bar + 1..]);
+            }
+            return;
+        }
         let Some(room) = keys::room_of_channel(&broker.settings.prefix, channel)
             .and_then(|r| RoomId::parse(r).ok())
         else {
@@ -799,6 +830,14 @@ fn on_push(shard: &Rc<Shard>, value: &redis::Value) {
         ask_slots(broker);
         let name = keys::channel(&broker.settings.prefix, &room);
         broker.subscription(&name, true);
+        return;
+    }
+    // The service channel subscribed (first, or again): what was announced meanwhile is lost.
+    if let [kind, channel, _] = parts
+        && bytes(kind) == Some(b"ssubscribe")
+        && bytes(channel) == Some(service_channel(&broker.settings.prefix).as_bytes())
+    {
+        shard.shared.listeners.missed();
         return;
     }
     // `ssubscribe` confirmations: the room's waiting joins may ask Redis now.
@@ -1135,7 +1174,7 @@ impl LinkEvents<Pending> for CommandEvents {
                 release_user(shard, &user, conn);
             }
         }
-        announce(shard, Some(&self.addr));
+        announce_members(shard, Some(&self.addr));
     }
 
     fn down(&mut self, unanswered: Vec<Pending>) {
@@ -1223,6 +1262,7 @@ fn resubscribe(shard: &Rc<Shard>, only: Option<&str>) {
             &broker.settings.prefix,
             &broker.settings.node_id,
         ));
+        names.push(service_channel(&broker.settings.prefix));
     }
     for name in names {
         if only.is_none_or(|addr| broker.master_addr(name.as_bytes()).as_deref() == Some(addr)) {
@@ -1234,7 +1274,7 @@ fn resubscribe(shard: &Rc<Shard>, only: Option<&str>) {
 /// Announces this node's connections in every room held here again (after a command
 /// connection came back: Redis may have lost them): the rooms served by the master at `only`,
 /// or all.
-fn announce(shard: &Rc<Shard>, only: Option<&str>) {
+fn announce_members(shard: &Rc<Shard>, only: Option<&str>) {
     let Some(broker) = broker(shard) else {
         return;
     };
@@ -1349,7 +1389,7 @@ fn apply_slots(shard: &Rc<Shard>, map: SlotMap) {
         spawn_links(shard, broker, addr, commands, subscriber);
     }
     resubscribe(shard, None);
-    announce(shard, None);
+    announce_members(shard, None);
 }
 
 /// A cluster command answered `MOVED` or `ASK`: sent again to the master named (after

@@ -152,3 +152,94 @@ fn check_one(addr: &str, settings: &RedisSettings) -> Result<(), (bool, String)>
     }
     Ok(())
 }
+
+/// Tells the nodes of the service `message` from a process that runs no engine (the CLI), as a
+/// node would (see `crate::announce`): connects to the first seed that answers, authenticates,
+/// `SPUBLISH`es on the service channel, and follows one `MOVED` on a cluster. Blocking.
+pub fn tell_nodes_blocking(settings: &RedisSettings, message: &[u8]) -> Result<(), String> {
+    let channel = format!("{}:{{svc}}:all", settings.prefix);
+    let mut payload = b"cli|".to_vec();
+    payload.extend_from_slice(message);
+    let mut publish = Vec::new();
+    redis::cmd("SPUBLISH")
+        .arg(&channel)
+        .arg(&payload)
+        .write_packed_command(&mut publish);
+    let mut last = String::from("no seed node");
+    let mut targets: Vec<String> = settings.seeds.clone();
+    let mut redirected = false;
+    while let Some(addr) = (!targets.is_empty()).then(|| targets.remove(0)) {
+        match ask_blocking(&addr, settings, &publish) {
+            Ok(value) => match value.extract_error() {
+                Ok(_) => return Ok(()),
+                Err(e) => match e.redirect_node() {
+                    Some((to, _)) if !redirected => {
+                        redirected = true;
+                        targets.insert(0, to.to_owned());
+                    }
+                    _ => return Err(format!("redis at {addr}: {e}")),
+                },
+            },
+            Err(why) => last = why,
+        }
+    }
+    Err(last)
+}
+
+/// Sends one packed command to `addr` after AUTH and SELECT; its reply (an error reply is a
+/// value, not an `Err`).
+fn ask_blocking(
+    addr: &str,
+    settings: &RedisSettings,
+    command: &[u8],
+) -> Result<redis::Value, String> {
+    let fail = |what: &str| format!("redis at {addr}: {what}");
+    let timeout = Duration::from_secs(3);
+    let target = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| fail(&format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| fail("no address"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)
+        .map_err(|e| fail(&format!("cannot connect: {e}")))?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    let mut out = Vec::new();
+    let mut before = 0;
+    if let Some(password) = &settings.password {
+        let mut auth = redis::cmd("AUTH");
+        if let Some(user) = &settings.username {
+            auth.arg(user);
+        }
+        auth.arg(password).write_packed_command(&mut out);
+        before += 1;
+    }
+    if settings.db != 0 {
+        redis::cmd("SELECT")
+            .arg(settings.db)
+            .write_packed_command(&mut out);
+        before += 1;
+    }
+    out.extend_from_slice(command);
+    stream
+        .write_all(&out)
+        .map_err(|e| fail(&format!("cannot write: {e}")))?;
+    let mut replies = resp::Replies::default();
+    let mut buf = [0u8; 4096];
+    let mut seen = 0;
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .map_err(|e| fail(&format!("no answer: {e}")))?;
+        if n == 0 {
+            return Err(fail("closed the connection"));
+        }
+        replies.feed(&buf[..n]);
+        while let Some(value) = replies.next().map_err(|e| fail(&e.to_string()))? {
+            if seen == before {
+                return Ok(value);
+            }
+            value.extract_error().map_err(|e| fail(&e.to_string()))?;
+            seen += 1;
+        }
+    }
+}

@@ -26,7 +26,7 @@ use protocol::compression::{ZstdError, compressed_bound, is_zstd};
 use protocol::envelope::{DecodeLimits, decode_request};
 use protocol::ws::{self, Message, MessageDecoder};
 
-use crate::auth::Identity;
+use crate::auth::{Identity, Revoked};
 use crate::conn::{ConnParts, PartialRead, shard_of};
 use crate::frames::Delivery;
 use crate::frames::Dialect;
@@ -381,6 +381,20 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: ConnMsg) {
         ConnMsg::Close { conn, code } => {
             if let Some(c) = shard.conn(conn) {
                 shard.writer.close(&c, code);
+            }
+        }
+        ConnMsg::CloseAllRevoked => {
+            let revoked: Vec<(Rc<Conn>, Revoked)> = shard
+                .conns
+                .borrow()
+                .values()
+                .filter_map(|c| {
+                    let verdict = shard.shared.auth.revoked(&c.identity.borrow());
+                    verdict.map(|r| (c.clone(), r))
+                })
+                .collect();
+            for (conn, why) in revoked {
+                shard.writer.close(&conn, why.close_code());
             }
         }
         ConnMsg::CloseAuthorized {

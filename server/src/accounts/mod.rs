@@ -18,6 +18,7 @@ use storage::{
     UserRecord,
 };
 
+use crate::announce::Announcement;
 use crate::api_error::{Answer, ApiError};
 use crate::clock::{ms, now_ms, rfc3339};
 use crate::config::AccountSettings;
@@ -197,6 +198,46 @@ impl Accounts {
     /// Connects the running engine, so that revocations close live connections.
     pub fn attach(&self, control: engine::Control) {
         let _ = self.control.set(control);
+    }
+
+    /// Records a revocation written to storage here: in memory, then told to the other nodes
+    /// (`user` owns what it covers).
+    fn revoked_here(&self, revocation: Revocation, user: &str) {
+        self.revocations.insert(revocation.clone());
+        Announcement::Revoked {
+            revocation,
+            user: user.to_owned(),
+        }
+        .tell(self.control.get());
+    }
+
+    /// A revocation another node made (and wrote to storage): refused here too, and the live
+    /// connections it covers closed (4001 for a session, 4510 for an account).
+    pub fn revoked_elsewhere(
+        &self,
+        revocation: Revocation,
+        user: &str,
+        session: Option<&str>,
+        reach: Revoked,
+    ) {
+        self.revocations.insert(revocation);
+        if let Some(control) = self.control.get() {
+            control.close_revoked(user, session, reach);
+        }
+    }
+
+    /// Reloads the durable revocations (announcements may have been missed) and closes the live
+    /// connections they cover.
+    pub fn reload_revocations(&self) {
+        match self.load_revocations() {
+            Ok(n) => {
+                tracing::info!(revocations = n, "revocations reloaded");
+                if let Some(control) = self.control.get() {
+                    control.close_revoked_anywhere();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reload revocations"),
+        }
     }
 
     /// Loads the durable revocations into memory (at start).
@@ -681,7 +722,7 @@ impl Accounts {
                 keep_until_ms: now.saturating_add(ms(self.config.access_ttl)),
             };
             self.store.add_revocation(&revocation)?;
-            self.revocations.insert(revocation);
+            self.revoked_here(revocation, user);
             self.store.revoke_session(sid, now)?;
         }
         if let Some(control) = self.control.get() {
@@ -727,7 +768,7 @@ impl Accounts {
             "add_revocation",
             self.store.add_revocation(&everything)
         );
-        self.revocations.insert(everything);
+        self.revoked_here(everything, &identity.user_id);
         let revoked = store!(
             self,
             "revoke_user_sessions",
@@ -746,7 +787,7 @@ impl Accounts {
                 "add_revocation",
                 self.store.add_revocation(&revocation)
             );
-            self.revocations.insert(revocation);
+            self.revoked_here(revocation, &identity.user_id);
         }
         if let Some(control) = self.control.get() {
             control.close_revoked(&identity.user_id, None, Revoked::Account);
@@ -800,7 +841,7 @@ impl Accounts {
             "add_revocation",
             self.store.add_revocation(&revocation)
         );
-        self.revocations.insert(revocation);
+        self.revoked_here(revocation, &user.id);
         store!(
             self,
             "soft_delete_user",

@@ -1,0 +1,306 @@
+//! The accounts side of several nodes (SPEC §10 points 5 and 6) through the real binary: two
+//! nodes on one Redis and one PostgreSQL schema. What one node revokes or changes, the other
+//! applies within a second: on HTTP, at upgrade and on live connections.
+
+use std::time::{Duration, Instant};
+
+use protocol::envelope::Value;
+use ringhub_tests::{
+    Client, Db, Ended, OwnRedis, Schema, Server, s, shared_redis_url, start_nodes,
+};
+
+const UA: (&str, &str) = ("User-Agent", "ringhub-tests");
+const WITHIN: Duration = Duration::from_secs(1);
+
+/// Two nodes sharing a fresh PostgreSQL schema and the local Redis; the schema guard outlives
+/// them (fields drop in order).
+struct Pair {
+    nodes: Vec<Server>,
+    _schema: Option<Schema>,
+}
+
+fn pair(name: &str) -> Pair {
+    pair_on(name, &shared_redis_url())
+}
+
+fn pair_on(name: &str, redis_url: &str) -> Pair {
+    let (db_flags, schema) = Db::Postgres.flags(name);
+    let mut flags: Vec<&str> = db_flags.iter().map(String::as_str).collect();
+    flags.extend(["--bcrypt-cost", "4", "--refresh-reuse-interval", "1s"]);
+    let nodes = start_nodes(name, 2, redis_url, &flags);
+    Pair {
+        nodes,
+        _schema: schema,
+    }
+}
+
+fn login(server: &Server, email: &str, password: &str) -> (String, String) {
+    let body = format!(r#"{{"email":"{email}","password":"{password}"}}"#);
+    let answer = server.api("POST", "/login", &[], Some(&body));
+    assert_eq!(answer.status, 200, "login: {answer:?}");
+    (
+        answer.str_at("access_token"),
+        answer.str_at("refresh_token"),
+    )
+}
+
+fn connect(server: &Server, token: &str) -> Client {
+    let mut client = server
+        .try_connect(token, None, &[UA])
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    client.expect("welcome", None);
+    client
+}
+
+/// The node refuses `token` on HTTP within a second (asked every 20 ms), and at upgrade.
+fn refused_within_a_second(server: &Server, token: &str, what: &str) {
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let status = server.api_as(token, "GET", "/me", None).status;
+        if status == 401 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: /me still {status} after 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = server.try_connect(token, None, &[UA]);
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("401")),
+        "{what}: upgrade {:?}",
+        refused.map(|_| "accepted")
+    );
+}
+
+/// The live connection ends with `code` within a second.
+fn closed_within_a_second(ws: &mut Client, code: u16, what: &str) {
+    ws.set_timeout(WITHIN);
+    assert_eq!(ws.ended(), Ended::Closed(code), "{what}");
+}
+
+/// Each kind of revocation made on node A is refused by node B within a second — on HTTP, at
+/// upgrade, and on B's live connections with the right close code.
+#[test]
+fn every_revocation_made_on_one_node_reaches_the_other_within_a_second() {
+    let p = pair("revoke");
+    let (a, b) = (&p.nodes[0], &p.nodes[1]);
+    let created = a.register("ivan", "ivan@example.com", "correct horse");
+    assert_eq!(created.status, 201, "{created:?}");
+
+    // Password change on A: the other session goes everywhere (4001).
+    let (this, _) = login(a, "ivan@example.com", "correct horse");
+    let (other, _) = login(b, "ivan@example.com", "correct horse");
+    let mut other_ws = connect(b, &other);
+    let changed = a.api_as(
+        &this,
+        "POST",
+        "/password",
+        Some(r#"{"current_password":"correct horse","new_password":"battery staple"}"#),
+    );
+    assert_eq!(changed.status, 204, "{changed:?}");
+    closed_within_a_second(&mut other_ws, 4001, "password change");
+    refused_within_a_second(b, &other, "password change");
+    assert_eq!(b.api_as(&this, "GET", "/me", None).status, 200);
+
+    // A session deleted on A.
+    let (third, _) = login(b, "ivan@example.com", "battery staple");
+    let mut third_ws = connect(b, &third);
+    let sessions = a.api_as(&this, "GET", "/sessions", None).json();
+    let Some(Value::Array(list)) = sessions.get("sessions") else {
+        panic!("{sessions:?}");
+    };
+    let third_id = list
+        .iter()
+        .find(|s| s.get("current") == Some(&Value::Bool(false)))
+        .and_then(|s| s.get("id"))
+        .and_then(Value::as_str)
+        .unwrap()
+        .to_owned();
+    let deleted = a.api_as(&this, "DELETE", &format!("/sessions/{third_id}"), None);
+    assert_eq!(deleted.status, 204);
+    closed_within_a_second(&mut third_ws, 4001, "session delete");
+    refused_within_a_second(b, &third, "session delete");
+
+    // Logout on A.
+    let (fourth, _) = login(a, "ivan@example.com", "battery staple");
+    let mut fourth_ws = connect(b, &fourth);
+    assert_eq!(a.api_as(&fourth, "POST", "/logout", None).status, 204);
+    closed_within_a_second(&mut fourth_ws, 4001, "logout");
+    refused_within_a_second(b, &fourth, "logout");
+
+    // Refresh reuse detected on A: the family's tokens die on B.
+    let (fifth, first_refresh) = login(a, "ivan@example.com", "battery staple");
+    let mut fifth_ws = connect(b, &fifth);
+    let body = |t: &str| format!(r#"{{"refresh_token":"{t}"}}"#);
+    let rotated = a.api("POST", "/refresh", &[], Some(&body(&first_refresh)));
+    assert_eq!(rotated.status, 200);
+    std::thread::sleep(Duration::from_millis(1200));
+    let stolen = a.api("POST", "/refresh", &[], Some(&body(&first_refresh)));
+    assert_eq!((stolen.status, stolen.code()), (401, "token_reused".into()));
+    closed_within_a_second(&mut fifth_ws, 4001, "refresh reuse");
+    refused_within_a_second(b, &rotated.str_at("access_token"), "refresh reuse");
+
+    // Logout everywhere on A: every connection on B closes with 4510, sessionless tokens too.
+    let (sixth, _) = login(b, "ivan@example.com", "battery staple");
+    let mut sixth_ws = connect(b, &sixth);
+    let ops = b.cli(&["token", "--user", "ivan@example.com"]);
+    let ops = ops.stdout.trim().to_owned();
+    assert_eq!(b.api_as(&ops, "GET", "/me", None).status, 200);
+    assert_eq!(a.api_as(&this, "POST", "/logout/all", None).status, 204);
+    closed_within_a_second(&mut sixth_ws, 4510, "logout all");
+    refused_within_a_second(b, &sixth, "logout all");
+    refused_within_a_second(b, &ops, "logout all (a token without a session)");
+
+    // Account deletion on A.
+    let (last, _) = login(b, "ivan@example.com", "battery staple");
+    let mut last_ws = connect(b, &last);
+    let gone = a.api_as(
+        &last,
+        "DELETE",
+        "/me",
+        Some(r#"{"password":"battery staple"}"#),
+    );
+    assert_eq!(gone.status, 204, "{gone:?}");
+    closed_within_a_second(&mut last_ws, 4510, "account deletion");
+    refused_within_a_second(b, &last, "account deletion");
+}
+
+fn call(ws: &mut Client, op: &str, room: &str) -> Value {
+    let id = ws.request(op, &[("room", s(room))]);
+    ws.expect("reply", Some(id))
+}
+
+/// Room changes made through node A reach members on node B within a second: a removed member
+/// is kicked, a permission change kicks who may no longer read, a deleted room kicks everyone;
+/// an admin demoted with `ringhub user set-role` loses, on B, the rooms only the role opened.
+#[test]
+fn room_and_role_changes_on_one_node_reach_the_other_within_a_second() {
+    let p = pair("roomchange");
+    let (a, b) = (&p.nodes[0], &p.nodes[1]);
+    let (_, owner) = a.account("olga");
+    let (member_id, member) = a.account("mike");
+    let (_, boss) = a.account("boss");
+    let granted = a.cli(&["user", "set-role", "boss@example.com", "admin"]);
+    assert_eq!(granted.code, 0, "{granted:?}");
+    let body = r#"{"id":"club","permission":"private"}"#;
+    assert_eq!(a.api_as(&owner, "POST", "/rooms", Some(body)).status, 201);
+    let put = a.api_as(
+        &owner,
+        "PUT",
+        &format!("/rooms/club/members/{member_id}"),
+        Some(r#"{"role":"member"}"#),
+    );
+    assert_eq!(put.status, 204);
+
+    // The membership made on A lets the member in on B.
+    let mut member_ws = b.connect_bound(&member);
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let reply = call(&mut member_ws, "join", "club");
+        if reply.get("op").and_then(Value::as_str) == Some("reply") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the membership never reached B");
+    }
+    let removed = a.api_as(
+        &owner,
+        "DELETE",
+        &format!("/rooms/club/members/{member_id}"),
+        None,
+    );
+    assert_eq!(removed.status, 204);
+    member_ws.set_timeout(WITHIN);
+    let kicked = member_ws.expect("kicked", None);
+    assert_eq!(
+        (
+            kicked.get("room").and_then(Value::as_str),
+            kicked.get("reason").and_then(Value::as_str)
+        ),
+        (Some("club"), Some("removed"))
+    );
+
+    // A permission change on A: a reader of a public room on B who may no longer read is kicked.
+    let body = r#"{"id":"stage","permission":"public"}"#;
+    assert_eq!(a.api_as(&owner, "POST", "/rooms", Some(body)).status, 201);
+    member_ws.set_timeout(Duration::from_secs(5));
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let reply = call(&mut member_ws, "join", "stage");
+        if reply.get("op").and_then(Value::as_str) == Some("reply") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the room never reached B");
+    }
+    let private = a.api_as(
+        &owner,
+        "PATCH",
+        "/rooms/stage",
+        Some(r#"{"permission":"private"}"#),
+    );
+    assert_eq!(private.status, 200, "{private:?}");
+    member_ws.set_timeout(WITHIN);
+    let kicked = member_ws.expect("kicked", None);
+    assert_eq!(
+        kicked.get("reason").and_then(Value::as_str),
+        Some("permission_changed")
+    );
+
+    // An admin on B, in a private room only the role opens; demoted by the CLI: kicked on B.
+    let mut boss_ws = b.connect_bound(&boss);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = call(&mut boss_ws, "join", "club");
+        if reply.get("op").and_then(Value::as_str) == Some("reply") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the admin role never reached B");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let demoted = a.cli(&["user", "set-role", "boss@example.com", "user"]);
+    assert_eq!(demoted.code, 0, "{demoted:?}");
+    assert!(!demoted.stdout.contains("within 2 s"), "{demoted:?}");
+    boss_ws.set_timeout(WITHIN);
+    let kicked = boss_ws.expect("kicked", None);
+    assert_eq!(
+        kicked.get("reason").and_then(Value::as_str),
+        Some("permission_changed")
+    );
+
+    // A room deleted on A: its members on B are kicked.
+    let mut owner_ws = b.connect_bound(&owner);
+    assert_eq!(
+        call(&mut owner_ws, "join", "club")
+            .get("op")
+            .and_then(Value::as_str),
+        Some("reply")
+    );
+    assert_eq!(a.api_as(&owner, "DELETE", "/rooms/club", None).status, 204);
+    owner_ws.set_timeout(WITHIN);
+    let kicked = owner_ws.expect("kicked", None);
+    assert_eq!(
+        kicked.get("reason").and_then(Value::as_str),
+        Some("room_deleted")
+    );
+}
+
+/// A revocation made while Redis was down (its announcement lost) still reaches the other node:
+/// once Redis is back, that node reloads the revocations from storage and closes what they
+/// cover.
+#[test]
+fn a_revocation_missed_while_redis_was_down_is_reloaded() {
+    let mut redis = OwnRedis::start();
+    let p = pair_on("missed", &redis.url());
+    let (a, b) = (&p.nodes[0], &p.nodes[1]);
+    let (_, token) = a.account("nina");
+    let mut ws = connect(b, &token);
+    redis.stop();
+    // The logout is written to PostgreSQL; its announcement has nowhere to go.
+    assert_eq!(a.api_as(&token, "POST", "/logout", None).status, 204);
+    redis.restart();
+    // B's subscriber reconnects (backoff up to 5 s), reloads, closes the connection.
+    ws.set_timeout(Duration::from_secs(15));
+    assert_eq!(ws.ended(), Ended::Closed(4001));
+    assert_eq!(b.api_as(&token, "GET", "/me", None).status, 401);
+}
