@@ -9,6 +9,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crypto;
+pub mod fingerprints;
 pub mod limiter;
 pub mod logging;
 pub mod observe;

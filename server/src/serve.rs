@@ -58,6 +58,16 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// A key differs from the one that wrote the database (production mode).
+    #[error(
+        "{key} differs from the key that wrote this database (its fingerprint is kept there): \
+         every node of a service needs the same jwt_secret (or EdDSA key), encryption_key and \
+         blind_index_key"
+    )]
+    KeyMismatch {
+        /// The configuration key.
+        key: &'static str,
+    },
     /// Redis cannot be reached (or refuses the credentials) at start.
     #[error("{0}")]
     Redis(String),
@@ -131,6 +141,24 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
     }
     let store = open_store(config)?;
     let tokens = Arc::new(token_service(config, secrets)?);
+    let prints = crate::fingerprints::of_this_node(&tokens, secrets);
+    let differ =
+        crate::fingerprints::check(&*store, &prints, crate::clock::now_ms()).map_err(|source| {
+            ServeError::Storage {
+                what: "read the key fingerprints",
+                source,
+            }
+        })?;
+    for key in differ {
+        if config.mode == crate::config::Mode::Production {
+            return Err(ServeError::KeyMismatch { key });
+        }
+        tracing::warn!(
+            key,
+            "this key differs from the one that wrote the database: tokens, e-mails or \
+             sessions written with the other key will not be readable here"
+        );
+    }
     let engine_metrics = Arc::new(Metrics::new(config.engine.shards));
     let metrics = Arc::new(ServerMetrics::new(engine_metrics.clone()));
     let revocations = Arc::new(RevocationList::new());

@@ -139,6 +139,17 @@ impl TokenService {
         })
     }
 
+    /// The id of the signing key and those of the retired keys still accepted (HS256).
+    pub fn key_ids(&self) -> (String, Vec<String>) {
+        let retired = self
+            .decoding
+            .keys()
+            .filter(|k| **k != self.kid)
+            .cloned()
+            .collect();
+        (self.kid.clone(), retired)
+    }
+
     /// The JWKS document of `/.well-known/jwks.json` (EdDSA only).
     pub fn jwks(&self) -> Option<&str> {
         self.jwks.as_deref()

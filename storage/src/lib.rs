@@ -423,6 +423,16 @@ pub trait Store: Users + Sessions + Revocations + Idempotency + Rooms + Send + S
     fn schema_version(&self) -> StoreResult<u32>;
     /// `"sqlite"` or `"postgres"`.
     fn kind(&self) -> &'static str;
+    /// The fingerprint recorded for the key `name`, recording `fingerprint` first when there is
+    /// none (the first node to start writes it; the answer is what the database holds).
+    fn key_fingerprint(&self, name: &str, fingerprint: &str, now_ms: i64) -> StoreResult<String>;
+    /// Replaces the fingerprint of the key `name` (the key was rotated).
+    fn replace_key_fingerprint(
+        &self,
+        name: &str,
+        fingerprint: &str,
+        now_ms: i64,
+    ) -> StoreResult<()>;
 }
 
 /// Where the durable data lives.

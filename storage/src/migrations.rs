@@ -19,6 +19,10 @@ pub const SQLITE: &[(u32, &str)] = &[
         3,
         include_str!("../migrations/sqlite/0003_refresh_children.sql"),
     ),
+    (
+        4,
+        include_str!("../migrations/sqlite/0004_key_fingerprints.sql"),
+    ),
 ];
 
 /// The PostgreSQL migrations, in order.
@@ -28,6 +32,10 @@ pub const POSTGRES: &[(u32, &str)] = &[
     (
         3,
         include_str!("../migrations/postgres/0003_refresh_children.sql"),
+    ),
+    (
+        4,
+        include_str!("../migrations/postgres/0004_key_fingerprints.sql"),
     ),
 ];
 

@@ -1040,6 +1040,38 @@ impl Store for PgStore {
     fn kind(&self) -> &'static str {
         "postgres"
     }
+
+    fn key_fingerprint(&self, name: &str, fingerprint: &str, now_ms: i64) -> StoreResult<String> {
+        self.primary.run(|conn| {
+            let insert = conn.statement(
+                "INSERT INTO key_fingerprints (name, fingerprint, recorded_at_ms) \
+                 VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+            )?;
+            let select =
+                conn.statement("SELECT fingerprint FROM key_fingerprints WHERE name = $1")?;
+            conn.client
+                .execute(&insert, &[&name, &fingerprint, &now_ms])?;
+            conn.client.query_one(&select, &[&name])?.try_get(0)
+        })
+    }
+
+    fn replace_key_fingerprint(
+        &self,
+        name: &str,
+        fingerprint: &str,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        self.primary.run(|conn| {
+            let upsert = conn.statement(
+                "INSERT INTO key_fingerprints (name, fingerprint, recorded_at_ms) \
+                 VALUES ($1, $2, $3) ON CONFLICT (name) \
+                 DO UPDATE SET fingerprint = $2, recorded_at_ms = $3",
+            )?;
+            conn.client
+                .execute(&upsert, &[&name, &fingerprint, &now_ms])
+                .map(drop)
+        })
+    }
 }
 
 #[cfg(test)]

@@ -794,6 +794,35 @@ impl Store for SqliteStore {
     fn kind(&self) -> &'static str {
         "sqlite"
     }
+
+    fn key_fingerprint(&self, name: &str, fingerprint: &str, now_ms: i64) -> StoreResult<String> {
+        self.write(|conn| {
+            conn.prepare_cached(
+                "INSERT INTO key_fingerprints (name, fingerprint, recorded_at_ms) \
+                 VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING",
+            )?
+            .execute(params![name, fingerprint, now_ms])?;
+            conn.prepare_cached("SELECT fingerprint FROM key_fingerprints WHERE name = ?1")?
+                .query_row(params![name], |row| row.get(0))
+        })
+    }
+
+    fn replace_key_fingerprint(
+        &self,
+        name: &str,
+        fingerprint: &str,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        self.write(|conn| {
+            conn.prepare_cached(
+                "INSERT INTO key_fingerprints (name, fingerprint, recorded_at_ms) \
+                 VALUES (?1, ?2, ?3) ON CONFLICT (name) \
+                 DO UPDATE SET fingerprint = ?2, recorded_at_ms = ?3",
+            )?
+            .execute(params![name, fingerprint, now_ms])
+            .map(drop)
+        })
+    }
 }
 
 #[cfg(test)]

@@ -142,7 +142,29 @@ both!(
     members_are_ordered_by_user_id,
     soft_delete_leaves_rooms_but_not_memberships,
     put_member_racing_delete_room_leaves_no_orphan,
+    key_fingerprints_are_recorded_once_then_replaced,
 );
+
+/// The first fingerprint recorded for a key stays (a second node with another key sees the
+/// first); replacing is explicit (a rotation).
+fn key_fingerprints_are_recorded_once_then_replaced(env: &Env) {
+    let store = env.open();
+    assert_eq!(store.key_fingerprint("jwt", "aaaa", 1).unwrap(), "aaaa");
+    assert_eq!(store.key_fingerprint("jwt", "bbbb", 2).unwrap(), "aaaa");
+    assert_eq!(
+        store.key_fingerprint("blind_index_key", "cccc", 3).unwrap(),
+        "cccc"
+    );
+    store.replace_key_fingerprint("jwt", "bbbb", 4).unwrap();
+    assert_eq!(store.key_fingerprint("jwt", "dddd", 5).unwrap(), "bbbb");
+    store
+        .replace_key_fingerprint("encryption_key", "eeee", 6)
+        .unwrap();
+    assert_eq!(
+        store.key_fingerprint("encryption_key", "ffff", 7).unwrap(),
+        "eeee"
+    );
+}
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
@@ -218,7 +240,7 @@ fn open_reports_kind_and_schema_version(env: &Env) {
         Env::Sqlite { .. } => migrations::SQLITE,
         Env::Postgres { .. } => migrations::POSTGRES,
     });
-    assert_eq!(latest, 3);
+    assert_eq!(latest, 4);
     assert_eq!(store.schema_version().unwrap(), latest);
 }
 
@@ -254,7 +276,7 @@ fn concurrent_opens_migrate_once(env: &Env) {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert!(versions.iter().all(|&v| v == 3), "{versions:?}");
+    assert!(versions.iter().all(|&v| v == 4), "{versions:?}");
 }
 
 /// Builds, without the store, the database a version-1 build left: the shipped first migration,
@@ -338,7 +360,7 @@ fn create_version_1(env: &Env) {
 fn version_1_database_is_upgraded(env: &Env) {
     create_version_1(env);
     let store = env.open();
-    assert_eq!(store.schema_version().unwrap(), 3);
+    assert_eq!(store.schema_version().unwrap(), 4);
     // Version 1's data is intact and the new index serves it.
     let alice = store.user_by_id("u1").unwrap().unwrap();
     assert_eq!(
@@ -358,7 +380,7 @@ fn version_1_database_is_upgraded(env: &Env) {
     drop(store);
     // Reopening applies nothing again.
     let again = env.open();
-    assert_eq!(again.schema_version().unwrap(), 3);
+    assert_eq!(again.schema_version().unwrap(), 4);
     assert_eq!(again.members("lobby").unwrap().len(), 1);
     assert!(again.delete_room("lobby").unwrap());
     assert_eq!(again.all_members().unwrap(), vec![]);
@@ -1434,6 +1456,7 @@ fn pg_scratch_url_sets_search_path() {
         tables,
         [
             "idempotency",
+            "key_fingerprints",
             "refresh_tokens",
             "revocations",
             "room_members",
@@ -1566,7 +1589,7 @@ fn pg_broken_connection_is_replaced() {
         Err(other) => panic!("a dropped connection is Unavailable, got {other:?}"),
     }
     store.ping().unwrap();
-    assert_eq!(store.schema_version().unwrap(), 3);
+    assert_eq!(store.schema_version().unwrap(), 4);
     assert_eq!(Store::kind(&store), "postgres");
 }
 

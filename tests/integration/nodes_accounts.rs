@@ -304,3 +304,65 @@ fn a_revocation_missed_while_redis_was_down_is_reloaded() {
     assert_eq!(ws.ended(), Ended::Closed(4001));
     assert_eq!(b.api_as(&token, "GET", "/me", None).status, 401);
 }
+
+/// Every node of a service must share its keys: the first node records their fingerprints in
+/// the database; a node with another key refuses to start in production mode (naming the key,
+/// never its value) and warns in development mode; a rotated key (the old one kept as retired)
+/// is accepted and becomes the record.
+#[test]
+fn a_node_with_other_keys_is_refused_in_production_and_warned_in_development() {
+    let (db_flags, _schema) = Db::Postgres.flags("keys");
+    let secret = "the-service-jwt-secret-0123456789abcdef";
+    let other = "another-jwt-secret-0123456789abcdef-xyz";
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let flags = |jwt: &str| -> Vec<String> {
+        let mut all = db_flags.clone();
+        all.extend(
+            [
+                "--jwt-secret",
+                jwt,
+                "--encryption-key",
+                key,
+                "--blind-index-key",
+                secret,
+            ]
+            .map(str::to_owned),
+        );
+        all
+    };
+    // The first node records the service's keys.
+    let first = Server::start_in(ringhub_tests::scratch_dir("keys-a").keep(), &flags(secret));
+    drop(first);
+    // Production, another JWT secret: refused, the key named, its value not shown.
+    let dir = ringhub_tests::scratch_dir("keys-prod");
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--data-dir", "data"];
+    let other_flags = flags(other);
+    args.extend(other_flags.iter().map(String::as_str));
+    let env = [
+        ("RINGHUB_MODE", "production"),
+        ("RINGHUB_BEHIND_PROXY", "true"),
+    ];
+    let run = ringhub_tests::ringhub(&args, &env, &dir);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("jwt_secret differs from the key that wrote this database"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains(other), "{}", run.stderr);
+    // Development, the same: it starts and says which key differs.
+    let dev = Server::start_in(ringhub_tests::scratch_dir("keys-dev").keep(), &other_flags);
+    let warned = dev.log_lines_with(&["\"key\":\"jwt_secret\"", "differs"]);
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    drop(dev);
+    // A rotation: the recorded secret kept as retired, the new one current: accepted, recorded.
+    let mut rotated = flags(other);
+    rotated.extend(["--jwt-secrets-old".to_owned(), format!("[\"{secret}\"]")]);
+    let node = Server::start_in(ringhub_tests::scratch_dir("keys-rot").keep(), &rotated);
+    assert!(node.log_lines_with(&["differs"]).is_empty());
+    drop(node);
+    // The rotated key is the service's now: a node with it alone is no longer warned.
+    let again = Server::start_in(ringhub_tests::scratch_dir("keys-new").keep(), &other_flags);
+    assert!(again.log_lines_with(&["differs"]).is_empty());
+}
