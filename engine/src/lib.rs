@@ -36,6 +36,7 @@ mod routes;
 mod session;
 mod shard;
 mod shared;
+pub mod shared_limits;
 mod sio;
 mod state;
 pub(crate) mod sys;
@@ -384,6 +385,36 @@ impl Control {
         for shard in 0..self.0.mailboxes.len() {
             self.0.send(shard, ConnMsg::CloseAllRevoked);
         }
+    }
+
+    /// Asks a limit counted by every node (Redis); blocks (call it from a blocking thread) up to
+    /// `within`. [`shared_limits::Verdict::Unknown`] without Redis, while it is unreachable, or
+    /// when it did not answer in time: the caller's own counters decide.
+    pub fn shared_limit(
+        &self,
+        ask: shared_limits::SharedAsk,
+        within: std::time::Duration,
+    ) -> shared_limits::Verdict {
+        if self.0.config.redis.is_none() {
+            return shared_limits::Verdict::Unknown;
+        }
+        let answer = Arc::new(rooms::Answer::new());
+        let shards = self.0.mailboxes.len().max(1);
+        let shard = ask.key().bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        }) % shards;
+        self.0.send(
+            shard,
+            ShardMsg::SharedLimit(Box::new((ask, answer.clone()))),
+        );
+        let verdict = answer
+            .wait(within)
+            .unwrap_or(shared_limits::Verdict::Unknown);
+        if verdict == shared_limits::Verdict::Unknown {
+            let metrics = &self.0.metrics.redis;
+            metrics.limit_fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        verdict
     }
 
     /// Sets the listener of what other nodes announce (several nodes; never called without

@@ -160,6 +160,8 @@ pub struct RedisMetrics {
     pub repaired: AtomicU64,
     /// Redis Cluster: commands and subscriptions sent again where a `MOVED` or `ASK` pointed.
     pub redirects: AtomicU64,
+    /// Shared limits answered by the node's own counters (Redis unreachable or too slow).
+    pub limit_fallbacks: AtomicU64,
     /// Rooms gone on locally (a new epoch) because Redis was unreachable.
     pub local_fallbacks: AtomicU64,
     /// Nodes whose lease was live at the last look (this one included).
@@ -182,6 +184,7 @@ impl RedisMetrics {
             gaps: AtomicU64::new(0),
             repaired: AtomicU64::new(0),
             redirects: AtomicU64::new(0),
+            limit_fallbacks: AtomicU64::new(0),
             local_fallbacks: AtomicU64::new(0),
             nodes: AtomicI64::new(0),
             maps_missing: AtomicI64::new(0),
@@ -214,6 +217,10 @@ impl RedisMetrics {
             ("ringhub_redis_gaps_total", &self.gaps),
             ("ringhub_redis_repaired_total", &self.repaired),
             ("ringhub_redis_redirects_total", &self.redirects),
+            (
+                "ringhub_shared_limit_fallbacks_total",
+                &self.limit_fallbacks,
+            ),
             ("ringhub_redis_local_fallbacks_total", &self.local_fallbacks),
         ] {
             let _ = writeln!(

@@ -23,6 +23,14 @@ pub(crate) enum ShardMsg {
     Shutdown,
     /// To shard 0: tell the other nodes (see [`crate::announce`]).
     Announce(Vec<u8>),
+    /// A question to a limit counted by every node, and where its answer goes.
+    #[allow(clippy::type_complexity)]
+    SharedLimit(
+        Box<(
+            crate::shared_limits::SharedAsk,
+            Arc<Answer<crate::shared_limits::Verdict>>,
+        )>,
+    ),
 }
 
 /// To a room's home.

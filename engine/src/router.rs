@@ -21,6 +21,10 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: ShardMsg) {
         ShardMsg::Room(msg) => crate::home::handle(shard, msg),
         ShardMsg::Conn(msg) => crate::session::handle(shard, msg),
         ShardMsg::Announce(message) => crate::broker::tell_nodes(shard, &message),
+        ShardMsg::SharedLimit(ask) => {
+            let (ask, answer) = *ask;
+            crate::broker::shared_limit(shard, &ask, answer);
+        }
         ShardMsg::Shutdown => {
             shard.stopping.set(true);
             if let Some(w) = shard.stop_waker.borrow_mut().take() {

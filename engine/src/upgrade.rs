@@ -149,7 +149,7 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) 
         }
     };
     let ip = request_client_ip(peer.ip(), &head, &shard.shared.config.trusted_proxies);
-    if !shard.shared.state.connect_allowed(ip) {
+    if !shard.shared.state.connect_allowed(ip) || !connect_allowed_across_nodes(&shard, ip).await {
         metrics.rate_limited("connect_per_ip");
         let r = refusal(
             429,
@@ -306,6 +306,25 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) 
             }
         }
     }
+}
+
+/// With Redis: whether `connect_per_ip` counted over every node allows this attempt (after the
+/// node's own bucket did). Without Redis, or when it does not answer, the node's bucket decided.
+async fn connect_allowed_across_nodes(shard: &Rc<Shard>, ip: std::net::IpAddr) -> bool {
+    let spec = &shard.shared.config.connect_per_ip;
+    if spec.count == 0 || !crate::broker::is_up(shard) {
+        return true;
+    }
+    let group = crate::net::ip_group(ip);
+    let ask = crate::shared_limits::SharedAsk::Take {
+        key: format!("connect_per_ip:{group}"),
+        per_token_ms: spec.per.as_secs_f64() * 1000.0 / f64::from(spec.count),
+        burst: spec.burst.max(1),
+    };
+    !matches!(
+        crate::broker::shared_limit_here(shard, &ask).await,
+        crate::shared_limits::Verdict::Limited { .. }
+    )
 }
 
 /// With Redis: whether the user's connection cap over every node admits this connection (a

@@ -3,7 +3,8 @@
 //! failure counter with its lockout ([`Lockouts`]). Keys are IPs, session ids, user ids and e-mail
 //! blind indexes (never plain e-mails). Tables are pruned when they grow, so a flood of distinct
 //! keys costs bounded memory. Time is the caller's (`now_ms`, Unix milliseconds), so the rules are
-//! tested without a clock. In process memory today; with Redis (several nodes) these move there.
+//! tested without a clock. In process memory; with Redis (several nodes) the service-wide count
+//! is asked too, after these allowed a request (`shared_ask`; the lockout through `Accounts`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -75,6 +76,20 @@ impl BucketTable {
             buckets: Mutex::new(HashMap::new()),
             next_sweep_ms: AtomicI64::new(0),
         }
+    }
+
+    /// The question this bucket asks of the limit every node shares (Redis), for `key` of the
+    /// limit `name`; `None` when the limit is off.
+    pub fn shared_ask(&self, name: &str, key: &[u8]) -> Option<engine::shared_limits::SharedAsk> {
+        if self.rate.count == 0 {
+            return None;
+        }
+        let per_token_ms = self.rate.per.as_secs_f64() * 1000.0 / f64::from(self.rate.count);
+        Some(engine::shared_limits::SharedAsk::Take {
+            key: format!("{name}:{}", data_encoding::HEXLOWER.encode(key)),
+            per_token_ms,
+            burst: self.capacity,
+        })
     }
 
     /// Takes one token for `key`; `Err(retry_after_secs)` when none is left.

@@ -318,7 +318,17 @@ impl Routes {
         self.per_ip(&self.accounts.register_per_ip, "register_per_ip", request)?;
         let accounts = self.accounts.clone();
         let raw_body = request.body.to_vec();
+        let shared = self
+            .accounts
+            .register_per_ip
+            .shared_ask("register_per_ip", &ip_key(request.client_ip));
+        let metrics = self.metrics.clone();
         Ok(Self::defer(&self.hash_pool, request, move || {
+            // The service-wide count (several nodes), once this node's allowed it.
+            accounts.shared_limit(shared).map_err(|retry| {
+                metrics.engine.rate_limited("register_per_ip");
+                ApiError::rate_limited(retry)
+            })?;
             let idempotency = key.as_deref().map(|k| ("register", k, raw_body.as_slice()));
             accounts.register(&username, &email, &password, idempotency)
         }))
@@ -345,7 +355,19 @@ impl Routes {
         let client = Self::client(request);
         let accounts = self.accounts.clone();
         let raw_body = request.body.to_vec();
+        let shared = self
+            .accounts
+            .login_per_ip
+            .shared_ask("login_per_ip", &ip_key(request.client_ip));
+        let metrics = self.metrics.clone();
+        let locked_index = index.clone();
         let routed = Self::defer(&self.hash_pool, request, move || {
+            // The service-wide count (several nodes), once this node's allowed it.
+            if let Err(retry) = accounts.shared_limit(shared) {
+                accounts.lockouts.release(&locked_index);
+                metrics.engine.rate_limited("login_per_ip");
+                return Err(ApiError::rate_limited(retry));
+            }
             let idempotency = key.as_deref().map(|k| ("login", k, raw_body.as_slice()));
             accounts.login(&email, &password, &client, idempotency)
         });

@@ -749,3 +749,65 @@ fn acl_users_authenticate_and_a_wrong_password_is_not_shown() {
     );
     assert!(!run.stderr.contains("not-the-pass"), "{}", run.stderr);
 }
+
+/// `connect_per_ip` counts the attempts made on every node: with a burst of 4 per minute,
+/// alternating nodes, the fifth upgrade is refused (429) though each node saw only two or three.
+#[test]
+fn connection_attempts_per_ip_count_every_node() {
+    let nodes = start_nodes(
+        "connrate",
+        2,
+        &shared_redis_url(),
+        &[
+            "--rate-limits.connect-per-ip",
+            "4/1m",
+            "--rate-limits.connect-burst",
+            "4",
+        ],
+    );
+    wait_ready(&nodes);
+    let mut open = Vec::new();
+    for i in 0..4 {
+        let node = &nodes[i % 2];
+        open.push(
+            node.try_connect(&node.token(&format!("u{i}")), None, &[])
+                .unwrap_or_else(|e| panic!("attempt {i}: {e}")),
+        );
+    }
+    let refused = nodes[0].try_connect(&nodes[0].token("u4"), None, &[]);
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("429")),
+        "{:?}",
+        refused.map(|_| "accepted")
+    );
+}
+
+/// `publish_per_room` counts the room's publishes on every node: with 4 per minute, two
+/// publishers on two nodes get four through between them, then `rate_limited`.
+#[test]
+fn the_rooms_publish_rate_counts_every_node() {
+    let nodes = start_nodes(
+        "roomrate",
+        2,
+        &shared_redis_url(),
+        &["--rate-limits.publish-per-room", "4/1m"],
+    );
+    wait_ready(&nodes);
+    let mut a = connect(&nodes[0], "ann");
+    let mut b = connect(&nodes[1], "bob");
+    join(&mut a, "busy");
+    join(&mut b, "busy");
+    for i in 0..4u64 {
+        let c = if i % 2 == 0 { &mut a } else { &mut b };
+        let id = c.request("publish", &[("room", s("busy")), ("data", n(i))]);
+        c.expect("reply", Some(id));
+    }
+    let id = a.request("publish", &[("room", s("busy")), ("data", n(4))]);
+    let refused = a.expect("error", Some(id));
+    assert_eq!(str_of(&refused, "code"), "rate_limited");
+    // Nothing of the refused one was delivered: four messages, then nothing.
+    let seqs: Vec<u64> = (0..4)
+        .map(|_| u64_of(&next_message(&mut b, "busy"), "seq"))
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+}

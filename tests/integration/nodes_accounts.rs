@@ -366,3 +366,72 @@ fn a_node_with_other_keys_is_refused_in_production_and_warned_in_development() {
     let again = Server::start_in(ringhub_tests::scratch_dir("keys-new").keep(), &other_flags);
     assert!(again.log_lines_with(&["differs"]).is_empty());
 }
+
+/// Limits count every node's requests together: logins from one address spread over two nodes
+/// hit `login_per_ip` as on one node, and wrong passwords spread over two nodes lock the account
+/// on both (the right password is then 429 on the other node too).
+#[test]
+fn login_limits_and_lockouts_count_every_node() {
+    let (db_flags, _schema) = Db::Postgres.flags("shlimits");
+    let mut flags: Vec<&str> = db_flags.iter().map(String::as_str).collect();
+    flags.extend([
+        "--bcrypt-cost",
+        "4",
+        "--rate-limits.login-per-ip",
+        "6/1m",
+        "--rate-limits.failed-logins-per-account",
+        "4/15m",
+    ]);
+    let nodes = start_nodes("shlimits", 2, &shared_redis_url(), &flags);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    for who in ["lena", "otto"] {
+        let created = a.register(who, &format!("{who}@example.com"), "correct horse");
+        assert_eq!(created.status, 201, "{created:?}");
+    }
+    let body = |who: &str, password: &str| {
+        format!(r#"{{"email":"{who}@example.com","password":"{password}"}}"#)
+    };
+    // Four wrong passwords, two on each node: the account is locked everywhere.
+    for node in [a, b, a, b] {
+        let wrong = node.api("POST", "/login", &[], Some(&body("lena", "wrong guess")));
+        assert_eq!(wrong.status, 401, "{wrong:?}");
+    }
+    let right = b.api("POST", "/login", &[], Some(&body("lena", "correct horse")));
+    assert_eq!((right.status, right.code()), (429, "rate_limited".into()));
+    assert!(right.header("Retry-After").is_some());
+    // Logins from this address: 6 per minute for the whole service (5 made above, one left).
+    let ok = a.api("POST", "/login", &[], Some(&body("otto", "correct horse")));
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let past = b.api("POST", "/login", &[], Some(&body("otto", "correct horse")));
+    assert_eq!((past.status, past.code()), (429, "rate_limited".into()));
+    let metrics = b.http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").1;
+    assert!(
+        metrics.contains("ringhub_shared_limit_fallbacks_total 0"),
+        "{metrics}"
+    );
+}
+
+/// With Redis unreachable a node counts its limits alone (and says so in its metrics): never
+/// "no limit".
+#[test]
+fn with_redis_down_a_node_keeps_its_own_limits() {
+    let mut redis = OwnRedis::start();
+    let (db_flags, _schema) = Db::Postgres.flags("limdown");
+    let mut flags: Vec<&str> = db_flags.iter().map(String::as_str).collect();
+    flags.extend(["--bcrypt-cost", "4", "--rate-limits.login-per-ip", "3/1m"]);
+    let nodes = start_nodes("limdown", 1, &redis.url(), &flags);
+    let node = &nodes[0];
+    let created = node.register("pia", "pia@example.com", "correct horse");
+    assert_eq!(created.status, 201, "{created:?}");
+    redis.stop();
+    let body = r#"{"email":"pia@example.com","password":"correct horse"}"#;
+    for _ in 0..3 {
+        assert_eq!(node.api("POST", "/login", &[], Some(body)).status, 200);
+    }
+    let past = node.api("POST", "/login", &[], Some(body));
+    assert_eq!((past.status, past.code()), (429, "rate_limited".into()));
+    let fallbacks = node
+        .metric_sum("ringhub_shared_limit_fallbacks_total")
+        .unwrap_or(0.0);
+    assert!(fallbacks >= 3.0, "{fallbacks}");
+}

@@ -371,11 +371,20 @@ fn publish_cmd(
     let keys = RoomKeys::new(&broker.settings.prefix, room);
     let mut cmd = scripts::PUBLISH.call(&[&keys.meta, &keys.hist, &keys.channel]);
     let ttl_ms = u64::try_from(cfg.history_ttl.as_millis()).unwrap_or(u64::MAX);
+    let rate = &cfg.publish_per_room;
+    let per_publish_ms = if rate.count == 0 {
+        0.0
+    } else {
+        rate.per.as_secs_f64() * 1000.0 / f64::from(rate.count)
+    };
     cmd.arg(body)
         .arg(if history_on { cfg.history_size } else { 0 })
         .arg(ttl_ms)
         .arg(META_TTL_SECS)
-        .arg(broker.new_epoch());
+        .arg(broker.new_epoch())
+        .arg(per_publish_ms)
+        .arg(rate.burst.max(1))
+        .arg(now_ms());
     Some(cmd)
 }
 
@@ -393,7 +402,8 @@ pub(crate) fn publish_external(
         answer.set(Err(ErrorCode::Unavailable));
         return;
     };
-    // The room's rate, where the room is held here (other nodes count their own publishes).
+    // The room's rate on this node, where the room is held here (the script counts it over every
+    // node too).
     if shard.rooms.borrow().local_members(room) > 0
         && let Err(refused) = shard.rooms.borrow_mut().admit_publish(room, None, now_ms())
     {
@@ -519,6 +529,100 @@ pub(crate) fn drop_room(shard: &Rc<Shard>, room: &RoomId, done: &Arc<crate::room
         &cmd,
         Pending::Dropped(done.clone()),
     );
+}
+
+/// Asks Redis a shared limit's question (one script); the answer goes to `answer`
+/// ([`Verdict::Unknown`](crate::shared_limits::Verdict::Unknown) when Redis cannot be asked).
+pub(crate) fn shared_limit(
+    shard: &Rc<Shard>,
+    ask: &crate::shared_limits::SharedAsk,
+    answer: Arc<Answer<crate::shared_limits::Verdict>>,
+) {
+    let Some(broker) = broker(shard).filter(|b| b.is_up()) else {
+        answer.set(crate::shared_limits::Verdict::Unknown);
+        return;
+    };
+    let (key, cmd) = limit_cmd(broker, ask);
+    send(shard, broker, &key, &cmd, Pending::Limit(answer));
+}
+
+/// The same question from a task of the shard (the upgrade), awaited.
+pub(crate) async fn shared_limit_here(
+    shard: &Rc<Shard>,
+    ask: &crate::shared_limits::SharedAsk,
+) -> crate::shared_limits::Verdict {
+    use crate::shared_limits::Verdict;
+    let Some(broker) = broker(shard).filter(|b| b.is_up()) else {
+        return Verdict::Unknown;
+    };
+    let (key, cmd) = limit_cmd(broker, ask);
+    let slot = Rc::new(state::Awaited::default());
+    if broker
+        .send(&key, &cmd, Pending::Wake(slot.clone()))
+        .is_err()
+    {
+        return Verdict::Unknown;
+    }
+    match state::Reply(slot).await {
+        Some(value) => limit_verdict(&value),
+        None => Verdict::Unknown,
+    }
+}
+
+/// A shared limit's answer from its script's reply.
+fn limit_verdict(value: &redis::Value) -> crate::shared_limits::Verdict {
+    use crate::shared_limits::Verdict;
+    let parts = items(value);
+    match (parts.first().and_then(int), parts.get(1).and_then(int)) {
+        (Some(1), _) => Verdict::Allowed,
+        (Some(0), Some(ms)) => Verdict::Limited {
+            retry_after_ms: u64::try_from(ms).unwrap_or(1).max(1),
+        },
+        _ => Verdict::Unknown,
+    }
+}
+
+/// The key and script call of a shared limit's question.
+fn limit_cmd(broker: &Broker, ask: &crate::shared_limits::SharedAsk) -> (String, redis::Cmd) {
+    use crate::shared_limits::SharedAsk;
+    let key = format!("{}:{{l:{}}}", broker.settings.prefix, ask.key());
+    let now = now_ms();
+    let cmd = match ask {
+        SharedAsk::Take {
+            per_token_ms,
+            burst,
+            ..
+        } => {
+            let mut cmd = scripts::LIMIT.call(&[&key]);
+            cmd.arg(now).arg(*per_token_ms).arg(*burst);
+            cmd
+        }
+        SharedAsk::Locked { .. } => {
+            let mut cmd = scripts::FAILURES.call(&[&key]);
+            cmd.arg("check").arg(now).arg(0).arg(0).arg(0);
+            cmd
+        }
+        SharedAsk::Failed {
+            window_ms,
+            limit,
+            lockout_ms,
+            ..
+        } => {
+            let mut cmd = scripts::FAILURES.call(&[&key]);
+            cmd.arg("fail")
+                .arg(now)
+                .arg(*window_ms)
+                .arg(*limit)
+                .arg(*lockout_ms);
+            cmd
+        }
+        SharedAsk::Succeeded { .. } => {
+            let mut cmd = scripts::FAILURES.call(&[&key]);
+            cmd.arg("ok").arg(now).arg(0).arg(0).arg(0);
+            cmd
+        }
+    };
+    (key, cmd)
 }
 
 /// Sends `cmd` (about `key`); when the connection is down, what it was for falls back at once.
@@ -1436,6 +1540,7 @@ fn redirect(shard: &Rc<Shard>, mut routed: state::Routed, addr: &str, slot: u16,
 fn fail(shard: &Rc<Shard>, handler: Pending) {
     match handler {
         Pending::Ignore | Pending::Slots(_) => {}
+        Pending::Limit(answer) => answer.set(crate::shared_limits::Verdict::Unknown),
         Pending::Routed(routed) => fail(shard, routed.pending),
         Pending::Join(msg) | Pending::PersonalJoin(msg) => local_join(shard, *msg),
         Pending::Publish { conn, id, .. } => shard.reply(
@@ -1512,6 +1617,19 @@ fn on_reply(shard: &Rc<Shard>, handler: Pending, reply: Result<redis::Value, Red
         } => {
             let parts = items(&value);
             let seq = parts.first().and_then(int).unwrap_or(0);
+            if seq < 0 {
+                // Past `publish_per_room` counted over every node.
+                shard.shared.metrics.rate_limited("publish_per_room");
+                shard.reply(
+                    conn,
+                    Reply::Error {
+                        id,
+                        code: ErrorCode::RateLimited,
+                        message: "the room's publish rate is exceeded",
+                    },
+                );
+                return;
+            }
             tracing::debug!(
                 room = %room,
                 seq,
@@ -1531,6 +1649,11 @@ fn on_reply(shard: &Rc<Shard>, handler: Pending, reply: Result<redis::Value, Red
         }
         Pending::PublishExternal { answer } => {
             let seq = items(&value).first().and_then(int).unwrap_or(0);
+            if seq < 0 {
+                shard.shared.metrics.rate_limited("publish_per_room");
+                answer.set(Err(ErrorCode::RateLimited));
+                return;
+            }
             answer.set(Ok(u64::try_from(seq).unwrap_or(0)));
         }
         Pending::Presence { conn, id } => {
@@ -1586,6 +1709,7 @@ fn on_reply(shard: &Rc<Shard>, handler: Pending, reply: Result<redis::Value, Red
             }
         }
         Pending::Routed(routed) => on_reply(shard, routed.pending, Ok(value)),
+        Pending::Limit(answer) => answer.set(limit_verdict(&value)),
         Pending::Dropped(done) => done.tick(),
         Pending::Resume(mut check, user) => {
             check.valid = bytes(&value) == Some(user.as_bytes());

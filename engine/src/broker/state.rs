@@ -63,6 +63,8 @@ pub(crate) enum Pending {
     Repair { room: RoomId, upto: u64 },
     /// A Redis Cluster's map of slots (asked of the master at this address).
     Slots(Rc<str>),
+    /// A shared limit's answer.
+    Limit(Arc<Answer<crate::shared_limits::Verdict>>),
     /// A command sent to a Redis Cluster: sent again where a `MOVED` or `ASK` points.
     Routed(Box<Routed>),
 }

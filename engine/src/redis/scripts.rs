@@ -92,9 +92,21 @@ end
 /// stream, then sent on the room's channel — one atomic step, so every node sees the room's
 /// messages in `seq` order.
 /// KEYS: meta, hist, channel. ARGV: body, max history length, history ttl (ms, 0 = none), meta
-/// ttl (s), a new epoch (used if the room has none). Returns `{seq, epoch}`.
+/// ttl (s), a new epoch (used if the room has none), then `publish_per_room` counted over every
+/// node as GCRA in the meta's field `r`: [6] ms per publish (0 = off), [7] burst, [8] now ms.
+/// Returns `{seq, epoch}`, or `{-1, retry after ms}` past the room's rate (nothing published).
 pub(crate) static PUBLISH: Script = Script::new(
     r"
+local per = tonumber(ARGV[6])
+if per > 0 then
+  local now = tonumber(ARGV[8])
+  local tat = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
+  if tat < now then tat = now end
+  local nxt = tat + per
+  local room = per * tonumber(ARGV[7])
+  if nxt - now > room then return {-1, math.ceil(nxt - now - room)} end
+  redis.call('HSET', KEYS[1], 'r', tostring(nxt))
+end
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
   e = ARGV[5]
@@ -329,7 +341,55 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 ",
 );
 
+/// A token bucket shared by every node (SPEC §9 with Redis), as GCRA: the key holds the
+/// bucket's theoretical arrival time. KEYS: the bucket. ARGV: [1] now ms, [2] ms per token,
+/// [3] capacity (the burst). Returns `{1}` (taken) or `{0, retry after ms}`.
+pub(crate) static LIMIT: Script = Script::new(
+    r"
+local now = tonumber(ARGV[1])
+local per = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local next = tat + per
+if next - now > per * burst then
+  return {0, math.ceil(next - now - per * burst)}
+end
+redis.call('SET', KEYS[1], tostring(next), 'PX', math.max(1, math.ceil(next - now)))
+return {1}
+",
+);
+
+/// Failed logins of one account shared by every node, and the lockout they trigger. KEYS: the
+/// account's hash (`n` failures, `s` window start, `l` locked until). ARGV: [1] `check`, `fail`
+/// or `ok`, [2] now ms, [3] window ms, [4] failures that lock, [5] lockout ms. Returns `{1}` or
+/// `{0, retry after ms}` (locked; for `fail`, locked by this failure or before).
+pub(crate) static FAILURES: Script = Script::new(
+    r"
+local now = tonumber(ARGV[2])
+if ARGV[1] == 'ok' then redis.call('DEL', KEYS[1]) return {1} end
+local locked = tonumber(redis.call('HGET', KEYS[1], 'l') or '0')
+if locked > now then return {0, locked - now} end
+if ARGV[1] == 'check' then return {1} end
+local window = tonumber(ARGV[3])
+local start = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+local n = 0
+if now - start < window then n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0') else start = now end
+n = n + 1
+local lockout = tonumber(ARGV[5])
+if n >= tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'n', 0, 's', now, 'l', now + lockout)
+  redis.call('PEXPIRE', KEYS[1], math.max(1, lockout))
+  return {0, lockout}
+end
+redis.call('HSET', KEYS[1], 'n', n, 's', start)
+redis.call('PEXPIRE', KEYS[1], math.max(1, window))
+return {1}
+",
+);
+
 /// Every script, loaded on each command connection.
-pub(crate) static ALL: [&Script; 9] = [
-    &PUBLISH, &JOIN, &LEAVE, &PRESENCE, &TOUCH, &HISTORY, &ANNOUNCE, &ADMIT, &REGISTER,
+pub(crate) static ALL: [&Script; 11] = [
+    &PUBLISH, &JOIN, &LEAVE, &PRESENCE, &TOUCH, &HISTORY, &ANNOUNCE, &ADMIT, &REGISTER, &LIMIT,
+    &FAILURES,
 ];

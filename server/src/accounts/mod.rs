@@ -10,6 +10,7 @@ pub mod validate;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use engine::shared_limits::{SharedAsk, Verdict};
 use engine::{ClientInfo, HttpResponse, Identity, Revoked};
 use protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,9 @@ use crate::tokens::{TokenService, fingerprint};
 
 /// Idempotency records live this long (SPEC §2).
 const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+/// How long a request waits for a shared limit's answer (Redis) before the node's own counter
+/// decides alone.
+pub const SHARED_LIMIT_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 /// Longest User-Agent kept with a session.
 const MAX_USER_AGENT: usize = 256;
 
@@ -198,6 +202,24 @@ impl Accounts {
     /// Connects the running engine, so that revocations close live connections.
     pub fn attach(&self, control: engine::Control) {
         let _ = self.control.set(control);
+    }
+
+    /// Asks a limit every node shares (Redis), after this node's own counter allowed it;
+    /// `Err(retry_after_secs)` when the service as a whole is past it. Without Redis, or when it
+    /// does not answer within [`SHARED_LIMIT_WAIT`], the node's own counter has decided.
+    pub fn shared_limit(&self, ask: Option<SharedAsk>) -> Result<(), u64> {
+        let (Some(ask), Some(control)) = (ask, self.control.get()) else {
+            return Ok(());
+        };
+        match control.shared_limit(ask, SHARED_LIMIT_WAIT) {
+            Verdict::Limited { retry_after_ms } => Err(retry_after_ms.div_ceil(1000).max(1)),
+            Verdict::Allowed | Verdict::Unknown => Ok(()),
+        }
+    }
+
+    /// The shared lockout key of an e-mail's blind index.
+    fn lockout_key(index: &[u8]) -> String {
+        format!("lockout:{}", data_encoding::HEXLOWER.encode(index))
     }
 
     /// Records a revocation written to storage here: in memory, then told to the other nodes
@@ -451,6 +473,17 @@ impl Accounts {
             return replayed;
         }
         let now = now_ms();
+        // Failures counted on every node (Redis) lock the account here too.
+        if let Err(retry) = self.shared_limit(Some(SharedAsk::Locked {
+            key: Self::lockout_key(&index),
+        })) {
+            self.lockouts.release(&index);
+            self.metrics
+                .engine
+                .rate_limited("failed_logins_per_account");
+            self.metrics.auth_failure("locked");
+            return Err(ApiError::rate_limited(retry));
+        }
         let user = match self.store.user_by_email_index(&index) {
             Ok(user) => user,
             Err(e) => {
@@ -467,7 +500,17 @@ impl Accounts {
         let Some(user) = user.filter(|_| matches) else {
             let reason = if known { "bad_password" } else { "no_account" };
             self.metrics.auth_failure(reason);
-            let locked = self.lockouts.fail(&index, now);
+            let locked_here = self.lockouts.fail(&index, now);
+            let limit = self.config.failed_logins_per_account;
+            let locked = self
+                .shared_limit((limit.count > 0).then(|| SharedAsk::Failed {
+                    key: Self::lockout_key(&index),
+                    window_ms: u64::try_from(ms(limit.per)).unwrap_or(u64::MAX),
+                    limit: limit.count,
+                    lockout_ms: u64::try_from(ms(self.config.lockout)).unwrap_or(u64::MAX),
+                }))
+                .is_err()
+                || locked_here;
             // The e-mail (masked) only when it names an account: what was typed into the field
             // of an unknown one may be anything, a password included.
             let email = if known {
@@ -482,6 +525,9 @@ impl Accounts {
                 .unwrap_or_else(|| Ok(answer.response()));
         };
         self.lockouts.succeed(&index);
+        let _ = self.shared_limit(Some(SharedAsk::Succeeded {
+            key: Self::lockout_key(&index),
+        }));
         self.rehash_if_cost_changed(&user, password);
         let now = now_ms();
         let session = SessionRecord {
@@ -590,10 +636,18 @@ impl Accounts {
             return Err(ApiError::invalid_token());
         };
         let now = now_ms();
+        let session_key = record.session_id.as_bytes();
         if let Err(retry) = self
             .refresh_per_session
-            .take(record.session_id.as_bytes(), now)
+            .take(session_key, now)
+            .and_then(|()| {
+                self.shared_limit(
+                    self.refresh_per_session
+                        .shared_ask("refresh_per_session", session_key),
+                )
+            })
         {
+            self.metrics.engine.rate_limited("refresh_per_session");
             return Err(ApiError::rate_limited(retry));
         }
         let Some(session) = store!(self, "session", self.store.session(&record.session_id)) else {
