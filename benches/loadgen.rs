@@ -10,6 +10,7 @@
 //! loadgen ceiling [--rooms 10] [--room-size 100] [--payload 64] [--duration 10]
 //! common: [--server target/release/ringhub] [--shards 2] [--threads 2] [--format json|msgpack] [--zstd]
 //! several nodes (fanout): [--nodes 2] [--redis-url redis://127.0.0.1:6379] [--redis-cluster true]
+//! server limits: [--connect-per-ip 0/1s] (off by default; e.g. 1000000/1s counts without refusing)
 //! ```
 //! With `--nodes N` (or `--redis-url`), N servers are started on one Redis (a prefix of their own,
 //! the same secrets) and the connections are spread over them round-robin, so that every room has
@@ -73,6 +74,8 @@ struct Opts {
     redis_url: Option<String>,
     /// `--redis-url` lists the seed nodes of a Redis Cluster.
     redis_cluster: bool,
+    /// The server's `connect_per_ip` (off unless given: the load comes from 16 addresses).
+    connect_per_ip: String,
 }
 
 fn parse_opts() -> Opts {
@@ -97,6 +100,7 @@ fn parse_opts() -> Opts {
         nodes: 1,
         redis_url: None,
         redis_cluster: false,
+        connect_per_ip: "0/1s".into(),
     };
     let mut i = 1;
     while i < args.len() {
@@ -124,6 +128,7 @@ fn parse_opts() -> Opts {
             "--nodes" => o.nodes = (num() as usize).max(1),
             "--redis-url" => o.redis_url = Some(value.clone()),
             "--redis-cluster" => o.redis_cluster = value == "true",
+            "--connect-per-ip" => o.connect_per_ip = value.clone(),
             "--zstd" => {
                 o.zstd = true;
                 i += 1;
@@ -255,7 +260,9 @@ fn start_server(o: &Opts, node: usize, extra: &[&str]) -> ServerProc {
         ])
         .args([
             "--rate-limits.connect-per-ip",
-            "0/1s",
+            &o.connect_per_ip,
+            "--rate-limits.connect-burst",
+            "1000000",
             "--max-connections-per-ip",
             "10000000",
             "--max-pending-per-ip",
