@@ -57,6 +57,9 @@ pub(crate) struct Conn {
     pub(crate) last_seen_ms: Cell<u32>,
     pub(crate) last_ping_ms: Cell<u32>,
     pub(crate) refresh_warned: Cell<bool>,
+    /// The `Origin` it upgraded with, as an index into its shard's interned origins plus one
+    /// (0: none, `u16::MAX`: not kept); an origin no longer allowed closes it with 4503.
+    pub(crate) origin: Cell<u16>,
     /// Initial joins (default rooms, personal room) still unanswered.
     pub(crate) pending_initial: Cell<u16>,
     /// Bytes read but not yet a whole frame, and a fragmented message in progress; made only
@@ -139,6 +142,7 @@ pub(crate) struct ConnParts {
     pub(crate) stream: Stream,
     pub(crate) identity: Identity,
     pub(crate) ip: IpAddr,
+    pub(crate) origin: u16,
 }
 
 impl Conn {
@@ -157,6 +161,7 @@ impl Conn {
             last_seen_ms: Cell::new(now),
             last_ping_ms: Cell::new(now),
             refresh_warned: Cell::new(false),
+            origin: Cell::new(parts.origin),
             pending_initial: Cell::new(0),
             partial: Cell::new(None),
             personal: Cell::new(if personal_room_valid {

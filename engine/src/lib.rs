@@ -387,6 +387,25 @@ impl Control {
         }
     }
 
+    /// Replaces `allowed_origins` at run time: later upgrades are checked against `origins`
+    /// (empty: every origin), and live connections whose origin is no longer allowed are closed
+    /// with 4503 (each shard on its next turn).
+    pub fn set_allowed_origins(&self, origins: Vec<String>) {
+        *self
+            .0
+            .origins
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::from(origins);
+        for shard in 0..self.0.mailboxes.len() {
+            self.0.send(shard, ConnMsg::OriginsChanged);
+        }
+    }
+
+    /// `allowed_origins` in force.
+    pub fn allowed_origins(&self) -> Vec<String> {
+        self.0.allowed_origins().to_vec()
+    }
+
     /// Asks a limit counted by every node (Redis); blocks (call it from a blocking thread) up to
     /// `within`. [`shared_limits::Verdict::Unknown`] without Redis, while it is unreachable, or
     /// when it did not answer in time: the caller's own counters decide.

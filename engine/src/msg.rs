@@ -126,6 +126,9 @@ pub(crate) enum ConnMsg {
     Close { conn: ConnId, code: CloseCode },
     /// To every shard: close the connections the authenticator now finds revoked.
     CloseAllRevoked,
+    /// To every shard: `allowed_origins` changed; close the connections whose origin is no longer
+    /// allowed (4503).
+    OriginsChanged,
     /// To every shard: close the connections of a user (of one session only, when given).
     CloseAuthorized {
         user: Arc<str>,

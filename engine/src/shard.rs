@@ -27,6 +27,8 @@ pub(crate) struct Shard {
     pub(crate) id: usize,
     pub(crate) shared: Arc<Shared>,
     pub(crate) conns: RefCell<HashMap<ConnId, Rc<Conn>>>,
+    /// The `Origin`s connections upgraded with, each once (at most [`MAX_ORIGINS_SEEN`]).
+    pub(crate) origins_seen: RefCell<Vec<Arc<str>>>,
     pub(crate) local_rooms: RefCell<HashMap<RoomId, Vec<Rc<Conn>>>>,
     /// The rooms homed here, fed by the room side (`home`).
     pub(crate) rooms: RefCell<RoomCore>,
@@ -74,7 +76,29 @@ impl Drop for TraceScope<'_> {
     }
 }
 
+/// Distinct `Origin`s a shard keeps for its connections; past it a connection's origin is not
+/// kept (and a change of `allowed_origins` does not close it).
+pub(crate) const MAX_ORIGINS_SEEN: usize = 1024;
+
 impl Shard {
+    /// The index (plus one) of `origin` among those seen here, added if new; 0 for none,
+    /// `u16::MAX` when the table is full.
+    pub(crate) fn intern_origin(&self, origin: Option<&str>) -> u16 {
+        let Some(origin) = origin else {
+            return 0;
+        };
+        let mut seen = self.origins_seen.borrow_mut();
+        let index = match seen.iter().position(|o| &**o == origin) {
+            Some(i) => i,
+            None if seen.len() < MAX_ORIGINS_SEEN => {
+                seen.push(Arc::from(origin));
+                seen.len() - 1
+            }
+            None => return u16::MAX,
+        };
+        u16::try_from(index + 1).unwrap_or(u16::MAX)
+    }
+
     pub(crate) fn new(id: usize, shared: Arc<Shared>) -> std::io::Result<Self> {
         let zstd = |e: protocol::compression::ZstdError| std::io::Error::other(e.to_string());
         let buffers = Rc::new(BufferPool::default());
@@ -98,6 +122,7 @@ impl Shard {
             id,
             shared,
             conns: RefCell::new(HashMap::new()),
+            origins_seen: RefCell::new(Vec::new()),
             local_rooms: RefCell::new(HashMap::new()),
             rooms: RefCell::new(rooms),
             delayed: RefCell::new(VecDeque::new()),

@@ -32,6 +32,9 @@ pub(crate) struct Shared {
     pub(crate) instance: String,
     /// The server's listener of other nodes' announcements.
     pub(crate) listeners: crate::announce::Listeners,
+    /// `allowed_origins` in force (the configuration's, or as last set at run time); read once
+    /// per upgrade.
+    pub(crate) origins: std::sync::RwLock<Arc<[String]>>,
 }
 
 impl Shared {
@@ -47,6 +50,7 @@ impl Shared {
         let pid = std::process::id().to_le_bytes();
         let nonce: [u8; 6] = std::array::from_fn(|i| time[i] ^ pid[i % 4]);
         let state = Backend::InProcess(InProcess::new(&config, metrics.clone()));
+        let origins = std::sync::RwLock::new(Arc::from(config.allowed_origins.clone()));
         Self {
             state,
             config,
@@ -58,7 +62,16 @@ impl Shared {
             shutting_down: AtomicBool::new(false),
             instance: nonce.iter().map(|b| format!("{b:02x}")).collect(),
             listeners: crate::announce::Listeners::default(),
+            origins,
         }
+    }
+
+    /// `allowed_origins` in force.
+    pub(crate) fn allowed_origins(&self) -> Arc<[String]> {
+        self.origins
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub(crate) fn send(&self, shard: usize, msg: impl Into<ShardMsg>) {
@@ -82,4 +95,9 @@ impl Shared {
     pub(crate) fn pending_enter(&self, ip: IpAddr) -> Option<PendingSlot> {
         self.state.local().ips().pending_enter(ip)
     }
+}
+
+/// Whether `origin` is allowed by `allowed` (an empty list allows every origin).
+pub(crate) fn origin_in(allowed: &[String], origin: &str) -> bool {
+    allowed.is_empty() || allowed.iter().any(|o| o == origin)
 }

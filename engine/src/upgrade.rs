@@ -59,9 +59,7 @@ fn origin_allowed(shard: &Shard, head: &RequestHead) -> bool {
     let cfg = &shard.shared.config;
     match head.header_str("origin") {
         None => cfg.allow_missing_origin,
-        Some(origin) => {
-            cfg.allowed_origins.is_empty() || cfg.allowed_origins.iter().any(|o| o == origin)
-        }
+        Some(origin) => crate::shared::origin_in(&shard.shared.allowed_origins(), origin),
     }
 }
 
@@ -172,6 +170,7 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) 
         respond_refusal(stream, &r, &request_id, &[]).await;
         return;
     }
+    let origin = shard.intern_origin(head.header_str("origin"));
     let user_agent = head.header_str("user-agent").map(str::to_owned);
     let client = ClientInfo {
         ip,
@@ -255,6 +254,7 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) 
                 ip,
                 replaced,
                 id: conn_id,
+                origin,
             };
             crate::session::run(&shard, accepted);
             crate::router::pump(&shard);
@@ -295,6 +295,7 @@ pub(crate) async fn upgrade(shard: Rc<Shard>, stream: Stream, request: Upgrade) 
                         ip,
                         replaced,
                         id: conn_id,
+                        origin,
                     };
                     crate::session::run(&shard, accepted);
                     crate::router::pump(&shard);

@@ -11,6 +11,7 @@ use engine::Revoked;
 use storage::{Revocation, RevocationKind};
 
 use crate::accounts::Accounts;
+use crate::origins::Origins;
 use crate::pool::Pool;
 use crate::rooms::RoomService;
 
@@ -43,6 +44,8 @@ pub enum Announcement {
     },
     /// Someone's admin role changed: read the admins again.
     AdminsChanged,
+    /// `allowed_origins` changed: read them again.
+    OriginsChanged,
 }
 
 impl Announcement {
@@ -66,6 +69,7 @@ impl Announcement {
             Self::RoomDeleted { room } => format!("M|d|{room}"),
             Self::MemberRemoved { room, user } => format!("M|k|{user}|{room}"),
             Self::AdminsChanged => "A".to_owned(),
+            Self::OriginsChanged => "O".to_owned(),
         }
         .into_bytes()
     }
@@ -103,6 +107,7 @@ impl Announcement {
                 user: nonempty(user)?,
             },
             ["A"] => Self::AdminsChanged,
+            ["O"] => Self::OriginsChanged,
             _ => return None,
         })
     }
@@ -119,15 +124,22 @@ impl Announcement {
 pub struct NodeListener {
     accounts: Arc<Accounts>,
     rooms: Arc<RoomService>,
+    origins: Arc<Origins>,
     pool: Arc<Pool>,
 }
 
 impl NodeListener {
     /// The listener of a node whose accounts and rooms are these; the work runs on `pool`.
-    pub fn new(accounts: Arc<Accounts>, rooms: Arc<RoomService>, pool: Arc<Pool>) -> Self {
+    pub fn new(
+        accounts: Arc<Accounts>,
+        rooms: Arc<RoomService>,
+        origins: Arc<Origins>,
+        pool: Arc<Pool>,
+    ) -> Self {
         Self {
             accounts,
             rooms,
+            origins,
             pool,
         }
     }
@@ -160,6 +172,7 @@ impl engine::announce::Listener for NodeListener {
             return;
         };
         let (accounts, rooms) = (self.accounts.clone(), self.rooms.clone());
+        let origins = self.origins.clone();
         self.run(move || match announcement {
             Announcement::Revoked { revocation, user } => {
                 let session = match revocation.kind {
@@ -178,15 +191,18 @@ impl engine::announce::Listener for NodeListener {
                 rooms.changed_elsewhere(&room, Some(&user));
             }
             Announcement::AdminsChanged => rooms.reload_admins(),
+            Announcement::OriginsChanged => origins.reload(),
         });
     }
 
     fn missed(&self) {
         let (accounts, rooms) = (self.accounts.clone(), self.rooms.clone());
+        let origins = self.origins.clone();
         self.run(move || {
             accounts.reload_revocations();
             rooms.reload_all();
             rooms.reload_admins();
+            origins.reload();
         });
     }
 }
@@ -225,6 +241,7 @@ mod tests {
                 user: "u".into(),
             },
             Announcement::AdminsChanged,
+            Announcement::OriginsChanged,
         ];
         for a in all {
             assert_eq!(Announcement::decode(&a.encode()), Some(a));

@@ -13,6 +13,7 @@ pub mod fingerprints;
 pub mod limiter;
 pub mod logging;
 pub mod observe;
+pub mod origins;
 pub mod pool;
 pub mod revocation;
 pub mod rooms;

@@ -11,7 +11,7 @@ use engine::{
 };
 use protocol::ErrorCode;
 use protocol::http::percent_decode_path;
-use sonic_rs::{JsonValueTrait, Value};
+use sonic_rs::{JsonContainerTrait, JsonValueTrait, Value};
 
 use crate::accounts::{self, Accounts, Client};
 use crate::api_error::{Answer, ApiError, respond};
@@ -59,19 +59,6 @@ fn nesting_depth(json: &[u8]) -> usize {
     deepest
 }
 
-/// Where browsers may call from.
-#[derive(Debug, Clone)]
-pub struct Cors {
-    /// Exact origins; empty allows any.
-    pub allowed_origins: Vec<String>,
-}
-
-impl Cors {
-    fn allows(&self, origin: &str) -> bool {
-        self.allowed_origins.is_empty() || self.allowed_origins.iter().any(|o| o == origin)
-    }
-}
-
 /// The route table.
 pub struct Routes {
     metrics: Arc<ServerMetrics>,
@@ -80,7 +67,8 @@ pub struct Routes {
     auth: Arc<JwtAuthenticator>,
     storage_pool: Arc<Pool>,
     hash_pool: Arc<Pool>,
-    cors: Cors,
+    /// `allowed_origins` in force (CORS; the engine checks upgrades).
+    cors: Arc<crate::origins::Origins>,
     /// This process's name, answered by `/healthz`.
     node_id: Arc<str>,
 }
@@ -103,6 +91,23 @@ impl Body {
                 .ok_or_else(|| ApiError::invalid_input(field, "must be a string")),
             None => Err(ApiError::invalid_input(field, "is required")),
         }
+    }
+
+    /// A list of strings (at most 1,000); `Err` names the field when missing or malformed.
+    fn string_list(&self, field: &'static str) -> Result<Vec<String>, ApiError> {
+        let bad = || ApiError::invalid_input(field, "must be a list of strings");
+        let list = self
+            .0
+            .get(field)
+            .ok_or_else(|| ApiError::invalid_input(field, "is required"))?
+            .as_array()
+            .ok_or_else(bad)?;
+        if list.len() > 1000 {
+            return Err(bad());
+        }
+        list.iter()
+            .map(|v| v.as_str().map(str::to_owned).ok_or_else(bad))
+            .collect()
     }
 
     fn optional_bool(&self, field: &'static str) -> Result<Option<bool>, ApiError> {
@@ -153,7 +158,7 @@ impl Routes {
         auth: Arc<JwtAuthenticator>,
         storage_pool: Arc<Pool>,
         hash_pool: Arc<Pool>,
-        cors: Cors,
+        cors: Arc<crate::origins::Origins>,
     ) -> Self {
         Self {
             metrics,
@@ -549,6 +554,23 @@ impl Routes {
                 let who = self.authenticate(request)?;
                 self.authenticated(request, who, |a, id| a.logout_all(id), false)
             }
+            ("GET", "/admin/origins") => {
+                let who = self.authenticate(request)?;
+                let origins = self.cors.clone();
+                Ok(Self::defer(&self.storage_pool, request, move || {
+                    origins.get(&who)
+                }))
+            }
+            ("PUT", "/admin/origins") => {
+                let who = self.authenticate(request)?;
+                let body = Self::json_body(request)?;
+                let list = body.string_list("origins")?;
+                let origins = self.cors.clone();
+                Ok(Self::defer(&self.storage_pool, request, move || {
+                    origins.put(&who, list)
+                }))
+            }
+            (_, "/admin/origins") => Err(ApiError::method_not_allowed("GET, PUT")),
             ("GET", "/me") => {
                 let who = self.authenticate(request)?;
                 self.authenticated(request, who, |a, id| a.me(id), false)
@@ -640,7 +662,7 @@ impl Routes {
         ];
         // Credentials (the refresh cookie) only for origins the operator named: with the
         // default "any origin", a page elsewhere must not read answers made with our cookies.
-        if !self.cors.allowed_origins.is_empty() {
+        if self.cors.named() {
             headers.push(("Access-Control-Allow-Credentials", "true".to_owned()));
         }
         headers

@@ -14,7 +14,7 @@ use crate::config::{Config, secrets::Secrets};
 use crate::observe::ServerMetrics;
 use crate::pool::Pool;
 use crate::revocation::RevocationList;
-use crate::routes::{Cors, Routes};
+use crate::routes::Routes;
 use crate::tokens::{JwtAuthenticator, TokenService};
 
 /// Why the server could not start (or a command could not reach what it needs).
@@ -208,6 +208,11 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
         config.engine.max_json_depth,
         config.engine.publish_per_connection,
     ));
+    let origins = Arc::new(crate::origins::Origins::new(
+        config.engine.allowed_origins.clone(),
+        store.clone(),
+        directory.clone(),
+    ));
     let warm = accounts.clone();
     let _ = hash_pool.submit(move || warm.warm_up());
     let routes = Arc::new(
@@ -218,9 +223,7 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
             auth.clone(),
             storage_pool,
             hash_pool,
-            Cors {
-                allowed_origins: config.engine.allowed_origins.clone(),
-            },
+            origins.clone(),
         )
         .with_node_id(&config.node_id),
     );
@@ -237,6 +240,8 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
     })?;
     accounts.attach(engine.control());
     rooms.attach(engine.control());
+    // A list set at run time (kept in storage) wins over the configuration's.
+    origins.attach(engine.control());
     if config.engine.redis.is_some() {
         // What other nodes announce (revocations, room and role changes) is applied here.
         engine
@@ -244,6 +249,7 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
             .listen(Arc::new(crate::announce::NodeListener::new(
                 accounts.clone(),
                 rooms.clone(),
+                origins,
                 announce_pool,
             )));
     }

@@ -433,6 +433,10 @@ pub trait Store: Users + Sessions + Revocations + Idempotency + Rooms + Send + S
         fingerprint: &str,
         now_ms: i64,
     ) -> StoreResult<()>;
+    /// A setting changed at run time (its JSON text), if it was ever set.
+    fn setting(&self, name: &str) -> StoreResult<Option<String>>;
+    /// Sets a run-time setting.
+    fn put_setting(&self, name: &str, value: &str, now_ms: i64) -> StoreResult<()>;
 }
 
 /// Where the durable data lives.

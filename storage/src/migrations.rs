@@ -23,6 +23,7 @@ pub const SQLITE: &[(u32, &str)] = &[
         4,
         include_str!("../migrations/sqlite/0004_key_fingerprints.sql"),
     ),
+    (5, include_str!("../migrations/sqlite/0005_settings.sql")),
 ];
 
 /// The PostgreSQL migrations, in order.
@@ -37,6 +38,7 @@ pub const POSTGRES: &[(u32, &str)] = &[
         4,
         include_str!("../migrations/postgres/0004_key_fingerprints.sql"),
     ),
+    (5, include_str!("../migrations/postgres/0005_settings.sql")),
 ];
 
 /// The bookkeeping table, created (if missing) before any migration runs. SQLite and

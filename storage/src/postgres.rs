@@ -1055,6 +1055,28 @@ impl Store for PgStore {
         })
     }
 
+    fn setting(&self, name: &str) -> StoreResult<Option<String>> {
+        self.primary.run(|conn| {
+            let select = conn.statement("SELECT value FROM settings WHERE name = $1")?;
+            conn.client
+                .query_opt(&select, &[&name])?
+                .map(|row| row.try_get(0))
+                .transpose()
+        })
+    }
+
+    fn put_setting(&self, name: &str, value: &str, now_ms: i64) -> StoreResult<()> {
+        self.primary.run(|conn| {
+            let upsert = conn.statement(
+                "INSERT INTO settings (name, value, changed_at_ms) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET value = $2, changed_at_ms = $3",
+            )?;
+            conn.client
+                .execute(&upsert, &[&name, &value, &now_ms])
+                .map(drop)
+        })
+    }
+
     fn replace_key_fingerprint(
         &self,
         name: &str,

@@ -807,6 +807,25 @@ impl Store for SqliteStore {
         })
     }
 
+    fn setting(&self, name: &str) -> StoreResult<Option<String>> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT value FROM settings WHERE name = ?1")?
+                .query_row(params![name], |row| row.get(0))
+                .optional()
+        })
+    }
+
+    fn put_setting(&self, name: &str, value: &str, now_ms: i64) -> StoreResult<()> {
+        self.write(|conn| {
+            conn.prepare_cached(
+                "INSERT INTO settings (name, value, changed_at_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO UPDATE SET value = ?2, changed_at_ms = ?3",
+            )?
+            .execute(params![name, value, now_ms])
+            .map(drop)
+        })
+    }
+
     fn replace_key_fingerprint(
         &self,
         name: &str,

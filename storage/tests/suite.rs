@@ -143,7 +143,25 @@ both!(
     soft_delete_leaves_rooms_but_not_memberships,
     put_member_racing_delete_room_leaves_no_orphan,
     key_fingerprints_are_recorded_once_then_replaced,
+    settings_are_absent_then_set_then_replaced,
 );
+
+fn settings_are_absent_then_set_then_replaced(env: &Env) {
+    let store = env.open();
+    assert_eq!(store.setting("allowed_origins").unwrap(), None);
+    store
+        .put_setting("allowed_origins", r#"["https://a"]"#, 1)
+        .unwrap();
+    assert_eq!(
+        store.setting("allowed_origins").unwrap().as_deref(),
+        Some(r#"["https://a"]"#)
+    );
+    store.put_setting("allowed_origins", "[]", 2).unwrap();
+    assert_eq!(
+        store.setting("allowed_origins").unwrap().as_deref(),
+        Some("[]")
+    );
+}
 
 /// The first fingerprint recorded for a key stays (a second node with another key sees the
 /// first); replacing is explicit (a rotation).
@@ -240,7 +258,7 @@ fn open_reports_kind_and_schema_version(env: &Env) {
         Env::Sqlite { .. } => migrations::SQLITE,
         Env::Postgres { .. } => migrations::POSTGRES,
     });
-    assert_eq!(latest, 4);
+    assert_eq!(latest, 5);
     assert_eq!(store.schema_version().unwrap(), latest);
 }
 
@@ -276,7 +294,7 @@ fn concurrent_opens_migrate_once(env: &Env) {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert!(versions.iter().all(|&v| v == 4), "{versions:?}");
+    assert!(versions.iter().all(|&v| v == 5), "{versions:?}");
 }
 
 /// Builds, without the store, the database a version-1 build left: the shipped first migration,
@@ -360,7 +378,7 @@ fn create_version_1(env: &Env) {
 fn version_1_database_is_upgraded(env: &Env) {
     create_version_1(env);
     let store = env.open();
-    assert_eq!(store.schema_version().unwrap(), 4);
+    assert_eq!(store.schema_version().unwrap(), 5);
     // Version 1's data is intact and the new index serves it.
     let alice = store.user_by_id("u1").unwrap().unwrap();
     assert_eq!(
@@ -380,7 +398,7 @@ fn version_1_database_is_upgraded(env: &Env) {
     drop(store);
     // Reopening applies nothing again.
     let again = env.open();
-    assert_eq!(again.schema_version().unwrap(), 4);
+    assert_eq!(again.schema_version().unwrap(), 5);
     assert_eq!(again.members("lobby").unwrap().len(), 1);
     assert!(again.delete_room("lobby").unwrap());
     assert_eq!(again.all_members().unwrap(), vec![]);
@@ -1463,6 +1481,7 @@ fn pg_scratch_url_sets_search_path() {
             "rooms",
             "schema_migrations",
             "sessions",
+            "settings",
             "users"
         ]
     );
@@ -1589,7 +1608,7 @@ fn pg_broken_connection_is_replaced() {
         Err(other) => panic!("a dropped connection is Unavailable, got {other:?}"),
     }
     store.ping().unwrap();
-    assert_eq!(store.schema_version().unwrap(), 4);
+    assert_eq!(store.schema_version().unwrap(), 5);
     assert_eq!(Store::kind(&store), "postgres");
 }
 

@@ -195,7 +195,7 @@ fn migrate_set_role_and_token_commands(db: Db) {
     let migrate = server.cli(&["migrate"]);
     assert_eq!(migrate.code, 0, "{migrate:?}");
     assert!(
-        migrate.stdout.contains("schema at version 4"),
+        migrate.stdout.contains("schema at version 5"),
         "{migrate:?}"
     );
     assert_eq!(

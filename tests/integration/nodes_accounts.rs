@@ -435,3 +435,68 @@ fn with_redis_down_a_node_keeps_its_own_limits() {
         .unwrap_or(0.0);
     assert!(fallbacks >= 3.0, "{fallbacks}");
 }
+
+/// `PUT /admin/origins` on node A (admin only, validated, kept in storage) applies on node B
+/// within a second: upgrades and CORS from an origin no longer listed are refused there, and a
+/// live connection from it is closed with 4503; a restarted node keeps the list.
+#[test]
+fn allowed_origins_changed_at_run_time_apply_on_every_node() {
+    let p = pair("origins");
+    let (a, b) = (&p.nodes[0], &p.nodes[1]);
+    let (_, admin) = a.account("root");
+    let (_, plain) = a.account("joe");
+    assert_eq!(
+        a.cli(&["user", "set-role", "root@example.com", "admin"])
+            .code,
+        0
+    );
+    // An admin's role reaches both nodes (announced); until then the API answers 403.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.api_as(&admin, "GET", "/admin/origins", None).status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the admin role never took effect"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let evil = ("Origin", "https://evil.example");
+    let mut live = b
+        .try_connect(&b.token("watcher"), None, &[evil])
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    live.expect("welcome", None);
+
+    let put = |token: &str, body: &str| a.api_as(token, "PUT", "/admin/origins", Some(body));
+    assert_eq!(put(&plain, r#"{"origins":[]}"#).status, 403);
+    let bad = put(&admin, r#"{"origins":["https://ok.example/path"]}"#);
+    assert_eq!((bad.status, bad.code()), (400, "invalid_input".into()));
+    let set = put(&admin, r#"{"origins":["https://good.example"]}"#);
+    assert_eq!(set.status, 200, "{set:?}");
+    assert!(set.body.contains("https://good.example"), "{set:?}");
+
+    closed_within_a_second(&mut live, 4503, "origin no longer allowed");
+    let refused = b.try_connect(&b.token("other"), None, &[evil]);
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("403")),
+        "{:?}",
+        refused.map(|_| "accepted")
+    );
+    let good = b.try_connect(
+        &b.token("other"),
+        None,
+        &[("Origin", "https://good.example")],
+    );
+    assert!(good.is_ok(), "{:?}", good.err());
+    let cors = b.api("GET", "/healthz", &[evil], None);
+    assert_eq!(cors.status, 403);
+    let listed = b.api_as(&admin, "GET", "/admin/origins", None);
+    assert!(listed.body.contains("https://good.example"), "{listed:?}");
+    // Kept in storage: a restarted node starts with the list, over its configuration.
+    let mut p = p;
+    let b = p.nodes.remove(1).restart();
+    let refused = b.try_connect(&b.token("later"), None, &[evil]);
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("403")),
+        "{:?}",
+        refused.map(|_| "accepted")
+    );
+}

@@ -43,6 +43,8 @@ pub(crate) struct Accepted {
     /// The connection it replaces under `close_oldest`.
     pub(crate) replaced: Option<ConnId>,
     pub(crate) id: ConnId,
+    /// Its `Origin`, interned by the shard (see [`Shard::intern_origin`]).
+    pub(crate) origin: u16,
 }
 
 /// Registers an upgraded connection and hands it to its shard's reader (see
@@ -56,6 +58,7 @@ pub(crate) fn run(shard: &Rc<Shard>, accepted: Accepted) {
         ip,
         replaced,
         id,
+        origin,
     } = accepted;
     let conn = Rc::new(Conn::new(ConnParts {
         id,
@@ -63,6 +66,7 @@ pub(crate) fn run(shard: &Rc<Shard>, accepted: Accepted) {
         stream,
         identity,
         ip,
+        origin,
     }));
     shard.conns.borrow_mut().insert(id, conn.clone());
     shard
@@ -381,6 +385,28 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: ConnMsg) {
         ConnMsg::Close { conn, code } => {
             if let Some(c) = shard.conn(conn) {
                 shard.writer.close(&c, code);
+            }
+        }
+        ConnMsg::OriginsChanged => {
+            let allowed = shard.shared.allowed_origins();
+            let refused: Vec<Rc<Conn>> = {
+                let seen = shard.origins_seen.borrow();
+                shard
+                    .conns
+                    .borrow()
+                    .values()
+                    .filter(|c| {
+                        let index = usize::from(c.origin.get());
+                        index > 0
+                            && seen
+                                .get(index - 1)
+                                .is_some_and(|o| !crate::shared::origin_in(&allowed, o))
+                    })
+                    .cloned()
+                    .collect()
+            };
+            for conn in refused {
+                shard.writer.close(&conn, CloseCode::ORIGIN_FORBIDDEN);
             }
         }
         ConnMsg::CloseAllRevoked => {

@@ -11,7 +11,7 @@ mod layers;
 mod net;
 mod raw;
 pub mod secrets;
-mod validate;
+pub(crate) mod validate;
 mod values;
 
 use std::path::PathBuf;

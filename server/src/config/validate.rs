@@ -637,7 +637,7 @@ fn logs(c: &Checker<'_>, raw: &RawConfig) -> Result<(LogFormat, String), ConfigE
 }
 
 /// `scheme://host[:port]` with no path, as browsers send `Origin`.
-fn is_origin(text: &str) -> bool {
+pub(crate) fn is_origin(text: &str) -> bool {
     let Some((scheme, rest)) = text.split_once("://") else {
         return false;
     };
