@@ -6,6 +6,7 @@
 //! was unreachable, it restarted) reloads revocations, rooms and admins from storage.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use engine::Revoked;
 use storage::{Revocation, RevocationKind};
@@ -126,6 +127,8 @@ pub struct NodeListener {
     rooms: Arc<RoomService>,
     origins: Arc<Origins>,
     pool: Arc<Pool>,
+    /// A reload after a full pool is running.
+    reloading: Arc<AtomicBool>,
 }
 
 impl NodeListener {
@@ -141,28 +144,44 @@ impl NodeListener {
             rooms,
             origins,
             pool,
+            reloading: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// Runs `job` on the storage pool (on a thread of its own when the pool is full: an
-    /// announcement is never dropped).
+    /// Runs `job` on the storage pool. When the pool is full the announcement is not lost:
+    /// one thread (at most one at a time) reloads everything announcements carry from storage.
     fn run(&self, job: impl FnOnce() + Send + 'static) {
-        let job = Arc::new(std::sync::Mutex::new(Some(job)));
-        let take = move || {
-            let taken = job
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
-            if let Some(job) = taken {
-                job();
-            }
-        };
-        if self.pool.submit(take.clone()).is_err() {
-            let _ = std::thread::Builder::new()
-                .name("ringhub-announce".into())
-                .spawn(take);
+        if self.pool.submit(job).is_ok() {
+            return;
+        }
+        if self.reloading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!("the storage pool is full: reloading what other nodes announced");
+        let (accounts, rooms, origins) = (
+            self.accounts.clone(),
+            self.rooms.clone(),
+            self.origins.clone(),
+        );
+        let reloading = self.reloading.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ringhub-announce".into())
+            .spawn(move || {
+                reload_everything(&accounts, &rooms, &origins);
+                reloading.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.reloading.store(false, Ordering::Release);
         }
     }
+}
+
+/// What a node that missed announcements reads again from storage.
+fn reload_everything(accounts: &Accounts, rooms: &RoomService, origins: &Origins) {
+    accounts.reload_revocations();
+    rooms.reload_all();
+    rooms.reload_admins();
+    origins.reload();
 }
 
 impl engine::announce::Listener for NodeListener {
@@ -198,12 +217,7 @@ impl engine::announce::Listener for NodeListener {
     fn missed(&self) {
         let (accounts, rooms) = (self.accounts.clone(), self.rooms.clone());
         let origins = self.origins.clone();
-        self.run(move || {
-            accounts.reload_revocations();
-            rooms.reload_all();
-            rooms.reload_admins();
-            origins.reload();
-        });
+        self.run(move || reload_everything(&accounts, &rooms, &origins));
     }
 }
 
