@@ -811,3 +811,42 @@ fn the_rooms_publish_rate_counts_every_node() {
         .collect();
     assert_eq!(seqs, [1, 2, 3, 4]);
 }
+
+/// Redis restarted empty learns the connections of every node again: the user cap still holds
+/// afterwards (a third connection, on another node, past a cap of two closes an older one with
+/// 4509).
+#[test]
+fn connection_caps_survive_a_redis_restart() {
+    let mut redis = OwnRedis::start();
+    let nodes = start_nodes(
+        "capsrestart",
+        2,
+        &redis.url(),
+        &["--max-connections-per-user", "2"],
+    );
+    wait_ready(&nodes);
+    let mut first = connect(&nodes[0], "carl");
+    let mut second = connect(&nodes[0], "carl");
+    redis.restart();
+    // The node reconnects and counts its two connections again.
+    let counted =
+        "EVAL \"return redis.call('ZCARD', redis.call('KEYS', '*u:carl*')[1] or 'none')\" 0";
+    eventually(
+        "the connections counted again",
+        Duration::from_secs(15),
+        || redis.command(counted) == ":2",
+    );
+    wait_ready(&nodes);
+    // On the other node, which holds none of them: only Redis can know.
+    let mut third = connect(&nodes[1], "carl");
+    first.set_timeout(Duration::from_secs(2));
+    second.set_timeout(Duration::from_secs(2));
+    let ended = [first.ended(), second.ended()];
+    assert_eq!(
+        ended.iter().filter(|e| **e == Ended::Closed(4509)).count(),
+        1,
+        "{ended:?}"
+    );
+    let id = third.request("ping", &[]);
+    third.expect("pong", Some(id));
+}

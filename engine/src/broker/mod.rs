@@ -769,6 +769,34 @@ fn close_member(shard: &Rc<Shard>, member: &[u8]) {
     let _ = broker.send(&channel, &cmd, Pending::Ignore);
 }
 
+/// Counts this shard's live connections in their users' caps again (a command connection came
+/// back: Redis may have restarted empty, or admitted them while unreachable), for the users whose
+/// key the master at `only` serves, or all. `NX`: entries Redis kept keep their connect time.
+fn announce_connections(shard: &Rc<Shard>, only: Option<&str>) {
+    let Some(broker) = broker(shard) else {
+        return;
+    };
+    let now = now_ms();
+    let conns: Vec<(Arc<str>, ConnId)> = shard
+        .conns
+        .borrow()
+        .values()
+        .map(|c| (c.identity.borrow().user_id.clone(), c.id))
+        .collect();
+    for (user, conn) in conns {
+        let key = user_key(broker, &user);
+        if only.is_some_and(|addr| broker.master_addr(key.as_bytes()).as_deref() != Some(addr)) {
+            continue;
+        }
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(&key)
+            .arg("NX")
+            .arg(now)
+            .arg(format!("{}|{conn}", broker.settings.node_id));
+        let _ = broker.send(&key, &cmd, Pending::Ignore);
+    }
+}
+
 /// A connection of `user` ended: it no longer counts against the cap on any node (once Redis is
 /// reachable again, if it is not now).
 pub(crate) fn release_user(shard: &Shard, user: &Arc<str>, conn: ConnId) {
@@ -1279,6 +1307,7 @@ impl LinkEvents<Pending> for CommandEvents {
             }
         }
         announce_members(shard, Some(&self.addr));
+        announce_connections(shard, Some(&self.addr));
     }
 
     fn down(&mut self, unanswered: Vec<Pending>) {
