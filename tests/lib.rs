@@ -236,6 +236,7 @@ impl Server {
                 url,
                 read_url: None,
                 pool: 1,
+                breaker: storage::BreakerSettings::default(),
             },
             None => storage::Backend::Sqlite { dir: &data },
         };
@@ -871,6 +872,96 @@ impl Drop for OwnCluster {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP relay from a free loopback port to `target`, which a test can cut (every connection
+/// through it closed, new ones closed at once) and restore: a dependency going away without its
+/// process dying. Stopped when dropped.
+#[derive(Debug)]
+pub struct Relay {
+    /// The port to connect to instead of the target's.
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    /// Starts relaying to `target` (`host:port`).
+    pub fn start(target: &str) -> Relay {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let relay = Relay {
+            port,
+            cut: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(AtomicBool::new(false)),
+            live: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (cut, stop, live) = (relay.cut.clone(), relay.stop.clone(), relay.live.clone());
+        let target = target.to_owned();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if cut.load(Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let pairs = [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ];
+                {
+                    let mut live = live
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    live.push(client);
+                    live.push(server);
+                }
+                for pair in pairs {
+                    if let (Ok(mut from), Ok(mut to)) = pair {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            }
+        });
+        relay
+    }
+
+    /// Closes every connection through the relay and every new one until [`Relay::restore`].
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+        let mut live = self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for stream in live.drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Relays again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.cut();
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 

@@ -628,12 +628,24 @@ impl Routes {
                     Ok(readiness(&accounts, redis))
                 }))
             }
-            ("GET" | "HEAD", "/metrics") => Ok(HttpResponse {
-                status: 200,
-                headers: vec![("Content-Type", "text/plain; version=0.0.4".to_owned())],
-                body: self.metrics.render().into_bytes(),
+            ("GET" | "HEAD", "/metrics") => {
+                let mut text = self.metrics.render();
+                if let Some(state) = self.accounts.store().breaker_state() {
+                    use std::fmt::Write as _;
+                    let _ = writeln!(
+                        text,
+                        "# TYPE ringhub_breaker_state gauge\n\
+                         ringhub_breaker_state{{dependency=\"postgres\"}} {}",
+                        state.gauge()
+                    );
+                }
+                Ok(HttpResponse {
+                    status: 200,
+                    headers: vec![("Content-Type", "text/plain; version=0.0.4".to_owned())],
+                    body: text.into_bytes(),
+                }
+                .into())
             }
-            .into()),
             ("GET" | "HEAD", "/.well-known/jwks.json") => match self.auth.jwks() {
                 Some(jwks) => Ok(HttpResponse::json(200, jwks.as_bytes().to_vec()).into()),
                 None => Err(ApiError::new(

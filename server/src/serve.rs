@@ -107,6 +107,10 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn storage::Store>, ServeError
             url,
             read_url: settings.database_read_url.as_deref(),
             pool,
+            breaker: storage::BreakerSettings {
+                failures: settings.breaker_failures,
+                probe: settings.breaker_probe,
+            },
         },
         None => storage::Backend::Sqlite {
             dir: &settings.data_dir,

@@ -14,9 +14,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
+mod breaker;
 pub mod migrations;
 pub mod postgres;
 pub mod sqlite;
+
+pub use breaker::{BreakerSettings, BreakerState};
 
 /// What went wrong, classified for the edge: the server maps each variant to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -437,6 +440,10 @@ pub trait Store: Users + Sessions + Revocations + Idempotency + Rooms + Send + S
     fn setting(&self, name: &str) -> StoreResult<Option<String>>;
     /// Sets a run-time setting.
     fn put_setting(&self, name: &str, value: &str, now_ms: i64) -> StoreResult<()>;
+    /// The circuit breaker in front of the database, where there is one (PostgreSQL).
+    fn breaker_state(&self) -> Option<BreakerState> {
+        None
+    }
 }
 
 /// Where the durable data lives.
@@ -455,6 +462,8 @@ pub enum Backend<'a> {
         read_url: Option<&'a str>,
         /// `database_pool`: connections opened (and pre-warmed) per pool.
         pool: usize,
+        /// `breaker_failures`, `breaker_probe`.
+        breaker: BreakerSettings,
     },
 }
 
@@ -466,6 +475,9 @@ pub fn open(backend: &Backend<'_>) -> StoreResult<Arc<dyn Store>> {
             url,
             read_url,
             pool,
-        } => Ok(Arc::new(postgres::PgStore::open(url, *read_url, *pool)?)),
+            breaker,
+        } => Ok(Arc::new(postgres::PgStore::open(
+            url, *read_url, *pool, *breaker,
+        )?)),
     }
 }

@@ -26,12 +26,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls, Row, Statement};
 
+use crate::breaker::{Breaker, BreakerSettings, BreakerState};
 use crate::migrations::{self, conflict_kind};
 use crate::{
     Idempotency, IdempotencyRecord, MemberRole, Permission, RefreshRecord, Revocation,
@@ -52,6 +53,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct PgStore {
     primary: Pool,
     replica: Option<Pool>,
+    /// In front of both pools.
+    breaker: Arc<Breaker>,
 }
 
 impl fmt::Debug for PgStore {
@@ -67,14 +70,24 @@ impl fmt::Debug for PgStore {
 impl PgStore {
     /// Opens `pool` connections (at least one) to `url`, and as many to `read_url` when given,
     /// then applies the pending migrations on the primary.
-    pub fn open(url: &str, read_url: Option<&str>, pool: usize) -> StoreResult<Self> {
+    pub fn open(
+        url: &str,
+        read_url: Option<&str>,
+        pool: usize,
+        breaker: BreakerSettings,
+    ) -> StoreResult<Self> {
         let size = pool.max(1);
-        let primary = Pool::open("primary", url, size)?;
+        let breaker = Arc::new(Breaker::new(breaker));
+        let primary = Pool::open("primary", url, size, breaker.clone())?;
         primary.run(|conn| migrate(&mut conn.client))??;
         let replica = read_url
-            .map(|url| Pool::open("read", url, size))
+            .map(|url| Pool::open("read", url, size, breaker.clone()))
             .transpose()?;
-        Ok(Self { primary, replica })
+        Ok(Self {
+            primary,
+            replica,
+            breaker,
+        })
     }
 
     /// The pool for reads that tolerate replica lag.
@@ -307,6 +320,7 @@ struct Pool {
     size: usize,
     idle: Mutex<Vec<Option<Conn>>>,
     freed: Condvar,
+    breaker: Arc<Breaker>,
 }
 
 /// A slot taken from a pool; it goes back on drop, even on a panic.
@@ -324,7 +338,12 @@ impl Drop for Slot<'_> {
 
 impl Pool {
     /// Opens `size` connections to `url`.
-    fn open(name: &'static str, url: &str, size: usize) -> StoreResult<Self> {
+    fn open(
+        name: &'static str,
+        url: &str,
+        size: usize,
+        breaker: Arc<Breaker>,
+    ) -> StoreResult<Self> {
         let config = parse(url)?;
         let pool = Self {
             name,
@@ -332,6 +351,7 @@ impl Pool {
             size,
             idle: Mutex::new(Vec::with_capacity(size)),
             freed: Condvar::new(),
+            breaker,
         };
         for _ in 0..size {
             let conn = pool.connect()?;
@@ -383,6 +403,18 @@ impl Pool {
     /// Runs `f` on a pooled connection, replacing it first if it is broken, and marking it
     /// broken when `f` fails with a connection error.
     fn run<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, postgres::Error>) -> StoreResult<T> {
+        // While the breaker is open this fails at once; what went through is recorded.
+        let probe = self.breaker.admit(Instant::now())?;
+        let result = self.run_admitted(f);
+        let reachable = !matches!(result, Err(StoreError::Unavailable(_)));
+        self.breaker.record(probe, reachable, Instant::now());
+        result
+    }
+
+    fn run_admitted<T>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<T, postgres::Error>,
+    ) -> StoreResult<T> {
         let mut slot = self.take()?;
         if !slot.conn.as_ref().is_some_and(Conn::usable) {
             slot.conn = None;
@@ -1041,6 +1073,10 @@ impl Store for PgStore {
         "postgres"
     }
 
+    fn breaker_state(&self) -> Option<BreakerState> {
+        Some(self.breaker.state(Instant::now()))
+    }
+
     fn key_fingerprint(&self, name: &str, fingerprint: &str, now_ms: i64) -> StoreResult<String> {
         self.primary.run(|conn| {
             let insert = conn.statement(
@@ -1128,7 +1164,13 @@ mod tests {
     fn pooled_connections_have_the_statement_timeout() {
         let url = std::env::var("RINGHUB_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let pool = Pool::open("primary", &url, 2).unwrap();
+        let pool = Pool::open(
+            "primary",
+            &url,
+            2,
+            Arc::new(Breaker::new(BreakerSettings::default())),
+        )
+        .unwrap();
         for _ in 0..2 {
             let timeout: String = pool
                 .run(|conn| {
@@ -1150,7 +1192,13 @@ mod tests {
     #[test]
     fn unreachable_server_is_unavailable() {
         // Port 1 on loopback: nothing listens there.
-        let err = PgStore::open("postgres://postgres@127.0.0.1:1/test", None, 1).unwrap_err();
+        let err = PgStore::open(
+            "postgres://postgres@127.0.0.1:1/test",
+            None,
+            1,
+            BreakerSettings::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     }
 }

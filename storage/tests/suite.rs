@@ -73,6 +73,7 @@ impl Env {
                 url,
                 read_url: Some(url),
                 pool: 2,
+                breaker: storage::BreakerSettings::default(),
             },
         };
         storage::open(&backend).unwrap()
@@ -1504,7 +1505,7 @@ fn pg_key_value_connection_string_works_too() {
     let schema = unique("stkv");
     let url = scratch_schema_url(&kv, &schema).unwrap();
     let result = std::panic::catch_unwind(|| {
-        let store = PgStore::open(&url, None, 1).unwrap();
+        let store = PgStore::open(&url, None, 1, storage::BreakerSettings::default()).unwrap();
         store
             .create_user(&user("u1", "alice", "alice@example.com"))
             .unwrap();
@@ -1543,7 +1544,7 @@ fn pg_reads_use_the_read_pool() {
         unreachable!()
     };
     drop(replica.open()); // migrates the replica's schema
-    let store = PgStore::open(url, Some(read_url), 2).unwrap();
+    let store = PgStore::open(url, Some(read_url), 2, storage::BreakerSettings::default()).unwrap();
     store
         .create_user(&user("u1", "alice", "alice@example.com"))
         .unwrap();
@@ -1590,7 +1591,7 @@ fn pg_broken_connection_is_replaced() {
     };
     let app = format!("ringhub_{schema}");
     let url = format!("{url}&application_name={app}");
-    let store = PgStore::open(&url, None, 1).unwrap();
+    let store = PgStore::open(&url, None, 1, storage::BreakerSettings::default()).unwrap();
     store.ping().unwrap();
     let mut admin = ::postgres::Client::connect(base, ::postgres::NoTls).unwrap();
     let killed: i64 = admin
@@ -1618,7 +1619,7 @@ fn pg_pool_size_zero_means_one() {
     let Env::Postgres { url, .. } = &env else {
         unreachable!()
     };
-    let store = PgStore::open(url, None, 0).unwrap();
+    let store = PgStore::open(url, None, 0, storage::BreakerSettings::default()).unwrap();
     store.ping().unwrap();
     assert!(format!("{store:?}").contains("pool: 1"));
 }

@@ -1,12 +1,13 @@
-//! The accounts side of several nodes (SPEC §10 points 5 and 6) through the real binary: two
-//! nodes on one Redis and one PostgreSQL schema. What one node revokes or changes, the other
-//! applies within a second: on HTTP, at upgrade and on live connections.
+//! The accounts side of several nodes and its outages (SPEC §10 points 5–8 and "Failures")
+//! through the real binary: two nodes on one Redis and one PostgreSQL schema — what one node
+//! revokes or changes, the other applies within a second, on HTTP, at upgrade and on live
+//! connections; shared limits; one set of keys; PostgreSQL cut through a relay (the breaker).
 
 use std::time::{Duration, Instant};
 
 use protocol::envelope::Value;
 use ringhub_tests::{
-    Client, Db, Ended, OwnRedis, Schema, Server, s, shared_redis_url, start_nodes,
+    Client, Db, Ended, OwnRedis, Relay, Schema, Server, s, shared_redis_url, start_nodes,
 };
 
 const UA: (&str, &str) = ("User-Agent", "ringhub-tests");
@@ -499,4 +500,99 @@ fn allowed_origins_changed_at_run_time_apply_on_every_node() {
         "{:?}",
         refused.map(|_| "accepted")
     );
+}
+
+/// PostgreSQL cut under load (through a relay the test cuts, the database itself untouched):
+/// after `breaker_failures` failures the breaker opens and account requests fail at once with
+/// 503 `unavailable` and `Retry-After`; `/readyz` names storage; WebSockets keep delivering.
+/// Restored, a probe closes the breaker and nothing written before is lost.
+#[test]
+fn a_postgresql_outage_opens_the_breaker_and_websockets_keep_delivering() {
+    let (db_flags, _schema) = Db::Postgres.flags("breaker");
+    let relay = Relay::start("127.0.0.1:5432");
+    let mut flags: Vec<String> = db_flags
+        .iter()
+        .map(|f| f.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port)))
+        .collect();
+    flags.extend(
+        [
+            "--bcrypt-cost",
+            "4",
+            "--breaker-failures",
+            "3",
+            "--breaker-probe",
+            "500ms",
+            "--database-pool",
+            "2",
+            "--rate-limits.register-per-ip",
+            "1000/1m",
+        ]
+        .map(str::to_owned),
+    );
+    let server = Server::start_in(ringhub_tests::scratch_dir("breaker").keep(), &flags);
+    let (_, alice) = server.account("alice");
+    let mut a = connect(&server, &alice);
+    let mut b = connect(&server, &server.token("bob"));
+    for ws in [&mut a, &mut b] {
+        assert_eq!(
+            call(ws, "join", "live").get("op").and_then(Value::as_str),
+            Some("reply")
+        );
+    }
+
+    relay.cut();
+    let mut unavailable = 0;
+    for i in 0..8 {
+        let answer = server.register(
+            &format!("late{i}"),
+            &format!("late{i}@example.com"),
+            "correct horse",
+        );
+        assert_eq!(
+            (answer.status, answer.code()),
+            (503, "unavailable".into()),
+            "{answer:?}"
+        );
+        assert!(answer.header("Retry-After").is_some());
+        unavailable += 1;
+    }
+    assert_eq!(unavailable, 8);
+    let metrics = server.http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").1;
+    assert!(
+        metrics.contains("ringhub_breaker_state{dependency=\"postgres\"} 2")
+            || metrics.contains("ringhub_breaker_state{dependency=\"postgres\"} 1"),
+        "{metrics}"
+    );
+    let (status, text) = server.http("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("storage"), "{text}");
+    // The WebSockets do not need the database.
+    let id = a.request("publish", &[("room", s("live")), ("data", s("still here"))]);
+    a.expect("reply", Some(id));
+    let m = b.expect("message", None);
+    assert_eq!(m.get("data").and_then(Value::as_str), Some("still here"));
+
+    relay.restore();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let answer = server.register("after", "after@example.com", "correct horse");
+        if answer.status == 201 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the breaker never closed: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let metrics = server.http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").1;
+    assert!(
+        metrics.contains("ringhub_breaker_state{dependency=\"postgres\"} 0"),
+        "{metrics}"
+    );
+    // What was written before the outage is there.
+    let body = r#"{"email":"alice@example.com","password":"correct horse"}"#;
+    assert_eq!(server.api("POST", "/login", &[], Some(body)).status, 200);
+    let id = b.request("ping", &[]);
+    b.expect("pong", Some(id));
 }

@@ -77,6 +77,10 @@ pub struct StorageConfig {
     pub database_read_url: Option<String>,
     /// PostgreSQL pool size.
     pub database_pool: u32,
+    /// Consecutive unreachable-database failures that open the PostgreSQL circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the open breaker waits before each probe.
+    pub breaker_probe: Duration,
 }
 
 /// Tokens, passwords, sessions and the abuse limits of the account routes.

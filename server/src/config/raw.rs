@@ -40,6 +40,8 @@ defaults! {
     d_mode: String = "development".into();
     d_data_dir: String = "./ringhub-data".into();
     d_database_pool: u32 = 8;
+    d_breaker_failures: u32 = 5;
+    d_breaker_probe: String = "2s".into();
     d_jwt_algorithm: String = "HS256".into();
     d_access_ttl: String = "15m".into();
     d_refresh_ttl: String = "24h".into();
@@ -125,6 +127,12 @@ pub struct RawConfig {
     /// PostgreSQL connections.
     #[serde(default = "d_database_pool", deserialize_with = "lenient")]
     pub database_pool: u32,
+    /// Consecutive unreachable-database failures that open the PostgreSQL circuit breaker.
+    #[serde(default = "d_breaker_failures", deserialize_with = "lenient")]
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before it probes the database again.
+    #[serde(default = "d_breaker_probe")]
+    pub breaker_probe: String,
     /// Redis URL; unset = in-process state.
     #[serde(
         default,

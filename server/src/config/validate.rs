@@ -183,6 +183,13 @@ fn storage(c: &Checker<'_>, raw: &RawConfig) -> Result<StorageConfig, ConfigErro
         database_url: raw.database_url.clone(),
         database_read_url: raw.database_read_url.clone(),
         database_pool: c.range("database_pool", raw.database_pool, 1, 256)?,
+        breaker_failures: c.range("breaker_failures", raw.breaker_failures, 1, 1000)?,
+        breaker_probe: c.duration(
+            "breaker_probe",
+            &raw.breaker_probe,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        )?,
     })
 }
 
