@@ -1,6 +1,6 @@
 //! The circuit breaker in front of PostgreSQL (SPEC §10 "Failures"): closed → open after
 //! `failures` consecutive calls that found the database unreachable (a connection error, a
-//! timeout, no free connection) → one probe every `probe` (half-open) → closed on the first
+//! timeout; a busy pool is not the database's failure) → one probe every `probe` (half-open) → closed on the first
 //! success. While open, calls fail at once with [`StoreError::Unavailable`] instead of each
 //! waiting for its own timeout, so that a dead database costs the server nothing but quick 503s.
 //! Answers that prove the database is there (a conflict, a constraint) are not failures.
@@ -99,6 +99,14 @@ impl Breaker {
         Err(StoreError::Unavailable(
             "the database is unreachable (circuit open; probing again shortly)".into(),
         ))
+    }
+
+    /// A call let through that never reached the database (the pool was busy): a probe may go
+    /// again.
+    pub(crate) fn abandon(&self, probe: Probe) {
+        if probe.0 {
+            self.inner().probing = false;
+        }
     }
 
     /// What a call that went through found.

@@ -403,19 +403,27 @@ impl Pool {
     /// Runs `f` on a pooled connection, replacing it first if it is broken, and marking it
     /// broken when `f` fails with a connection error.
     fn run<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, postgres::Error>) -> StoreResult<T> {
-        // While the breaker is open this fails at once; what went through is recorded.
+        // While the breaker is open this fails at once; what went through is recorded. A busy
+        // pool (no free connection in time) says nothing about the database: not recorded.
         let probe = self.breaker.admit(Instant::now())?;
-        let result = self.run_admitted(f);
+        let slot = match self.take() {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.breaker.abandon(probe);
+                return Err(e);
+            }
+        };
+        let result = self.run_on(slot, f);
         let reachable = !matches!(result, Err(StoreError::Unavailable(_)));
         self.breaker.record(probe, reachable, Instant::now());
         result
     }
 
-    fn run_admitted<T>(
+    fn run_on<T>(
         &self,
+        mut slot: Slot<'_>,
         f: impl FnOnce(&mut Conn) -> Result<T, postgres::Error>,
     ) -> StoreResult<T> {
-        let mut slot = self.take()?;
         if !slot.conn.as_ref().is_some_and(Conn::usable) {
             slot.conn = None;
             slot.conn = Some(self.connect()?);
