@@ -164,6 +164,7 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
         );
     }
     let engine_metrics = Arc::new(Metrics::new(config.engine.shards));
+    let redis_watch = engine_metrics.clone();
     let metrics = Arc::new(ServerMetrics::new(engine_metrics.clone()));
     let revocations = Arc::new(RevocationList::new());
     let auth = Arc::new(JwtAuthenticator::new(
@@ -256,6 +257,21 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
                 origins,
                 announce_pool,
             )));
+    }
+    if config.engine.redis.is_some() {
+        // While Redis is unreachable no revocation is announced: read them from the database
+        // often, so that another node's revocation still applies here within a second.
+        let (accounts, metrics) = (accounts.clone(), redis_watch);
+        let _ = std::thread::Builder::new()
+            .name("ringhub-outage".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    if !metrics.redis.up() {
+                        accounts.reload_revocations_quietly();
+                    }
+                }
+            });
     }
     let pruner = accounts;
     let _ = std::thread::Builder::new()

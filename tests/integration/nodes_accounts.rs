@@ -314,6 +314,34 @@ fn a_revocation_missed_while_redis_was_down_is_reloaded() {
     assert_eq!(b.api_as(&token, "GET", "/me", None).status, 401);
 }
 
+/// While Redis stays down, a node reads the revocations from PostgreSQL every half second: a
+/// logout on A still closes B's connection (4001) and is refused by B within a second or so,
+/// with Redis never coming back during the test.
+#[test]
+fn revocations_reach_the_other_node_while_redis_is_down() {
+    let mut redis = OwnRedis::start();
+    let p = pair_on("outage", &redis.url());
+    let (a, b) = (&p.nodes[0], &p.nodes[1]);
+    let (_, token) = a.account("nora");
+    let mut ws = connect(b, &token);
+    redis.stop();
+    eventually_down(b);
+    assert_eq!(a.api_as(&token, "POST", "/logout", None).status, 204);
+    // Half a second between reads, plus the read: 1.5 s leaves room for a loaded machine.
+    ws.set_timeout(Duration::from_millis(1500));
+    assert_eq!(ws.ended(), Ended::Closed(4001));
+    assert_eq!(b.api_as(&token, "GET", "/me", None).status, 401);
+}
+
+/// Waits (bounded) until `node` says Redis is down.
+fn eventually_down(node: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.http("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").0 != 503 {
+        assert!(Instant::now() < deadline, "the node never saw redis go");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Every node of a service must share its keys: the first node records their fingerprints in
 /// the database; a node with another key refuses to start in production mode (naming the key,
 /// never its value) and warns in development mode; a rotated key (the old one kept as retired)

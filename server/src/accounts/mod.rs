@@ -262,6 +262,25 @@ impl Accounts {
         }
     }
 
+    /// [`Accounts::reload_revocations`] every half second while Redis is unreachable: logged
+    /// only when it closes something new or fails.
+    pub fn reload_revocations_quietly(&self) {
+        let before = self.revocations.len();
+        match self.load_revocations() {
+            Ok(_) if self.revocations.len() == before => {}
+            Ok(n) => {
+                tracing::info!(
+                    revocations = n,
+                    "revocations read while redis is unreachable"
+                );
+                if let Some(control) = self.control.get() {
+                    control.close_revoked_anywhere();
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read revocations"),
+        }
+    }
+
     /// Loads the durable revocations into memory (at start).
     pub fn load_revocations(&self) -> Result<usize, StoreError> {
         let live = self.store.live_revocations(now_ms())?;
