@@ -10,8 +10,9 @@ use protocol::ErrorCode;
 use protocol::envelope::RoomId;
 
 use crate::clock::now_ms;
+use crate::conn::ConnId;
 use crate::conn::shard_of;
-use crate::msg::{ConnMsg, JoinMsg, Joined};
+use crate::msg::{ConnMsg, JoinMsg, Joined, Reply};
 use crate::room::{Fanout, JoinAnswer, JoinRequest, OnlineUser, Refused, owner_of};
 use crate::shard::Shard;
 use crate::state::Presence;
@@ -95,4 +96,25 @@ pub(crate) fn answer_join(shard: &Rc<Shard>, msg: JoinMsg, answer: Result<JoinAn
         }
     };
     shard.dispatch(shard_of(msg.conn), reply);
+}
+
+/// Counts a refused publish in the metrics (the room's rate) and returns its code.
+pub(crate) fn count_refused_publish(shard: &Shard, refused: &Refused) -> ErrorCode {
+    if refused.code == ErrorCode::RateLimited {
+        shard.shared.metrics.rate_limited("publish_per_room");
+    }
+    refused.code
+}
+
+/// Answers a connection's refused publish (counted as [`count_refused_publish`] does).
+pub(crate) fn refuse_publish(shard: &Shard, conn: ConnId, id: Option<u64>, refused: &Refused) {
+    let code = count_refused_publish(shard, refused);
+    shard.reply(
+        conn,
+        Reply::Error {
+            id,
+            code,
+            message: refused.message,
+        },
+    );
 }

@@ -11,7 +11,9 @@ use std::sync::atomic::Ordering;
 use protocol::ErrorCode;
 use protocol::envelope::{PresenceEntry, RoomId, Value};
 
-use crate::answers::{answer_join, fan_out, join_locally, online_owner};
+use crate::answers::{
+    answer_join, count_refused_publish, fan_out, join_locally, online_owner, refuse_publish,
+};
 use crate::broker;
 use crate::clock::now_ms;
 use crate::conn::{ConnId, shard_of};
@@ -196,17 +198,7 @@ fn publish(
             }
         }
         Err(refused) => {
-            if refused.code == ErrorCode::RateLimited {
-                shard.shared.metrics.rate_limited("publish_per_room");
-            }
-            shard.reply(
-                conn,
-                Reply::Error {
-                    id,
-                    code: refused.code,
-                    message: refused.message,
-                },
-            );
+            refuse_publish(shard, conn, id, &refused);
         }
     }
 }
@@ -253,12 +245,7 @@ fn publish_external(
             Ok(seq)
         }
         Ok(None) => Ok(0),
-        Err(refused) => {
-            if refused.code == ErrorCode::RateLimited {
-                shard.shared.metrics.rate_limited("publish_per_room");
-            }
-            Err(refused.code)
-        }
+        Err(refused) => Err(count_refused_publish(shard, &refused)),
     }
 }
 

@@ -30,7 +30,9 @@ use protocol::envelope::{
 };
 use redis::RedisError;
 
-use crate::answers::{answer_join, fan_out, join_locally, online_owner};
+use crate::answers::{
+    answer_join, count_refused_publish, fan_out, join_locally, online_owner, refuse_publish,
+};
 use crate::clock::{monotonic_ms32, now_ms};
 use crate::conn::ConnId;
 use crate::msg::{JoinMsg, Reply};
@@ -317,17 +319,7 @@ pub(crate) fn publish(
         .borrow_mut()
         .admit_publish(&room, owner.as_ref(), now_ms())
     {
-        if refused.code == ErrorCode::RateLimited {
-            shard.shared.metrics.rate_limited("publish_per_room");
-        }
-        shard.reply(
-            conn,
-            Reply::Error {
-                id,
-                code: refused.code,
-                message: refused.message,
-            },
-        );
+        refuse_publish(shard, conn, id, &refused);
         return;
     }
     let history_on = shard.rooms.borrow().switches(&room).1;
@@ -407,10 +399,7 @@ pub(crate) fn publish_external(
     if shard.rooms.borrow().local_members(room) > 0
         && let Err(refused) = shard.rooms.borrow_mut().admit_publish(room, None, now_ms())
     {
-        if refused.code == ErrorCode::RateLimited {
-            shard.shared.metrics.rate_limited("publish_per_room");
-        }
-        answer.set(Err(refused.code));
+        answer.set(Err(count_refused_publish(shard, &refused)));
         return;
     }
     let history_on = settings.is_none_or(|s| s.history);
@@ -1063,6 +1052,21 @@ fn decode_body(shard: &Shard, room: RoomId, seq: u64, body: &[u8]) -> Option<Mes
     })
 }
 
+/// A room stream's entry as `XRANGE` answers it (`[id "<seq>-0", [field, body]]`): its `seq`
+/// and body; `None` for anything else.
+fn stream_entry(entry: &redis::Value) -> Option<(u64, &[u8])> {
+    let [id, fields] = items(entry) else {
+        return None;
+    };
+    let seq = std::str::from_utf8(bytes(id)?)
+        .ok()?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()?;
+    Some((seq, items(fields).get(1).and_then(bytes)?))
+}
+
 /// Delivers a sequenced message to the members held here, in `seq` order.
 fn deliver(shard: &Rc<Shard>, room: &RoomId, seq: u64, epoch: &str, body: &[u8]) {
     let Some(broker) = broker(shard) else {
@@ -1156,20 +1160,7 @@ fn finish_repair(shard: &Rc<Shard>, room: &RoomId, answer: &redis::Value, upto: 
         .as_ref()
         .filter(|e| stream_epoch == Some(e.as_bytes()))
     {
-        for entry in entries {
-            let [id, fields] = items(entry) else {
-                continue;
-            };
-            let Some(seq) = bytes(id)
-                .and_then(|id| std::str::from_utf8(id).ok())
-                .and_then(|id| id.split('-').next())
-                .and_then(|s| s.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            let Some(body) = items(fields).get(1).and_then(bytes) else {
-                continue;
-            };
+        for (seq, body) in entries.iter().filter_map(stream_entry) {
             if seq != filled + 1 || seq > upto {
                 continue;
             }
@@ -1779,23 +1770,11 @@ fn stored_messages(
     let ttl = u64::try_from(shard.shared.config.history_ttl.as_millis()).unwrap_or(u64::MAX);
     let now = now_ms();
     let mut out = Vec::new();
-    for entry in entries.map(items).unwrap_or_default() {
-        let [id, fields] = items(entry) else {
-            continue;
-        };
-        let Some(seq) = bytes(id)
-            .and_then(|id| std::str::from_utf8(id).ok())
-            .and_then(|id| id.split('-').next())
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
+    let entries = entries.map(items).unwrap_or_default();
+    for (seq, body) in entries.iter().filter_map(stream_entry) {
         if seq <= since {
             continue;
         }
-        let Some(body) = items(fields).get(1).and_then(bytes) else {
-            continue;
-        };
         let Some(record) = decode_body(shard, room.clone(), seq, body) else {
             continue;
         };

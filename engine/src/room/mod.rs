@@ -277,32 +277,11 @@ impl RoomCore {
             name,
             data,
         } = message;
-        // A personal room's owner may publish before anything brought the room up.
-        if owner.is_some() && !self.rooms.contains_key(&room) {
-            let home = self.new_room(true);
-            self.rooms.insert(room.clone(), home);
-        }
-        let generation = self.next_generation;
+        self.admit_publish(&room, owner, now)?;
         let Some(home) = self.rooms.get_mut(&room) else {
             return Err(refused(ErrorCode::NotJoined, "not joined to this room"));
         };
         let rules = &self.rules;
-        let traffic = home.traffic.get_or_insert_with(|| {
-            Box::new(Traffic {
-                history: RoomHistory::new(self.ledger.clone()),
-                generation,
-                publish_bucket: Bucket::new(&rules.publish_per_room, now),
-            })
-        });
-        if traffic.generation == generation {
-            self.next_generation += 1;
-        }
-        if traffic.publish_bucket.attempt(&rules.publish_per_room, now) != Verdict::Allow {
-            return Err(refused(
-                ErrorCode::RateLimited,
-                "room publish rate exceeded",
-            ));
-        }
         home.seq += 1;
         let record = MessageRecord {
             room: room.clone(),
@@ -394,9 +373,10 @@ impl RoomCore {
         self.publish(message, owner, now, compressor).map(Some)
     }
 
-    /// With a shared broker: whether a message may be sent to the broker for `room` — the room
-    /// is held here (or is the personal room of a connected `owner`) and its publish rate allows
-    /// it. The broker assigns the `seq`; the message comes back through [`Self::deliver_shared`].
+    /// Whether a message may enter `room` — the room is held here (or is the personal room of a
+    /// connected `owner`, brought up if needed) and its publish rate allows it. [`Self::publish`]
+    /// asks it first; with a shared broker it is asked alone and the broker assigns the `seq`
+    /// (the message comes back through [`Self::deliver_shared`]).
     pub(crate) fn admit_publish(
         &mut self,
         room: &RoomId,
