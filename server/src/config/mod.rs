@@ -334,6 +334,12 @@ mod tests {
         );
         let e = build(&[], &[("--default-rooms", "user:x")]).unwrap_err().0;
         assert!(e.contains("personal rooms"), "{e}");
+        // The breaker guards PostgreSQL: changing it without a database is refused.
+        let e = build(&[], &[("--breaker-probe", "5s")]).unwrap_err().0;
+        assert!(
+            e.contains("`breaker_probe`") && e.contains("needs database_url"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -178,18 +178,31 @@ fn storage(c: &Checker<'_>, raw: &RawConfig) -> Result<StorageConfig, ConfigErro
     if raw.database_read_url.is_some() && raw.database_url.is_none() {
         return Err(c.fail("database_read_url", "needs database_url"));
     }
+    let breaker_failures = c.range("breaker_failures", raw.breaker_failures, 1, 1000)?;
+    let breaker_probe = c.duration(
+        "breaker_probe",
+        &raw.breaker_probe,
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+    )?;
+    if raw.database_url.is_none() {
+        // The breaker guards PostgreSQL: without it a changed setting would do nothing.
+        for (key, changed) in [
+            ("breaker_failures", breaker_failures != 5),
+            ("breaker_probe", breaker_probe != Duration::from_secs(2)),
+        ] {
+            if changed {
+                return Err(c.fail(key, "needs database_url (the breaker guards PostgreSQL)"));
+            }
+        }
+    }
     Ok(StorageConfig {
         data_dir: PathBuf::from(&raw.data_dir),
         database_url: raw.database_url.clone(),
         database_read_url: raw.database_read_url.clone(),
         database_pool: c.range("database_pool", raw.database_pool, 1, 256)?,
-        breaker_failures: c.range("breaker_failures", raw.breaker_failures, 1, 1000)?,
-        breaker_probe: c.duration(
-            "breaker_probe",
-            &raw.breaker_probe,
-            Duration::from_millis(100),
-            Duration::from_secs(60),
-        )?,
+        breaker_failures,
+        breaker_probe,
     })
 }
 
