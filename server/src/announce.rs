@@ -1,7 +1,7 @@
 //! What this node tells the other nodes of its service, and what it does when told (SPEC §10
 //! points 5 and 6): revocations, room changes and admin role changes. The text of each
 //! announcement (pure, tested here) and the [`NodeListener`] that applies what another node
-//! announced through the same paths as a local change — on the storage pool, never on the shard
+//! announced through the same paths as a local change — in order, on a thread of its own, never on the shard
 //! that heard it. Announcements are best effort on top of storage: a node that missed some (Redis
 //! was unreachable, it restarted) reloads revocations, rooms and admins from storage.
 
@@ -121,43 +121,44 @@ impl Announcement {
     }
 }
 
+/// Announcements waiting to be applied before the listener falls back to one full reload.
+const ANNOUNCE_QUEUE: usize = 4096;
+
 /// Applies what other nodes announce.
 pub struct NodeListener {
     accounts: Arc<Accounts>,
     rooms: Arc<RoomService>,
     origins: Arc<Origins>,
-    pool: Arc<Pool>,
-    /// A reload after a full pool is running.
+    /// One thread: announcements are applied in the order they were made (a logout-all's
+    /// account revocation before its sessions', so its connections close with 4510).
+    worker: Pool,
+    /// A reload after a full queue is running.
     reloading: Arc<AtomicBool>,
 }
 
 impl NodeListener {
-    /// The listener of a node whose accounts and rooms are these; the work runs on `pool`.
-    pub fn new(
-        accounts: Arc<Accounts>,
-        rooms: Arc<RoomService>,
-        origins: Arc<Origins>,
-        pool: Arc<Pool>,
-    ) -> Self {
+    /// The listener of a node whose accounts, rooms and origins are these; the work runs on a
+    /// thread of its own, in order.
+    pub fn new(accounts: Arc<Accounts>, rooms: Arc<RoomService>, origins: Arc<Origins>) -> Self {
         Self {
             accounts,
             rooms,
             origins,
-            pool,
+            worker: Pool::new("announce", 1, ANNOUNCE_QUEUE, false),
             reloading: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// Runs `job` on the storage pool. When the pool is full the announcement is not lost:
+    /// Queues `job` behind the announcements before it. When the queue is full nothing is lost:
     /// one thread (at most one at a time) reloads everything announcements carry from storage.
     fn run(&self, job: impl FnOnce() + Send + 'static) {
-        if self.pool.submit(job).is_ok() {
+        if self.worker.submit(job).is_ok() {
             return;
         }
         if self.reloading.swap(true, Ordering::AcqRel) {
             return;
         }
-        tracing::warn!("the storage pool is full: reloading what other nodes announced");
+        tracing::warn!("too many announcements queued: reloading what other nodes announced");
         let (accounts, rooms, origins) = (
             self.accounts.clone(),
             self.rooms.clone(),
@@ -165,7 +166,7 @@ impl NodeListener {
         );
         let reloading = self.reloading.clone();
         let spawned = std::thread::Builder::new()
-            .name("ringhub-announce".into())
+            .name("ringhub-reload".into())
             .spawn(move || {
                 reload_everything(&accounts, &rooms, &origins);
                 reloading.store(false, Ordering::Release);

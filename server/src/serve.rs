@@ -191,7 +191,6 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
         .unwrap_or(8)
         .max(2);
     let storage_pool = Arc::new(Pool::new("storage", storage_threads, 1024, false));
-    let announce_pool = storage_pool.clone();
     let hash_pool = Arc::new(Pool::new(
         "hash",
         cores,
@@ -255,7 +254,6 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
                 accounts.clone(),
                 rooms.clone(),
                 origins,
-                announce_pool,
             )));
     }
     if config.engine.redis.is_some() {
