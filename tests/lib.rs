@@ -646,6 +646,16 @@ impl OwnRedis {
             .to_owned()
     }
 
+    /// Runs `redis-cli -p port args…` and returns what it printed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli must be installed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Kills it (SIGKILL).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -299,6 +299,17 @@ pub(crate) fn flush_presence(shard: &Rc<Shard>) {
     if !shard.rooms.borrow().presence_waiting() {
         return;
     }
+    // Degraded (Redis unreachable, or the server says its database is): presence diffs are the
+    // first thing shed; `presence` still answers from what the node knows.
+    if broker::is_down(shard) || shard.shared.storage_degraded.load(Ordering::Relaxed) {
+        let dropped = shard.rooms.borrow_mut().drop_presence();
+        shard
+            .shared
+            .metrics
+            .presence_degraded
+            .fetch_add(dropped as u64, Ordering::Relaxed);
+        return;
+    }
     // Under overload presence waits (SPEC §6): while this shard's mailbox holds a backlog of joins,
     // leaves and publishes, the diffs keep coalescing in their rooms and go out once it drains.
     if shard.shared.mailboxes[shard.id].len() > PRESENCE_DELAY_BACKLOG {

@@ -19,6 +19,7 @@ mod clock;
 pub mod config;
 mod conn;
 mod frames;
+pub mod held;
 mod home;
 mod http;
 mod limits;
@@ -434,6 +435,34 @@ impl Control {
             metrics.limit_fallbacks.fetch_add(1, Ordering::Relaxed);
         }
         verdict
+    }
+
+    /// Asks about a value kept in Redis (the user cache, held sessions); blocks (call it from a
+    /// blocking thread) up to `within`. [`held::HeldReply::Unknown`] without Redis, while it is
+    /// unreachable, or when it did not answer in time.
+    pub fn held(&self, ask: held::HeldAsk, within: std::time::Duration) -> held::HeldReply {
+        if self.0.config.redis.is_none() {
+            return held::HeldReply::Unknown;
+        }
+        let answer = Arc::new(rooms::Answer::new());
+        let shards = self.0.mailboxes.len().max(1);
+        let shard = ask.key().bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        }) % shards;
+        self.0
+            .send(shard, ShardMsg::Held(Box::new((ask, answer.clone()))));
+        answer.wait(within).unwrap_or(held::HeldReply::Unknown)
+    }
+
+    /// Says whether the server's database can answer (false: degraded mode, presence diffs are
+    /// shed until it can again).
+    pub fn set_storage_degraded(&self, degraded: bool) {
+        self.0.storage_degraded.store(degraded, Ordering::Relaxed);
+    }
+
+    /// Whether Redis is configured (the held values and shared limits can be asked).
+    pub fn has_redis(&self) -> bool {
+        self.0.config.redis.is_some()
     }
 
     /// Sets the listener of what other nodes announce (several nodes; never called without

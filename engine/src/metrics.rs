@@ -63,6 +63,8 @@ pub struct Metrics {
     pub presence_shed: AtomicU64,
     /// Presence flushes put off because the shard's mailbox was backed up.
     pub presence_delayed: AtomicU64,
+    /// Rooms whose presence diffs were dropped unsent while the node was degraded.
+    pub presence_degraded: AtomicU64,
     /// Bytes read from WebSockets.
     pub bytes_in: AtomicU64,
     /// Bytes written to WebSockets.
@@ -255,6 +257,7 @@ impl Metrics {
             deliveries: AtomicU64::new(0),
             presence_shed: AtomicU64::new(0),
             presence_delayed: AtomicU64::new(0),
+            presence_degraded: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             socket_writes: AtomicU64::new(0),
@@ -368,6 +371,7 @@ impl Metrics {
             ("ringhub_deliveries_total", &self.deliveries),
             ("ringhub_presence_shed_total", &self.presence_shed),
             ("ringhub_presence_delayed_total", &self.presence_delayed),
+            ("ringhub_presence_degraded_total", &self.presence_degraded),
             ("ringhub_bytes_in_total", &self.bytes_in),
             ("ringhub_bytes_out_total", &self.bytes_out),
             ("ringhub_socket_writes_total", &self.socket_writes),

@@ -31,6 +31,8 @@ pub(crate) enum ShardMsg {
             Arc<Answer<crate::shared_limits::Verdict>>,
         )>,
     ),
+    /// A question about a value kept in Redis, and where its answer goes.
+    Held(Box<(crate::held::HeldAsk, Arc<Answer<crate::held::HeldReply>>)>),
 }
 
 /// To a room's home.

@@ -25,6 +25,10 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: ShardMsg) {
             let (ask, answer) = *ask;
             crate::broker::shared_limit(shard, &ask, answer);
         }
+        ShardMsg::Held(ask) => {
+            let (ask, answer) = *ask;
+            crate::broker::held(shard, &ask, answer);
+        }
         ShardMsg::Shutdown => {
             shard.stopping.set(true);
             if let Some(w) = shard.stop_waker.borrow_mut().take() {

@@ -35,6 +35,8 @@ pub(crate) struct Shared {
     /// `allowed_origins` in force (the configuration's, or as last set at run time); read once
     /// per upgrade.
     pub(crate) origins: std::sync::RwLock<Arc<[String]>>,
+    /// The server says its database cannot answer (degraded mode: presence diffs are shed).
+    pub(crate) storage_degraded: AtomicBool,
 }
 
 impl Shared {
@@ -63,6 +65,7 @@ impl Shared {
             instance: nonce.iter().map(|b| format!("{b:02x}")).collect(),
             listeners: crate::announce::Listeners::default(),
             origins,
+            storage_degraded: AtomicBool::new(false),
         }
     }
 

@@ -151,6 +151,19 @@ impl RevocationList {
         None
     }
 
+    /// Whether an account-wide revocation of `user` (logout-all, deletion) was made at or after
+    /// `at_ms`: what was true of the account before it may no longer be.
+    pub fn account_revoked_since(&self, user: &str, at_ms: i64) -> bool {
+        if !self.maybe(RevocationKind::User, user) {
+            return false;
+        }
+        self.exact
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(RevocationKind::User, user.to_owned()))
+            .is_some_and(|r| r.revoked_at_ms >= at_ms)
+    }
+
     /// Forgets revocations that can no longer matter, and refills the filter without their bits
     /// when any went.
     pub fn prune(&self, now_ms: i64) {
@@ -194,6 +207,21 @@ mod tests {
             revoked_at_ms: at,
             keep_until_ms: at + 1000,
         }
+    }
+
+    #[test]
+    fn account_revocations_date_what_was_read_before_them() {
+        let list = RevocationList::new();
+        assert!(!list.account_revoked_since("u1", 0));
+        list.insert(revocation(RevocationKind::User, "u1", 100));
+        list.insert(revocation(RevocationKind::Session, "u2", 100));
+        assert!(list.account_revoked_since("u1", 100));
+        assert!(list.account_revoked_since("u1", 50));
+        assert!(!list.account_revoked_since("u1", 101), "read after it");
+        assert!(
+            !list.account_revoked_since("u2", 0),
+            "a session's id is not an account"
+        );
     }
 
     #[test]

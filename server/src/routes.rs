@@ -702,7 +702,7 @@ fn cookie(request: &HttpRequest<'_>, name: &str) -> Option<String> {
 }
 
 /// `/readyz`: 200 while storage answers and (when configured) every Redis connection is up;
-/// 503 naming what fails.
+/// 503 naming what fails and what runs degraded because of it.
 fn readiness(accounts: &Accounts, redis_up: Option<bool>) -> HttpResponse {
     let store = accounts.store();
     let storage_ok = match store.ping() {
@@ -724,9 +724,21 @@ fn readiness(accounts: &Accounts, redis_up: Option<bool>) -> HttpResponse {
     } else {
         "unavailable"
     };
+    // What runs degraded meanwhile (docs/http-api.md, degraded mode).
+    let mut degraded: Vec<&str> = Vec::new();
+    if !storage_ok {
+        degraded.extend(["account_changes", "logins", "presence_diffs"]);
+    }
+    if redis_up == Some(false) {
+        degraded.extend(["cross_node_delivery", "shared_limits"]);
+        if !degraded.contains(&"presence_diffs") {
+            degraded.push("presence_diffs");
+        }
+    }
     let mut body = format!(r#"{{"status":"{status}""#);
     if !failing.is_empty() {
         body.push_str(&format!(r#","failing":["{}"]"#, failing.join(r#"",""#)));
+        body.push_str(&format!(r#","degraded":["{}"]"#, degraded.join(r#"",""#)));
     }
     body.push_str(&format!(r#","storage":"{}""#, store.kind()));
     if let Some(up) = redis_up {

@@ -256,17 +256,30 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
                 origins,
             )));
     }
-    if config.engine.redis.is_some() {
-        // While Redis is unreachable no revocation is announced: read them from the database
-        // often, so that another node's revocation still applies here within a second.
+    {
+        // Every half second: the engine learns whether the database answers (an open breaker
+        // is degraded mode: presence diffs are shed). With Redis: while it is unreachable no
+        // revocation is announced, so read them from the database, so that another node's
+        // revocation still applies here within a second; while it is there and the database
+        // answers, write back the sessions held in Redis during a database outage (every 2 s).
         let (accounts, metrics) = (accounts.clone(), redis_watch);
+        let with_redis = config.engine.redis.is_some();
+        let control = engine.control();
         let _ = std::thread::Builder::new()
             .name("ringhub-outage".into())
             .spawn(move || {
-                loop {
+                for tick in 1u64.. {
                     std::thread::sleep(std::time::Duration::from_millis(500));
+                    let storage_open =
+                        accounts.store().breaker_state() == Some(storage::BreakerState::Open);
+                    control.set_storage_degraded(storage_open);
+                    if !with_redis {
+                        continue;
+                    }
                     if !metrics.redis.up() {
                         accounts.reload_revocations_quietly();
+                    } else if tick % 4 == 0 && !storage_open {
+                        accounts.write_back_held_sessions();
                     }
                 }
             });

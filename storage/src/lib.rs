@@ -174,6 +174,17 @@ pub struct Rotation<'a> {
 pub trait Sessions {
     /// Inserts a session with its first refresh token.
     fn create_session(&self, session: &SessionRecord, first_token_hash: &[u8]) -> StoreResult<()>;
+    /// Writes back a session that was created elsewhere (held while the database was
+    /// unreachable), in one transaction: the session is inserted unless it exists (a session
+    /// written back twice is one session), `token_hash` becomes its one current refresh token
+    /// (any other current token of the session is marked rotated at `now_ms`), and a revocation
+    /// in `session.revoked_at_ms` is kept.
+    fn adopt_session(
+        &self,
+        session: &SessionRecord,
+        token_hash: &[u8],
+        now_ms: i64,
+    ) -> StoreResult<()>;
     /// A session by id, revoked or not.
     fn session(&self, id: &str) -> StoreResult<Option<SessionRecord>>;
     /// The user's sessions that are neither revoked nor expired at `now_ms`, newest first.

@@ -656,6 +656,50 @@ impl Sessions for PgStore {
         })
     }
 
+    fn adopt_session(
+        &self,
+        session: &SessionRecord,
+        token_hash: &[u8],
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        self.primary.run(|conn| {
+            let insert_session = conn.statement(
+                "INSERT INTO sessions (id, user_id, created_at_ms, last_used_at_ms, \
+                 expires_at_ms, ip, user_agent, revoked_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (id) DO UPDATE SET \
+                 last_used_at_ms = GREATEST(sessions.last_used_at_ms, EXCLUDED.last_used_at_ms), \
+                 expires_at_ms = GREATEST(sessions.expires_at_ms, EXCLUDED.expires_at_ms), \
+                 revoked_at_ms = COALESCE(sessions.revoked_at_ms, EXCLUDED.revoked_at_ms)",
+            )?;
+            let retire = conn.statement(
+                "UPDATE refresh_tokens SET rotated_at_ms = $3 \
+                 WHERE session_id = $1 AND rotated_at_ms IS NULL AND token_hash <> $2",
+            )?;
+            let insert_token = conn.statement(
+                "INSERT INTO refresh_tokens (token_hash, session_id, created_at_ms) \
+                 VALUES ($1, $2, $3) ON CONFLICT (token_hash) DO NOTHING",
+            )?;
+            let mut tx = conn.client.transaction()?;
+            tx.execute(
+                &insert_session,
+                &[
+                    &session.id,
+                    &session.user_id,
+                    &session.created_at_ms,
+                    &session.last_used_at_ms,
+                    &session.expires_at_ms,
+                    &session.ip,
+                    &session.user_agent,
+                    &session.revoked_at_ms,
+                ],
+            )?;
+            tx.execute(&retire, &[&session.id, &token_hash, &now_ms])?;
+            tx.execute(&insert_token, &[&token_hash, &session.id, &now_ms])?;
+            tx.commit()
+        })
+    }
+
     fn session(&self, id: &str) -> StoreResult<Option<SessionRecord>> {
         self.reads()
             .run(|conn| {

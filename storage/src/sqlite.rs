@@ -414,6 +414,47 @@ impl Sessions for SqliteStore {
         })
     }
 
+    fn adopt_session(
+        &self,
+        session: &SessionRecord,
+        token_hash: &[u8],
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        self.write(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached(
+                "INSERT INTO sessions (id, user_id, created_at_ms, last_used_at_ms, \
+                 expires_at_ms, ip, user_agent, revoked_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT (id) DO UPDATE SET \
+                 last_used_at_ms = MAX(last_used_at_ms, excluded.last_used_at_ms), \
+                 expires_at_ms = MAX(expires_at_ms, excluded.expires_at_ms), \
+                 revoked_at_ms = COALESCE(revoked_at_ms, excluded.revoked_at_ms)",
+            )?
+            .execute(params![
+                session.id,
+                session.user_id,
+                session.created_at_ms,
+                session.last_used_at_ms,
+                session.expires_at_ms,
+                session.ip,
+                session.user_agent,
+                session.revoked_at_ms,
+            ])?;
+            tx.prepare_cached(
+                "UPDATE refresh_tokens SET rotated_at_ms = ?3 \
+                 WHERE session_id = ?1 AND rotated_at_ms IS NULL AND token_hash <> ?2",
+            )?
+            .execute(params![session.id, token_hash, now_ms])?;
+            tx.prepare_cached(
+                "INSERT INTO refresh_tokens (token_hash, session_id, created_at_ms) \
+                 VALUES (?1, ?2, ?3) ON CONFLICT (token_hash) DO NOTHING",
+            )?
+            .execute(params![token_hash, session.id, now_ms])?;
+            tx.commit()
+        })
+    }
+
     fn session(&self, id: &str) -> StoreResult<Option<SessionRecord>> {
         self.read(|conn| {
             conn.prepare_cached(&format!(

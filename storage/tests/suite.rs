@@ -124,6 +124,7 @@ both!(
     session_requires_existing_user,
     sessions_listing_orders_and_filters,
     revoke_session_once,
+    adopted_session_written_once_with_one_current_token,
     revoke_user_sessions_keeps_one,
     rotation_happy_path,
     second_rotation_of_same_token_writes_nothing,
@@ -611,6 +612,50 @@ fn sessions_listing_orders_and_filters(env: &Env) {
         store.refresh_token(b"fresh").unwrap(),
         None,
         "the transaction rolled back"
+    );
+}
+
+fn adopted_session_written_once_with_one_current_token(env: &Env) {
+    let store = env.open();
+    store
+        .create_user(&user("u1", "alice", "alice@example.com"))
+        .unwrap();
+    let held = session("h1", "u1", 10_000, 50_000);
+    store.adopt_session(&held, b"t1", 11_000).unwrap();
+    // Written back again (two nodes, or a retry) after a rotation while held: still one session,
+    // and only the newest token is current.
+    let mut later = held;
+    later.last_used_at_ms = 12_000;
+    later.expires_at_ms = 60_000;
+    store.adopt_session(&later, b"t2", 13_000).unwrap();
+    store.adopt_session(&later, b"t2", 14_000).unwrap();
+    assert_eq!(store.live_sessions("u1", 20_000).unwrap(), vec![later]);
+    let old = store.refresh_token(b"t1").unwrap().unwrap();
+    assert_eq!(old.rotated_at_ms, Some(13_000));
+    let current = store.refresh_token(b"t2").unwrap().unwrap();
+    assert_eq!(
+        (current.session_id.as_str(), current.rotated_at_ms),
+        ("h1", None)
+    );
+    // The normal rotation takes over from the adopted token.
+    assert!(
+        store
+            .rotate(&Rotation {
+                session_id: "h1",
+                ..rotation(b"t2", b"t3", 15_000, b"child")
+            })
+            .unwrap()
+    );
+    // A session revoked while it was held is written revoked, and an older copy never
+    // un-revokes it.
+    let mut revoked = session("h2", "u1", 10_000, 50_000);
+    revoked.revoked_at_ms = Some(12_500);
+    store.adopt_session(&revoked, b"t9", 13_000).unwrap();
+    revoked.revoked_at_ms = None;
+    store.adopt_session(&revoked, b"t9", 13_500).unwrap();
+    assert_eq!(
+        store.session("h2").unwrap().unwrap().revoked_at_ms,
+        Some(12_500)
     );
 }
 

@@ -333,6 +333,78 @@ fn revocations_reach_the_other_node_while_redis_is_down() {
     assert_eq!(b.api_as(&token, "GET", "/me", None).status, 401);
 }
 
+/// Degraded mode: while Redis is unreachable no presence diff is sent (the node could only tell
+/// half of it), `/readyz` names what runs degraded, messages still flow locally; once Redis is
+/// back, diffs flow again.
+#[test]
+fn while_redis_is_down_presence_diffs_are_shed_first_and_readyz_names_them() {
+    let mut redis = OwnRedis::start();
+    let p = pair_on("degraded", &redis.url());
+    let a = &p.nodes[0];
+    let mut watcher = connect(a, &a.token("watcher"));
+    let third_token = a.token("third");
+    assert_eq!(
+        call(&mut watcher, "join", "hall")
+            .get("op")
+            .and_then(Value::as_str),
+        Some("reply")
+    );
+    // The diff of the watcher's own join (in "hall"; its default room's may come first).
+    while watcher
+        .expect("presence", None)
+        .get("room")
+        .and_then(Value::as_str)
+        != Some("hall")
+    {}
+    watcher.clear();
+    redis.stop();
+    eventually_down(a);
+    let (status, text) = a.http("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains(r#""failing":["redis"]"#) && text.contains("presence_diffs"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cross_node_delivery") && text.contains("shared_limits"),
+        "{text}"
+    );
+    let mut late = connect(a, &a.token("late"));
+    assert_eq!(
+        call(&mut late, "join", "hall")
+            .get("op")
+            .and_then(Value::as_str),
+        Some("reply")
+    );
+    // Messages still flow on the node; the diff of the join never comes.
+    let id = late.request("publish", &[("room", s("hall")), ("data", s("local"))]);
+    late.expect("reply", Some(id));
+    let m = watcher.expect("message", None);
+    assert_eq!(m.get("data").and_then(Value::as_str), Some("local"));
+    watcher.set_timeout(Duration::from_millis(600));
+    match watcher.recv() {
+        Err(Ended::Timeout) => {}
+        other => panic!("nothing but silence while degraded: {other:?}"),
+    }
+
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while a.http("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").0 != 200 {
+        assert!(Instant::now() < deadline, "redis never came back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut third = connect(&p.nodes[1], &third_token);
+    assert_eq!(
+        call(&mut third, "join", "hall")
+            .get("op")
+            .and_then(Value::as_str),
+        Some("reply")
+    );
+    watcher.set_timeout(Duration::from_secs(5));
+    let diff = watcher.expect("presence", None);
+    assert!(format!("{diff:?}").contains("third"), "{diff:?}");
+}
+
 /// Waits (bounded) until `node` says Redis is down.
 fn eventually_down(node: &Server) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -576,6 +648,7 @@ fn a_postgresql_outage_opens_the_breaker_and_websockets_keep_delivering() {
         );
     }
 
+    let carol = server.token("carol");
     relay.cut();
     let mut unavailable = 0;
     for i in 0..8 {
@@ -602,11 +675,43 @@ fn a_postgresql_outage_opens_the_breaker_and_websockets_keep_delivering() {
     let (status, text) = server.http("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("storage"), "{text}");
+    assert!(text.contains("presence_diffs"), "{text}");
     // The WebSockets do not need the database.
     let id = a.request("publish", &[("room", s("live")), ("data", s("still here"))]);
     a.expect("reply", Some(id));
     let m = b.expect("message", None);
     assert_eq!(m.get("data").and_then(Value::as_str), Some("still here"));
+    // Degraded mode sheds presence diffs first: a join while the breaker is open is not told
+    // (the node learns of the breaker within half a second).
+    std::thread::sleep(Duration::from_millis(700));
+    b.clear();
+    let mut c = connect(&server, &carol);
+    assert_eq!(
+        call(&mut c, "join", "live")
+            .get("op")
+            .and_then(Value::as_str),
+        Some("reply")
+    );
+    let id = c.request(
+        "publish",
+        &[("room", s("live")), ("data", s("after carol"))],
+    );
+    c.expect("reply", Some(id));
+    let m = b.expect("message", None);
+    assert_eq!(m.get("data").and_then(Value::as_str), Some("after carol"));
+    b.set_timeout(Duration::from_millis(500));
+    match b.recv() {
+        Err(Ended::Timeout) => {}
+        other => panic!("no presence diff while degraded: {other:?}"),
+    }
+    b.set_timeout(Duration::from_secs(5));
+    assert!(
+        server
+            .metric_sum("ringhub_presence_degraded_total")
+            .unwrap_or(0.0)
+            >= 1.0,
+        "carol's join counted as shed"
+    );
 
     relay.restore();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -631,4 +736,324 @@ fn a_postgresql_outage_opens_the_breaker_and_websockets_keep_delivering() {
     assert_eq!(server.api("POST", "/login", &[], Some(body)).status, 200);
     let id = b.request("ping", &[]);
     b.expect("pong", Some(id));
+}
+
+/// Two nodes, their own Redis, PostgreSQL behind a relay: the sessions of the outage.
+struct Outage {
+    nodes: Vec<Server>,
+    redis: OwnRedis,
+    relay: Relay,
+    _schema: Option<Schema>,
+}
+
+fn outage(name: &str) -> Outage {
+    let (db_flags, schema) = Db::Postgres.flags(name);
+    let relay = Relay::start("127.0.0.1:5432");
+    let redis = OwnRedis::start();
+    let db_flags: Vec<String> = db_flags
+        .iter()
+        .map(|f| f.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port)))
+        .collect();
+    let mut flags: Vec<&str> = db_flags.iter().map(String::as_str).collect();
+    flags.extend([
+        "--bcrypt-cost",
+        "4",
+        "--breaker-failures",
+        "3",
+        "--breaker-probe",
+        "500ms",
+        "--database-pool",
+        "2",
+        "--rate-limits.register-per-ip",
+        "1000/1m",
+        "--rate-limits.login-per-ip",
+        "1000/1m",
+    ]);
+    let nodes = start_nodes(name, 2, &redis.url(), &flags);
+    Outage {
+        nodes,
+        redis,
+        relay,
+        _schema: schema,
+    }
+}
+
+fn login_answer(server: &Server, email: &str, password: &str) -> ringhub_tests::Answer {
+    let body = format!(r#"{{"email":"{email}","password":"{password}"}}"#);
+    server.api("POST", "/login", &[UA], Some(&body))
+}
+
+fn refresh_answer(server: &Server, refresh: &str) -> ringhub_tests::Answer {
+    let body = format!(r#"{{"refresh_token":"{refresh}"}}"#);
+    server.api("POST", "/refresh", &[UA], Some(&body))
+}
+
+/// Every key of `redis` outside the rooms' keys, with its value as text (lossy).
+fn readable_outside_rooms(redis: &OwnRedis) -> String {
+    let mut out = String::new();
+    for key in redis
+        .cli(&["--scan"])
+        .lines()
+        .filter(|k| !k.contains("{r:"))
+    {
+        let value = match redis.cli(&["TYPE", key]).trim() {
+            "hash" => redis.cli(&["HGETALL", key]),
+            "string" => redis.cli(&["GET", key]),
+            "zset" => redis.cli(&["ZRANGE", key, "0", "-1"]),
+            "set" => redis.cli(&["SMEMBERS", key]),
+            "list" => redis.cli(&["LRANGE", key, "0", "-1"]),
+            "stream" => redis.cli(&["XRANGE", key, "-", "+"]),
+            other => format!("<{other}>"),
+        };
+        out.push_str(key);
+        out.push_str(" = ");
+        out.push_str(&value);
+        out.push('\n');
+    }
+    out
+}
+
+/// Waits until the node's PostgreSQL breaker is closed again.
+fn breaker_closed(node: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let metrics = node.http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").1;
+        if metrics.contains("ringhub_breaker_state{dependency=\"postgres\"} 0") {
+            // A probe that succeeded: the next call goes through.
+            return;
+        }
+        assert!(Instant::now() < deadline, "the breaker never closed");
+        // Something must call the database for the probe to happen.
+        let _ = node.api(
+            "POST",
+            "/login",
+            &[UA],
+            Some(r#"{"email":"probe@example.com","password":"correct horse"}"#),
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The live sessions of `token`'s user, as PostgreSQL has them (`GET /sessions`).
+fn session_count(server: &Server, token: &str) -> Option<usize> {
+    let answer = server.api_as(token, "GET", "/sessions", None);
+    (answer.status == 200).then(|| match answer.json().get("sessions") {
+        Some(Value::Array(list)) => list.len(),
+        _ => 0,
+    })
+}
+
+/// PostgreSQL cut under a login and WebSocket load, two nodes: logins of cached accounts succeed
+/// on both nodes (their sessions held in Redis), refresh works for them, registration and
+/// unknown e-mails answer 503, wrong passwords 401, WebSockets keep delivering across nodes;
+/// nothing in Redis is readable; after the relay is restored every session created meanwhile
+/// is in PostgreSQL exactly once and its latest refresh token works there.
+#[test]
+fn during_a_postgresql_outage_cached_accounts_log_in_and_their_sessions_are_written_back() {
+    let Outage {
+        nodes,
+        redis,
+        relay,
+        _schema,
+    } = outage("heldsessions");
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let names: Vec<String> = (0..4).map(|i| format!("cached{i}")).collect();
+    let mut before = Vec::new();
+    for name in &names {
+        let email = format!("{name}@example.com");
+        assert_eq!(a.register(name, &email, "correct horse").status, 201);
+        // One session each before the outage, made on the other node (cached there too).
+        let answer = login_answer(b, &email, "correct horse");
+        assert_eq!(answer.status, 200, "{answer:?}");
+        before.push(answer.str_at("access_token"));
+    }
+    let mut on_a = connect(a, &before[0]);
+    let mut on_b = connect(b, &before[1]);
+    for ws in [&mut on_a, &mut on_b] {
+        assert_eq!(
+            call(ws, "join", "live").get("op").and_then(Value::as_str),
+            Some("reply")
+        );
+    }
+
+    relay.cut();
+    // Each account logs in twice during the outage, alternating nodes.
+    let mut outage_tokens = Vec::new();
+    for round in 0..2 {
+        for (i, name) in names.iter().enumerate() {
+            let node = &nodes[(i + round) % 2];
+            let answer = login_answer(node, &format!("{name}@example.com"), "correct horse");
+            assert_eq!(
+                answer.status, 200,
+                "login of {name} from the cache: {answer:?}"
+            );
+            assert_eq!(answer.str_at("user.username"), *name);
+            assert_eq!(answer.str_at("user.email"), format!("{name}@example.com"));
+            outage_tokens.push((
+                i,
+                answer.str_at("access_token"),
+                answer.str_at("refresh_token"),
+            ));
+        }
+    }
+    let wrong = login_answer(a, "cached0@example.com", "wrong horse");
+    assert_eq!(
+        (wrong.status, wrong.code()),
+        (401, "invalid_credentials".into())
+    );
+    let unknown = login_answer(b, "nobody@example.com", "correct horse");
+    assert_eq!(
+        (unknown.status, unknown.code()),
+        (503, "unavailable".into())
+    );
+    let late = a.register("late", "late@example.com", "correct horse");
+    assert_eq!((late.status, late.code()), (503, "unavailable".into()));
+    assert!(late.header("Retry-After").is_some());
+    // Refresh of a held session, on the node that did not create it. The rotated token again
+    // is not accepted: 503, as nothing can tell it from a token only the database knows.
+    let (_, _, first_refresh) = &outage_tokens[1];
+    let refreshed = refresh_answer(a, first_refresh);
+    assert_eq!(refreshed.status, 200, "{refreshed:?}");
+    let latest_refresh = refreshed.str_at("refresh_token");
+    let again = refresh_answer(b, first_refresh);
+    assert_eq!((again.status, again.code()), (503, "unavailable".into()));
+    // A token of the outage opens a WebSocket that joins and hears the other node.
+    let mut fresh = connect(b, &outage_tokens[2].1);
+    assert_eq!(
+        call(&mut fresh, "join", "live")
+            .get("op")
+            .and_then(Value::as_str),
+        Some("reply")
+    );
+    let id = on_a.request("publish", &[("room", s("live")), ("data", s("during"))]);
+    on_a.expect("reply", Some(id));
+    for ws in [&mut on_b, &mut fresh] {
+        let m = ws.expect("message", None);
+        assert_eq!(m.get("data").and_then(Value::as_str), Some("during"));
+    }
+    let hits: f64 = nodes
+        .iter()
+        .map(|n| n.metric_sum("ringhub_cache_hits_total").unwrap_or(0.0))
+        .sum();
+    assert!(
+        hits >= 9.0,
+        "8 logins and 1 wrong password from the cache: {hits}"
+    );
+    // Nothing of the accounts readable in Redis: no e-mail, username, password hash or user
+    // agent in any key or value outside the rooms' own keys (a room's presence names and
+    // messages are the room's content, shown to its members; docs/security.md).
+    let accounts_side = readable_outside_rooms(&redis);
+    assert!(
+        accounts_side.contains("{uc:") && accounts_side.contains("{held}"),
+        "the cache and the held sessions are there: {accounts_side}"
+    );
+    for needle in [
+        "cached0",
+        "cached3",
+        "example.com",
+        "$2b$",
+        "correct horse",
+        "ringhub-tests",
+    ] {
+        assert!(
+            !accounts_side.contains(needle),
+            "`{needle}` readable in redis: {accounts_side}"
+        );
+    }
+
+    relay.restore();
+    // Every node writes back every 2 s once the breaker closed: 1 + 2 sessions per account.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let counts: Vec<Option<usize>> =
+            before.iter().map(|token| session_count(a, token)).collect();
+        if counts.iter().all(|c| *c == Some(3)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sessions in postgresql after the outage: {counts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let held = redis.cli(&["--scan", "--pattern", "*{held}*"]);
+    let key = held.trim();
+    if !key.is_empty() {
+        assert_eq!(redis.cli(&["HLEN", key]).trim(), "0", "held: {key}");
+    }
+    // The latest token of the session refreshed during the outage works from PostgreSQL; its
+    // outage access tokens work on both nodes.
+    let answer = refresh_answer(b, &latest_refresh);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let again = refresh_answer(a, first_refresh);
+    assert_eq!((again.status, again.code()), (401, "invalid_token".into()));
+    for (i, access, _) in &outage_tokens {
+        let me = nodes[i % 2].api_as(access, "GET", "/me", None);
+        assert_eq!(me.status, 200, "{me:?}");
+    }
+    // Still counted once each (two nodes wrote back).
+    for token in &before {
+        assert_eq!(session_count(b, token), Some(3));
+    }
+}
+
+/// A password change drops the cached account first: during a later outage the old password
+/// is refused and the new one (cached by a login after the change) works; with Redis down the
+/// change itself is refused (503) rather than leaving an old hash in the cache.
+#[test]
+fn a_password_change_never_leaves_the_old_password_in_the_cache() {
+    let Outage {
+        nodes,
+        mut redis,
+        relay,
+        _schema,
+    } = outage("cachedpassword");
+    let (a, b) = (&nodes[0], &nodes[1]);
+    assert_eq!(
+        a.register("changer", "changer@example.com", "correct horse")
+            .status,
+        201
+    );
+    let token = login_answer(a, "changer@example.com", "correct horse").str_at("access_token");
+    let change = r#"{"current_password":"correct horse","new_password":"battery staple"}"#;
+    let answer = b.api_as(&token, "POST", "/password", Some(change));
+    assert_eq!(answer.status, 204, "{answer:?}");
+    relay.cut();
+    let old = login_answer(a, "changer@example.com", "correct horse");
+    assert_eq!(
+        (old.status, old.code()),
+        (503, "unavailable".into()),
+        "no entry: {old:?}"
+    );
+    relay.restore();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while login_answer(b, "changer@example.com", "battery staple").status != 200 {
+        assert!(Instant::now() < deadline, "the breaker never closed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    relay.cut();
+    let old = login_answer(a, "changer@example.com", "correct horse");
+    assert_eq!(
+        (old.status, old.code()),
+        (401, "invalid_credentials".into())
+    );
+    let new = login_answer(a, "changer@example.com", "battery staple");
+    assert_eq!(new.status, 200, "{new:?}");
+    relay.restore();
+    breaker_closed(a);
+
+    redis.stop();
+    eventually_down(a);
+    let back = r#"{"current_password":"battery staple","new_password":"correct horse"}"#;
+    let refused = a.api_as(&new.str_at("access_token"), "POST", "/password", Some(back));
+    assert_eq!(
+        (refused.status, refused.code()),
+        (503, "unavailable".into())
+    );
+    assert!(refused.body.contains("redis"), "{refused:?}");
+    assert!(refused.header("Retry-After").is_some());
+    // Nothing changed: the password is still the new one.
+    redis.restart();
+    let still = login_answer(b, "changer@example.com", "battery staple");
+    assert_eq!(still.status, 200, "{still:?}");
 }

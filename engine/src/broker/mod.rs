@@ -45,7 +45,7 @@ use crate::room::history::StoredMessage;
 use crate::room::{JoinAnswer, Recovery, ResumeFrom, owner_of};
 use crate::rooms::{Answer, RoomSettings};
 use crate::shard::Shard;
-use state::{Broker, Channel, HeldJoin, Master, Pending};
+use state::{Broker, Channel, HeldJoin, HeldKind, Master, Pending};
 
 /// How long a room's epoch and `seq` outlive its last publish in Redis.
 const META_TTL_SECS: u64 = 30 * 24 * 3600;
@@ -520,6 +520,11 @@ pub(crate) fn drop_room(shard: &Rc<Shard>, room: &RoomId, done: &Arc<crate::room
     );
 }
 
+/// Whether this shard has Redis configured and unreachable.
+pub(crate) fn is_down(shard: &Shard) -> bool {
+    broker(shard).is_some_and(|b| !b.is_up())
+}
+
 /// Asks Redis a shared limit's question (one script); the answer goes to `answer`
 /// ([`Verdict::Unknown`](crate::shared_limits::Verdict::Unknown) when Redis cannot be asked).
 pub(crate) fn shared_limit(
@@ -533,6 +538,100 @@ pub(crate) fn shared_limit(
     };
     let (key, cmd) = limit_cmd(broker, ask);
     send(shard, broker, &key, &cmd, Pending::Limit(answer));
+}
+
+/// Asks Redis about a held value (one command or script); the answer goes to `answer`
+/// ([`HeldReply::Unknown`](crate::held::HeldReply::Unknown) when Redis cannot be asked).
+pub(crate) fn held(
+    shard: &Rc<Shard>,
+    ask: &crate::held::HeldAsk,
+    answer: Arc<Answer<crate::held::HeldReply>>,
+) {
+    use crate::held::HeldAsk;
+    let Some(broker) = broker(shard).filter(|b| b.is_up()) else {
+        answer.set(crate::held::HeldReply::Unknown);
+        return;
+    };
+    let key = format!("{}:{}", broker.settings.prefix, ask.key());
+    let (kind, cmd) = match ask {
+        HeldAsk::CacheGet { .. } => {
+            let mut cmd = redis::cmd("HGET");
+            cmd.arg(&key).arg("v");
+            (HeldKind::Value, cmd)
+        }
+        HeldAsk::CachePut {
+            value,
+            read_at_ms,
+            ttl_ms,
+            ..
+        } => {
+            let mut cmd = scripts::CACHE_PUT.call(&[&key]);
+            cmd.arg(value.as_slice()).arg(*read_at_ms).arg(*ttl_ms);
+            (HeldKind::Done, cmd)
+        }
+        HeldAsk::CacheDrop { at_ms, ttl_ms, .. } => {
+            let mut cmd = scripts::CACHE_DROP.call(&[&key]);
+            cmd.arg(*at_ms).arg(*ttl_ms);
+            (HeldKind::Done, cmd)
+        }
+        HeldAsk::SessionHold { session, limit } => {
+            let mut cmd = scripts::SESSION_HOLD.call(&[&key]);
+            cmd.arg(&session.id)
+                .arg(&session.token)
+                .arg(session.value.as_slice())
+                .arg(*limit);
+            (HeldKind::Done, cmd)
+        }
+        HeldAsk::SessionFind { token } => {
+            let mut cmd = scripts::SESSION_FIND.call(&[&key]);
+            cmd.arg(token);
+            (HeldKind::Found, cmd)
+        }
+        HeldAsk::SessionRotate { session, old } => {
+            let mut cmd = scripts::SESSION_ROTATE.call(&[&key]);
+            cmd.arg(&session.id)
+                .arg(old)
+                .arg(&session.token)
+                .arg(session.value.as_slice());
+            (HeldKind::Done, cmd)
+        }
+        HeldAsk::SessionsHeld { limit } => {
+            let mut cmd = scripts::SESSIONS_HELD.call(&[&key]);
+            cmd.arg(*limit);
+            (HeldKind::Sessions, cmd)
+        }
+        HeldAsk::SessionRelease { id, token } => {
+            let mut cmd = scripts::SESSION_RELEASE.call(&[&key]);
+            cmd.arg(id).arg(token);
+            (HeldKind::Done, cmd)
+        }
+    };
+    send(shard, broker, &key, &cmd, Pending::Held(kind, answer));
+}
+
+/// A held value's answer from its reply; an error reply is [`HeldReply::Unknown`].
+fn held_reply(kind: HeldKind, value: &redis::Value) -> crate::held::HeldReply {
+    use crate::held::{HeldReply, HeldSession};
+    let text = |v: &redis::Value| bytes(v).map(|b| String::from_utf8_lossy(b).into_owned());
+    let triple = |parts: &[redis::Value]| {
+        Some(HeldSession {
+            id: text(parts.first()?)?,
+            token: text(parts.get(1)?)?,
+            value: bytes(parts.get(2)?)?.to_vec(),
+        })
+    };
+    match (kind, value) {
+        (_, redis::Value::ServerError(_)) => HeldReply::Unknown,
+        (HeldKind::Value, redis::Value::Nil) => HeldReply::Value(None),
+        (HeldKind::Value, v) => {
+            bytes(v).map_or(HeldReply::Unknown, |b| HeldReply::Value(Some(b.to_vec())))
+        }
+        (HeldKind::Done, v) => int(v).map_or(HeldReply::Unknown, |n| HeldReply::Done(n == 1)),
+        (HeldKind::Found, v) => HeldReply::Found(triple(items(v))),
+        (HeldKind::Sessions, v) => {
+            HeldReply::Sessions(items(v).chunks_exact(3).filter_map(triple).collect())
+        }
+    }
 }
 
 /// The same question from a task of the shard (the upgrade), awaited.
@@ -1561,6 +1660,7 @@ fn fail(shard: &Rc<Shard>, handler: Pending) {
     match handler {
         Pending::Ignore | Pending::Slots(_) => {}
         Pending::Limit(answer) => answer.set(crate::shared_limits::Verdict::Unknown),
+        Pending::Held(_, answer) => answer.set(crate::held::HeldReply::Unknown),
         Pending::Routed(routed) => fail(shard, routed.pending),
         Pending::Join(msg) | Pending::PersonalJoin(msg) => local_join(shard, *msg),
         Pending::Publish { conn, id, .. } => shard.reply(
@@ -1704,6 +1804,7 @@ fn on_reply(shard: &Rc<Shard>, handler: Pending, reply: Result<redis::Value, Red
             );
         }
         Pending::Wake(slot) => slot.set(Some(value)),
+        Pending::Held(kind, answer) => answer.set(held_reply(kind, &value)),
         Pending::Repair { room, upto } => finish_repair(shard, &room, &value, upto),
         Pending::Nodes => {
             let live: Vec<String> = items(&value)

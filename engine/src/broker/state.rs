@@ -65,6 +65,8 @@ pub(crate) enum Pending {
     Slots(Rc<str>),
     /// A shared limit's answer.
     Limit(Arc<Answer<crate::shared_limits::Verdict>>),
+    /// A held value's answer, read as the question's kind says.
+    Held(HeldKind, Arc<Answer<crate::held::HeldReply>>),
     /// A command sent to a Redis Cluster: sent again where a `MOVED` or `ASK` points.
     Routed(Box<Routed>),
 }
@@ -77,6 +79,19 @@ impl Pending {
             other => other,
         }
     }
+}
+
+/// How a held value's reply reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeldKind {
+    /// A value or nil.
+    Value,
+    /// 1 or 0.
+    Done,
+    /// `{id, token, record}` or empty.
+    Found,
+    /// A flat list of triples.
+    Sessions,
 }
 
 /// A cluster command kept until its reply, so that a redirection can send it again.

@@ -388,8 +388,118 @@ return {1}
 ",
 );
 
+/// Caches a user's sealed record unless the entry was dropped after the record was read.
+/// KEYS: the entry (hash `v` the sealed value, `t` when it was last dropped, in ms). ARGV: [1]
+/// the value, [2] when it was read (ms), [3] ttl ms. Returns 1 (cached) or 0 (a newer change).
+pub(crate) static CACHE_PUT: Script = Script::new(
+    r"
+local dropped = tonumber(redis.call('HGET', KEYS[1], 't') or '-1')
+if dropped >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+",
+);
+
+/// Drops a cached record and leaves the time of the change. KEYS: the entry. ARGV: [1] now ms,
+/// [2] ttl ms. Returns 1.
+pub(crate) static CACHE_DROP: Script = Script::new(
+    r"
+redis.call('HDEL', KEYS[1], 'v')
+local dropped = tonumber(redis.call('HGET', KEYS[1], 't') or '-1')
+if tonumber(ARGV[1]) > dropped then redis.call('HSET', KEYS[1], 't', ARGV[1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+",
+);
+
+/// Holds a session created while the database is unreachable. KEYS: the held sessions' hash
+/// (`s:<id>` the sealed record, `c:<id>` its current token hash, `r:<token hash>` the id).
+/// ARGV: [1] id, [2] token hash, [3] record, [4] most sessions held. Returns 1, or 0 when full.
+pub(crate) static SESSION_HOLD: Script = Script::new(
+    r"
+if redis.call('HLEN', KEYS[1]) >= 3 * tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[1], 's:' .. ARGV[1], ARGV[3], 'c:' .. ARGV[1], ARGV[2], 'r:' .. ARGV[2], ARGV[1])
+return 1
+",
+);
+
+/// The held session of a refresh token. KEYS: the held sessions. ARGV: [1] token hash. Returns
+/// `{id, current token hash, record}` or an empty array.
+pub(crate) static SESSION_FIND: Script = Script::new(
+    r"
+local id = redis.call('HGET', KEYS[1], 'r:' .. ARGV[1])
+if not id then return {} end
+local current = redis.call('HGET', KEYS[1], 'c:' .. id)
+local record = redis.call('HGET', KEYS[1], 's:' .. id)
+if not (current and record) then return {} end
+return {id, current, record}
+",
+);
+
+/// Rotates a held session's refresh token if the presented one is still current. KEYS: the held
+/// sessions. ARGV: [1] id, [2] presented hash, [3] new hash, [4] new record. Returns 1 or 0.
+pub(crate) static SESSION_ROTATE: Script = Script::new(
+    r"
+if redis.call('HGET', KEYS[1], 'c:' .. ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], 'r:' .. ARGV[2])
+redis.call('HSET', KEYS[1], 'c:' .. ARGV[1], ARGV[3], 'r:' .. ARGV[3], ARGV[1], 's:' .. ARGV[1], ARGV[4])
+return 1
+",
+);
+
+/// Up to ARGV[1] held sessions as a flat `{id, token hash, record, …}`. KEYS: the held
+/// sessions.
+pub(crate) static SESSIONS_HELD: Script = Script::new(
+    r"
+local out = {}
+local limit = tonumber(ARGV[1])
+local cursor = '0'
+repeat
+  local page = redis.call('HSCAN', KEYS[1], cursor, 'MATCH', 's:*', 'COUNT', 100)
+  cursor = page[1]
+  for i = 1, #page[2], 2 do
+    local id = string.sub(page[2][i], 3)
+    local current = redis.call('HGET', KEYS[1], 'c:' .. id)
+    if current and #out < 3 * limit then
+      out[#out + 1] = id
+      out[#out + 1] = current
+      out[#out + 1] = page[2][i + 1]
+    end
+  end
+until cursor == '0' or #out >= 3 * limit
+return out
+",
+);
+
+/// Forgets a held session written back, if the token written is still its current one. KEYS:
+/// the held sessions. ARGV: [1] id, [2] token hash. Returns 1, or 0 (rotated since).
+pub(crate) static SESSION_RELEASE: Script = Script::new(
+    r"
+if redis.call('HGET', KEYS[1], 'c:' .. ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], 's:' .. ARGV[1], 'c:' .. ARGV[1], 'r:' .. ARGV[2])
+return 1
+",
+);
+
 /// Every script, loaded on each command connection.
-pub(crate) static ALL: [&Script; 11] = [
-    &PUBLISH, &JOIN, &LEAVE, &PRESENCE, &TOUCH, &HISTORY, &ANNOUNCE, &ADMIT, &REGISTER, &LIMIT,
+pub(crate) static ALL: [&Script; 18] = [
+    &PUBLISH,
+    &JOIN,
+    &LEAVE,
+    &PRESENCE,
+    &TOUCH,
+    &HISTORY,
+    &ANNOUNCE,
+    &ADMIT,
+    &REGISTER,
+    &LIMIT,
     &FAILURES,
+    &CACHE_PUT,
+    &CACHE_DROP,
+    &SESSION_HOLD,
+    &SESSION_FIND,
+    &SESSION_ROTATE,
+    &SESSIONS_HELD,
+    &SESSION_RELEASE,
 ];

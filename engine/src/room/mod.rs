@@ -579,6 +579,21 @@ impl RoomCore {
         self.rooms.remove(room);
     }
 
+    /// Drops the coalesced presence diffs of every room with changes, unsent (degraded mode:
+    /// presence diffs are the first thing shed); returns how many rooms had one.
+    pub(crate) fn drop_presence(&mut self) -> usize {
+        let mut dropped = 0;
+        for room in std::mem::take(&mut self.presence_dirty) {
+            if let Some(home) = self.rooms.get_mut(&room) {
+                home.presence_listed = false;
+                if home.pending_diff.take().is_some_and(|d| !d.is_empty()) {
+                    dropped += 1;
+                }
+            }
+        }
+        dropped
+    }
+
     /// The coalesced presence diffs of the rooms with changes, as frames for their members'
     /// shards (SPEC §6). Every room listed is flushed (and unlisted).
     pub(crate) fn flush_presence(&mut self, compressor: &mut Compressor) -> Vec<Fanout> {

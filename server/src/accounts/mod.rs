@@ -5,6 +5,8 @@
 //! Failures the client sees are generic (`invalid_credentials`, `invalid_token`); the precise
 //! reason goes to the log and the metrics. Passwords and tokens are never logged.
 
+mod cache;
+mod held;
 pub mod validate;
 
 use std::sync::{Arc, OnceLock};
@@ -326,6 +328,9 @@ impl Accounts {
         let record = match self.store.idempotency(scope, key, since) {
             Ok(Some(r)) => r,
             Ok(None) => return None,
+            // What follows needs the database too, except a login served from the cache: the
+            // key cannot be honoured without the database (docs/api.md).
+            Err(StoreError::Unavailable(_)) => return None,
             Err(e) => return Some(Err(ApiError::storage(&e))),
         };
         if !crypto::constant_time_eq(&record.body_hash, &crypto::sha256(body)) {
@@ -425,6 +430,7 @@ impl Accounts {
         };
         let answer = match self.store.create_user(&user) {
             Ok(()) => {
+                self.cache_user(&user, user.created_at_ms);
                 #[derive(Serialize)]
                 struct Created<'a> {
                     user: UserJson<'a>,
@@ -503,8 +509,20 @@ impl Accounts {
             self.metrics.auth_failure("locked");
             return Err(ApiError::rate_limited(retry));
         }
-        let user = match self.store.user_by_email_index(&index) {
-            Ok(user) => user,
+        let read_at = now_ms();
+        let (user, from_cache) = match self.store.user_by_email_index(&index) {
+            Ok(user) => (user, false),
+            Err(StoreError::Unavailable(why)) => {
+                // The database cannot answer: the encrypted cache may (SPEC §10). A miss
+                // answers 503 like the database would have, known account or not.
+                if let Some(user) = self.cached_user(&index) {
+                    tracing::info!(error = %why, "login served from the user cache");
+                    (Some(user), true)
+                } else {
+                    self.lockouts.release(&index);
+                    return Err(ApiError::storage(&StoreError::Unavailable(why)));
+                }
+            }
             Err(e) => {
                 self.lockouts.release(&index);
                 return Err(ApiError::storage(&e));
@@ -547,7 +565,10 @@ impl Accounts {
         let _ = self.shared_limit(Some(SharedAsk::Succeeded {
             key: Self::lockout_key(&index),
         }));
-        self.rehash_if_cost_changed(&user, password);
+        if !from_cache {
+            self.rehash_if_cost_changed(&user, password);
+            self.cache_user(&user, read_at);
+        }
         let now = now_ms();
         let session = SessionRecord {
             id: crypto::random_token(16),
@@ -563,11 +584,21 @@ impl Accounts {
         };
         let refresh = crypto::random_token(32);
         let refresh_hash = crypto::sha256(refresh.as_bytes());
-        store!(
-            self,
-            "create_session",
-            self.store.create_session(&session, &refresh_hash)
-        );
+        let started = Instant::now();
+        let created = self.store.create_session(&session, &refresh_hash);
+        self.metrics
+            .storage
+            .observe("create_session", started.elapsed());
+        match created {
+            Ok(()) => {}
+            // Kept in Redis until the database is back (written back then).
+            Err(StoreError::Unavailable(_))
+                if self.hold_session(&session, &user, &refresh_hash) =>
+            {
+                tracing::info!(session_id = %session.id, "session held in redis");
+            }
+            Err(e) => return Err(ApiError::storage(&e)),
+        }
         let answer =
             self.token_answer(&user, &session.id, &refresh, client, session.expires_at_ms)?;
         tracing::info!(user_id = %user.id, session_id = %session.id, "login");
@@ -650,9 +681,23 @@ impl Accounts {
     /// `POST /refresh`.
     pub fn refresh(&self, refresh: &str, client: &Client) -> Answer {
         let hash = crypto::sha256(refresh.as_bytes());
-        let Some(record) = store!(self, "refresh_token", self.store.refresh_token(&hash)) else {
-            self.metrics.auth_failure("unknown_refresh");
-            return Err(ApiError::invalid_token());
+        let started = Instant::now();
+        let found = self.store.refresh_token(&hash);
+        self.metrics
+            .storage
+            .observe("refresh_token", started.elapsed());
+        let record = match found {
+            Ok(Some(record)) => record,
+            Ok(None) | Err(StoreError::Unavailable(_))
+                if let Some((session, user)) = self.held_session(&hash) =>
+            {
+                return self.refresh_held(&session, &user, &hash, client);
+            }
+            Ok(None) => {
+                self.metrics.auth_failure("unknown_refresh");
+                return Err(ApiError::invalid_token());
+            }
+            Err(e) => return Err(ApiError::storage(&e)),
         };
         let now = now_ms();
         let session_key = record.session_id.as_bytes();
@@ -720,6 +765,63 @@ impl Accounts {
                 }
                 _ => Err(ApiError::invalid_token()),
             };
+        }
+        Ok(answer.response())
+    }
+
+    /// `POST /refresh` for a session held in Redis (created while the database could not
+    /// answer): rotated there.
+    fn refresh_held(
+        &self,
+        session: &SessionRecord,
+        user: &UserRecord,
+        hash: &[u8],
+        client: &Client,
+    ) -> Answer {
+        let now = now_ms();
+        let session_key = session.id.as_bytes();
+        if let Err(retry) = self
+            .refresh_per_session
+            .take(session_key, now)
+            .and_then(|()| {
+                self.shared_limit(
+                    self.refresh_per_session
+                        .shared_ask("refresh_per_session", session_key),
+                )
+            })
+        {
+            self.metrics.engine.rate_limited("refresh_per_session");
+            return Err(ApiError::rate_limited(retry));
+        }
+        let created = u64::try_from(session.created_at_ms).unwrap_or(0);
+        if session.expires_at_ms <= now
+            || self
+                .revocations
+                .check(&session.user_id, &session.id, created)
+                .is_some()
+        {
+            self.metrics.auth_failure("session_ended");
+            return Err(ApiError::invalid_token());
+        }
+        let next = crypto::random_token(32);
+        let next_hash = crypto::sha256(next.as_bytes());
+        let expires = now.saturating_add(ms(self.config.refresh_ttl)).min(
+            session
+                .created_at_ms
+                .saturating_add(ms(self.config.session_max_age)),
+        );
+        let answer = self.token_answer(user, &session.id, &next, client, expires)?;
+        let rotated = SessionRecord {
+            last_used_at_ms: now,
+            expires_at_ms: expires,
+            ip: client.ip.to_string(),
+            user_agent: client.user_agent.chars().take(MAX_USER_AGENT).collect(),
+            ..session.clone()
+        };
+        if !self.rotate_held(&rotated, user, hash, &next_hash) {
+            // Rotated meanwhile (a reuse, or a concurrent refresh), or Redis did not answer.
+            self.metrics.auth_failure("refresh_reused");
+            return Err(ApiError::invalid_token());
         }
         Ok(answer.response())
     }
@@ -915,6 +1017,8 @@ impl Accounts {
             self.store.add_revocation(&revocation)
         );
         self.revoked_here(revocation, &user.id);
+        // Best effort: the revocation above already makes every node ignore the entry.
+        let _ = self.drop_cached_user(&user.email_index, now);
         store!(
             self,
             "soft_delete_user",
@@ -1001,6 +1105,11 @@ impl Accounts {
             return Err(ApiError::invalid_token());
         };
         self.check_password(&user, current)?;
+        // The cached account goes first, and must: an old hash left in the cache would let
+        // the old password in during a later database outage.
+        if !self.drop_cached_user(&user.email_index, now_ms()) {
+            return Err(cache_unreachable());
+        }
         let hash = match bcrypt::hash(new_password, self.config.bcrypt_cost) {
             Ok(h) => h,
             Err(e) => {
@@ -1013,6 +1122,9 @@ impl Accounts {
             "set_password",
             self.store.set_password(&user.id, &hash)
         );
+        // Again after the write: a login that read the old hash before it cannot cache it now
+        // (the tombstone is dated after its read).
+        let _ = self.drop_cached_user(&user.email_index, now_ms());
         let now = now_ms();
         let keep = (!identity.session_id.is_empty()).then_some(&*identity.session_id);
         let others = store!(
@@ -1049,6 +1161,16 @@ impl Accounts {
         // Sessions ended (expired or revoked) a day ago answer `invalid_token` either way.
         let _ = self.store.prune_sessions(now - 24 * 3600 * 1000);
     }
+}
+
+/// 503 for a change that needs the user cache in Redis dropped first, when Redis cannot confirm.
+fn cache_unreachable() -> ApiError {
+    ApiError::new(
+        503,
+        ErrorCode::Unavailable,
+        "redis is unreachable; retry later",
+    )
+    .retry_after(1)
 }
 
 /// Looks up a live user by id or e-mail (for `ringhub token` and `user set-role`).

@@ -116,6 +116,8 @@ pub struct AccountSettings {
     pub register_per_ip: Rate,
     /// Refreshes per session.
     pub refresh_per_session: Rate,
+    /// Lifetime of the encrypted user cache in Redis (zero: no cache).
+    pub user_cache_ttl: Duration,
 }
 
 /// The validated configuration, by section. Every value is held once: the engine's part is the

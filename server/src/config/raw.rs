@@ -79,6 +79,7 @@ defaults! {
     d_log_level: String = "info".into();
     d_redis_prefix: String = "ringhub".into();
     d_node_ttl: String = "10s".into();
+    d_user_cache_ttl: String = "24h".into();
     d_login_per_ip: String = "30/1m".into();
     d_failed_logins: String = "5/15m".into();
     d_lockout: String = "15m".into();
@@ -152,6 +153,9 @@ pub struct RawConfig {
     /// A node that has not renewed its leases for this long is dead.
     #[serde(default = "d_node_ttl")]
     pub node_ttl: String,
+    /// How long the encrypted user cache in Redis keeps what a login needs (`0s`: no cache).
+    #[serde(default = "d_user_cache_ttl")]
+    pub user_cache_ttl: String,
     /// HS256 signing secret (≥ 32 bytes in production; generated in development).
     #[serde(
         default,

@@ -237,8 +237,22 @@ fn accounts(c: &Checker<'_>, raw: &RawConfig) -> Result<AccountSettings, ConfigE
             ("none", TokenBinding::None),
         ],
     )?;
+    let user_cache_ttl = c.duration(
+        "user_cache_ttl",
+        &raw.user_cache_ttl,
+        Duration::ZERO,
+        30 * DAY,
+    )?;
+    if raw.redis_url.is_none() && user_cache_ttl != DAY {
+        // The cache lives in Redis: without it a changed setting would do nothing.
+        return Err(c.fail(
+            "user_cache_ttl",
+            "needs redis_url (the cache lives in Redis)",
+        ));
+    }
     let rl = &raw.rate_limits;
     Ok(AccountSettings {
+        user_cache_ttl,
         jwt_algorithm,
         jwt_private_key_file: raw.jwt_private_key_file.as_ref().map(PathBuf::from),
         access_ttl,
