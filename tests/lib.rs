@@ -406,33 +406,7 @@ impl Server {
 
     /// One raw HTTP/1.1 request; returns (status, headers+body text).
     pub fn http(&self, raw: &str) -> (u16, String) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        stream.write_all(raw.as_bytes()).expect("write");
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        // Read until the peer closes or the response is complete by Content-Length.
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-            let text = String::from_utf8_lossy(&out);
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let len = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Content-Length: "))
-                    .and_then(|v| v.trim().parse::<usize>().ok());
-                if head.starts_with("HTTP/1.1 101") || len.is_some_and(|n| body.len() >= n) {
-                    break;
-                }
-            }
-        }
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        (status, text)
+        http_to(self.port, raw)
     }
 
     /// A `GET` with the WebSocket upgrade headers plus `extra` header lines.
@@ -558,6 +532,47 @@ impl Answer {
             .unwrap_or_else(|| panic!("`{path}` is not a string in {self:?}"))
             .to_owned()
     }
+}
+
+/// One raw HTTP/1.1 request to the server on `port`; returns (status, headers+body text).
+pub fn http_to(port: u16, raw: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream.write_all(raw.as_bytes()).expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read until the peer closes or the response is complete by Content-Length.
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&out);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if head.starts_with("HTTP/1.1 101") || len.is_some_and(|n| body.len() >= n) {
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+/// The status of `method path` with `token` as the bearer, on the server at `port` (for threads
+/// that cannot borrow a [`Server`]).
+pub fn status_of(port: u16, method: &str, path: &str, token: &str) -> u16 {
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+         User-Agent: ringhub-tests\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
+    );
+    http_to(port, &raw).0
 }
 
 impl Server {
