@@ -270,8 +270,11 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
             .spawn(move || {
                 for tick in 1u64.. {
                     std::thread::sleep(std::time::Duration::from_millis(500));
-                    let storage_open =
-                        accounts.store().breaker_state() == Some(storage::BreakerState::Open);
+                    // Half-open is still an outage until a probe succeeds.
+                    let storage_open = matches!(
+                        accounts.store().breaker_state(),
+                        Some(storage::BreakerState::Open | storage::BreakerState::HalfOpen)
+                    );
                     control.set_storage_degraded(storage_open);
                     if !with_redis {
                         continue;
