@@ -430,7 +430,32 @@ impl Server {
         subprotocol: Option<&str>,
         headers: &[(&str, &str)],
     ) -> Result<Client, String> {
-        let url = format!("ws://127.0.0.1:{}/ws", self.port);
+        self.try_connect_over(token, subprotocol, headers, None)
+    }
+
+    /// Connects over TLS (`wss://localhost`), trusting the certificate `ca_pem`.
+    pub fn try_connect_tls(
+        &self,
+        token: &str,
+        subprotocol: Option<&str>,
+        ca_pem: &[u8],
+    ) -> Result<Client, String> {
+        let agent = [("User-Agent", "ringhub-tests")];
+        self.try_connect_over(token, subprotocol, &agent, Some(ca_pem))
+    }
+
+    fn try_connect_over(
+        &self,
+        token: &str,
+        subprotocol: Option<&str>,
+        headers: &[(&str, &str)],
+        tls: Option<&[u8]>,
+    ) -> Result<Client, String> {
+        let url = if tls.is_some() {
+            format!("wss://localhost:{}/ws", self.port)
+        } else {
+            format!("ws://127.0.0.1:{}/ws", self.port)
+        };
         let mut request = url.into_client_request().map_err(|e| e.to_string())?;
         request.headers_mut().insert(
             "Authorization",
@@ -448,10 +473,13 @@ impl Server {
                 .headers_mut()
                 .insert(name, v.parse().map_err(|_| "header")?);
         }
-        let stream = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
+        let tcp = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(|e| e.to_string())?;
+        let stream = match tls {
+            None => Wire::Plain(tcp),
+            Some(ca) => Wire::tls(tcp, ca)?,
+        };
         let (socket, response) =
             tungstenite::client::client(request, stream).map_err(|e| match e {
                 tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => {
@@ -1008,13 +1036,96 @@ impl Drop for Server {
 #[derive(Debug)]
 pub struct Client {
     /// The WebSocket.
-    pub socket: tungstenite::WebSocket<TcpStream>,
+    pub socket: tungstenite::WebSocket<Wire>,
     /// The negotiated encoding.
     pub format: Format,
     /// Whether zstd was negotiated.
     pub zstd: bool,
     next_id: u64,
     backlog: Vec<Value>,
+}
+
+/// A client's connection: plain TCP or TLS over it.
+#[derive(Debug)]
+pub enum Wire {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS (rustls) over TCP.
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Wire {
+    /// TLS to `localhost`, trusting `ca_pem`; the handshake happens with the first write.
+    pub fn tls(tcp: TcpStream, ca_pem: &[u8]) -> Result<Wire, String> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+            roots
+                .add(cert.map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name =
+            rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+            .map_err(|e| e.to_string())?;
+        Ok(Wire::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))))
+    }
+
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Wire::Plain(s) => s,
+            Wire::Tls(s) => s.get_ref(),
+        }
+    }
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Plain(s) => s.read(buf),
+            Wire::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Plain(s) => s.write(buf),
+            Wire::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Wire::Plain(s) => s.flush(),
+            Wire::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1 (ECDSA P-256) written to `dir`:
+/// (certificate file, key file, certificate PEM).
+pub fn tls_files(dir: &Path, name: &str) -> (PathBuf, PathBuf, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().expect("key pair");
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("params");
+    let cert = params.self_signed(&key).expect("self-signed");
+    let cert_file = dir.join(format!("{name}.crt"));
+    let key_file = dir.join(format!("{name}.key"));
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::write(&cert_file, cert.pem()).expect("write cert");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+    (cert_file, key_file, cert.pem().into_bytes())
 }
 
 /// How a connection ended, as a client saw it.
@@ -1165,6 +1276,7 @@ impl Client {
     pub fn set_timeout(&mut self, d: Duration) {
         self.socket
             .get_ref()
+            .tcp()
             .set_read_timeout(Some(d))
             .expect("timeout");
     }

@@ -116,6 +116,8 @@ pub struct EngineConfig {
     /// Redis, when several nodes act as one (SPEC §10); `None` keeps every shared state in this
     /// process (the embedded default).
     pub redis: Option<RedisSettings>,
+    /// TLS on the listener (HTTP, `/ws` and `/socket.io/` on the same port); `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// How this node reaches Redis and names itself there.
@@ -201,6 +203,7 @@ impl EngineConfig {
             join_per_connection: rate(10, 1, 50),
             shutdown_grace: Duration::from_secs(5),
             redis: None,
+            tls: None,
         }
     }
 }

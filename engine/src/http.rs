@@ -16,6 +16,7 @@ use crate::net::request_client_ip;
 use crate::response::HttpResponse;
 use crate::routes::{HttpRequest, Routed};
 use crate::shard::Shard;
+use crate::tls::Tls;
 use crate::transport::{Stream, Transport};
 use crate::upgrade::{Upgrade, upgrade};
 
@@ -26,7 +27,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a deferred route (storage, hashing) may take before the client gets 503.
 const ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves one accepted TCP connection until it closes or upgrades.
+/// Serves one accepted TCP connection until it closes or upgrades; over TLS when the listener
+/// serves it (the handshake first, within `tls_handshake_timeout`, holding the pending slot).
 ///
 /// Every request is bounded in time as well as size: its head must be complete within
 /// `http_head_timeout` of its first byte and its body within `http_body_timeout` of the head,
@@ -34,22 +36,49 @@ const ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
 /// idle for [`IDLE_TIMEOUT`]. Until it is an authenticated WebSocket the connection holds a
 /// [`PendingSlot`] of its peer's address (for a trusted proxy, of the forwarded client, taken at
 /// the upgrade request).
-pub(crate) async fn serve(shard: Rc<Shard>, stream: Stream, peer: SocketAddr) {
+pub(crate) async fn serve(shard: Rc<Shard>, tcp: monoio::net::TcpStream, peer: SocketAddr) {
     let cfg = &shard.shared.config;
     let from_proxy = cfg
         .trusted_proxies
         .iter()
         .any(|net| net.contains(peer.ip()));
+    let tls = shard.shared.tls_config();
     let mut slot = None;
     if !from_proxy {
         match shard.shared.pending_enter(peer.ip()) {
             Some(taken) => slot = Some(taken),
+            // Over TLS nothing can be said before a handshake: the socket is closed.
+            None if tls.is_some() => return,
             None => {
-                refuse_pending(&shard, &stream, None).await;
+                refuse_pending(&shard, &Stream::tcp(tcp), None).await;
                 return;
             }
         }
     }
+    let stream = match tls {
+        None => Stream::tcp(tcp),
+        Some(config) => {
+            let limit = cfg
+                .tls
+                .as_ref()
+                .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
+            let outcome = monoio::time::timeout(limit, Tls::accept(tcp, config)).await;
+            let metrics = &shard.shared.metrics;
+            let (stream, result) = match outcome {
+                Ok(Ok(tls)) => (Some(Stream::tls(tls)), 0),
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer.ip(), error = %e, "tls handshake failed");
+                    (None, 1)
+                }
+                Err(_) => (None, 2),
+            };
+            metrics.tls_handshakes[result].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match stream {
+                Some(stream) => stream,
+                None => return,
+            }
+        }
+    };
     let limits = HttpLimits::default();
     let head_timeout = micros(cfg.http_head_timeout);
     let body_timeout = micros(cfg.http_body_timeout);

@@ -42,6 +42,7 @@ mod sio;
 mod state;
 pub(crate) mod sys;
 mod tasks;
+pub mod tls;
 mod transport;
 mod upgrade;
 mod writer;
@@ -121,6 +122,9 @@ pub fn start(
             redis.maps_missing.store(missing, Ordering::Relaxed);
         }
         redis.links_expected.store(links, Ordering::Relaxed);
+    }
+    if config.tls.is_some() {
+        metrics.tls_on.store(1, Ordering::Relaxed);
     }
     let shared = Arc::new(Shared::new(config, auth, routes, policy, metrics));
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -458,6 +462,18 @@ impl Control {
     /// shed until it can again).
     pub fn set_storage_degraded(&self, degraded: bool) {
         self.0.storage_degraded.store(degraded, Ordering::Relaxed);
+    }
+
+    /// Replaces the TLS configuration new handshakes use (a reloaded certificate); open
+    /// connections keep theirs. False when the listener does not serve TLS.
+    pub fn set_tls_config(&self, config: Arc<rustls::ServerConfig>) -> bool {
+        let Some(slot) = &self.0.tls else {
+            return false;
+        };
+        *slot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+        true
     }
 
     /// Whether Redis is configured (the held values and shared limits can be asked).

@@ -84,6 +84,11 @@ pub struct Metrics {
     pub pending_connections: AtomicI64,
     /// Messages dropped from room histories to keep within `history_total_bytes`.
     pub history_evicted: AtomicU64,
+    /// TLS handshakes by outcome: finished, failed (not TLS, no shared version or suite, a
+    /// reset), cut at `tls_handshake_timeout`.
+    pub tls_handshakes: [AtomicU64; 3],
+    /// 1 while the listener serves TLS (user space: rustls).
+    pub tls_on: AtomicU64,
     shard_queue_depth: Vec<AtomicI64>,
     shard_write_delay_us: Vec<AtomicU64>,
     shard_history_bytes: Vec<AtomicU64>,
@@ -269,6 +274,8 @@ impl Metrics {
             ip_entries: AtomicI64::new(0),
             pending_connections: AtomicI64::new(0),
             history_evicted: AtomicU64::new(0),
+            tls_handshakes: std::array::from_fn(|_| AtomicU64::new(0)),
+            tls_on: AtomicU64::new(0),
             shard_queue_depth: (0..shards).map(|_| AtomicI64::new(0)).collect(),
             shard_write_delay_us: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             shard_history_bytes: (0..shards).map(|_| AtomicU64::new(0)).collect(),
@@ -379,6 +386,20 @@ impl Metrics {
             ("ringhub_history_evicted_total", &self.history_evicted),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", load(counter));
+        }
+        if load(&self.tls_on) == 1 {
+            let _ = writeln!(
+                out,
+                "# TYPE ringhub_tls_userspace gauge\nringhub_tls_userspace 1"
+            );
+            let _ = writeln!(out, "# TYPE ringhub_tls_handshakes_total counter");
+            for (result, c) in ["ok", "failed", "timeout"].iter().zip(&self.tls_handshakes) {
+                let _ = writeln!(
+                    out,
+                    "ringhub_tls_handshakes_total{{result=\"{result}\"}} {}",
+                    load(c)
+                );
+            }
         }
         let _ = writeln!(out, "# TYPE ringhub_rate_limited_total counter");
         for (limit, c) in LIMITS.iter().zip(&self.rate_limited) {

@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) origins: std::sync::RwLock<Arc<[String]>>,
     /// The server says its database cannot answer (degraded mode: presence diffs are shed).
     pub(crate) storage_degraded: AtomicBool,
+    /// The TLS configuration new handshakes use (replaced on reload); `None`: plain TCP.
+    pub(crate) tls: Option<std::sync::RwLock<Arc<rustls::ServerConfig>>>,
 }
 
 impl Shared {
@@ -53,6 +55,10 @@ impl Shared {
         let nonce: [u8; 6] = std::array::from_fn(|i| time[i] ^ pid[i % 4]);
         let state = Backend::InProcess(InProcess::new(&config, metrics.clone()));
         let origins = std::sync::RwLock::new(Arc::from(config.allowed_origins.clone()));
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|t| std::sync::RwLock::new(t.config.clone()));
         Self {
             state,
             config,
@@ -66,7 +72,17 @@ impl Shared {
             listeners: crate::announce::Listeners::default(),
             origins,
             storage_degraded: AtomicBool::new(false),
+            tls,
         }
+    }
+
+    /// The TLS configuration for a new handshake, when the listener serves TLS.
+    pub(crate) fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls.as_ref().map(|slot| {
+            slot.read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        })
     }
 
     /// `allowed_origins` in force.

@@ -7,7 +7,6 @@
 
 use std::cell::UnsafeCell;
 use std::os::fd::RawFd;
-use std::rc::Rc;
 
 use monoio::net::TcpStream;
 
@@ -24,14 +23,15 @@ pub(crate) enum Shutdown {
 ///
 /// The caller must keep the descriptor open for the duration of the call: the engine holds the
 /// stream's `Rc` in its connection state (`Conn::stream`) for the connection's whole life, so the
-/// number cannot have been closed and reused by another socket.
-pub(crate) fn shutdown(stream: &Rc<UnsafeCell<TcpStream>>, how: Shutdown) {
+/// number cannot have been closed and reused by another socket (the borrow here is of that
+/// state).
+pub(crate) fn shutdown(stream: &UnsafeCell<TcpStream>, how: Shutdown) {
     let how = match how {
         Shutdown::Write => libc::SHUT_WR,
         Shutdown::Both => libc::SHUT_RDWR,
     };
     let fd: RawFd = std::os::fd::AsRawFd::as_raw_fd(stream_ref(stream));
-    // SAFETY: `shutdown(2)` takes a plain descriptor and touches no memory of ours; the `Rc`
+    // SAFETY: `shutdown(2)` takes a plain descriptor and touches no memory of ours; the stream
     // borrowed here keeps the descriptor open, so it still names this connection's socket. Errors
     // (e.g. ENOTCONN after the peer left) are expected and ignored.
     let _ = unsafe { libc::shutdown(fd, how) };
@@ -65,8 +65,18 @@ pub(crate) fn recv_now(stream: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result
     Ok(n)
 }
 
+/// Reads what the socket holds right now into `buf` with a non-blocking `recv` (for TLS, whose
+/// library hands out the buffer): `Ok(0)` is the end of the stream, `WouldBlock` nothing yet.
+pub(crate) fn recv_into(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    let fd: RawFd = std::os::fd::AsRawFd::as_raw_fd(stream);
+    // SAFETY: `recv(2)` writes at most `buf.len()` bytes into `buf`, valid and exclusively
+    // borrowed for the call; the stream borrowed here keeps the descriptor open.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
 /// The stream behind a split connection, for readiness and descriptor-level calls only.
-pub(crate) fn stream_ref(stream: &Rc<UnsafeCell<TcpStream>>) -> &TcpStream {
+pub(crate) fn stream_ref(stream: &UnsafeCell<TcpStream>) -> &TcpStream {
     // SAFETY: this is the aliasing monoio's own split halves rely on: a read half and a write half
     // each reach the one `TcpStream` through this `UnsafeCell` and run their operations
     // concurrently on one thread. The methods we call through this shared reference (`readable`,
@@ -77,10 +87,10 @@ pub(crate) fn stream_ref(stream: &Rc<UnsafeCell<TcpStream>>) -> &TcpStream {
 
 /// Sends what it can of `buf` on a connection's stream now, without waiting (`MSG_DONTWAIT`):
 /// the bytes taken by the kernel, `WouldBlock` when its buffer is full.
-pub(crate) fn send_now(stream: &Rc<UnsafeCell<TcpStream>>, buf: &[u8]) -> std::io::Result<usize> {
+pub(crate) fn send_now(stream: &UnsafeCell<TcpStream>, buf: &[u8]) -> std::io::Result<usize> {
     let fd: RawFd = std::os::fd::AsRawFd::as_raw_fd(stream_ref(stream));
-    // SAFETY: `send(2)` reads at most `buf.len()` bytes from `buf`, valid for the call; the `Rc`
-    // keeps the descriptor open. MSG_NOSIGNAL: a closed peer is an error, not a SIGPIPE.
+    // SAFETY: `send(2)` reads at most `buf.len()` bytes from `buf`, valid for the call; the borrowed
+    // stream keeps the descriptor open. MSG_NOSIGNAL: a closed peer is an error, not a SIGPIPE.
     let n = unsafe {
         libc::send(
             fd,
@@ -95,7 +105,7 @@ pub(crate) fn send_now(stream: &Rc<UnsafeCell<TcpStream>>, buf: &[u8]) -> std::i
 /// Writes all of `buf` to a connection's stream (one io_uring write, more if the kernel takes
 /// part of it). The caller must be the connection's only writer (`Conn::writing`).
 pub(crate) async fn write_all(
-    stream: &Rc<UnsafeCell<TcpStream>>,
+    stream: &UnsafeCell<TcpStream>,
     buf: Vec<u8>,
 ) -> (std::io::Result<usize>, Vec<u8>) {
     use monoio::io::AsyncWriteRentExt;

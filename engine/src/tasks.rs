@@ -157,11 +157,7 @@ pub(crate) async fn shard_main(shard: Rc<Shard>, listener: monoio::net::TcpListe
             accepted = listener.accept() => {
                 match accepted {
                     Ok((stream, peer)) => {
-                        monoio::spawn(crate::http::serve(
-                            shard.clone(),
-                            crate::transport::Stream::tcp(stream),
-                            peer,
-                        ));
+                        monoio::spawn(crate::http::serve(shard.clone(), stream, peer));
                     }
                     Err(e) => {
                         tracing::warn!(shard = shard.id, error = %e, "accept failed");

@@ -1,9 +1,9 @@
 //! How the engine reads and writes a connection's bytes, from the accept to the close, for HTTP,
 //! WebSocket and Socket.IO alike: the [`Transport`] operations (readiness, a non-blocking read into
 //! a borrowed buffer, a non-blocking send, an io_uring write of what the kernel did not take, a
-//! shutdown), and [`Stream`], the transports a connection can have. Plain TCP today; TLS comes
-//! as a second variant (with kernel TLS the calls stay the same on the socket; with rustls in user
-//! space they encrypt and decrypt around it). The `unsafe` underneath stays in `sys`.
+//! shutdown), and [`Stream`], the transports a connection can have: plain TCP, or TLS with rustls
+//! in user space (`tls`), which encrypts and decrypts around the same socket calls. The `unsafe`
+//! underneath stays in `sys`.
 
 use std::cell::UnsafeCell;
 use std::os::fd::RawFd;
@@ -12,6 +12,7 @@ use std::rc::Rc;
 use monoio::net::TcpStream;
 
 use crate::sys::{self, Shutdown};
+use crate::tls::Tls;
 
 /// What the engine does with a connection's bytes.
 #[allow(async_fn_in_trait)]
@@ -29,14 +30,23 @@ pub(crate) trait Transport {
     fn shutdown(&self, how: Shutdown);
     /// The socket's descriptor, for the shard's readiness set.
     fn raw_fd(&self) -> RawFd;
+    /// Whether bytes wait to be read that the socket's readiness does not show (decrypted
+    /// already): the reader reads again without waiting.
+    fn buffered(&self) -> bool {
+        false
+    }
+    /// Whether bytes were taken that the socket has not (records made, not sent): a
+    /// `write_all` of nothing sends them.
+    fn pending_out(&self) -> bool {
+        false
+    }
 }
 
-/// Plain TCP: one handle on the socket, shared by the shard's reader and the writer (see
-/// [`sys::stream_ref`]).
-#[derive(Clone)]
-pub(crate) struct Tcp(Rc<UnsafeCell<TcpStream>>);
+/// Plain TCP: the socket, shared by the shard's reader and the writer through the connection's
+/// [`Stream`] (see [`sys::stream_ref`]).
+pub(crate) struct Tcp(UnsafeCell<TcpStream>);
 
-impl Transport for Tcp {
+impl Tcp {
     async fn readable(&self) -> std::io::Result<()> {
         sys::stream_ref(&self.0).readable(false).await
     }
@@ -62,56 +72,86 @@ impl Transport for Tcp {
     }
 }
 
-/// A connection's transport. An enum, not a trait object: the calls on the hot path are
-/// dispatched statically, and an idle connection carries one pointer.
-#[derive(Clone)]
-pub(crate) enum Stream {
+/// The transports a connection can have.
+enum Kind {
     /// Plain TCP.
     Tcp(Tcp),
+    /// TLS in user space (boxed: a plain connection's allocation stays the size of its socket).
+    Tls(Box<Tls>),
 }
+
+/// A connection's transport: one pointer (an idle connection's state is counted in bytes), the
+/// transport behind it chosen by an enum, so the calls on the hot path are dispatched statically.
+#[derive(Clone)]
+pub(crate) struct Stream(Rc<Kind>);
 
 impl Stream {
     /// A plain TCP connection (Nagle off: frames leave as they are flushed).
     pub(crate) fn tcp(stream: TcpStream) -> Self {
         let _ = stream.set_nodelay(true);
-        Self::Tcp(Tcp(Rc::new(UnsafeCell::new(stream))))
+        Self(Rc::new(Kind::Tcp(Tcp(UnsafeCell::new(stream)))))
+    }
+
+    /// A connection whose TLS handshake finished.
+    pub(crate) fn tls(tls: Tls) -> Self {
+        Self(Rc::new(Kind::Tls(Box::new(tls))))
     }
 }
 
 impl Transport for Stream {
     async fn readable(&self) -> std::io::Result<()> {
-        match self {
-            Self::Tcp(t) => t.readable().await,
+        match &*self.0 {
+            Kind::Tcp(t) => t.readable().await,
+            Kind::Tls(t) => t.readable().await,
         }
     }
 
     fn recv_now(&self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-        match self {
-            Self::Tcp(t) => t.recv_now(buf),
+        match &*self.0 {
+            Kind::Tcp(t) => t.recv_now(buf),
+            Kind::Tls(t) => t.recv_now(buf),
         }
     }
 
     fn send_now(&self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Self::Tcp(t) => t.send_now(buf),
+        match &*self.0 {
+            Kind::Tcp(t) => t.send_now(buf),
+            Kind::Tls(t) => t.send_now(buf),
         }
     }
 
     async fn write_all(&self, buf: Vec<u8>) -> (std::io::Result<usize>, Vec<u8>) {
-        match self {
-            Self::Tcp(t) => t.write_all(buf).await,
+        match &*self.0 {
+            Kind::Tcp(t) => t.write_all(buf).await,
+            Kind::Tls(t) => t.write_all(buf).await,
         }
     }
 
     fn shutdown(&self, how: Shutdown) {
-        match self {
-            Self::Tcp(t) => t.shutdown(how),
+        match &*self.0 {
+            Kind::Tcp(t) => t.shutdown(how),
+            Kind::Tls(t) => t.shutdown(how),
         }
     }
 
     fn raw_fd(&self) -> RawFd {
-        match self {
-            Self::Tcp(t) => t.raw_fd(),
+        match &*self.0 {
+            Kind::Tcp(t) => t.raw_fd(),
+            Kind::Tls(t) => t.raw_fd(),
+        }
+    }
+
+    fn buffered(&self) -> bool {
+        match &*self.0 {
+            Kind::Tcp(_) => false,
+            Kind::Tls(t) => t.buffered(),
+        }
+    }
+
+    fn pending_out(&self) -> bool {
+        match &*self.0 {
+            Kind::Tcp(_) => false,
+            Kind::Tls(t) => t.pending_out(),
         }
     }
 }

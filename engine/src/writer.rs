@@ -403,7 +403,7 @@ impl<C: Outlet + 'static> Writer<C> {
                     self.metrics.socket_writes.fetch_add(1, Ordering::Relaxed);
                 }
                 let mut out = outbound.out.borrow_mut();
-                if n >= out.len() {
+                if n >= out.len() && !conn.socket().pending_out() {
                     // Written: the buffer goes (an idle connection keeps none).
                     *out = Vec::new();
                     drop(out);
@@ -413,6 +413,7 @@ impl<C: Outlet + 'static> Writer<C> {
                     }
                     return;
                 }
+                let n = n.min(out.len());
                 out.drain(..n);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -483,7 +484,8 @@ async fn write_loop<C: Outlet + 'static>(writer: Rc<Writer<C>>, conn: Rc<C>) {
     loop {
         // Everything queued goes out in one write; frames queued meanwhile start a new buffer.
         let buf = std::mem::take(&mut *outbound.out.borrow_mut());
-        if buf.is_empty() {
+        // Empty, but records the transport made still wait: writing nothing sends them.
+        if buf.is_empty() && !conn.socket().pending_out() {
             break;
         }
         let len = buf.len() as u64;

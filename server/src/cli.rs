@@ -392,6 +392,10 @@ fn execute(
     };
     let (secrets, notes) = secrets::resolve(&config, generate)?;
     if inv.command == Command::CheckConfig {
+        // The certificate and key must load and belong together, as `serve` needs them.
+        if let Some((cert, key)) = &config.tls {
+            crate::tls::load(cert, key).map_err(|e| ConfigError(e.to_string()))?;
+        }
         let _ = writeln!(
             out,
             "# ringhub {version}: configuration is valid (mode = {:?})",

@@ -19,4 +19,5 @@ pub mod revocation;
 pub mod rooms;
 pub mod routes;
 pub mod serve;
+pub mod tls;
 pub mod tokens;

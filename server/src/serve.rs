@@ -20,14 +20,9 @@ use crate::tokens::{JwtAuthenticator, TokenService};
 /// Why the server could not start (or a command could not reach what it needs).
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// A configured capability this build does not have; never ignored silently.
-    #[error("{key}: {why}")]
-    NotBuilt {
-        /// The configuration key(s).
-        key: &'static str,
-        /// What to do instead.
-        why: &'static str,
-    },
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// `jwt_algorithm = "EdDSA"` without a key file.
     #[error("jwt_algorithm = \"EdDSA\" needs jwt_private_key_file")]
     NoSigningKey,
@@ -73,7 +68,7 @@ pub enum ServeError {
     Redis(String),
     /// The signal handler cannot be installed.
     #[error("cannot install signal handler: {0}")]
-    Signals(#[from] ctrlc::Error),
+    Signals(std::io::Error),
 }
 
 /// The token service of the configured algorithm.
@@ -135,12 +130,12 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
         // SPEC §10: a configured Redis that cannot be reached at start is an error.
         engine::check_redis(redis).map_err(ServeError::Redis)?;
     }
-    if config.tls.is_some() {
-        // Never fall back to plaintext silently when TLS was asked for.
-        return Err(ServeError::NotBuilt {
-            key: "tls_cert_file/tls_key_file",
-            why: "TLS termination in the server is not built yet; terminate TLS in a proxy \
-                  and set behind_proxy = true",
+    let mut engine_config = config.engine.clone();
+    if let Some((cert, key)) = &config.tls {
+        let tls = crate::tls::load(cert, key)?;
+        engine_config.tls = Some(engine::tls::TlsSettings {
+            config: tls,
+            handshake_timeout: config.tls_handshake_timeout,
         });
     }
     let store = open_store(config)?;
@@ -231,17 +226,12 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
         )
         .with_node_id(&config.node_id),
     );
-    let engine = engine::start(
-        config.engine.clone(),
-        auth,
-        routes,
-        directory,
-        engine_metrics,
-    )
-    .map_err(|source| ServeError::Listen {
-        addr: config.engine.listen,
-        source,
-    })?;
+    let engine = engine::start(engine_config, auth, routes, directory, engine_metrics).map_err(
+        |source| ServeError::Listen {
+            addr: config.engine.listen,
+            source,
+        },
+    )?;
     accounts.attach(engine.control());
     rooms.attach(engine.control());
     // A list set at run time (kept in storage) wins over the configuration's.
@@ -301,8 +291,9 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
                 }
             }
         });
-    let handle = engine.control();
-    ctrlc::set_handler(move || handle.shutdown())?;
+    // SIGINT and SIGTERM stop; SIGHUP reloads the TLS certificate (nothing without TLS).
+    crate::tls::handle_signals(engine.control(), config.tls.clone())
+        .map_err(ServeError::Signals)?;
     tracing::info!(
         target: crate::logging::LIFECYCLE,
         addr = %engine.local_addr(),
@@ -316,6 +307,7 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
             }
         ),
         driver = engine.driver(),
+        tls = if config.tls.is_some() { "rustls (user space)" } else { "off" },
         storage = store.kind(),
         revocations_loaded = loaded,
         version = env!("CARGO_PKG_VERSION"),

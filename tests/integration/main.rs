@@ -15,3 +15,4 @@ mod nodes;
 mod nodes_accounts;
 mod rooms;
 mod third_party;
+mod tls;

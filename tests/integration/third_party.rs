@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use protocol::envelope::Value;
-use ringhub_tests::{Server, s};
+use ringhub_tests::{Client, Server, s};
 
 fn clients_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients")
@@ -14,16 +14,38 @@ fn clients_dir() -> std::path::PathBuf {
 /// Runs one client script against the server while a native client talks to it.
 fn exchange(program: &str, script: &str, name: &str, own_text: &str) {
     let server = Server::start(name, &["--shards", "2"]);
-    let mut native = server.connect(&server.token("native"), None);
+    let native = server.connect(&server.token("native"), None);
+    let url = format!("http://127.0.0.1:{}", server.port);
+    exchange_with(
+        &server,
+        native,
+        &url,
+        &[],
+        (program, script),
+        name,
+        own_text,
+    );
+}
+
+/// Runs one client script (`program script`) at `url`, with `env` added, while `native` (just
+/// connected) talks to it in one room.
+pub(crate) fn exchange_with(
+    server: &Server,
+    mut native: Client,
+    url: &str,
+    env: &[(&str, &str)],
+    (program, script): (&str, &str),
+    name: &str,
+    own_text: &str,
+) {
     native.expect("welcome", None);
     let id = native.request("join", &[("room", s("mixed"))]);
     native.expect("reply", Some(id));
-
-    let url = format!("http://127.0.0.1:{}", server.port);
     let mut child = Command::new(program)
         .arg(clients_dir().join(script))
         .current_dir(clients_dir())
-        .env("URL", &url)
+        .envs(env.iter().copied())
+        .env("URL", url)
         .env("TOKEN", server.token(name))
         .env("ROOM", "mixed")
         .stdout(Stdio::piped())

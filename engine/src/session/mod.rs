@@ -105,15 +105,21 @@ pub(crate) fn run(shard: &Rc<Shard>, accepted: Accepted) {
 }
 
 /// Reads what a readable connection holds (one non-blocking `recv` into a pooled buffer) and
-/// handles every whole frame; ends the connection at the end of its stream or on an error.
+/// handles every whole frame; ends the connection at the end of its stream or on an error. Over
+/// TLS, reads again while decrypted bytes wait (the socket's readiness does not show them).
 pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    while read_once(shard, conn) && conn.stream().buffered() {}
+}
+
+/// One read of [`on_readable`]; false when nothing came or the connection ended.
+fn read_once(shard: &Rc<Shard>, conn: &Rc<Conn>) -> bool {
     let Some(read) = shard.buffers.try_read(conn.stream()) else {
-        return;
+        return false;
     };
     let Ok(mut buf) = read else {
         conn.abnormal.set(true);
         finish(shard, conn);
-        return;
+        return false;
     };
     let n = buf.len();
     if n == 0 {
@@ -122,7 +128,7 @@ pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
             conn.abnormal.set(true);
         }
         finish(shard, conn);
-        return;
+        return false;
     }
     shard
         .shared
@@ -134,7 +140,9 @@ pub(crate) fn on_readable(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     shard.buffers.put(buf);
     if conn.closing().is_some() && conn.abnormal.get() {
         finish(shard, conn);
+        return false;
     }
+    true
 }
 
 /// Handles the whole frames in what an earlier read left plus `data`; keeps the rest.

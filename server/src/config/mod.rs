@@ -139,6 +139,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// TLS certificate and key files.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// How long a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
     /// TLS terminated in front.
     pub behind_proxy: bool,
     /// Keep transparent huge pages for the process (off by default).

@@ -80,6 +80,7 @@ defaults! {
     d_redis_prefix: String = "ringhub".into();
     d_node_ttl: String = "10s".into();
     d_user_cache_ttl: String = "24h".into();
+    d_tls_handshake_timeout: String = "10s".into();
     d_login_per_ip: String = "30/1m".into();
     d_failed_logins: String = "5/15m".into();
     d_lockout: String = "15m".into();
@@ -234,6 +235,9 @@ pub struct RawConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub tls_key_file: Option<String>,
+    /// A TLS handshake not finished within this is cut.
+    #[serde(default = "d_tls_handshake_timeout")]
+    pub tls_handshake_timeout: String,
     /// TLS is terminated by a proxy in front.
     #[serde(default, deserialize_with = "lenient_bool")]
     pub behind_proxy: bool,

@@ -141,6 +141,18 @@ impl Config {
         let storage = storage(&c, &raw)?;
         let accounts = accounts(&c, &raw)?;
         let tls = tls(&c, &raw, mode)?;
+        let tls_handshake_timeout = c.duration(
+            "tls_handshake_timeout",
+            &raw.tls_handshake_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        )?;
+        if tls.is_none() && tls_handshake_timeout != Duration::from_secs(10) {
+            return Err(c.fail(
+                "tls_handshake_timeout",
+                "needs tls_cert_file and tls_key_file",
+            ));
+        }
         let node_id = node_id(&c, &raw)?;
         let mut engine = engine(&c, &raw)?;
         engine.redis = redis(&c, &raw, &node_id)?;
@@ -152,6 +164,7 @@ impl Config {
             accounts,
             engine,
             tls,
+            tls_handshake_timeout,
             behind_proxy: raw.behind_proxy,
             transparent_huge_pages: raw.transparent_huge_pages,
             log_format,
@@ -466,6 +479,8 @@ fn engine(c: &Checker<'_>, raw: &RawConfig) -> Result<EngineConfig, ConfigError>
         )?,
         shutdown_grace: SHUTDOWN_GRACE,
         redis: None,
+        // The files are read by `serve` (and checked by `check-config`).
+        tls: None,
     })
 }
 
