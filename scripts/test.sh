@@ -22,6 +22,11 @@ for component in rustfmt clippy; do
   fi
 done
 
+step "TLS test tools (curl, openssl)"
+if ! command -v curl >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq curl openssl
+fi
+
 step "third-party test clients (python-socketio, socket.io-client)"
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq nodejs npm
