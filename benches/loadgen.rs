@@ -76,6 +76,8 @@ struct Opts {
     redis_cluster: bool,
     /// The server's `connect_per_ip` (off unless given: the load comes from 16 addresses).
     connect_per_ip: String,
+    /// Serve TLS (a certificate made here) and connect over it (the `idle` scenario).
+    tls: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -101,6 +103,7 @@ fn parse_opts() -> Opts {
         redis_url: None,
         redis_cluster: false,
         connect_per_ip: "0/1s".into(),
+        tls: false,
     };
     let mut i = 1;
     while i < args.len() {
@@ -129,6 +132,7 @@ fn parse_opts() -> Opts {
             "--redis-url" => o.redis_url = Some(value.clone()),
             "--redis-cluster" => o.redis_cluster = value == "true",
             "--connect-per-ip" => o.connect_per_ip = value.clone(),
+            "--tls" => o.tls = value == "true",
             "--zstd" => {
                 o.zstd = true;
                 i += 1;
@@ -608,7 +612,97 @@ fn runtime() -> monoio::FusionRuntime<
         .unwrap()
 }
 
+/// A self-signed certificate for 127.0.0.1 written to `dir`: (cert file, key file, cert PEM).
+fn tls_files(dir: &std::path::Path) -> (String, String, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let (c, k) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (
+        c.display().to_string(),
+        k.display().to_string(),
+        cert.pem().into_bytes(),
+    )
+}
+
+/// A client configuration trusting `pem`.
+fn tls_client(pem: &[u8]) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// Opens a WebSocket over TLS (blocking) and reads until the welcome.
+fn open_tls(
+    addr: SocketAddr,
+    n: usize,
+    token: &str,
+    protocol: &str,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    use socket2::{Domain, Socket, Type};
+    use std::io::{Read, Write};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let src = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2 + (n % 16) as u8), 0);
+    socket.bind(&src.into())?;
+    socket.connect(&addr.into())?;
+    socket.set_tcp_nodelay(true)?;
+    let tcp: std::net::TcpStream = socket.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn =
+        rustls::ClientConnection::new(config.clone(), name).map_err(std::io::Error::other)?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocol}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes())?;
+    let mut reader = FrameReader::default();
+    let mut head_done = false;
+    let mut welcomed = false;
+    let mut scratch = [0u8; 8192];
+    while !welcomed {
+        let n = stream.read(&mut scratch)?;
+        if n == 0 {
+            return Err(std::io::Error::other("closed during handshake"));
+        }
+        reader.buf.extend_from_slice(&scratch[..n]);
+        if !head_done {
+            let Some(pos) = reader.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            if !reader.buf.starts_with(b"HTTP/1.1 101") {
+                return Err(std::io::Error::other(
+                    String::from_utf8_lossy(&reader.buf).into_owned(),
+                ));
+            }
+            reader.buf.drain(..pos + 4);
+            head_done = true;
+        }
+        reader.drain(|_, _| welcomed = true);
+    }
+    Ok(stream)
+}
+
 fn scenario_idle(o: &Opts) {
+    if o.tls {
+        return scenario_idle_tls(o);
+    }
     let server = start_server(o, 0, &[]);
     let pid = server.child.id();
     let tokens = Arc::new(tokens(&server, o.conns, o.users));
@@ -663,6 +757,71 @@ fn scenario_idle(o: &Opts) {
     let n = opened.load(Ordering::Relaxed);
     println!(
         "{{\"scenario\":\"idle\",\"conns\":{n},\"shards\":{},\"format\":\"{}\",\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"bytes_per_conn\":{:.0},\"open_secs\":{open_secs:.2},\"rss_after_close_kib\":{closed},\"peak_rss_kib\":{peak}}}",
+        o.shards,
+        protocol_name(o),
+        (after.saturating_sub(before) * 1024) as f64 / n.max(1) as f64
+    );
+}
+
+/// `idle` over TLS: the same measure, the connections made by blocking threads (rustls).
+fn scenario_idle_tls(o: &Opts) {
+    let dir = std::env::temp_dir().join(format!("ringhub-loadgen-tls-{}", std::process::id()));
+    let (cert, key, pem) = tls_files(&dir);
+    let mut server = start_server(o, 0, &["--tls-cert-file", &cert, "--tls-key-file", &key]);
+    // Its own generated secrets: the extra flags are TLS, not a shared service's secrets.
+    server.shared_secrets = false;
+    let pid = server.child.id();
+    let tokens = Arc::new(tokens(&server, o.conns, o.users));
+    let config = tls_client(&pem);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss_kib(pid);
+    let opened = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let threads = o.threads.max(4);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (tokens, opened, done, config, addr) = (
+                tokens.clone(),
+                opened.clone(),
+                done.clone(),
+                config.clone(),
+                server.addr,
+            );
+            let (conns, protocol) = (o.conns, protocol_name(o));
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                for i in (t..conns).step_by(threads) {
+                    match open_tls(addr, i, &tokens[i], protocol, &config) {
+                        Ok(c) => held.push(c),
+                        Err(e) => panic!("connection {i}: {e}"),
+                    }
+                    opened.fetch_add(1, Ordering::Relaxed);
+                }
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                drop(held);
+            })
+        })
+        .collect();
+    while opened.load(Ordering::Relaxed) < o.conns as u64
+        && started.elapsed() < Duration::from_secs(300)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let open_secs = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss_kib(pid);
+    let server_cpu_s = cpu_ticks(&pid.to_string()) as f64 / 100.0;
+    done.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let n = opened.load(Ordering::Relaxed);
+    println!(
+        "{{\"scenario\":\"idle\",\"tls\":true,\"conns\":{n},\"shards\":{},\"format\":\"{}\",\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"bytes_per_conn\":{:.0},\"open_secs\":{open_secs:.2},\"server_cpu_s_total\":{server_cpu_s:.2}}}",
         o.shards,
         protocol_name(o),
         (after.saturating_sub(before) * 1024) as f64 / n.max(1) as f64
