@@ -237,6 +237,7 @@ impl Server {
                 read_url: None,
                 pool: 1,
                 breaker: storage::BreakerSettings::default(),
+                ca_file: None,
             },
             None => storage::Backend::Sqlite { dir: &data },
         };

@@ -106,6 +106,7 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn storage::Store>, ServeError
                 failures: settings.breaker_failures,
                 probe: settings.breaker_probe,
             },
+            ca_file: settings.database_ca_file.as_deref(),
         },
         None => storage::Backend::Sqlite {
             dir: &settings.data_dir,

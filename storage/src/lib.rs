@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 mod breaker;
 pub mod migrations;
+pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 
@@ -475,6 +476,8 @@ pub enum Backend<'a> {
         pool: usize,
         /// `breaker_failures`, `breaker_probe`.
         breaker: BreakerSettings,
+        /// `database_ca_file`: the roots of `sslmode=verify-ca`/`verify-full`.
+        ca_file: Option<&'a Path>,
     },
 }
 
@@ -487,8 +490,9 @@ pub fn open(backend: &Backend<'_>) -> StoreResult<Arc<dyn Store>> {
             read_url,
             pool,
             breaker,
-        } => Ok(Arc::new(postgres::PgStore::open(
-            url, *read_url, *pool, *breaker,
+            ca_file,
+        } => Ok(Arc::new(postgres::PgStore::open_with(
+            url, *read_url, *pool, *breaker, *ca_file,
         )?)),
     }
 }

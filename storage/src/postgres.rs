@@ -26,11 +26,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls, Row, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::breaker::{Breaker, BreakerSettings, BreakerState};
 use crate::migrations::{self, conflict_kind};
@@ -76,12 +78,24 @@ impl PgStore {
         pool: usize,
         breaker: BreakerSettings,
     ) -> StoreResult<Self> {
+        Self::open_with(url, read_url, pool, breaker, None)
+    }
+
+    /// [`PgStore::open`], with `ca_file` as the roots that `sslmode=verify-ca`/`verify-full`
+    /// check the server's certificate against (else the system's bundle).
+    pub fn open_with(
+        url: &str,
+        read_url: Option<&str>,
+        pool: usize,
+        breaker: BreakerSettings,
+        ca_file: Option<&Path>,
+    ) -> StoreResult<Self> {
         let size = pool.max(1);
         let breaker = Arc::new(Breaker::new(breaker));
-        let primary = Pool::open("primary", url, size, breaker.clone())?;
+        let primary = Pool::open("primary", url, size, breaker.clone(), ca_file)?;
         primary.run(|conn| migrate(&mut conn.client))??;
         let replica = read_url
-            .map(|url| Pool::open("read", url, size, breaker.clone()))
+            .map(|url| Pool::open("read", url, size, breaker.clone(), ca_file))
             .transpose()?;
         Ok(Self {
             primary,
@@ -113,7 +127,7 @@ fn check_schema(schema: &str) -> StoreResult<()> {
 
 /// Runs one administrative statement on a fresh connection to `base_url`.
 fn admin(base_url: &str, sql: &str) -> StoreResult<()> {
-    let mut client = connect(&parse(base_url)?)?;
+    let mut client = connect(&parse(base_url, None)?)?;
     client.batch_execute(sql).map_err(map_err)?;
     client.close().map_err(map_err)
 }
@@ -150,25 +164,39 @@ pub fn drop_schema(base_url: &str, schema: &str) -> StoreResult<()> {
     )
 }
 
-/// Parses a connection string, defaulting the connect timeout and the application name.
-fn parse(url: &str) -> StoreResult<Config> {
-    let mut config: Config = url
-        .parse()
-        .map_err(|e| StoreError::Internal(format!("bad database url: {}", describe(&e))))?;
+/// Where a pool connects: the client's configuration and, unless `sslmode=disable`, the TLS
+/// connector its `sslmode` calls for (`pg_tls`).
+#[derive(Clone)]
+struct Target {
+    config: Config,
+    tls: Option<MakeRustlsConnect>,
+}
+
+/// Parses a connection string, defaulting the connect timeout and the application name; its
+/// `sslmode` chooses the TLS (`ca_file`: the roots of `verify-ca`/`verify-full`).
+fn parse(url: &str, ca_file: Option<&Path>) -> StoreResult<Target> {
+    let bad = |why: String| StoreError::Internal(format!("bad database url: {why}"));
+    let (mode, url) = crate::pg_tls::split_sslmode(url).map_err(bad)?;
+    let mut config: Config = url.parse().map_err(|e| bad(describe(&e)))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     if config.get_application_name().is_none() {
         config.application_name("ringhub");
     }
-    Ok(config)
+    let tls = crate::pg_tls::client_config(mode, ca_file)
+        .map_err(|why| StoreError::Internal(format!("database TLS: {why}")))?
+        .map(MakeRustlsConnect::new);
+    Ok(Target { config, tls })
 }
 
 /// Opens one client.
-fn connect(config: &Config) -> StoreResult<Client> {
-    config
-        .connect(NoTls)
-        .map_err(|e| StoreError::Unavailable(describe(&e)))
+fn connect(target: &Target) -> StoreResult<Client> {
+    let connected = match &target.tls {
+        Some(tls) => target.config.connect(tls.clone()),
+        None => target.config.connect(NoTls),
+    };
+    connected.map_err(|e| StoreError::Unavailable(describe(&e)))
 }
 
 /// Applies the pending migrations in one transaction, holding an advisory lock on the current
@@ -316,7 +344,7 @@ impl Conn {
 /// A fixed-size pool. A slot is `None` when its connection must be (re)opened.
 struct Pool {
     name: &'static str,
-    config: Config,
+    config: Target,
     size: usize,
     idle: Mutex<Vec<Option<Conn>>>,
     freed: Condvar,
@@ -343,8 +371,9 @@ impl Pool {
         url: &str,
         size: usize,
         breaker: Arc<Breaker>,
+        ca_file: Option<&Path>,
     ) -> StoreResult<Self> {
-        let config = parse(url)?;
+        let config = parse(url, ca_file)?;
         let pool = Self {
             name,
             config,
@@ -1212,6 +1241,49 @@ mod tests {
         assert_eq!(kv.get_options(), Some("-c search_path=abc_1"));
     }
 
+    /// Whether the session of a client opened by `url` (and `ca_file`) is encrypted.
+    fn encrypted(url: &str, ca_file: Option<&Path>) -> StoreResult<bool> {
+        let mut client = connect(&parse(url, ca_file)?)?;
+        let row = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .map_err(map_err)?;
+        Ok(row.get(0))
+    }
+
+    /// sslmode as libpq reads it, against the local server's own certificate (`ssl_cert_file`,
+    /// `localhost` on Debian's snakeoil): `disable` is plain; `require` encrypts without checking;
+    /// `verify-ca` checks the chain; `verify-full` also the host name, so 127.0.0.1 is refused
+    /// and `localhost` accepted; roots that did not sign the certificate are refused.
+    #[test]
+    fn sslmode_is_carried_out_with_rustls() {
+        let base = "postgres://postgres@127.0.0.1:5432/test";
+        let mut admin = connect(&parse(&format!("{base}?sslmode=disable"), None).unwrap()).unwrap();
+        let on: String = admin.query_one("SHOW ssl", &[]).unwrap().get(0);
+        assert_eq!(
+            on, "on",
+            "the local PostgreSQL serves TLS (Debian's default)"
+        );
+        let cert: String = admin.query_one("SHOW ssl_cert_file", &[]).unwrap().get(0);
+        let ca = Path::new(&cert);
+        assert!(!encrypted(&format!("{base}?sslmode=disable"), None).unwrap());
+        assert!(encrypted(&format!("{base}?sslmode=require"), None).unwrap());
+        assert!(encrypted(base, None).unwrap(), "prefer, libpq's default");
+        assert!(encrypted(&format!("{base}?sslmode=verify-ca"), Some(ca)).unwrap());
+        let wrong_name = encrypted(&format!("{base}?sslmode=verify-full"), Some(ca)).unwrap_err();
+        assert!(
+            matches!(&wrong_name, StoreError::Unavailable(why) if why.contains("certificate")),
+            "{wrong_name:?}"
+        );
+        let by_name = "postgres://postgres@localhost:5432/test?sslmode=verify-full";
+        assert!(encrypted(by_name, Some(ca)).unwrap());
+        // Roots that did not sign it: the system's bundle.
+        let unknown = encrypted(&format!("{base}?sslmode=verify-ca"), None).unwrap_err();
+        assert!(matches!(unknown, StoreError::Unavailable(_)), "{unknown:?}");
+    }
+
     #[test]
     fn pooled_connections_have_the_statement_timeout() {
         let url = std::env::var("RINGHUB_TEST_DATABASE_URL")
@@ -1221,6 +1293,7 @@ mod tests {
             &url,
             2,
             Arc::new(Breaker::new(BreakerSettings::default())),
+            None,
         )
         .unwrap();
         for _ in 0..2 {

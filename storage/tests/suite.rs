@@ -74,6 +74,7 @@ impl Env {
                 read_url: Some(url),
                 pool: 2,
                 breaker: storage::BreakerSettings::default(),
+                ca_file: None,
             },
         };
         storage::open(&backend).unwrap()

@@ -353,3 +353,42 @@ fn socketio_clients_over_wss() {
         );
     }
 }
+
+/// TLS to PostgreSQL: `sslmode=verify-full` against the local server's own certificate serves;
+/// roots that did not sign it stop `serve` (exit 1, the database named, no password); an unknown
+/// `sslmode` is a configuration error.
+#[test]
+fn database_url_sslmode_is_honoured_at_start() {
+    let dir = scratch_dir("pg-tls").keep();
+    let (ours, _, _) = tls_files(&dir, "not-the-servers");
+    let bad = ringhub_tests::ringhub(
+        &[
+            "check-config",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:5432/test?sslmode=trust-me",
+        ],
+        &[],
+        &dir,
+    );
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(
+        bad.stderr.contains("database_url") && bad.stderr.contains("trust-me"),
+        "{bad:?}"
+    );
+    let refused = ringhub_tests::ringhub(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "postgres://postgres:secret-pw@localhost:5432/test?sslmode=verify-full",
+            "--database-ca-file",
+            ours.to_str().unwrap(),
+        ],
+        &[],
+        &dir,
+    );
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("certificate"), "{refused:?}");
+    assert!(!refused.stderr.contains("secret-pw"), "{refused:?}");
+}

@@ -81,6 +81,8 @@ pub struct StorageConfig {
     pub breaker_failures: u32,
     /// How long the open breaker waits before each probe.
     pub breaker_probe: Duration,
+    /// The roots `sslmode=verify-ca`/`verify-full` check PostgreSQL's certificate against.
+    pub database_ca_file: Option<PathBuf>,
 }
 
 /// Tokens, passwords, sessions and the abuse limits of the account routes.

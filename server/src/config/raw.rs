@@ -129,6 +129,13 @@ pub struct RawConfig {
     /// PostgreSQL connections.
     #[serde(default = "d_database_pool", deserialize_with = "lenient")]
     pub database_pool: u32,
+    /// PEM roots for `sslmode=verify-ca`/`verify-full` in `database_url` (else the system's).
+    #[serde(
+        default,
+        deserialize_with = "optional_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub database_ca_file: Option<String>,
     /// Consecutive unreachable-database failures that open the PostgreSQL circuit breaker.
     #[serde(default = "d_breaker_failures", deserialize_with = "lenient")]
     pub breaker_failures: u32,

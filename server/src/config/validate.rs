@@ -209,7 +209,19 @@ fn storage(c: &Checker<'_>, raw: &RawConfig) -> Result<StorageConfig, ConfigErro
             }
         }
     }
+    if raw.database_ca_file.is_some() && raw.database_url.is_none() {
+        return Err(c.fail("database_ca_file", "needs database_url"));
+    }
+    for (key, url) in [
+        ("database_url", &raw.database_url),
+        ("database_read_url", &raw.database_read_url),
+    ] {
+        if let Some(url) = url {
+            storage::pg_tls::split_sslmode(url).map_err(|why| c.fail(key, why))?;
+        }
+    }
     Ok(StorageConfig {
+        database_ca_file: raw.database_ca_file.as_ref().map(PathBuf::from),
         data_dir: PathBuf::from(&raw.data_dir),
         database_url: raw.database_url.clone(),
         database_read_url: raw.database_read_url.clone(),
