@@ -140,6 +140,9 @@ pub struct RedisSettings {
     pub node_id: String,
     /// A node that has not renewed its leases for this long is dead.
     pub node_ttl: Duration,
+    /// `rediss://`: TLS to every Redis connection, with this client configuration (the
+    /// certificate checked against the roots and the server's host name).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -153,6 +156,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("prefix", &self.prefix)
             .field("node_id", &self.node_id)
             .field("node_ttl", &self.node_ttl)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }

@@ -396,6 +396,10 @@ fn execute(
         if let Some((cert, key)) = &config.tls {
             crate::tls::load(cert, key).map_err(|e| ConfigError(e.to_string()))?;
         }
+        if config.redis_tls {
+            crate::tls::client_config(config.redis_ca_file.as_deref())
+                .map_err(|e| ConfigError(e.to_string()))?;
+        }
         let _ = writeln!(
             out,
             "# ringhub {version}: configuration is valid (mode = {:?})",

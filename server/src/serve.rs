@@ -127,11 +127,14 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
     if !config.transparent_huge_pages {
         engine::disable_transparent_huge_pages();
     }
-    if let Some(redis) = &config.engine.redis {
+    let mut engine_config = config.engine.clone();
+    if let Some(redis) = &mut engine_config.redis {
+        if config.redis_tls {
+            redis.tls = Some(crate::tls::client_config(config.redis_ca_file.as_deref())?);
+        }
         // SPEC §10: a configured Redis that cannot be reached at start is an error.
         engine::check_redis(redis).map_err(ServeError::Redis)?;
     }
-    let mut engine_config = config.engine.clone();
     if let Some((cert, key)) = &config.tls {
         let tls = crate::tls::load(cert, key)?;
         engine_config.tls = Some(engine::tls::TlsSettings {

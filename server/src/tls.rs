@@ -86,6 +86,37 @@ pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// The client configuration for TLS to Redis (`rediss://`): the certificate checked against
+/// `ca_file` (else the system's bundle) and the server's host name.
+pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let path = ca_file.unwrap_or(Path::new("/etc/ssl/certs/ca-certificates.crt"));
+    let pem = read("redis_ca_file", path)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| TlsError::Parse {
+            key: "redis_ca_file",
+            path: path.to_owned(),
+            why: e.to_string(),
+        })?;
+        // A bundle may hold a certificate rustls cannot use; the others still count.
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Parse {
+            key: "redis_ca_file",
+            path: path.to_owned(),
+            why: "no usable CERTIFICATE block".to_owned(),
+        });
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Pair(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// The process's signals, on a thread of their own: SIGINT and SIGTERM start the graceful
 /// shutdown; SIGHUP reloads the certificate and key of `tls` for new handshakes (a pair that does
 /// not load keeps the old one, logged; without TLS it is logged and ignored).

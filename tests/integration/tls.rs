@@ -392,3 +392,117 @@ fn database_url_sslmode_is_honoured_at_start() {
     assert!(refused.stderr.contains("certificate"), "{refused:?}");
     assert!(!refused.stderr.contains("secret-pw"), "{refused:?}");
 }
+
+/// A `redis-server` of the test's own serving TLS only (its certificate `cert`, `key`), killed
+/// when dropped.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl TlsRedis {
+    fn start(cert: &Path, key: &Path, ca: &Path) -> TlsRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+            .arg("--tls-cert-file")
+            .arg(cert)
+            .arg("--tls-key-file")
+            .arg(key)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "--tls", "--cacert"])
+                .arg(ca)
+                .arg("ping")
+                .output()
+                .expect("redis-cli");
+            if String::from_utf8_lossy(&out.stdout).contains("PONG") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server with TLS did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        TlsRedis { child, port }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `rediss://`: two nodes on a Redis that serves TLS only act as one service (a message
+/// published on one reaches a member on the other); roots that did not sign Redis's
+/// certificate stop `serve` (exit 1, naming the address, never the password).
+#[test]
+fn two_nodes_over_rediss_act_as_one_and_a_wrong_ca_is_refused() {
+    let dir = scratch_dir("rediss").keep();
+    let (cert, key, _) = tls_files(&dir, "redis");
+    let redis = TlsRedis::start(&cert, &key, &cert);
+    let url = format!("rediss://localhost:{}", redis.port);
+    let ca = cert.display().to_string();
+    let nodes = ringhub_tests::start_nodes("rediss", 2, &url, &["--redis-ca-file", &ca]);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    for node in [a, b] {
+        let (status, text) = node.http("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(status, 200, "{text}");
+    }
+    let mut on_a = a.connect(&a.token("alice"), None);
+    let mut on_b = b.connect(&b.token("bob"), None);
+    for c in [&mut on_a, &mut on_b] {
+        c.expect("welcome", None);
+        let id = c.request("join", &[("room", s("over-tls"))]);
+        c.expect("reply", Some(id));
+    }
+    let id = on_a.request("publish", &[("room", s("over-tls")), ("data", s("sealed"))]);
+    on_a.expect("reply", Some(id));
+    let m = on_b.expect("message", None);
+    assert_eq!(m.get("data").and_then(Value::as_str), Some("sealed"));
+
+    let (other, _, _) = tls_files(&dir, "stranger");
+    let refused = ringhub_tests::ringhub(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            &format!("rediss://:hunter2@localhost:{}", redis.port),
+            "--redis-ca-file",
+            other.to_str().unwrap(),
+        ],
+        &[],
+        &dir,
+    );
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains(&format!("localhost:{}", redis.port)),
+        "{refused:?}"
+    );
+    assert!(!refused.stderr.contains("hunter2"), "{refused:?}");
+}

@@ -20,6 +20,7 @@ use redis::{Cmd, RedisError, Value};
 
 use super::resp::{Replies, is_noscript};
 use super::scripts::Script;
+use super::tls::Secure;
 use crate::clock::monotonic_ms32;
 use crate::config::RedisSettings;
 
@@ -220,7 +221,7 @@ pub(crate) async fn drive<P>(
             return;
         }
         match connected {
-            Ok(Ok((stream, replies))) => {
+            Ok(Ok((stream, secure, replies))) => {
                 backoff = Duration::from_millis(100);
                 if failures > 0 {
                     tracing::info!(addr = %addr, role = ?link.role, "redis connected again");
@@ -229,7 +230,7 @@ pub(crate) async fn drive<P>(
                 link.reset.set(false);
                 link.inner.borrow_mut().up = true;
                 events.up();
-                let ended = run(&link, stream, replies, &mut events).await;
+                let ended = run(&link, stream, secure, replies, &mut events).await;
                 let unanswered: Vec<P> = {
                     let mut inner = link.inner.borrow_mut();
                     inner.up = false;
@@ -269,9 +270,13 @@ async fn connect(
     settings: &RedisSettings,
     scripts: &[&Script],
     role: Role,
-) -> Result<(TcpStream, Replies), Ended> {
+) -> Result<(TcpStream, Option<Secure>, Replies), Ended> {
     let mut stream = TcpStream::connect(addr).await?;
     let _ = stream.set_nodelay(true);
+    let secure = match &settings.tls {
+        Some(config) => Some(Secure::handshake(&mut stream, config.clone(), addr).await?),
+        None => None,
+    };
     let mut hello = Vec::new();
     let mut expected = 0;
     if let Some(password) = &settings.password {
@@ -299,10 +304,14 @@ async fn connect(
     }
     redis::cmd("PING").write_packed_command(&mut hello);
     expected += 1;
+    if let Some(secure) = &secure {
+        hello = secure.seal(&hello)?;
+    }
     let (result, _) = stream.write_all(hello).await;
     result?;
     let mut replies = Replies::default();
     let mut buf = Vec::with_capacity(4096);
+    let mut plain = Vec::new();
     let mut got = 0;
     while got < expected {
         let (result, b) = stream.read(buf).await;
@@ -310,7 +319,14 @@ async fn connect(
         if result? == 0 {
             return Err(Ended::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        replies.feed(&buf);
+        match &secure {
+            Some(secure) => {
+                secure.open(&buf, &mut plain)?;
+                replies.feed(&plain);
+                plain.clear();
+            }
+            None => replies.feed(&buf),
+        }
         buf.clear();
         while let Some(value) = replies.next().map_err(|e| Ended::Protocol(e.to_string()))? {
             got += 1;
@@ -319,13 +335,14 @@ async fn connect(
             }
         }
     }
-    Ok((stream, replies))
+    Ok((stream, secure, replies))
 }
 
 /// Runs one connection until it fails or stalls.
 async fn run<P>(
     link: &Link<P>,
     stream: TcpStream,
+    secure: Option<Secure>,
     replies: Replies,
     events: &mut impl LinkEvents<P>,
 ) -> Ended {
@@ -335,6 +352,13 @@ async fn run<P>(
         loop {
             Work(link).await;
             let (buf, commands) = link.take_out(spare);
+            let buf = match &secure {
+                Some(secure) => match secure.seal(&buf) {
+                    Ok(records) => records,
+                    Err(e) => return Ended::Io(e),
+                },
+                None => buf,
+            };
             let (result, mut buf) = writer.write_all(buf).await;
             if let Err(e) = result {
                 return Ended::Io(e);
@@ -348,6 +372,7 @@ async fn run<P>(
     let read = async {
         let mut replies = replies;
         let mut buf = Vec::with_capacity(64 * 1024);
+        let mut plain = Vec::new();
         loop {
             let (result, b) = reader.read(buf).await;
             buf = b;
@@ -356,7 +381,16 @@ async fn run<P>(
                 Ok(_) => {}
                 Err(e) => return Ended::Io(e),
             }
-            replies.feed(&buf);
+            match &secure {
+                Some(secure) => {
+                    if let Err(e) = secure.open(&buf, &mut plain) {
+                        return Ended::Io(e);
+                    }
+                    replies.feed(&plain);
+                    plain.clear();
+                }
+                None => replies.feed(&buf),
+            }
             buf.clear();
             let written = link.written.replace(0);
             if written > 0 {

@@ -10,6 +10,7 @@ pub(crate) mod keys;
 pub(crate) mod link;
 pub(crate) mod resp;
 pub(crate) mod scripts;
+pub(crate) mod tls;
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -34,6 +35,11 @@ pub fn check(settings: &RedisSettings) -> Result<(), String> {
     Err(last)
 }
 
+/// A blocking stream, plain or TLS.
+trait ReadWrite: Read + Write {}
+
+impl<T: Read + Write> ReadWrite for T {}
+
 /// Checks one server; the error says whether another seed may do better.
 fn check_one(addr: &str, settings: &RedisSettings) -> Result<(), (bool, String)> {
     let fail = |what: &str| format!("redis at {addr}: {what}");
@@ -53,9 +59,21 @@ fn check_one(addr: &str, settings: &RedisSettings) -> Result<(), (bool, String)>
             Err(e) => last = e.to_string(),
         }
     }
-    let mut stream = stream.ok_or_else(|| unreachable(&format!("cannot connect: {last}")))?;
-    let _ = stream.set_read_timeout(Some(timeout));
-    let _ = stream.set_write_timeout(Some(timeout));
+    let tcp = stream.ok_or_else(|| unreachable(&format!("cannot connect: {last}")))?;
+    let _ = tcp.set_read_timeout(Some(timeout));
+    let _ = tcp.set_write_timeout(Some(timeout));
+    let mut stream: Box<dyn ReadWrite> = match &settings.tls {
+        None => Box::new(tcp),
+        Some(config) => {
+            let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                .map_err(|e| wrong(&format!("not a TLS server name: {e}")))?;
+            let conn = rustls::ClientConnection::new(config.clone(), name)
+                .map_err(|e| wrong(&format!("tls: {e}")))?;
+            Box::new(rustls::StreamOwned::new(conn, tcp))
+        }
+    };
     let mut out = Vec::new();
     let mut expected = 1;
     if let Some(password) = &settings.password {

@@ -143,6 +143,10 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// How long a TLS handshake may take.
     pub tls_handshake_timeout: Duration,
+    /// `rediss://`: TLS to Redis.
+    pub redis_tls: bool,
+    /// The roots Redis's certificate is checked against (else the system's).
+    pub redis_ca_file: Option<PathBuf>,
     /// TLS terminated in front.
     pub behind_proxy: bool,
     /// Keep transparent huge pages for the process (off by default).

@@ -149,6 +149,13 @@ pub struct RawConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub redis_url: Option<String>,
+    /// PEM roots for `rediss://` (else the system's).
+    #[serde(
+        default,
+        deserialize_with = "optional_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub redis_ca_file: Option<String>,
     /// Redis Cluster instead of one Redis server.
     #[serde(default, deserialize_with = "lenient_bool")]
     pub redis_cluster: bool,

@@ -156,6 +156,10 @@ impl Config {
         let node_id = node_id(&c, &raw)?;
         let mut engine = engine(&c, &raw)?;
         engine.redis = redis(&c, &raw, &node_id)?;
+        let redis_tls = raw
+            .redis_url
+            .as_deref()
+            .is_some_and(|url| url.trim_start().starts_with("rediss://"));
         let (log_format, log_level) = logs(&c, &raw)?;
         Ok(Config {
             mode,
@@ -165,6 +169,8 @@ impl Config {
             engine,
             tls,
             tls_handshake_timeout,
+            redis_tls,
+            redis_ca_file: raw.redis_ca_file.as_ref().map(PathBuf::from),
             behind_proxy: raw.behind_proxy,
             transparent_huge_pages: raw.transparent_huge_pages,
             log_format,
@@ -540,10 +546,16 @@ fn redis(
         if raw.redis_cluster {
             return Err(c.fail("redis_cluster", "needs redis_url"));
         }
+        if raw.redis_ca_file.is_some() {
+            return Err(c.fail("redis_ca_file", "needs a rediss:// redis_url"));
+        }
         return Ok(None);
     };
     let target =
         parse_redis_urls(url, raw.redis_cluster).map_err(|why| c.fail("redis_url", why))?;
+    if raw.redis_ca_file.is_some() && !target.tls {
+        return Err(c.fail("redis_ca_file", "needs a rediss:// redis_url"));
+    }
     Ok(Some(RedisSettings {
         seeds: target.seeds,
         cluster: raw.redis_cluster,
@@ -553,6 +565,8 @@ fn redis(
         prefix: prefix.to_owned(),
         node_id: node_id.to_owned(),
         node_ttl,
+        // `rediss://`: made by `serve` from `redis_ca_file` (see `Config::redis_tls`).
+        tls: None,
     }))
 }
 
@@ -563,6 +577,8 @@ struct RedisTarget {
     username: Option<String>,
     password: Option<String>,
     db: u32,
+    /// `rediss://`.
+    tls: bool,
 }
 
 /// Where `redis_url` points: one URL, or (cluster) a comma-separated list of seed nodes, which
@@ -573,6 +589,7 @@ struct RedisTargets {
     username: Option<String>,
     password: Option<String>,
     db: u32,
+    tls: bool,
 }
 
 fn parse_redis_urls(text: &str, cluster: bool) -> Result<RedisTargets, String> {
@@ -594,6 +611,9 @@ fn parse_redis_urls(text: &str, cluster: bool) -> Result<RedisTargets, String> {
         if target.db != first.db {
             return Err("every seed node must name the same database".into());
         }
+        if target.tls != first.tls {
+            return Err("every seed node must use the same scheme (redis:// or rediss://)".into());
+        }
         seeds.push(target.addr);
     }
     if cluster && first.db != 0 {
@@ -604,21 +624,18 @@ fn parse_redis_urls(text: &str, cluster: bool) -> Result<RedisTargets, String> {
         username: first.username,
         password: first.password,
         db: first.db,
+        tls: first.tls,
     })
 }
 
-/// `redis://[user:pass@]host[:port][/db]` (percent-escapes decoded in user and password).
+/// `redis[s]://[user:pass@]host[:port][/db]` (percent-escapes decoded in user and password).
 fn parse_redis_url(url: &str) -> Result<RedisTarget, String> {
-    let rest = if let Some(rest) = url.strip_prefix("redis://") {
-        rest
-    } else if url.starts_with("rediss://") {
-        return Err(
-            "rediss:// (TLS to Redis) is not built yet; use redis:// on a private \
-                    network or a TLS tunnel"
-                .into(),
-        );
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("redis://") {
+        (rest, false)
+    } else if let Some(rest) = url.strip_prefix("rediss://") {
+        (rest, true)
     } else {
-        return Err("must start with redis://".into());
+        return Err("must start with redis:// or rediss://".into());
     };
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     let (userinfo, hostport) = match authority.rsplit_once('@') {
@@ -674,6 +691,7 @@ fn parse_redis_url(url: &str) -> Result<RedisTarget, String> {
         username,
         password,
         db,
+        tls,
     })
 }
 
@@ -728,7 +746,13 @@ mod tests {
         let t = parse_redis_url("redis://:secret@[::1]:7000").unwrap();
         assert_eq!((t.addr.as_str(), t.username), ("[::1]:7000", None));
         assert_eq!(t.password.as_deref(), Some("secret"));
-        assert!(parse_redis_url("rediss://h").unwrap_err().contains("TLS"));
+        let secure = parse_redis_url("rediss://h:6380").unwrap();
+        assert!(secure.tls && secure.addr == "h:6380");
+        assert!(
+            parse_redis_urls("redis://a,rediss://b", true)
+                .unwrap_err()
+                .contains("same scheme")
+        );
         assert!(parse_redis_url("http://h").is_err());
         assert!(parse_redis_url("redis://h:port").is_err());
         assert!(parse_redis_url("redis://h/x").is_err());
