@@ -319,14 +319,20 @@ fn redis_settings_are_checked_and_an_unreachable_redis_stops_serve() {
     let bad = ringhub(&["check-config", "--redis-url", "http://h"], &[], &dir);
     assert_eq!(bad.code, 2, "{bad:?}");
     assert!(bad.stderr.contains("`redis_url`"), "{}", bad.stderr);
-    // ...TLS to Redis is not built and says so rather than connecting in plaintext...
+    // ...a CA file without TLS to Redis is a mistake, not something to ignore...
     let tls = ringhub(
-        &["check-config", "--redis-url", "rediss://h:6380"],
+        &[
+            "check-config",
+            "--redis-url",
+            "redis://h:6380",
+            "--redis-ca-file",
+            "/tmp/ca.pem",
+        ],
         &[],
         &dir,
     );
     assert_eq!(tls.code, 2, "{tls:?}");
-    assert!(tls.stderr.contains("TLS"), "{}", tls.stderr);
+    assert!(tls.stderr.contains("redis_ca_file"), "{}", tls.stderr);
     let prefix = ringhub(&["check-config", "--redis-prefix", "a{b}"], &[], &dir);
     assert_eq!(prefix.code, 2, "{prefix:?}");
     assert!(

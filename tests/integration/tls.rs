@@ -467,9 +467,18 @@ fn two_nodes_over_rediss_act_as_one_and_a_wrong_ca_is_refused() {
     let ca = cert.display().to_string();
     let nodes = ringhub_tests::start_nodes("rediss", 2, &url, &["--redis-ca-file", &ca]);
     let (a, b) = (&nodes[0], &nodes[1]);
+    // Ready once every shard's links finished their handshakes.
+    let deadline = Instant::now() + Duration::from_secs(10);
     for node in [a, b] {
-        let (status, text) = node.http("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert_eq!(status, 200, "{text}");
+        loop {
+            let (status, text) = node.http("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
+            if status == 200 {
+                assert!(text.contains(r#""redis":"up""#), "{text}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     let mut on_a = a.connect(&a.token("alice"), None);
     let mut on_b = b.connect(&b.token("bob"), None);

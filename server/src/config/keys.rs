@@ -145,6 +145,8 @@ mod tests {
         expected.blind_index_key = raw.blind_index_key.clone();
         expected.tls_cert_file = raw.tls_cert_file.clone();
         expected.tls_key_file = raw.tls_key_file.clone();
+        expected.database_ca_file = raw.database_ca_file.clone();
+        expected.redis_ca_file = raw.redis_ca_file.clone();
         assert_eq!(raw, expected);
     }
 }
