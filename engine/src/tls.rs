@@ -3,22 +3,25 @@
 //! rustls encrypts and decrypts around the same non-blocking socket calls plain TCP makes, so
 //! HTTP, `/ws` and `/socket.io/` run over it unchanged (through `transport::Stream`).
 //!
+//! rustls's unbuffered API: the buffers are ours — the ciphertext read and not yet processed,
+//! the plaintext decrypted and not yet read, the records made and not yet sent — and each is
+//! freed as soon as it is empty, so an idle TLS connection holds its keys and state, no buffer.
 //! Records leave in order: while an io_uring write of ciphertext is in flight nothing else is
-//! sent on the socket (what rustls produces meanwhile — a key-update answer, an alert — waits in
-//! its buffer and goes with the next write). Plaintext rustls decrypted but the caller has not
-//! read yet is reported by [`Tls::buffered`] (the socket's readiness does not show it).
+//! sent on the socket (records made meanwhile wait and go with the next write). Decrypted bytes
+//! not read yet are reported by [`Tls::buffered`] (the socket's readiness does not show them).
 //!
 //! Must not: block the shard, hold a `RefCell` borrow across an await, or write a record while
 //! another write is in flight.
 
 use std::cell::{Cell, RefCell, UnsafeCell};
-use std::io::{Read, Write};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use monoio::net::TcpStream;
-use rustls::{ServerConfig, ServerConnection};
+use rustls::ServerConfig;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 
 use crate::sys::{self, Shutdown};
 
@@ -32,31 +35,32 @@ pub struct TlsSettings {
     pub handshake_timeout: Duration,
 }
 
-/// The connection's socket as rustls reads and writes it: non-blocking.
-struct Socket<'a>(&'a UnsafeCell<TcpStream>);
+/// Most ciphertext read per `recv`: one whole record with its header and tag.
+const READ_CHUNK: usize = 16 * 1024 + 512;
 
-impl Read for Socket<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        sys::recv_into(sys::stream_ref(self.0), buf)
-    }
+fn invalid(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
 }
 
-impl Write for Socket<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        sys::send_now(self.0, buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+/// Frees a buffer once it is empty (an idle connection keeps none).
+fn release_if_empty(buf: &mut Vec<u8>) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = Vec::new();
     }
 }
 
 /// A TLS connection in user space.
 pub(crate) struct Tls {
     stream: UnsafeCell<TcpStream>,
-    conn: RefCell<ServerConnection>,
+    conn: RefCell<UnbufferedServerConnection>,
+    /// Ciphertext read and not yet processed.
+    incoming: RefCell<Vec<u8>>,
     /// Decrypted bytes not read yet.
-    plaintext: Cell<usize>,
+    plaintext: RefCell<Vec<u8>>,
+    /// Records made and not yet sent.
+    outgoing: RefCell<Vec<u8>>,
+    /// The handshake has finished.
+    ready: Cell<bool>,
     /// The peer ended the stream (close_notify or TCP end).
     ended: Cell<bool>,
     /// An io_uring write of ciphertext is in flight.
@@ -70,73 +74,159 @@ impl Tls {
         config: Arc<ServerConfig>,
     ) -> std::io::Result<Tls> {
         let _ = stream.set_nodelay(true);
-        let conn = ServerConnection::new(config).map_err(std::io::Error::other)?;
+        let conn = UnbufferedServerConnection::new(config).map_err(std::io::Error::other)?;
         let tls = Tls {
             stream: UnsafeCell::new(stream),
             conn: RefCell::new(conn),
-            plaintext: Cell::new(0),
+            incoming: RefCell::new(Vec::new()),
+            plaintext: RefCell::new(Vec::new()),
+            outgoing: RefCell::new(Vec::new()),
+            ready: Cell::new(false),
             ended: Cell::new(false),
             writing: Cell::new(false),
         };
         loop {
+            let driven = tls.drive(None);
+            // Whatever was made (an alert included) goes out before an error is told.
             tls.write_pending().await?;
-            if !tls.conn.borrow().is_handshaking() {
+            driven?;
+            if tls.ready.get() {
                 return Ok(tls);
             }
+            if tls.ended.get() {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
             sys::stream_ref(&tls.stream).readable(false).await?;
-            match tls.read_records() {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
+            match tls.read_socket() {
+                Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    // The alert that says why, if the socket takes it.
-                    let _ = tls.write_pending().await;
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
     }
 
-    /// Reads what ciphertext the socket holds and decrypts it: false at the end of the TCP
-    /// stream, `WouldBlock` when nothing has arrived, `InvalidData` for what is not TLS.
-    fn read_records(&self) -> std::io::Result<bool> {
-        let mut conn = self.conn.borrow_mut();
-        let n = conn.read_tls(&mut Socket(&self.stream))?;
-        let state = conn
-            .process_new_packets()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        self.plaintext.set(state.plaintext_bytes_to_read());
-        if n == 0 || state.peer_has_closed() {
-            self.ended.set(true);
+    /// Appends what the socket holds to the incoming ciphertext: the end of the TCP stream
+    /// marks the connection ended, `WouldBlock` when nothing has arrived.
+    fn read_socket(&self) -> std::io::Result<()> {
+        let mut incoming = self.incoming.borrow_mut();
+        let start = incoming.len();
+        incoming.resize(start + READ_CHUNK, 0);
+        let read = sys::recv_into(sys::stream_ref(&self.stream), &mut incoming[start..]);
+        let n = *read.as_ref().unwrap_or(&0);
+        incoming.truncate(start + n);
+        release_if_empty(&mut incoming);
+        match read {
+            Ok(0) => {
+                self.ended.set(true);
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
         }
-        Ok(n > 0)
     }
 
-    /// Sends what rustls has ready now, without waiting (nothing while a write is in flight).
-    fn flush_now(&self, conn: &mut ServerConnection) {
+    /// Runs rustls's state machine over the incoming ciphertext: decrypted bytes go to
+    /// `plaintext`, records to make go to `outgoing`; `plain` (when given, once the handshake
+    /// is over) is encrypted into `outgoing`. Returns whether `plain` was taken.
+    fn drive(&self, plain: Option<&[u8]>) -> std::io::Result<bool> {
+        let mut conn = self.conn.borrow_mut();
+        let mut incoming = self.incoming.borrow_mut();
+        let mut outgoing = self.outgoing.borrow_mut();
+        let mut taken = false;
+        loop {
+            let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut incoming);
+            let mut stop = false;
+            match state.map_err(invalid)? {
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    let mut plaintext = self.plaintext.borrow_mut();
+                    while let Some(record) = traffic.next_record() {
+                        plaintext.extend_from_slice(record.map_err(invalid)?.payload);
+                    }
+                }
+                ConnectionState::ReadEarlyData(mut early) => {
+                    // Never enabled; drained if it comes.
+                    while early.next_record().is_some() {}
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    let start = outgoing.len();
+                    outgoing.resize(start + 4096, 0);
+                    let made = match encode.encode(&mut outgoing[start..]) {
+                        Err(EncodeError::InsufficientSize(e)) => {
+                            outgoing.resize(start + e.required_size, 0);
+                            encode.encode(&mut outgoing[start..])
+                        }
+                        other => other,
+                    };
+                    match made {
+                        Ok(n) => outgoing.truncate(start + n),
+                        Err(e) => {
+                            outgoing.truncate(start);
+                            return Err(invalid(e));
+                        }
+                    }
+                }
+                // The records are queued in `outgoing`, in order; they go with the next write.
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                ConnectionState::BlockedHandshake => stop = true,
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    self.ready.set(true);
+                    if let Some(data) = plain.filter(|_| !taken) {
+                        let start = outgoing.len();
+                        // Records add a header and a tag per 16 KiB.
+                        let room = data.len() + (data.len() / 16384 + 1) * 64;
+                        outgoing.resize(start + room, 0);
+                        match traffic.encrypt(data, &mut outgoing[start..]) {
+                            Ok(n) => outgoing.truncate(start + n),
+                            Err(EncryptError::InsufficientSize(e)) => {
+                                outgoing.resize(start + e.required_size, 0);
+                                match traffic.encrypt(data, &mut outgoing[start..]) {
+                                    Ok(n) => outgoing.truncate(start + n),
+                                    Err(e) => return Err(invalid(e)),
+                                }
+                            }
+                            Err(e) => return Err(invalid(e)),
+                        }
+                        taken = true;
+                    }
+                    stop = true;
+                }
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    self.ended.set(true);
+                    stop = true;
+                }
+                _ => stop = true,
+            }
+            incoming.drain(..discard);
+            if stop {
+                break;
+            }
+        }
+        release_if_empty(&mut incoming);
+        release_if_empty(&mut self.plaintext.borrow_mut());
+        Ok(taken)
+    }
+
+    /// Sends what records wait, without waiting (nothing while a write is in flight).
+    fn flush_now(&self) {
         if self.writing.get() {
             return;
         }
-        while conn.wants_write() {
-            match conn.write_tls(&mut Socket(&self.stream)) {
-                Ok(n) if n > 0 => {}
+        let mut outgoing = self.outgoing.borrow_mut();
+        while !outgoing.is_empty() {
+            match sys::send_now(&self.stream, &outgoing) {
+                Ok(n) if n > 0 => {
+                    outgoing.drain(..n);
+                }
                 _ => break,
             }
         }
+        release_if_empty(&mut outgoing);
     }
 
-    /// Writes everything rustls has ready, waiting for room.
+    /// Writes every record that waits, waiting for room.
     async fn write_pending(&self) -> std::io::Result<()> {
         loop {
-            let mut out = Vec::new();
-            {
-                let mut conn = self.conn.borrow_mut();
-                while conn.wants_write() {
-                    conn.write_tls(&mut out)?;
-                }
-            }
+            let out = std::mem::take(&mut *self.outgoing.borrow_mut());
             if out.is_empty() {
                 return Ok(());
             }
@@ -149,7 +239,7 @@ impl Tls {
 
     /// Waits until plaintext can be read (some is decrypted already, or the socket is readable).
     pub(crate) async fn readable(&self) -> std::io::Result<()> {
-        if self.plaintext.get() > 0 || self.ended.get() {
+        if self.buffered() || self.ended.get() {
             return Ok(());
         }
         sys::stream_ref(&self.stream).readable(false).await
@@ -160,42 +250,26 @@ impl Tls {
     /// when nothing has arrived.
     pub(crate) fn recv_now(&self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
         loop {
-            if self.plaintext.get() > 0 {
-                let start = buf.len();
-                buf.resize(buf.capacity().max(start + 1), 0);
-                let read = self.conn.borrow_mut().reader().read(&mut buf[start..]);
-                let n = match read {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-                    Err(e) => {
-                        buf.truncate(start);
-                        return Err(e);
-                    }
-                };
-                buf.truncate(start + n);
-                self.plaintext.set(self.plaintext.get().saturating_sub(n));
-                if n > 0 {
+            {
+                let mut plaintext = self.plaintext.borrow_mut();
+                if !plaintext.is_empty() {
+                    let room = (buf.capacity() - buf.len()).max(1);
+                    let n = room.min(plaintext.len());
+                    buf.extend_from_slice(&plaintext[..n]);
+                    plaintext.drain(..n);
+                    release_if_empty(&mut plaintext);
                     return Ok(n);
                 }
-                self.plaintext.set(0);
             }
             if self.ended.get() {
                 return Ok(0);
             }
-            let more = match self.read_records() {
-                Ok(more) => more,
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    let mut conn = self.conn.borrow_mut();
-                    self.flush_now(&mut conn);
-                    return Err(e);
-                }
-                Err(e) => return Err(e),
-            };
-            // A key update, a ticket: answered at once where the socket takes it.
-            let mut conn = self.conn.borrow_mut();
-            self.flush_now(&mut conn);
-            drop(conn);
-            if !more && self.plaintext.get() == 0 {
+            self.read_socket()?;
+            let driven = self.drive(None);
+            // A key update's answer, an alert: sent at once where the socket takes it.
+            self.flush_now();
+            driven?;
+            if self.ended.get() && !self.buffered() {
                 return Ok(0);
             }
         }
@@ -203,55 +277,68 @@ impl Tls {
 
     /// Whether decrypted bytes wait to be read.
     pub(crate) fn buffered(&self) -> bool {
-        self.plaintext.get() > 0
+        !self.plaintext.borrow().is_empty()
     }
 
     /// Encrypts `buf` and sends what the socket takes now: the plaintext bytes taken, or
     /// `WouldBlock` while earlier records still wait (see [`Tls::pending_out`]).
     pub(crate) fn send_now(&self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut conn = self.conn.borrow_mut();
-        self.flush_now(&mut conn);
-        if conn.wants_write() || self.writing.get() {
+        self.flush_now();
+        if self.writing.get() || !self.outgoing.borrow().is_empty() {
             return Err(std::io::ErrorKind::WouldBlock.into());
         }
-        let n = conn.writer().write(buf)?;
-        self.flush_now(&mut conn);
-        Ok(n)
+        if !self.drive(Some(buf))? {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        self.flush_now();
+        Ok(buf.len())
     }
 
     /// Whether records were made that the socket has not taken yet (a write must follow).
     pub(crate) fn pending_out(&self) -> bool {
-        self.conn.borrow().wants_write()
+        !self.outgoing.borrow().is_empty()
     }
 
     /// Encrypts all of `buf` and writes it, waiting for room; also what was pending.
     pub(crate) async fn write_all(&self, buf: Vec<u8>) -> (std::io::Result<usize>, Vec<u8>) {
-        let mut taken = 0;
-        loop {
-            if taken < buf.len() {
-                let wrote = self.conn.borrow_mut().writer().write(&buf[taken..]);
-                match wrote {
-                    Ok(n) => taken += n,
-                    Err(e) => return (Err(e), buf),
-                }
+        if !buf.is_empty() {
+            match self.drive(Some(&buf)) {
+                Ok(true) => {}
+                Ok(false) => return (Err(std::io::ErrorKind::NotConnected.into()), buf),
+                Err(e) => return (Err(e), buf),
             }
-            if let Err(e) = self.write_pending().await {
-                return (Err(e), buf);
-            }
-            if taken >= buf.len() {
-                return (Ok(buf.len()), buf);
-            }
+        }
+        match self.write_pending().await {
+            Ok(()) => (Ok(buf.len()), buf),
+            Err(e) => (Err(e), buf),
         }
     }
 
     /// Shuts the stream down; `Write` says close_notify first (best effort).
     pub(crate) fn shutdown(&self, how: Shutdown) {
         if matches!(how, Shutdown::Write) {
-            let mut conn = self.conn.borrow_mut();
-            conn.send_close_notify();
-            self.flush_now(&mut conn);
+            self.close_notify();
+            self.flush_now();
         }
         sys::shutdown(&self.stream, how);
+    }
+
+    /// Makes the close_notify alert (when the handshake is over).
+    fn close_notify(&self) {
+        let Ok(mut conn) = self.conn.try_borrow_mut() else {
+            return;
+        };
+        let mut incoming = Vec::new();
+        let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut incoming);
+        if let Ok(ConnectionState::WriteTraffic(mut traffic)) = state {
+            let mut outgoing = self.outgoing.borrow_mut();
+            let start = outgoing.len();
+            outgoing.resize(start + 64, 0);
+            match traffic.queue_close_notify(&mut outgoing[start..]) {
+                Ok(n) => outgoing.truncate(start + n),
+                Err(_) => outgoing.truncate(start),
+            }
+        }
     }
 
     /// The socket's descriptor.
