@@ -369,16 +369,37 @@ fn server_counter(addr: SocketAddr, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The server's counters of interest, as `"name":value` JSON fields.
-fn server_counters(addr: SocketAddr) -> String {
+/// A server's `/metrics` text, over TLS when `tls` is given.
+fn metrics_text(addr: SocketAddr, tls: Option<&Arc<rustls::ClientConfig>>) -> String {
     use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+    let Ok(stream) = std::net::TcpStream::connect(addr) else {
         return String::new();
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
+    match tls {
+        None => {
+            let mut stream = stream;
+            let _ = stream.write_all(request);
+            let _ = stream.read_to_string(&mut text);
+        }
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let Ok(conn) = rustls::ClientConnection::new(config.clone(), name) else {
+                return text;
+            };
+            let mut stream = rustls::StreamOwned::new(conn, stream);
+            let _ = stream.write_all(request);
+            let _ = stream.read_to_string(&mut text);
+        }
+    }
+    text
+}
+
+/// The server's counters of interest, as `"name":value` JSON fields.
+fn server_counters(addr: SocketAddr, tls: Option<&Arc<rustls::ClientConfig>>) -> String {
+    let text = metrics_text(addr, tls);
     let mut out = String::new();
     for (name, key) in [
         ("ringhub_deliveries_total ", "server_deliveries"),
@@ -506,16 +527,107 @@ impl FrameReader {
     }
 }
 
+/// A client connection's TLS state (rustls), shared by its read and write halves; `None` for
+/// plain TCP. Borrows never cross an await.
+type Tls = Option<Rc<RefCell<rustls::ClientConnection>>>;
+
+/// `plain` as it goes on the wire: records over TLS, as it is otherwise.
+fn seal(tls: &Tls, plain: Vec<u8>) -> Vec<u8> {
+    use std::io::Write;
+    let Some(conn) = tls else {
+        return plain;
+    };
+    let mut conn = conn.borrow_mut();
+    conn.writer().write_all(&plain).unwrap();
+    let mut out = Vec::with_capacity(plain.len() + 64);
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+/// What `cipher` decrypts to, appended to `out`; false on a TLS error.
+fn unseal(conn: &RefCell<rustls::ClientConnection>, cipher: &[u8], out: &mut Vec<u8>) -> bool {
+    use std::io::Read;
+    let mut conn = conn.borrow_mut();
+    let mut rest = cipher;
+    loop {
+        if !rest.is_empty() && conn.read_tls(&mut rest).is_err() {
+            return false;
+        }
+        if conn.process_new_packets().is_err() {
+            return false;
+        }
+        let mut chunk = [0u8; 16384];
+        loop {
+            match conn.reader().read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+                Err(_) => break,
+            }
+        }
+        if rest.is_empty() {
+            return true;
+        }
+    }
+}
+
+/// The client side of a TLS handshake on `stream`.
+async fn handshake(
+    stream: &mut TcpStream,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<Tls> {
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn =
+        rustls::ClientConnection::new(config.clone(), name).map_err(std::io::Error::other)?;
+    let conn = Rc::new(RefCell::new(conn));
+    let mut buf = Vec::with_capacity(16 * 1024);
+    loop {
+        let mut out = Vec::new();
+        {
+            let mut c = conn.borrow_mut();
+            while c.wants_write() {
+                c.write_tls(&mut out)?;
+            }
+        }
+        if !out.is_empty() {
+            let (res, _) = stream.write_all(out).await;
+            res?;
+        }
+        if !conn.borrow().is_handshaking() {
+            return Ok(Some(conn));
+        }
+        let (res, b) = stream.read(buf).await;
+        buf = b;
+        if res? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut ignored = Vec::new();
+        if !unseal(&conn, &buf, &mut ignored) {
+            return Err(std::io::Error::other("tls handshake failed"));
+        }
+        buf.clear();
+    }
+}
+
 /// Reads once from any stream (whole or read half) into `reader`; false at end or error.
 async fn read_into(
     stream: &mut impl AsyncReadRent,
     reader: &mut FrameReader,
     scratch: Vec<u8>,
+    tls: &Tls,
 ) -> (bool, Vec<u8>) {
     let (res, scratch) = stream.read(scratch).await;
     match res {
         Ok(n) if n > 0 => {
-            reader.buf.extend_from_slice(&scratch[..n]);
+            match tls {
+                None => reader.buf.extend_from_slice(&scratch[..n]),
+                Some(conn) => {
+                    if !unseal(conn, &scratch[..n], &mut reader.buf) {
+                        return (false, scratch);
+                    }
+                }
+            }
             (true, scratch)
         }
         Ok(_) => (false, scratch),
@@ -533,18 +645,34 @@ async fn open(
     token: &str,
     protocol: &str,
 ) -> std::io::Result<(TcpStream, FrameReader)> {
+    let (stream, reader, _) = open_over(addr, n, token, protocol, None).await?;
+    Ok((stream, reader))
+}
+
+/// [`open`], over TLS when `tls` is given.
+async fn open_over(
+    addr: SocketAddr,
+    n: usize,
+    token: &str,
+    protocol: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> std::io::Result<(TcpStream, FrameReader, Tls)> {
     let mut stream = connect_from(addr, n)?;
+    let secure = match tls {
+        Some(config) => handshake(&mut stream, config).await?,
+        None => None,
+    };
     let req = format!(
         "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocol}\r\nAuthorization: Bearer {token}\r\n\r\n"
     );
-    let (res, _) = stream.write_all(req.into_bytes()).await;
+    let (res, _) = stream.write_all(seal(&secure, req.into_bytes())).await;
     res?;
     let mut reader = FrameReader::default();
     let mut scratch = Vec::with_capacity(8192);
     let mut head_done = false;
     let mut welcomed = false;
     while !welcomed {
-        let (ok, s) = read_into(&mut stream, &mut reader, scratch).await;
+        let (ok, s) = read_into(&mut stream, &mut reader, scratch, &secure).await;
         scratch = s;
         if !ok {
             return Err(std::io::Error::other(format!(
@@ -566,7 +694,7 @@ async fn open(
         }
         reader.drain(|_, _| welcomed = true);
     }
-    Ok((stream, reader))
+    Ok((stream, reader, secure))
 }
 
 fn masked(opcode: ws::OpCode, payload: &[u8]) -> Vec<u8> {
@@ -954,7 +1082,16 @@ fn report_fanout(
 }
 
 fn scenario_fanout(o: &Opts) {
-    let servers = start_servers(o);
+    let tls_dir = std::env::temp_dir().join(format!("ringhub-loadgen-tls-{}", std::process::id()));
+    let (servers, tls) = if o.tls {
+        assert!(!on_redis(o), "--tls runs one node without Redis");
+        let (cert, key, pem) = tls_files(&tls_dir);
+        let mut server = start_server(o, 0, &["--tls-cert-file", &cert, "--tls-key-file", &key]);
+        server.shared_secrets = false;
+        (vec![server], Some(tls_client(&pem)))
+    } else {
+        (start_servers(o), None)
+    };
     let server = &servers[0];
     let addrs: Arc<Vec<SocketAddr>> = Arc::new(servers.iter().map(|s| s.addr).collect());
     let total = o.rooms * o.room_size;
@@ -978,7 +1115,7 @@ fn scenario_fanout(o: &Opts) {
     let stop = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = (0..o.threads)
         .map(|t| {
-            let (tokens, ready, measuring, stop, o, addrs) = (tokens.clone(), ready.clone(), measuring.clone(), stop.clone(), o.clone(), addrs.clone());
+            let (tokens, ready, measuring, stop, o, addrs, tls) = (tokens.clone(), ready.clone(), measuring.clone(), stop.clone(), o.clone(), addrs.clone(), tls.clone());
             std::thread::spawn(move || {
                 let tally = Rc::new(RefCell::new(Tally::default()));
                 let tally2 = tally.clone();
@@ -987,14 +1124,14 @@ fn scenario_fanout(o: &Opts) {
                     for i in (t..o.rooms * o.room_size).step_by(o.threads) {
                         let (room, member) = (i / o.room_size, i % o.room_size);
                         let addr = addrs[i % addrs.len()];
-                        let (mut stream, mut reader) = open(addr, i, &tokens[i], protocol_name(&o)).await.unwrap();
+                        let (mut stream, mut reader, secure) = open_over(addr, i, &tokens[i], protocol_name(&o), tls.as_ref()).await.unwrap();
                         let join = encode(&o, &format!(r#"{{"op":"join","id":1,"room":"r{room}"}}"#));
-                        let (res, _) = stream.write_all(join).await;
+                        let (res, _) = stream.write_all(seal(&secure, join)).await;
                         res.unwrap();
                         let mut scratch = Vec::with_capacity(64 * 1024);
                         let mut joined = false;
                         while !joined {
-                            let (ok, s) = read_into(&mut stream, &mut reader, scratch).await;
+                            let (ok, s) = read_into(&mut stream, &mut reader, scratch, &secure).await;
                             scratch = s;
                             assert!(ok, "closed while joining");
                             reader.drain(|_, _| joined = true);
@@ -1006,6 +1143,7 @@ fn scenario_fanout(o: &Opts) {
                             let (mut rd, mut wr) = monoio::io::Splitable::into_split(stream);
                             if publisher {
                                 let stop2 = stop.clone();
+                                let secure = secure.clone();
                                 let pad = "x".repeat(o.payload.saturating_sub(24));
                                 monoio::spawn(async move {
                                     // Wait for every connection, then publish with a bounded pace:
@@ -1025,7 +1163,7 @@ fn scenario_fanout(o: &Opts) {
                                             batch.extend_from_slice(&encode(&o, &msg));
                                         }
                                         sent += 8;
-                                        let (res, _) = wr.write_all(batch).await;
+                                        let (res, _) = wr.write_all(seal(&secure, batch)).await;
                                         if res.is_err() {
                                             break;
                                         }
@@ -1036,7 +1174,7 @@ fn scenario_fanout(o: &Opts) {
                             let mut reader = reader;
                             let mut scratch = Vec::with_capacity(64 * 1024);
                             while !stop.load(Ordering::Relaxed) {
-                                let (ok, s) = read_into(&mut rd, &mut reader, scratch).await;
+                                let (ok, s) = read_into(&mut rd, &mut reader, scratch, &secure).await;
                                 scratch = s;
                                 if !ok {
                                     break;
@@ -1096,7 +1234,8 @@ fn scenario_fanout(o: &Opts) {
         server_ticks: servers_ticks() - cpu_before.0,
         client_ticks: cpu_ticks("self") - cpu_before.1,
     };
-    let mut counters = server_counters(server.addr);
+    let mut counters = server_counters(server.addr, tls.as_ref());
+    let _ = std::fs::remove_dir_all(&tls_dir);
     if let Some((cpu0, pub0, cmd0)) = redis_before {
         let published = (publishes() - pub0).max(1.0);
         let commands = redis_commands() - cmd0;
@@ -1389,7 +1528,7 @@ fn scenario_ceiling(o: &Opts) {
                                 let mut scratch = Vec::with_capacity(64 * 1024);
                                 while !stop.load(Ordering::Relaxed) {
                                     let (ok, s) =
-                                        read_into(&mut stream, &mut reader, scratch).await;
+                                        read_into(&mut stream, &mut reader, scratch, &None).await;
                                     scratch = s;
                                     if !ok {
                                         break;
