@@ -96,6 +96,7 @@ fn envelope_decode(c: &mut Criterion) {
             op: Op::Publish {
                 room: room.clone(),
                 data,
+                event: None,
             },
         };
         for format in Format::ALL {
@@ -116,6 +117,7 @@ fn envelope_decode(c: &mut Criterion) {
             op: Op::Publish {
                 room: room.clone(),
                 data,
+                event: None,
             },
         };
         for format in Format::ALL {
@@ -146,6 +148,7 @@ fn envelope_encode(c: &mut Criterion) {
                 name: "alice".to_owned(),
                 ts: 1_767_225_600_000,
                 data,
+                event: None,
             };
             (label, record)
         })

@@ -1450,6 +1450,7 @@ impl CeilingFrames {
                     name,
                     ts: 0,
                     data: Value::Null,
+                    event: None,
                 }
             })
             .collect();

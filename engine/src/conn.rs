@@ -120,6 +120,8 @@ pub(crate) struct HeldPublish {
     pub(crate) trace: u64,
     pub(crate) room: RoomId,
     pub(crate) data: Value,
+    /// The custom event it is published as (SPEC §8).
+    pub(crate) event: Option<protocol::envelope::EventName>,
     pub(crate) id: Option<u64>,
 }
 

@@ -56,13 +56,22 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
             user,
             name,
             data,
+            event,
             id,
         } => {
             if shared {
-                broker::publish(shard, trace, room, conn, &user, &name, &data, id);
+                broker::publish(
+                    shard,
+                    trace,
+                    room,
+                    conn,
+                    (&user, &name),
+                    (&data, event.as_ref()),
+                    id,
+                );
             } else {
                 go_local(shard, &room);
-                publish(shard, trace, room, conn, &user, &name, data, id);
+                publish(shard, trace, room, conn, &user, &name, (data, event), id);
             }
         }
         RoomMsg::PresenceQuery { room, conn, id } if shared => {
@@ -165,7 +174,7 @@ fn publish(
     conn: ConnId,
     user: &Arc<str>,
     name: &Arc<str>,
-    data: Value,
+    (data, event): (Value, Option<protocol::envelope::EventName>),
     id: Option<u64>,
 ) {
     let owner = online_owner(shard, &room);
@@ -174,6 +183,7 @@ fn publish(
         user,
         name,
         data,
+        event,
     };
     let result = shard.rooms.borrow_mut().publish(
         message,
@@ -230,6 +240,7 @@ fn publish_external(
         user,
         name,
         data,
+        event: None,
     };
     let result = shard.rooms.borrow_mut().publish_external(
         message,

@@ -56,6 +56,8 @@ pub(crate) enum RoomMsg {
         user: Arc<str>,
         name: Arc<str>,
         data: Value,
+        /// The custom event it is published as (SPEC §8).
+        event: Option<protocol::envelope::EventName>,
         id: Option<u64>,
     },
     /// The room's presence, for a connection.

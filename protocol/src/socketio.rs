@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use crate::ErrorCode;
 use crate::envelope::{
-    DecodeLimits, MessageRecord, Op, PresenceEntry, PresenceUser, Request, RoomId, Strings, Value,
-    ValueSeed, deserialize_seed, has_control,
+    DecodeLimits, EventName, MessageRecord, Op, PresenceEntry, PresenceUser, Request, RoomId,
+    Strings, Value, ValueSeed, deserialize_seed, has_control,
 };
 
 /// Why a packet or event was refused.
@@ -230,9 +230,38 @@ pub fn decode_event(
             Op::Publish {
                 room,
                 data: message,
+                event: None,
             }
         }
-        _ => return Err(fail(ErrorCode::UnknownOp, "unknown event")),
+        other => {
+            // A custom event (SPEC §8): published to `room_id` as event `other`, its payload
+            // the first argument without `room_id`.
+            let event =
+                EventName::parse(other).map_err(|why| fail(ErrorCode::InvalidMessage, why))?;
+            if items.len() > 2 {
+                return Err(fail(
+                    ErrorCode::InvalidMessage,
+                    "a custom event takes one argument",
+                ));
+            }
+            let room = room()?;
+            let mut payload = match args {
+                Some(Value::Map(entries)) => Value::Map(
+                    entries
+                        .iter()
+                        .filter(|(k, _)| k.as_str() != "room_id")
+                        .cloned()
+                        .collect(),
+                ),
+                _ => return Err(fail(ErrorCode::InvalidMessage, "room_id must be a string")),
+            };
+            payload.strip_c0_in_place();
+            Op::Publish {
+                room,
+                data: payload,
+                event: Some(event),
+            }
+        }
     };
     Ok(Request { id: ack_id, op })
 }
@@ -399,8 +428,10 @@ pub fn encode_message_event(record: &MessageRecord) -> String {
         message: &'a Value,
         seq: u64,
     }
+    // A custom event is emitted under its own name, with the same fields.
+    let name = record.event.as_ref().map_or("message", |e| e.as_str());
     encode_event(
-        "message",
+        name,
         &MessageEvent {
             room_id: record.room.as_str(),
             user_id: record.from.as_deref(),
@@ -576,9 +607,34 @@ mod tests {
             req.op,
             Op::Publish {
                 room: RoomId::parse("lobby").unwrap(),
-                data: Value::map([("t", Value::str("hi"))])
+                data: Value::map([("t", Value::str("hi"))]),
+                event: None,
             }
         );
+        // A custom event: the payload without `room_id`, under its name.
+        let p = parse_socket_packet(r#"25["dance",{"room_id":"lobby","step":2}]"#).unwrap();
+        let req = decode_event(&p, &LIMITS).unwrap();
+        assert_eq!(
+            req.op,
+            Op::Publish {
+                room: RoomId::parse("lobby").unwrap(),
+                data: Value::map([("step", Value::UInt(2))]),
+                event: Some(EventName::parse("dance").unwrap()),
+            }
+        );
+        for bad in [
+            r#"27["dance",{"room_id":"lobby"},2]"#,
+            r#"27["two words",{"room_id":"lobby"}]"#,
+            r#"27["kicked",{"room_id":"lobby"}]"#,
+        ] {
+            let p = parse_socket_packet(bad).unwrap();
+            let err = decode_event(&p, &LIMITS).unwrap_err();
+            assert_eq!(
+                (err.code, err.ack_id),
+                (ErrorCode::InvalidMessage, Some(7)),
+                "{bad}"
+            );
+        }
         let p = parse_socket_packet(r#"2["join",{"room_id":"lobby"}]"#).unwrap();
         assert_eq!(
             decode_event(&p, &LIMITS).unwrap().op,
@@ -588,7 +644,7 @@ mod tests {
         );
         let p = parse_socket_packet(r#"27["dance",{}]"#).unwrap();
         let err = decode_event(&p, &LIMITS).unwrap_err();
-        assert_eq!((err.code, err.ack_id), (ErrorCode::UnknownOp, Some(7)));
+        assert_eq!((err.code, err.ack_id), (ErrorCode::InvalidMessage, Some(7)));
         let p = parse_socket_packet(r#"27["join",{"room_id":"-x"}]"#).unwrap();
         assert_eq!(
             decode_event(&p, &LIMITS).unwrap_err().code,
@@ -624,10 +680,19 @@ mod tests {
             name: "alice".into(),
             ts: 1,
             data: Value::str("hi"),
+            event: None,
         };
         assert_eq!(
             encode_message_event(&record),
             r#"42["message",{"room_id":"lobby","user_id":"u1","username":"alice","message":"hi","seq":4}]"#
+        );
+        let custom = MessageRecord {
+            event: Some(EventName::parse("dance").unwrap()),
+            ..record
+        };
+        assert_eq!(
+            encode_message_event(&custom),
+            r#"42["dance",{"room_id":"lobby","user_id":"u1","username":"alice","message":"hi","seq":4}]"#
         );
         assert_eq!(
             encode_ack(

@@ -4,8 +4,8 @@
 use proptest::prelude::*;
 use protocol::compression::{Compressor, Decompressor};
 use protocol::envelope::{
-    DecodeLimits, Format, Op, Request, ResumePoint, RoomId, Value, decode_request, decode_value,
-    encode_request, encode_value, strip_c0,
+    DecodeLimits, EventName, Format, Op, Request, ResumePoint, RoomId, Value, decode_request,
+    decode_value, encode_request, encode_value, strip_c0,
 };
 use protocol::http::{HttpLimits, parse_request_head};
 use protocol::socketio;
@@ -51,7 +51,16 @@ fn request() -> impl Strategy<Value = Request> {
         room().prop_map(|room| Op::Join { room }),
         room().prop_map(|room| Op::Leave { room }),
         room().prop_map(|room| Op::Presence { room }),
-        (room(), value()).prop_map(|(room, data)| Op::Publish { room, data }),
+        (
+            room(),
+            value(),
+            prop::option::of("[a-z][a-z0-9_.:-]{0,20}x")
+        )
+            .prop_map(|(room, data, event)| Op::Publish {
+                room,
+                data,
+                event: event.map(|e| EventName::parse(&e).expect("valid by construction")),
+            }),
         (room(), any::<u64>(), 0..=100u64).prop_map(|(room, since, limit)| Op::History {
             room,
             since,

@@ -863,12 +863,13 @@ fn socketio_client_shares_rooms_with_native_clients() {
             break;
         }
     }
-    // A failed event with an ack gets {ok:false}; without an ack, an `error` event.
+    // A failed event with an ack gets {ok:false} (a custom event without its room); without an
+    // ack, an `error` event.
     sio.send(tungstenite::Message::Text(r#"423["dance",{}]"#.into()))
         .unwrap();
     assert_eq!(
         read_text(&mut sio),
-        r#"433[{"ok":false,"error":{"code":"unknown_op","message":"unknown event"}}]"#
+        r#"433[{"ok":false,"error":{"code":"invalid_message","message":"room_id must be a string"}}]"#
     );
     sio.send(tungstenite::Message::Text(
         r#"42["leave",{"room_id":"never"}]"#.into(),

@@ -271,3 +271,104 @@ fn http_publish_is_rate_limited_per_user_like_a_websocket_publisher() {
         "{metrics}"
     );
 }
+
+/// Custom events (SPEC §8) on the native protocol: `publish` with `event` is delivered as a
+/// `message` carrying it in both formats, shares the room's `seq`, is kept in history and
+/// recovered by `resume`; a bad name is `invalid_message` (with the request's id), and the
+/// connection and the room go on.
+#[test]
+fn custom_events_share_seq_history_and_resume() {
+    let server = Server::start("events", &["--shards", "2"]);
+    let mut json = server.connect(&server.token("ann"), Some("ringhub.v1.json"));
+    let welcome = json.expect("welcome", None);
+    let session = welcome
+        .get("session")
+        .and_then(Value::as_str)
+        .expect("session")
+        .to_owned();
+    let mut packed = server.connect(&server.token("ben"), Some("ringhub.v1.msgpack"));
+    packed.expect("welcome", None);
+    joined(&mut json, "party");
+    joined(&mut packed, "party");
+    let id = packed.request(
+        "publish",
+        &[
+            ("room", s("party")),
+            ("data", obj(&[("step", n(2))])),
+            ("event", s("dance.step")),
+        ],
+    );
+    let reply = packed.expect("reply", Some(id));
+    assert_eq!(reply.get("seq").and_then(Value::as_u64), Some(1));
+    let id = packed.request("publish", &[("room", s("party")), ("data", s("plain"))]);
+    packed.expect("reply", Some(id));
+    for client in [&mut json, &mut packed] {
+        let first = client.expect("message", None);
+        assert_eq!(
+            first.get("event").and_then(Value::as_str),
+            Some("dance.step")
+        );
+        assert_eq!(first.get("seq").and_then(Value::as_u64), Some(1));
+        let second = client.expect("message", None);
+        assert_eq!(second.get("event"), None);
+    }
+    // Bad names: the exact error, the request's id; nothing published.
+    for (bad, why) in [
+        (s("message"), "reserved"),
+        (s("two words"), "characters"),
+        (n(7), "string"),
+    ] {
+        let id = json.request(
+            "publish",
+            &[("room", s("party")), ("data", n(0)), ("event", bad)],
+        );
+        let error = json.expect("error", Some(id));
+        assert_eq!(
+            error.get("code").and_then(Value::as_str),
+            Some("invalid_message"),
+            "{why}"
+        );
+    }
+    // History has the event, in both formats.
+    for client in [&mut json, &mut packed] {
+        let kept = history(client, "party", 10);
+        assert_eq!(seqs(&kept), [1, 2], "the refused publishes took no seq");
+        assert_eq!(
+            kept[0].get("event").and_then(Value::as_str),
+            Some("dance.step")
+        );
+        assert_eq!(kept[1].get("event"), None);
+    }
+    // Resume recovers a missed custom event.
+    let id = json.request(
+        "history",
+        &[("room", s("party")), ("since", n(0)), ("limit", n(1))],
+    );
+    let epoch = json
+        .expect("reply", Some(id))
+        .get("epoch")
+        .and_then(Value::as_str)
+        .expect("epoch")
+        .to_owned();
+    drop(json);
+    let id = packed.request(
+        "publish",
+        &[("room", s("party")), ("data", n(3)), ("event", s("cheer"))],
+    );
+    packed.expect("reply", Some(id));
+    let mut again = server.connect(&server.token("ann"), Some("ringhub.v1.json"));
+    again.expect("welcome", None);
+    let rooms = obj(&[("party", obj(&[("seq", n(2)), ("epoch", s(&epoch))]))]);
+    let id = again.request("resume", &[("session", s(&session)), ("rooms", rooms)]);
+    let recovered = again.expect("message", None);
+    assert_eq!(recovered.get("seq").and_then(Value::as_u64), Some(3));
+    assert_eq!(
+        recovered.get("event").and_then(Value::as_str),
+        Some("cheer")
+    );
+    let reply = again.expect("reply", Some(id));
+    assert_eq!(
+        reply.get("recovered"),
+        Some(&obj(&[("party", Value::Bool(true))]))
+    );
+}

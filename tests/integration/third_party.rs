@@ -62,9 +62,32 @@ pub(crate) fn exchange_with(
     let m = native.expect("message", None);
     assert_eq!(m.get("from").and_then(Value::as_str), Some(name));
     assert_eq!(m.get("data").and_then(Value::as_str), Some(own_text));
+    assert_eq!(m.get("event"), None, "a plain message names no event");
+    // The client's custom event `cheer` reaches the native member as a message carrying it,
+    // its payload without `room_id`.
+    let cheer = native.expect("message", None);
+    assert_eq!(cheer.get("event").and_then(Value::as_str), Some("cheer"));
+    assert_eq!(
+        cheer
+            .get("data")
+            .and_then(|d| d.get("level"))
+            .and_then(Value::as_u64),
+        Some(3)
+    );
+    assert_eq!(cheer.get("data").and_then(|d| d.get("room_id")), None);
     let id = native.request(
         "publish",
         &[("room", s("mixed")), ("data", s("from native"))],
+    );
+    native.expect("reply", Some(id));
+    // A native custom event reaches the Socket.IO client under its own name.
+    let id = native.request(
+        "publish",
+        &[
+            ("room", s("mixed")),
+            ("data", ringhub_tests::obj(&[("hand", s("left"))])),
+            ("event", s("wave")),
+        ],
     );
     native.expect("reply", Some(id));
     let summary = lines.next().expect("summary").unwrap();
@@ -76,6 +99,16 @@ pub(crate) fn exchange_with(
     );
     assert!(
         summary.contains(r#""username""#) && summary.contains(r#""room_id""#),
+        "{summary}"
+    );
+    // The custom event's ack has the seq; the native `wave` arrived with its payload.
+    let compact = summary.replace(' ', "");
+    assert!(
+        compact.contains(r#""cheered":{"ok":true,"seq""#),
+        "{summary}"
+    );
+    assert!(
+        compact.contains(r#""message":{"hand":"left"}"#),
         "{summary}"
     );
 }

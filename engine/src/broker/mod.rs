@@ -305,9 +305,8 @@ pub(crate) fn publish(
     trace: u64,
     room: RoomId,
     conn: ConnId,
-    user: &Arc<str>,
-    name: &Arc<str>,
-    data: &Value,
+    (user, name): (&Arc<str>, &Arc<str>),
+    (data, event): (&Value, Option<&protocol::envelope::EventName>),
     id: Option<u64>,
 ) {
     let Some(broker) = broker(shard) else {
@@ -323,7 +322,14 @@ pub(crate) fn publish(
         return;
     }
     let history_on = shard.rooms.borrow().switches(&room).1;
-    let Some(cmd) = publish_cmd(shard, broker, &room, Some(user), name, data, history_on) else {
+    let Some(cmd) = publish_cmd(
+        shard,
+        broker,
+        &room,
+        (Some(user), name),
+        (data, event),
+        history_on,
+    ) else {
         shard.reply(
             conn,
             Reply::Error {
@@ -349,16 +355,21 @@ fn publish_cmd(
     shard: &Shard,
     broker: &Broker,
     room: &RoomId,
-    user: Option<&Arc<str>>,
-    name: &Arc<str>,
-    data: &Value,
+    (user, name): (Option<&Arc<str>>, &Arc<str>),
+    (data, event): (&Value, Option<&protocol::envelope::EventName>),
     history_on: bool,
 ) -> Option<redis::Cmd> {
     let cfg = &shard.shared.config;
-    let body = encode_value(
-        &(user.map(|u| &**u), &**name, now_ms(), data),
-        Format::MsgPack,
-    )
+    let user = user.map(|u| &**u);
+    // `[from, name, ts, data]`, and the event's name fifth when there is one (a plain message
+    // keeps the four fields older nodes read).
+    let body = match event {
+        None => encode_value(&(user, &**name, now_ms(), data), Format::MsgPack),
+        Some(event) => encode_value(
+            &(user, &**name, now_ms(), data, event.as_str()),
+            Format::MsgPack,
+        ),
+    }
     .ok()?;
     let keys = RoomKeys::new(&broker.settings.prefix, room);
     let mut cmd = scripts::PUBLISH.call(&[&keys.meta, &keys.hist, &keys.channel]);
@@ -403,7 +414,14 @@ pub(crate) fn publish_external(
         return;
     }
     let history_on = settings.is_none_or(|s| s.history);
-    let Some(cmd) = publish_cmd(shard, broker, room, Some(user), name, data, history_on) else {
+    let Some(cmd) = publish_cmd(
+        shard,
+        broker,
+        room,
+        (Some(user), name),
+        (data, None),
+        history_on,
+    ) else {
         answer.set(Err(ErrorCode::Internal));
         return;
     };
@@ -1129,7 +1147,20 @@ fn decode_body(shard: &Shard, room: RoomId, seq: u64, body: &[u8]) -> Option<Mes
     let Value::Array(fields) = decode_value(body, Format::MsgPack, &limits(shard)).ok()? else {
         return None;
     };
-    let [from, name, ts, data]: [Value; 4] = fields.try_into().ok()?;
+    let mut fields = fields.into_iter();
+    let (Some(from), Some(name), Some(ts), Some(data)) =
+        (fields.next(), fields.next(), fields.next(), fields.next())
+    else {
+        return None;
+    };
+    let event = match fields.next() {
+        None => None,
+        Some(Value::Str(event)) => Some(protocol::envelope::EventName::parse(&event).ok()?),
+        Some(_) => return None,
+    };
+    if fields.next().is_some() {
+        return None;
+    }
     let from = match from {
         Value::Str(s) => Some(s),
         _ => None,
@@ -1148,6 +1179,7 @@ fn decode_body(shard: &Shard, room: RoomId, seq: u64, body: &[u8]) -> Option<Mes
         name,
         ts,
         data,
+        event,
     })
 }
 

@@ -462,6 +462,7 @@ mod tests {
                 ("n", Value::Float(1.5)),
                 ("list", Value::Array(vec![Value::Int(-1), Value::Null])),
             ]),
+            event: protocol::envelope::EventName::parse("chat.note").ok(),
         };
         let json = encode_push(&Push::Message(&record), Format::Json).unwrap();
         let msgpack = encode_push(&Push::Message(&record), Format::MsgPack).unwrap();

@@ -276,6 +276,7 @@ impl RoomCore {
             user,
             name,
             data,
+            event,
         } = message;
         self.admit_publish(&room, owner, now)?;
         let Some(home) = self.rooms.get_mut(&room) else {
@@ -290,6 +291,7 @@ impl RoomCore {
             name: name.to_string(),
             ts: now,
             data,
+            event,
         };
         // The owner's connections are not counted by wire format: a personal room's message is
         // encoded in every format (such messages are rare; an idle user costs nothing instead).

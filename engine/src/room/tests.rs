@@ -101,6 +101,7 @@ impl Env {
             user: &u,
             name: &u,
             data: Value::UInt(n),
+            event: None,
         };
         self.core.publish(message, None, self.now, &mut self.zstd)
     }
@@ -251,6 +252,7 @@ fn a_personal_room_follows_its_owner_without_counting_it() {
         user: &owner,
         name: &owner,
         data: Value::Null,
+        event: None,
     };
     let published = env
         .core

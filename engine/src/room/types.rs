@@ -160,6 +160,8 @@ pub(crate) struct NewMessage<'a> {
     pub(crate) user: &'a Arc<str>,
     pub(crate) name: &'a Arc<str>,
     pub(crate) data: Value,
+    /// The custom event it is published as (SPEC §8).
+    pub(crate) event: Option<protocol::envelope::EventName>,
 }
 
 /// A message that entered a room.

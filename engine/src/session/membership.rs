@@ -195,6 +195,7 @@ pub(crate) fn dispatch_publish(shard: &Rc<Shard>, conn: &Conn, publish: HeldPubl
         trace,
         room,
         data,
+        event,
         id,
     } = publish;
     let home = shard.shared.home_of(&room);
@@ -205,6 +206,7 @@ pub(crate) fn dispatch_publish(shard: &Rc<Shard>, conn: &Conn, publish: HeldPubl
         user: conn.user_id(),
         name: conn.username(),
         data,
+        event,
         id,
     };
     shard.dispatch(home, msg);

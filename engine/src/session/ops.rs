@@ -176,7 +176,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
             }
             send_ack(shard, conn, id);
         }
-        Op::Publish { room, data } => {
+        Op::Publish { room, data, event } => {
             if !token_still_valid(shard, conn) || !rate(shard, conn, "publish_per_connection", id) {
                 return;
             }
@@ -207,6 +207,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                     trace,
                     room,
                     data,
+                    event,
                     id,
                 };
                 if !conn.hold_publish(held) {
@@ -225,6 +226,7 @@ pub(crate) fn handle_request(shard: &Rc<Shard>, conn: &Rc<Conn>, request: Reques
                 trace,
                 room,
                 data,
+                event,
                 id,
             };
             dispatch_publish(shard, conn, publish);

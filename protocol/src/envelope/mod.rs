@@ -18,7 +18,7 @@ pub use request::{
     MAX_EPOCH_LEN, MAX_HISTORY_LIMIT, MAX_ID, MAX_SESSION_LEN, MAX_TOKEN_LEN, Op, Request,
     ResumePoint, decode_request, encode_request,
 };
-pub use room::{RoomId, RoomIdError};
+pub use room::{EventName, RESERVED_EVENTS, RoomId, RoomIdError};
 pub use value::{Strings, Value, ValueSeed, has_control, strip_c0};
 
 use crate::ErrorCode;

@@ -23,6 +23,8 @@ pub struct MessageRecord {
     pub ts: u64,
     /// The payload.
     pub data: Value,
+    /// The custom event it was published as (SPEC §8); `None` for a plain message.
+    pub event: Option<super::EventName>,
 }
 
 /// A member of a room's presence.
@@ -211,7 +213,11 @@ fn write_message_fields<M: SerializeMap>(map: &mut M, m: &MessageRecord) -> Resu
     map.serialize_entry("from", &m.from)?;
     map.serialize_entry("name", &m.name)?;
     map.serialize_entry("ts", &m.ts)?;
-    map.serialize_entry("data", &m.data)
+    map.serialize_entry("data", &m.data)?;
+    if let Some(event) = &m.event {
+        map.serialize_entry("event", event.as_str())?;
+    }
+    Ok(())
 }
 
 struct Recovered<'a>(&'a [(RoomId, bool)]);
@@ -438,6 +444,7 @@ mod tests {
             name: "alice".into(),
             ts: 1_700_000_000_000,
             data: Value::map([("text", Value::str("<b>hi</b>"))]),
+            event: None,
         }
     }
 

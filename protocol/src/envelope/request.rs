@@ -8,7 +8,9 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
 use super::value::{Strings, has_control};
-use super::{DecodeError, DecodeLimits, Format, RoomId, Value, ValueSeed, deserialize_seed};
+use super::{
+    DecodeError, DecodeLimits, EventName, Format, RoomId, Value, ValueSeed, deserialize_seed,
+};
 use crate::ErrorCode;
 
 /// Largest `id` (2^53 − 1, the largest integer a JavaScript number holds exactly).
@@ -50,6 +52,8 @@ pub enum Op {
         room: RoomId,
         /// Any JSON value, C0-stripped.
         data: Value,
+        /// A custom event name (SPEC §8); `None` for a plain message.
+        event: Option<EventName>,
     },
     /// Ask for a room's presence.
     Presence {
@@ -132,6 +136,7 @@ enum Field {
     Session,
     Rooms,
     Token,
+    Event,
     Other,
 }
 
@@ -166,6 +171,7 @@ fn field(name: &str) -> Field {
         "session" => Field::Session,
         "rooms" => Field::Rooms,
         "token" => Field::Token,
+        "event" => Field::Event,
         _ => Field::Other,
     }
 }
@@ -199,6 +205,7 @@ struct RawEnvelope {
     session: Option<Value>,
     rooms: Option<Value>,
     token: Option<Value>,
+    event: Option<Value>,
 }
 
 /// Reads the envelope map; records a valid `id` in `seen_id` as soon as it is read, so that an
@@ -257,6 +264,7 @@ impl<'de> Visitor<'de> for EnvelopeSeed<'_> {
                 Field::Session => &mut raw.session,
                 Field::Rooms => &mut raw.rooms,
                 Field::Token => &mut raw.token,
+                Field::Event => &mut raw.event,
             };
             if slot.is_some() {
                 return Err(de::Error::custom("duplicate key"));
@@ -337,7 +345,16 @@ pub fn decode_request(
         Some(OpKind::Publish) => {
             let room = room()?;
             let data = raw.data.clone().ok_or_else(|| invalid("missing data"))?;
-            Op::Publish { room, data }
+            let event = match &raw.event {
+                None | Some(Value::Null) => None,
+                Some(value) => {
+                    let name = value
+                        .as_str()
+                        .ok_or_else(|| invalid("event must be a string"))?;
+                    Some(EventName::parse(name).map_err(invalid)?)
+                }
+            };
+            Op::Publish { room, data, event }
         }
         Some(OpKind::History) => {
             let room = room()?;
@@ -438,9 +455,12 @@ impl Serialize for Request {
             Op::Join { room } | Op::Leave { room } | Op::Presence { room } => {
                 map.serialize_entry("room", room.as_str())?;
             }
-            Op::Publish { room, data } => {
+            Op::Publish { room, data, event } => {
                 map.serialize_entry("room", room.as_str())?;
                 map.serialize_entry("data", data)?;
+                if let Some(event) = event {
+                    map.serialize_entry("event", event.as_str())?;
+                }
             }
             Op::History { room, since, limit } => {
                 map.serialize_entry("room", room.as_str())?;
@@ -504,6 +524,26 @@ mod tests {
     }
 
     #[test]
+    fn publish_takes_an_optional_event_under_the_rules() {
+        let limits = DecodeLimits::default();
+        let req = decode_request(
+            br#"{"op":"publish","id":1,"room":"r","data":1,"event":"dance"}"#,
+            Format::Json,
+            &limits,
+        )
+        .unwrap();
+        assert!(matches!(req.op, Op::Publish { event: Some(ref e), .. } if e.as_str() == "dance"));
+        for bad in [
+            &br#"{"op":"publish","id":2,"room":"r","data":1,"event":"message"}"#[..],
+            br#"{"op":"publish","id":2,"room":"r","data":1,"event":7}"#,
+            br#"{"op":"publish","id":2,"room":"r","data":1,"event":"no spaces"}"#,
+        ] {
+            let err = decode_request(bad, Format::Json, &limits).unwrap_err();
+            assert_eq!((err.code, err.id), (ErrorCode::InvalidMessage, Some(2)));
+        }
+    }
+
+    #[test]
     fn decodes_every_op() {
         let room = RoomId::parse("lobby").unwrap();
         assert_eq!(
@@ -520,7 +560,8 @@ mod tests {
                 .op,
             Op::Publish {
                 room: room.clone(),
-                data: Value::map([("t", Value::str("hi"))])
+                data: Value::map([("t", Value::str("hi"))]),
+                event: None,
             }
         );
         assert_eq!(
@@ -641,7 +682,8 @@ mod tests {
                 .op,
             Op::Publish {
                 room: RoomId::parse("lobby").unwrap(),
-                data: Value::map([("k", Value::str("v"))])
+                data: Value::map([("k", Value::str("v"))]),
+                event: None,
             }
         );
     }
@@ -734,6 +776,7 @@ mod tests {
             op: Op::Publish {
                 room: RoomId::parse("r").unwrap(),
                 data: Value::map([("n", Value::Int(-3))]),
+                event: None,
             },
         };
         for format in Format::ALL {

@@ -121,3 +121,68 @@ mod tests {
         }
     }
 }
+
+/// A custom event name (SPEC §8): 1–64 characters of `[A-Za-z0-9_.:-]`, not one of the names
+/// Socket.IO and the protocol reserve.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EventName(Arc<str>);
+
+/// Names a custom event may not take.
+pub const RESERVED_EVENTS: [&str; 9] = [
+    "join",
+    "leave",
+    "message",
+    "presence",
+    "kicked",
+    "error",
+    "connect",
+    "disconnect",
+    "connect_error",
+];
+
+impl EventName {
+    /// Checks `name` against the rules.
+    pub fn parse(name: &str) -> Result<Self, &'static str> {
+        if name.is_empty() || name.len() > 64 {
+            return Err("event must be 1 to 64 characters");
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+        {
+            return Err("event may hold only A-Z a-z 0-9 _ . : -");
+        }
+        if RESERVED_EVENTS.contains(&name) {
+            return Err("event is a reserved name");
+        }
+        Ok(Self(Arc::from(name)))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod event_tests {
+    use super::EventName;
+
+    #[test]
+    fn event_names_follow_the_rules() {
+        for good in ["dance", "chat.typing", "a:b-c_d", &"x".repeat(64)] {
+            assert_eq!(EventName::parse(good).unwrap().as_str(), good);
+        }
+        for bad in [
+            "",
+            "message",
+            "join",
+            "connect_error",
+            "sp ace",
+            "é",
+            &"x".repeat(65),
+        ] {
+            assert!(EventName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}
