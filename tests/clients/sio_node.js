@@ -13,7 +13,7 @@ const timer = setTimeout(() => {
 let gotMessage = false;
 let gotEvent = false;
 function maybeDone() {
-  if (!(gotMessage && gotEvent)) return;
+  if (!(gotMessage && gotEvent && cheered !== undefined)) return;
   clearTimeout(timer);
   socket.disconnect();
   console.log(JSON.stringify({ joined, published, cheered, received: seen, events }));
@@ -45,4 +45,5 @@ socket.on("connect", async () => {
   console.log("JOINED " + JSON.stringify(joined));
   published = await socket.emitWithAck("message", { room_id: room, message: "from node" });
   cheered = await socket.emitWithAck("cheer", { room_id: room, level: 3 });
+  maybeDone();
 });
