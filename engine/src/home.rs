@@ -104,6 +104,7 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
             user,
             name,
             data,
+            event,
             settings,
             answer,
         } => {
@@ -111,15 +112,20 @@ pub(crate) fn handle(shard: &Rc<Shard>, msg: RoomMsg) {
                 broker::publish_external(
                     shard,
                     &room,
-                    &user,
-                    &name,
-                    &data,
+                    (&user, &name),
+                    (&data, event.as_ref()),
                     settings.as_ref(),
                     answer,
                 );
             } else {
                 go_local(shard, &room);
-                answer.set(publish_external(shard, room, &user, &name, data, settings));
+                answer.set(publish_external(
+                    shard,
+                    room,
+                    (&user, &name),
+                    (data, event),
+                    settings,
+                ));
             }
         }
         RoomMsg::PresenceExternal { room, answer } if shared => {
@@ -229,9 +235,8 @@ fn deliver(shard: &Rc<Shard>, published: Published) {
 fn publish_external(
     shard: &Rc<Shard>,
     room: RoomId,
-    user: &Arc<str>,
-    name: &Arc<str>,
-    data: Value,
+    (user, name): (&Arc<str>, &Arc<str>),
+    (data, event): (Value, Option<protocol::envelope::EventName>),
     settings: Option<RoomSettings>,
 ) -> Result<u64, ErrorCode> {
     let owner = online_owner(shard, &room);
@@ -240,7 +245,7 @@ fn publish_external(
         user,
         name,
         data,
-        event: None,
+        event,
     };
     let result = shard.rooms.borrow_mut().publish_external(
         message,

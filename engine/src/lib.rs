@@ -330,7 +330,10 @@ impl Control {
         room: &protocol::envelope::RoomId,
         user: &str,
         name: &str,
-        data: protocol::envelope::Value,
+        (data, event): (
+            protocol::envelope::Value,
+            Option<protocol::envelope::EventName>,
+        ),
         settings: Option<RoomSettings>,
     ) -> Result<u64, protocol::ErrorCode> {
         let answer = Arc::new(rooms::Answer::new());
@@ -341,6 +344,7 @@ impl Control {
                 user: Arc::from(user),
                 name: Arc::from(name),
                 data,
+                event,
                 settings,
                 answer: answer.clone(),
             },

@@ -82,6 +82,7 @@ pub(crate) enum RoomMsg {
         user: Arc<str>,
         name: Arc<str>,
         data: Value,
+        event: Option<protocol::envelope::EventName>,
         settings: Option<RoomSettings>,
         answer: Arc<Answer<Result<u64, ErrorCode>>>,
     },

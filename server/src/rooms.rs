@@ -749,7 +749,13 @@ impl RoomService {
     }
 
     /// `POST /rooms/{id}/messages`: publishes `data` (raw JSON) as the caller.
-    pub fn publish(&self, who: &Identity, room: &RoomId, data: &[u8]) -> Answer {
+    pub fn publish(
+        &self,
+        who: &Identity,
+        room: &RoomId,
+        data: &[u8],
+        event: Option<protocol::envelope::EventName>,
+    ) -> Answer {
         let settings = if let Some(owner) = room.as_str().strip_prefix(RoomId::PERSONAL_PREFIX) {
             // A personal room: its owner and admins may push to it.
             if owner != &*who.user_id && !self.directory.is_admin(&who.user_id) {
@@ -788,7 +794,7 @@ impl RoomService {
         let Some(control) = self.control.get() else {
             return Err(ApiError::new(503, ErrorCode::Unavailable, "not ready"));
         };
-        match control.publish(room, &who.user_id, &who.username, value, settings) {
+        match control.publish(room, &who.user_id, &who.username, (value, event), settings) {
             Ok(seq) => Ok(HttpResponse::json(
                 202,
                 format!(r#"{{"seq":{seq}}}"#).into_bytes(),

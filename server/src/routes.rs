@@ -505,11 +505,27 @@ impl Routes {
                     .get("data")
                     .ok_or_else(|| ApiError::invalid_input("data", "is required"))?;
                 let raw = sonic_rs::to_vec(data).unwrap_or_default();
+                // A custom event (SPEC §8), as on a WebSocket's `publish`.
+                let event = match body.0.get("event") {
+                    None => None,
+                    Some(v) if v.is_null() => None,
+                    Some(v) => {
+                        let name = v
+                            .as_str()
+                            .ok_or_else(|| ApiError::invalid_input("event", "must be a string"))?;
+                        Some(
+                            protocol::envelope::EventName::parse(name)
+                                .map_err(|why| ApiError::invalid_input("event", why))?,
+                        )
+                    }
+                };
                 if let Err(refused) = self.rooms.take_publish(&caller) {
                     self.metrics.engine.rate_limited("publish_per_user");
                     return Err(refused);
                 }
-                self.room_job(request, caller, move |r, who| r.publish(who, &room, &raw))
+                self.room_job(request, caller, move |r, who| {
+                    r.publish(who, &room, &raw, event)
+                })
             }
             ("PUT", ["members", user]) => {
                 let user = path_segment(user, "no such user")?;

@@ -372,3 +372,44 @@ fn custom_events_share_seq_history_and_resume() {
         Some(&obj(&[("party", Value::Bool(true))]))
     );
 }
+
+/// `POST /rooms/{id}/messages` takes the same optional `event` (SPEC §8): a member hears a
+/// `message` carrying it; a bad name is 400 `invalid_input` naming `event`, and nothing is
+/// published.
+#[test]
+fn http_publish_names_a_custom_event() {
+    let server = Server::start("http-event", &["--bcrypt-cost", "4"]);
+    let (_, alice) = server.account("alice");
+    let created = server.api_as(
+        &alice,
+        "POST",
+        "/rooms",
+        Some(r#"{"id":"stage","permission":"public"}"#),
+    );
+    assert_eq!(created.status, 201, "{created:?}");
+    let mut bob = server.connect(&server.token("bob"), None);
+    bob.expect("welcome", None);
+    joined(&mut bob, "stage");
+    let bad = server.api_as(
+        &alice,
+        "POST",
+        "/rooms/stage/messages",
+        Some(r#"{"data":1,"event":"presence"}"#),
+    );
+    assert_eq!((bad.status, bad.code().as_str()), (400, "invalid_input"));
+    assert!(bad.body.contains(r#""field":"event""#), "{bad:?}");
+    let ok = server.api_as(
+        &alice,
+        "POST",
+        "/rooms/stage/messages",
+        Some(r#"{"data":{"lights":"on"},"event":"cue"}"#),
+    );
+    assert_eq!(ok.status, 202, "{ok:?}");
+    let m = bob.expect("message", None);
+    assert_eq!(m.get("event").and_then(Value::as_str), Some("cue"));
+    assert_eq!(
+        m.get("seq").and_then(Value::as_u64),
+        Some(1),
+        "the refused one took no seq"
+    );
+}

@@ -395,9 +395,8 @@ fn publish_cmd(
 pub(crate) fn publish_external(
     shard: &Rc<Shard>,
     room: &RoomId,
-    user: &Arc<str>,
-    name: &Arc<str>,
-    data: &Value,
+    (user, name): (&Arc<str>, &Arc<str>),
+    (data, event): (&Value, Option<&protocol::envelope::EventName>),
     settings: Option<&RoomSettings>,
     answer: Arc<Answer<Result<u64, ErrorCode>>>,
 ) {
@@ -419,7 +418,7 @@ pub(crate) fn publish_external(
         broker,
         room,
         (Some(user), name),
-        (data, None),
+        (data, event),
         history_on,
     ) else {
         answer.set(Err(ErrorCode::Internal));
