@@ -264,7 +264,11 @@ pub fn serve(config: &Config, secrets: &Secrets) -> Result<(), ServeError> {
             .spawn(move || {
                 for tick in 1u64.. {
                     std::thread::sleep(std::time::Duration::from_millis(500));
-                    // Half-open is still an outage until a probe succeeds.
+                    // Half-open is still an outage until a probe succeeds: this thread probes
+                    // (a node without traffic would otherwise stay degraded).
+                    if accounts.store().breaker_state() == Some(storage::BreakerState::HalfOpen) {
+                        let _ = accounts.store().ping();
+                    }
                     let storage_open = matches!(
                         accounts.store().breaker_state(),
                         Some(storage::BreakerState::Open | storage::BreakerState::HalfOpen)
