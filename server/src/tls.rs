@@ -38,6 +38,9 @@ pub enum TlsError {
     /// rustls refuses the pair (e.g. the key is not the certificate's).
     #[error("tls_cert_file and tls_key_file: {0}")]
     Pair(String),
+    /// rustls refuses the client configuration for Redis.
+    #[error("rediss://: {0}")]
+    Client(String),
 }
 
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -111,7 +114,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Pair(e.to_string()))?
+        .map_err(|e| TlsError::Client(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
