@@ -65,16 +65,6 @@ pub(crate) fn recv_now(stream: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result
     Ok(n)
 }
 
-/// Reads what the socket holds right now into `buf` with a non-blocking `recv` (for TLS, whose
-/// library hands out the buffer): `Ok(0)` is the end of the stream, `WouldBlock` nothing yet.
-pub(crate) fn recv_into(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
-    let fd: RawFd = std::os::fd::AsRawFd::as_raw_fd(stream);
-    // SAFETY: `recv(2)` writes at most `buf.len()` bytes into `buf`, valid and exclusively
-    // borrowed for the call; the stream borrowed here keeps the descriptor open.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
-}
-
 /// The stream behind a split connection, for readiness and descriptor-level calls only.
 pub(crate) fn stream_ref(stream: &UnsafeCell<TcpStream>) -> &TcpStream {
     // SAFETY: this is the aliasing monoio's own split halves rely on: a read half and a write half

@@ -109,11 +109,9 @@ impl Tls {
     /// marks the connection ended, `WouldBlock` when nothing has arrived.
     fn read_socket(&self) -> std::io::Result<()> {
         let mut incoming = self.incoming.borrow_mut();
-        let start = incoming.len();
-        incoming.resize(start + READ_CHUNK, 0);
-        let read = sys::recv_into(sys::stream_ref(&self.stream), &mut incoming[start..]);
-        let n = *read.as_ref().unwrap_or(&0);
-        incoming.truncate(start + n);
+        // Into spare capacity: nothing is zeroed first.
+        incoming.reserve(READ_CHUNK);
+        let read = sys::recv_now(sys::stream_ref(&self.stream), &mut incoming);
         release_if_empty(&mut incoming);
         match read {
             Ok(0) => {
