@@ -337,6 +337,26 @@ mod tests {
         );
         let e = build(&[], &[("--bcrypt-cost", "abc")]).unwrap_err().0;
         assert!(e.contains("`bcrypt_cost`") && e.contains("abc"), "{e}");
+        // A CA file only verifying modes read is refused with any other sslmode.
+        let url = "postgres://u@h/db?sslmode=require";
+        let e = build(
+            &[],
+            &[("--database-url", url), ("--database-ca-file", "/ca.pem")],
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.contains("`database_ca_file`") && e.contains("verify-ca"),
+            "{e}"
+        );
+        let url = "postgres://u@h/db?sslmode=verify-full";
+        assert!(
+            build(
+                &[],
+                &[("--database-url", url), ("--database-ca-file", "/ca.pem")]
+            )
+            .is_ok()
+        );
         let e = build(&[], &[("--heartbeat", "25")]).unwrap_err().0;
         assert!(
             e.contains("`heartbeat`") && e.contains("not a duration"),

@@ -218,13 +218,25 @@ fn storage(c: &Checker<'_>, raw: &RawConfig) -> Result<StorageConfig, ConfigErro
     if raw.database_ca_file.is_some() && raw.database_url.is_none() {
         return Err(c.fail("database_ca_file", "needs database_url"));
     }
+    let mut verifying = false;
     for (key, url) in [
         ("database_url", &raw.database_url),
         ("database_read_url", &raw.database_read_url),
     ] {
         if let Some(url) = url {
-            storage::pg_tls::split_sslmode(url).map_err(|why| c.fail(key, why))?;
+            let (mode, _) = storage::pg_tls::split_sslmode(url).map_err(|why| c.fail(key, why))?;
+            verifying |= matches!(
+                mode,
+                storage::pg_tls::SslMode::VerifyCa | storage::pg_tls::SslMode::VerifyFull
+            );
         }
+    }
+    // The roots are read only to verify: with any other sslmode the file would do nothing.
+    if raw.database_ca_file.is_some() && !verifying {
+        return Err(c.fail(
+            "database_ca_file",
+            "needs sslmode=verify-ca or verify-full in database_url",
+        ));
     }
     Ok(StorageConfig {
         database_ca_file: raw.database_ca_file.as_ref().map(PathBuf::from),
