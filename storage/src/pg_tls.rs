@@ -45,59 +45,50 @@ impl SslMode {
         })
     }
 
-    /// What the PostgreSQL client is told.
+    /// The setting the PostgreSQL client is given.
     fn for_client(self) -> &'static str {
         match self {
-            Self::Disable => "disable",
-            Self::Prefer => "prefer",
-            Self::Require | Self::VerifyCa | Self::VerifyFull => "require",
+            Self::Disable => "sslmode=disable",
+            Self::Prefer => "sslmode=prefer",
+            Self::Require | Self::VerifyCa | Self::VerifyFull => "sslmode=require",
         }
     }
+}
+
+/// Reads `sslmode` out of a connection string's `parts` (`prefer` when absent, as libpq): the
+/// mode, and the other parts followed by what the client is given.
+fn take_mode<'a>(parts: impl Iterator<Item = &'a str>) -> Result<(SslMode, Vec<&'a str>), String> {
+    let mut mode = SslMode::Prefer;
+    let mut kept = Vec::new();
+    for part in parts {
+        match part.split_once('=') {
+            Some(("sslmode", value)) => {
+                mode = SslMode::parse(value).ok_or_else(|| {
+                    format!(
+                        "sslmode `{value}` is not one of disable, prefer, require, verify-ca, \
+                         verify-full"
+                    )
+                })?;
+            }
+            _ => kept.push(part),
+        }
+    }
+    kept.push(mode.for_client());
+    Ok((mode, kept))
 }
 
 /// The `sslmode` of a URL (`prefer` when absent, as libpq) and the URL as the client must read
 /// it; `Err` names an unknown mode.
 pub fn split_sslmode(url: &str) -> Result<(SslMode, String), String> {
-    let unknown = |value: &str| {
-        format!("sslmode `{value}` is not one of disable, prefer, require, verify-ca, verify-full")
-    };
     if !url.contains("://") {
         // The key=value form: `host=… sslmode=verify-full …`.
-        let mut mode = SslMode::Prefer;
-        let mut kept = Vec::new();
-        for word in url.split_whitespace() {
-            match word.split_once('=') {
-                Some(("sslmode", value)) => {
-                    mode = SslMode::parse(value).ok_or_else(|| unknown(value))?;
-                }
-                _ => kept.push(word),
-            }
-        }
-        kept.push(match mode.for_client() {
-            "disable" => "sslmode=disable",
-            "prefer" => "sslmode=prefer",
-            _ => "sslmode=require",
-        });
+        let (mode, kept) = take_mode(url.split_whitespace())?;
         return Ok((mode, kept.join(" ")));
     }
     let Some((base, query)) = url.split_once('?') else {
         return Ok((SslMode::Prefer, url.to_owned()));
     };
-    let mut mode = SslMode::Prefer;
-    let mut kept = Vec::new();
-    for pair in query.split('&') {
-        match pair.split_once('=') {
-            Some(("sslmode", value)) => {
-                mode = SslMode::parse(value).ok_or_else(|| unknown(value))?;
-            }
-            _ => kept.push(pair),
-        }
-    }
-    kept.push(match mode.for_client() {
-        "disable" => "sslmode=disable",
-        "prefer" => "sslmode=prefer",
-        _ => "sslmode=require",
-    });
+    let (mode, kept) = take_mode(query.split('&'))?;
     Ok((mode, format!("{base}?{}", kept.join("&"))))
 }
 

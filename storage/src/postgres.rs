@@ -538,6 +538,21 @@ fn member_role(row: &Row, column: usize) -> StoreResult<MemberRole> {
     MemberRole::parse(&role).ok_or_else(|| corrupt("member role"))
 }
 
+/// A session's columns in the order of `INSERT INTO sessions (id, user_id, created_at_ms,
+/// last_used_at_ms, expires_at_ms, ip, user_agent, revoked_at_ms)`.
+fn session_row(session: &SessionRecord) -> [&(dyn postgres::types::ToSql + Sync); 8] {
+    [
+        &session.id,
+        &session.user_id,
+        &session.created_at_ms,
+        &session.last_used_at_ms,
+        &session.expires_at_ms,
+        &session.ip,
+        &session.user_agent,
+        &session.revoked_at_ms,
+    ]
+}
+
 const INSERT_TOKEN: &str =
     "INSERT INTO refresh_tokens (token_hash, session_id, created_at_ms) VALUES ($1, $2, $3)";
 
@@ -664,19 +679,7 @@ impl Sessions for PgStore {
             )?;
             let insert_token = conn.statement(INSERT_TOKEN)?;
             let mut tx = conn.client.transaction()?;
-            tx.execute(
-                &insert_session,
-                &[
-                    &session.id,
-                    &session.user_id,
-                    &session.created_at_ms,
-                    &session.last_used_at_ms,
-                    &session.expires_at_ms,
-                    &session.ip,
-                    &session.user_agent,
-                    &session.revoked_at_ms,
-                ],
-            )?;
+            tx.execute(&insert_session, &session_row(session))?;
             tx.execute(
                 &insert_token,
                 &[&first_token_hash, &session.id, &session.created_at_ms],
@@ -710,19 +713,7 @@ impl Sessions for PgStore {
                  VALUES ($1, $2, $3) ON CONFLICT (token_hash) DO NOTHING",
             )?;
             let mut tx = conn.client.transaction()?;
-            tx.execute(
-                &insert_session,
-                &[
-                    &session.id,
-                    &session.user_id,
-                    &session.created_at_ms,
-                    &session.last_used_at_ms,
-                    &session.expires_at_ms,
-                    &session.ip,
-                    &session.user_agent,
-                    &session.revoked_at_ms,
-                ],
-            )?;
+            tx.execute(&insert_session, &session_row(session))?;
             tx.execute(&retire, &[&session.id, &token_hash, &now_ms])?;
             tx.execute(&insert_token, &[&token_hash, &session.id, &now_ms])?;
             tx.commit()

@@ -386,6 +386,21 @@ impl Users for SqliteStore {
     }
 }
 
+/// A session's columns in the order of `INSERT INTO sessions (id, user_id, created_at_ms,
+/// last_used_at_ms, expires_at_ms, ip, user_agent, revoked_at_ms)`.
+fn session_row(session: &SessionRecord) -> [&dyn rusqlite::ToSql; 8] {
+    [
+        &session.id,
+        &session.user_id,
+        &session.created_at_ms,
+        &session.last_used_at_ms,
+        &session.expires_at_ms,
+        &session.ip,
+        &session.user_agent,
+        &session.revoked_at_ms,
+    ]
+}
+
 impl Sessions for SqliteStore {
     fn create_session(&self, session: &SessionRecord, first_token_hash: &[u8]) -> StoreResult<()> {
         self.write(|conn| {
@@ -395,16 +410,7 @@ impl Sessions for SqliteStore {
                  expires_at_ms, ip, user_agent, revoked_at_ms) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
-            .execute(params![
-                session.id,
-                session.user_id,
-                session.created_at_ms,
-                session.last_used_at_ms,
-                session.expires_at_ms,
-                session.ip,
-                session.user_agent,
-                session.revoked_at_ms,
-            ])?;
+            .execute(session_row(session))?;
             tx.prepare_cached(
                 "INSERT INTO refresh_tokens (token_hash, session_id, created_at_ms) \
                  VALUES (?1, ?2, ?3)",
@@ -431,16 +437,7 @@ impl Sessions for SqliteStore {
                  expires_at_ms = MAX(expires_at_ms, excluded.expires_at_ms), \
                  revoked_at_ms = COALESCE(revoked_at_ms, excluded.revoked_at_ms)",
             )?
-            .execute(params![
-                session.id,
-                session.user_id,
-                session.created_at_ms,
-                session.last_used_at_ms,
-                session.expires_at_ms,
-                session.ip,
-                session.user_agent,
-                session.revoked_at_ms,
-            ])?;
+            .execute(session_row(session))?;
             tx.prepare_cached(
                 "UPDATE refresh_tokens SET rotated_at_ms = ?3 \
                  WHERE session_id = ?1 AND rotated_at_ms IS NULL AND token_hash <> ?2",

@@ -700,20 +700,7 @@ impl Accounts {
             Err(e) => return Err(ApiError::storage(&e)),
         };
         let now = now_ms();
-        let session_key = record.session_id.as_bytes();
-        if let Err(retry) = self
-            .refresh_per_session
-            .take(session_key, now)
-            .and_then(|()| {
-                self.shared_limit(
-                    self.refresh_per_session
-                        .shared_ask("refresh_per_session", session_key),
-                )
-            })
-        {
-            self.metrics.engine.rate_limited("refresh_per_session");
-            return Err(ApiError::rate_limited(retry));
-        }
+        self.take_refresh(&record.session_id, now)?;
         let Some(session) = store!(self, "session", self.store.session(&record.session_id)) else {
             return Err(ApiError::invalid_token());
         };
@@ -769,6 +756,24 @@ impl Accounts {
         Ok(answer.response())
     }
 
+    /// One refresh of `session` against `refresh_per_session`: this node's bucket, then the
+    /// one every node shares.
+    fn take_refresh(&self, session: &str, now: i64) -> Result<(), ApiError> {
+        let key = session.as_bytes();
+        self.refresh_per_session
+            .take(key, now)
+            .and_then(|()| {
+                self.shared_limit(
+                    self.refresh_per_session
+                        .shared_ask("refresh_per_session", key),
+                )
+            })
+            .map_err(|retry| {
+                self.metrics.engine.rate_limited("refresh_per_session");
+                ApiError::rate_limited(retry)
+            })
+    }
+
     /// `POST /refresh` for a session held in Redis (created while the database could not
     /// answer): rotated there.
     fn refresh_held(
@@ -779,20 +784,7 @@ impl Accounts {
         client: &Client,
     ) -> Answer {
         let now = now_ms();
-        let session_key = session.id.as_bytes();
-        if let Err(retry) = self
-            .refresh_per_session
-            .take(session_key, now)
-            .and_then(|()| {
-                self.shared_limit(
-                    self.refresh_per_session
-                        .shared_ask("refresh_per_session", session_key),
-                )
-            })
-        {
-            self.metrics.engine.rate_limited("refresh_per_session");
-            return Err(ApiError::rate_limited(retry));
-        }
+        self.take_refresh(&session.id, now)?;
         let created = u64::try_from(session.created_at_ms).unwrap_or(0);
         if session.expires_at_ms <= now
             || self
