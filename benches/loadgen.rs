@@ -493,6 +493,13 @@ fn connect_from(addr: SocketAddr, n: usize) -> std::io::Result<TcpStream> {
     TcpStream::from_std(socket.into())
 }
 
+/// The upgrade request of a native connection.
+fn upgrade_request(token: &str, protocol: &str) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocol}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+}
+
 /// Splits server frames out of a byte stream.
 #[derive(Default)]
 struct FrameReader {
@@ -500,6 +507,26 @@ struct FrameReader {
 }
 
 impl FrameReader {
+    /// After bytes of an upgrade's answer arrived: checks the `101` head once it is whole (the
+    /// refusal as the error), then whether a frame (the welcome) came; false while waiting.
+    fn upgrade_answered(&mut self, head_done: &mut bool) -> std::io::Result<bool> {
+        if !*head_done {
+            let Some(pos) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                return Ok(false);
+            };
+            if !self.buf.starts_with(b"HTTP/1.1 101") {
+                return Err(std::io::Error::other(
+                    String::from_utf8_lossy(&self.buf).into_owned(),
+                ));
+            }
+            self.buf.drain(..pos + 4);
+            *head_done = true;
+        }
+        let mut welcomed = false;
+        self.drain(|_, _| welcomed = true);
+        Ok(welcomed)
+    }
+
     /// Calls `f(opcode, payload)` for every complete frame; keeps the rest.
     fn drain(&mut self, mut f: impl FnMut(u8, &[u8])) {
         let mut i = 0;
@@ -662,9 +689,7 @@ async fn open_over(
         Some(config) => handshake(&mut stream, config).await?,
         None => None,
     };
-    let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocol}\r\nAuthorization: Bearer {token}\r\n\r\n"
-    );
+    let req = upgrade_request(token, protocol);
     let (res, _) = stream.write_all(seal(&secure, req.into_bytes())).await;
     res?;
     let mut reader = FrameReader::default();
@@ -680,19 +705,7 @@ async fn open_over(
                 String::from_utf8_lossy(&reader.buf)
             )));
         }
-        if !head_done {
-            let Some(pos) = reader.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                continue;
-            };
-            if !reader.buf.starts_with(b"HTTP/1.1 101") {
-                return Err(std::io::Error::other(
-                    String::from_utf8_lossy(&reader.buf).into_owned(),
-                ));
-            }
-            reader.buf.drain(..pos + 4);
-            head_done = true;
-        }
-        reader.drain(|_, _| welcomed = true);
+        welcomed = reader.upgrade_answered(&mut head_done)?;
     }
     Ok((stream, reader, secure))
 }
@@ -796,9 +809,7 @@ fn open_tls(
     let conn =
         rustls::ClientConnection::new(config.clone(), name).map_err(std::io::Error::other)?;
     let mut stream = rustls::StreamOwned::new(conn, tcp);
-    let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocol}\r\nAuthorization: Bearer {token}\r\n\r\n"
-    );
+    let req = upgrade_request(token, protocol);
     stream.write_all(req.as_bytes())?;
     let mut reader = FrameReader::default();
     let mut head_done = false;
@@ -810,19 +821,7 @@ fn open_tls(
             return Err(std::io::Error::other("closed during handshake"));
         }
         reader.buf.extend_from_slice(&scratch[..n]);
-        if !head_done {
-            let Some(pos) = reader.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                continue;
-            };
-            if !reader.buf.starts_with(b"HTTP/1.1 101") {
-                return Err(std::io::Error::other(
-                    String::from_utf8_lossy(&reader.buf).into_owned(),
-                ));
-            }
-            reader.buf.drain(..pos + 4);
-            head_done = true;
-        }
-        reader.drain(|_, _| welcomed = true);
+        welcomed = reader.upgrade_answered(&mut head_done)?;
     }
     Ok(stream)
 }
