@@ -415,6 +415,14 @@ impl Control {
         self.0.allowed_origins().to_vec()
     }
 
+    /// The shard that asks Redis about `key` (spread over the shards, the same shard for one key).
+    fn shard_of_key(&self, key: &str) -> usize {
+        let hash = key.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        hash % self.0.mailboxes.len().max(1)
+    }
+
     /// Asks a limit counted by every node (Redis); blocks (call it from a blocking thread) up to
     /// `within`. [`shared_limits::Verdict::Unknown`] without Redis, while it is unreachable, or
     /// when it did not answer in time: the caller's own counters decide.
@@ -427,10 +435,7 @@ impl Control {
             return shared_limits::Verdict::Unknown;
         }
         let answer = Arc::new(rooms::Answer::new());
-        let shards = self.0.mailboxes.len().max(1);
-        let shard = ask.key().bytes().fold(0usize, |h, b| {
-            h.wrapping_mul(31).wrapping_add(usize::from(b))
-        }) % shards;
+        let shard = self.shard_of_key(ask.key());
         self.0.send(
             shard,
             ShardMsg::SharedLimit(Box::new((ask, answer.clone()))),
@@ -453,10 +458,7 @@ impl Control {
             return held::HeldReply::Unknown;
         }
         let answer = Arc::new(rooms::Answer::new());
-        let shards = self.0.mailboxes.len().max(1);
-        let shard = ask.key().bytes().fold(0usize, |h, b| {
-            h.wrapping_mul(31).wrapping_add(usize::from(b))
-        }) % shards;
+        let shard = self.shard_of_key(&ask.key());
         self.0
             .send(shard, ShardMsg::Held(Box::new((ask, answer.clone()))));
         answer.wait(within).unwrap_or(held::HeldReply::Unknown)
